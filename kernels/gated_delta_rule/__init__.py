@@ -1,0 +1,1 @@
+from .naive import naive_recurrent_gated_delta_rule

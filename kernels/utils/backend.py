@@ -1,0 +1,53 @@
+"""Which implementation runs a kernel call.
+
+CUDA tensors run the Triton kernels; CPU tensors run the pure-torch path. For testing the
+Triton kernels without a GPU, set `MEGATRON_GDN_BACKEND=triton` (or use `force_backend`)
+together with `TRITON_INTERPRET=1`: Triton reads that variable when a kernel is decorated, so
+it must be set before `megatron_gdn.kernels` is imported (tests/conftest.py does this).
+"""
+import contextlib
+import os
+import threading
+
+import torch
+
+_VALID = ("auto", "torch", "triton")
+_state = threading.local()
+
+
+def _current() -> str:
+    forced = getattr(_state, "backend", None)
+    if forced is not None:
+        return forced
+    value = os.environ.get("MEGATRON_GDN_BACKEND", "auto")
+    if value not in _VALID:
+        raise ValueError(f"MEGATRON_GDN_BACKEND={value!r}: expected one of {_VALID}")
+    return value
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when the Triton kernels should run for tensors on x's device."""
+    backend = _current()
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                "megatron_gdn.kernels is imported"
+            )
+        return True
+    return x.is_cuda
+
+
+@contextlib.contextmanager
+def force_backend(name: str):
+    """Run the enclosed calls with one backend: 'torch', 'triton' or 'auto'."""
+    if name not in _VALID:
+        raise ValueError(f"backend={name!r}: expected one of {_VALID}")
+    previous = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
