@@ -1,0 +1,160 @@
+"""Chunked gated delta rule on Triton: the autograd Function and the public entry point.
+
+Legend: B batch, T tokens per batch row, H key heads, HV value heads (G = HV // H value heads
+per key head), K key dim, V value dim, N state rows (sequences), C = 64 chunk size,
+NT total number of chunks over all sequences.
+
+Forward (kernels in chunk_fwd.py, three launches):
+  1. `chunk_prepare_fwd`: per (chunk, key head), loops over the G value heads of the group:
+     gate activation + chunk-local cumsum gc, beta activation, the l2-norm statistics of k,
+     A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 block inverse), w = Tm (beta e^gc k),
+     u = Tm (beta v).
+  2. `chunk_state_fwd`: one program per (sequence, value head, V block), the state in fp32
+     registers: v_new = u - w h, h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new. Stores the
+     state entering every chunk, v_new and the final state.
+  3. `chunk_output_fwd`: per (chunk, value head, V block):
+     o = scale ((q e^gc) h + (M (q k^T)) v_new), also the l2-norm statistics of q.
+
+Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
+
+    dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
+        q, k, v, gc, beta, scale, initial_state, do, dht, layout,
+        q_rstd=q_rstd, k_rstd=k_rstd)
+
+  - q, k: the raw inputs as passed by the user, [B, T, H, K], contiguous; v: [B, T, HV, V].
+  - gc: [B, T, HV] float32, inclusive cumsum of the activated per-token log decay g inside
+    each chunk (restarts at every chunk and sequence start).
+  - beta: [B, T, HV] float32, the activated beta (after the sigmoid if that option is on).
+  - scale: float; initial_state: [N, HV, K, V] float32 or None; do: [B, T, HV, V] contiguous,
+    v's dtype; dht: [N, HV, K, V] float32 or None (gradient arriving at the final state).
+  - layout: `ChunkLayout` (chunk_fwd.py): the chunk table for packed sequences.
+  - q_rstd, k_rstd: [B, T, H] float32 rsqrt(sum_K x^2 + 1e-6), or None when the l2-norm
+    option is off. When given, the kernels use q * q_rstd, k * k_rstd and return the
+    gradients of the raw q, k (dx = rstd (dxn - xn sum_K(dxn xn))).
+  Returns: dq, dk in q's dtype and shape (summed over the G value heads of a group), dv in v's
+  dtype, dg [B, T, HV] float32 = gradient of the per-token activated g (not of gc),
+  dbeta [B, T, HV] float32 = gradient of the activated beta, dh0 [N, HV, K, V] float32 or
+  None when initial_state is None.
+  The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
+  here, on [B, T, HV] tensors.
+
+  The backward recomputes what it needs with the forward building blocks of chunk_fwd.py:
+  `chunk_wy_fwd(k, v, gc, beta, layout, k_rstd)` -> (w, u) and
+  `chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd)` -> (h, v_new, None),
+  h: [NT, HV, K, V] in k's dtype, the state entering each chunk (global chunk index: for
+  B > 1 without cu_seqlens, chunk c of batch row b is b * ceil(T / 64) + c).
+"""
+from typing import Optional, Tuple
+
+import torch
+
+from .chunk_fwd import (
+    ChunkLayout,
+    chunk_output_fwd,
+    chunk_prepare_fwd,
+    chunk_state_fwd,
+    make_chunk_layout,
+)
+
+__all__ = ["chunk_gated_delta_rule_triton"]
+
+
+def _gate_backward(dg, a, A_log, dt_bias):
+    """Chain rule of g = -exp(A_log) softplus(a + dt_bias) on [B, T, HV] tensors."""
+    x = a.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+    decay = torch.exp(A_log.float())
+    # d softplus(x) / dx = sigmoid(x)
+    da = -dg * decay * torch.sigmoid(x)
+    softplus = torch.where(x > 20.0, x, torch.log1p(torch.exp(torch.clamp(x, max=20.0))))
+    dA_log = (-dg * decay * softplus).sum(dim=(0, 1))
+    ddt_bias = da.sum(dim=(0, 1)) if dt_bias is not None else None
+    return da, dA_log, ddt_bias
+
+
+class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
+                cu_seqlens, use_qk_l2norm, use_beta_sigmoid):
+        B, T, H, K = q.shape
+        layout = make_chunk_layout(cu_seqlens, B, T)
+        gc, beta_act, k_rstd, w, u = chunk_prepare_fwd(
+            k, v, g, beta, layout, A_log=A_log, dt_bias=dt_bias,
+            use_beta_sigmoid=use_beta_sigmoid, use_qk_l2norm=use_qk_l2norm,
+        )
+        h, v_new, final_state = chunk_state_fwd(
+            k, w, u, gc, layout, initial_state, output_final_state, k_rstd=k_rstd,
+        )
+        del w, u
+        o, q_rstd = chunk_output_fwd(
+            q, k, v_new, h, gc, scale, layout, k_rstd=k_rstd, use_qk_l2norm=use_qk_l2norm,
+        )
+        del h, v_new
+        ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
+                              q_rstd, k_rstd)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.use_beta_sigmoid = use_beta_sigmoid
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from .chunk_bwd import chunk_gated_delta_rule_bwd
+
+        (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
+         q_rstd, k_rstd) = ctx.saved_tensors
+        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
+            q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(), dht, ctx.layout,
+            q_rstd=q_rstd, k_rstd=k_rstd,
+        )
+        dA_log = ddt_bias = None
+        if A_log is not None:
+            dg, dA_log, ddt_bias = _gate_backward(dg, g, A_log, dt_bias)
+        if ctx.use_beta_sigmoid:
+            dbeta = dbeta * beta_act * (1.0 - beta_act)
+        if initial_state is None:
+            dh0 = None
+        return (
+            dq, dk, dv, dg.to(g.dtype), dbeta.to(beta.dtype),
+            dA_log, ddt_bias, dh0,
+            None,  # scale
+            None,  # output_final_state
+            None,  # cu_seqlens
+            None,  # use_qk_l2norm
+            None,  # use_beta_sigmoid
+        )
+
+
+def chunk_gated_delta_rule_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    use_qk_l2norm: bool = False,
+    A_log: Optional[torch.Tensor] = None,
+    dt_bias: Optional[torch.Tensor] = None,
+    use_beta_sigmoid: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Triton chunked gated delta rule (arguments already validated by api.py).
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, HV, V]; g (log decay, or the raw gate input `a` when
+        A_log is given), beta (or its logits with use_beta_sigmoid): [B, T, HV].
+        initial_state: [N, HV, K, V] float32 or None; cu_seqlens: [N + 1] with B == 1.
+    Returns:
+        o: [B, T, HV, V] in v's dtype; final_state: [N, HV, K, V] float32 or None.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    return ChunkGatedDeltaRuleFunction.apply(
+        q, k, v, g, beta, A_log, dt_bias, initial_state, float(scale), output_final_state,
+        cu_seqlens, use_qk_l2norm, use_beta_sigmoid,
+    )
