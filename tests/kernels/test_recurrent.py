@@ -178,14 +178,22 @@ def test_inplace_state(backend):
 
 
 def chunk_reference():
-    """The chunked kernel's public function when the package has it, else the oracle."""
+    """The chunked kernel's public function when the package has it, else the oracle with the
+    fused options written out."""
     try:
         from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
     except ImportError:
-        return "naive", lambda *a: oracle(*a)
-    return "chunk", lambda q, k, v, g, beta, scale, h0: chunk_gated_delta_rule(
-        q, k, v, g, beta, scale, h0, True
-    )
+        def naive(q, k, v, g, beta, scale, h0, use_qk_l2norm=False, A_log=None, dt_bias=None,
+                  use_beta_sigmoid=False):
+            rq, rk, rg, rb = fused_reference_inputs(q, k, g, beta, use_qk_l2norm, A_log, dt_bias,
+                                                    use_beta_sigmoid)
+            return oracle(rq, rk, v, rg, rb, scale, h0)
+        return "naive", naive
+
+    def chunk(q, k, v, g, beta, scale, h0, **options):
+        with force_backend("torch"):
+            return chunk_gated_delta_rule(q, k, v, g, beta, scale, h0, True, **options)
+    return "chunk", chunk
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -196,14 +204,38 @@ def test_token_by_token_matches_full_sequence(backend):
     q, k, v, g, beta, h0 = make_inputs(B, T, H, HV, K, V, seed=6)
     name, ref_fn = chunk_reference()
     print(f"reference: {name}")
-    with force_backend("torch"):
-        ref_o, ref_ht = ref_fn(q, k, v, g, beta, None, h0.clone())
+    ref_o, ref_ht = ref_fn(q, k, v, g, beta, None, h0.clone())
     state = h0.clone()
     outs = []
     for t in range(T):
         sl = slice(t, t + 1)
         o_t, _ = run(backend, q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], None, state,
                      inplace_state=True)
+        outs.append(o_t)
+    assert_close(torch.cat(outs, dim=1), ref_o, FP32_REL, f"o vs {name}")
+    assert_close(state, ref_ht, FP32_REL, f"final_state vs {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_options_match_full_sequence(backend):
+    """All fused options at once, decoded token by token, against the full-sequence reference
+    given the same raw inputs (same l2norm epsilon, softplus and sigmoid conventions)."""
+    B, T, H, HV, K, V = 1, 6, 2, 4, 16, 16
+    gen = torch.Generator().manual_seed(11)
+    q, k = torch.randn(B, T, H, K, generator=gen), 2.0 * torch.randn(B, T, H, K, generator=gen)
+    v = torch.randn(B, T, HV, V, generator=gen)
+    a, b = 3.0 * torch.randn(B, T, HV, generator=gen), torch.randn(B, T, HV, generator=gen)
+    A_log, dt_bias = torch.randn(HV, generator=gen) - 1.0, torch.randn(HV, generator=gen)
+    h0 = torch.randn(B, HV, K, V, generator=gen)
+    options = dict(use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True)
+    name, ref_fn = chunk_reference()
+    ref_o, ref_ht = ref_fn(q, k, v, a, b, None, h0.clone(), **options)
+    state = h0.clone()
+    outs = []
+    for t in range(T):
+        sl = slice(t, t + 1)
+        o_t, _ = run(backend, q[:, sl], k[:, sl], v[:, sl], a[:, sl], b[:, sl], None, state,
+                     inplace_state=True, **options)
         outs.append(o_t)
     assert_close(torch.cat(outs, dim=1), ref_o, FP32_REL, f"o vs {name}")
     assert_close(state, ref_ht, FP32_REL, f"final_state vs {name}")
