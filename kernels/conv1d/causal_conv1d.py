@@ -8,12 +8,358 @@ Inputs before a sequence's first token come from `initial_state[n, d, :]`, the W
 precede it, oldest first (zeros when None). This history is what context parallelism (the halo
 of the preceding piece) and decoding (the rolling conv state) feed in.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 from ..utils import check_same_device, prepare_cu_seqlens, use_triton
 from .torch_ref import torch_causal_conv1d, torch_causal_conv1d_update
+
+
+@triton.jit
+def _load_input(x_base, h0, src, m_t, o_d, m_d, bos, i_n, D, stride_xt,
+                W: tl.constexpr, HAS_H0: tl.constexpr):
+    """Inputs at token positions src ([BT]) for channels o_d ([BD]) as fp32 [BT, BD]: from x at
+    src >= bos, from the history h0[i_n, :, src - bos + W-1] before the sequence start (zeros
+    without history). Rows where m_t is false read nothing."""
+    m_x = (m_t & (src >= bos))[:, None] & m_d[None, :]
+    p_x = x_base + src.to(tl.int64)[:, None] * stride_xt + o_d[None, :]
+    b_x = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+    if HAS_H0:
+        m_h = (m_t & (src < bos))[:, None] & m_d[None, :]
+        p_h = h0 + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + (src - bos + (W - 1))[:, None]
+        b_x += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN: tl.constexpr):
+    """(sequence row n, block index inside the sequence, first token, end token)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2)
+        i_tc = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n)
+        eos = tl.load(cu_seqlens + i_n + 1)
+    else:
+        i_n = i_b
+        i_tc = i_t
+        bos = i_b * 0
+        eos = bos + T
+    return i_n, i_tc, bos, eos
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x, weight, bias, h0, y, cu_seqlens, chunk_indices,
+    T, D, stride_xb, stride_xt,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_tc, bos, eos = _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
+    o_t = bos + i_tc * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t = o_t < eos
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+
+    b_y = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        b_x = _load_input(x_base, h0, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+        b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+        b_y += b_x * b_w[None, :]
+    if HAS_BIAS:
+        b_y += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+    if SILU:
+        b_y = b_y * tl.sigmoid(b_y)
+    p_y = y + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_final_state_kernel(
+    x, h0, ht, cu_seqlens,
+    T, D, stride_xb, stride_xt,
+    W: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """ht[n, :, k] = input at position eos - (W-1) + k of sequence n (history when before bos)."""
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        i_b = i_n * 0
+        bos = tl.load(cu_seqlens + i_n)
+        eos = tl.load(cu_seqlens + i_n + 1)
+    else:
+        i_b = i_n
+        bos = i_n * 0
+        eos = bos + T
+    o_k = tl.arange(0, BK)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_k = o_k < W - 1
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+    b_h = _load_input(x_base, h0, eos - (W - 1) + o_k, m_k, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+    p_h = ht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
+    tl.store(p_h, b_h.to(ht.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _dpre_at(x_base, weight, bias, h0, dy_base, t, o_d, m_d, bos, eos, i_n, D, stride_xt,
+             W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr):
+    """Gradient w.r.t. the pre-activation at token positions t ([BT]) as fp32 [BT, BD]; zero
+    outside [bos, eos). With SiLU the pre-activation is recomputed from the inputs."""
+    m = (t >= bos) & (t < eos)
+    p_dy = dy_base + t.to(tl.int64)[:, None] * D + o_d[None, :]
+    b_dp = tl.load(p_dy, mask=m[:, None] & m_d[None, :], other=0.).to(tl.float32)
+    if SILU:
+        b_pre = tl.zeros_like(b_dp)
+        for i in tl.static_range(W):
+            b_x = _load_input(x_base, h0, t - (W - 1) + i, m, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+            b_w = tl.load(weight + o_d * W + i, mask=m_d, other=0.).to(tl.float32)
+            b_pre += b_x * b_w[None, :]
+        if HAS_BIAS:
+            b_pre += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+        b_sig = tl.sigmoid(b_pre)
+        # d silu(p) / dp = sig(p) * (1 + p * (1 - sig(p)))
+        b_dp = b_dp * b_sig * (1. + b_pre * (1. - b_sig))
+    return b_dp
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x, weight, bias, h0, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens, chunk_indices,
+    T, D, NT, stride_xb, stride_xt,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dx, d initial_state and this program's partial sums of dweight / dbias over its tokens.
+
+    dx[s] = sum_j w[j] dpre[s + W-1 - j]  (+ d final_state where s is among the last W-1 inputs)
+    dw[j] = sum_t dpre[t] in[t - (W-1) + j],  db = sum_t dpre[t]
+    """
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_tc, bos, eos = _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
+    i_p = i_b.to(tl.int64) * NT + i_t
+    o_t = bos + i_tc * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    o_w = tl.arange(0, BW)
+    m_t = o_t < eos
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+    dy_base = dy + i_b.to(tl.int64) * T * D
+
+    b_dp = _dpre_at(x_base, weight, bias, h0, dy_base, o_t, o_d, m_d, bos, eos, i_n, D, stride_xt,
+                    W, HAS_BIAS, SILU, HAS_H0)
+    b_dw = tl.zeros([BW, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        b_x = _load_input(x_base, h0, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+        b_dw += tl.where(o_w[:, None] == j, tl.sum(b_dp * b_x, axis=0)[None, :], 0.)
+    p_dw = dw_part + i_p * D * W + o_d[None, :] * W + o_w[:, None]
+    tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_d[None, :])
+    if HAS_BIAS:
+        tl.store(db_part + i_p * D + o_d, tl.sum(b_dp, axis=0), mask=m_d)
+
+    b_dx = b_dp * tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.).to(tl.float32)[None, :]
+    for j in tl.static_range(W - 1):
+        b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+        b_dx += b_w[None, :] * _dpre_at(x_base, weight, bias, h0, dy_base, o_t + (W - 1) - j, o_d, m_d,
+                                        bos, eos, i_n, D, stride_xt, W, HAS_BIAS, SILU, HAS_H0)
+    if HAS_DHT:
+        # token s is slot s - (eos - (W-1)) of the final state when that is >= 0
+        k_s = o_t - (eos - (W - 1))
+        m_s = (m_t & (k_s >= 0))[:, None] & m_d[None, :]
+        p_s = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_s[:, None]
+        b_dx += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
+    p_dx = dx + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
+    tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+    if HAS_H0:
+        if i_tc == 0:
+            # history slot k is the input at bos - (W-1) + k; it feeds outputs bos + k - j
+            o_k = tl.arange(0, BK)
+            m_k = o_k < W - 1
+            b_dh = tl.zeros([BK, BD], dtype=tl.float32)
+            for j in tl.static_range(W):
+                b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+                b_dh += b_w[None, :] * _dpre_at(x_base, weight, bias, h0, dy_base, bos + o_k - j, o_d, m_d,
+                                                bos, eos, i_n, D, stride_xt, W, HAS_BIAS, SILU, HAS_H0)
+            if HAS_DHT:
+                # a sequence shorter than W-1 passes history slots straight into its final state
+                k_s = o_k + (bos - eos)
+                m_s = (m_k & (k_s >= 0))[:, None] & m_d[None, :]
+                p_s = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_s[:, None]
+                b_dh += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
+            p_dh = dh0 + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
+            tl.store(p_dh, b_dh, mask=m_k[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_update_kernel(
+    x, conv_state, weight, bias, y,
+    T, D, stride_xb, stride_xt,
+    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+):
+    """One program per (batch row, channel block): outputs for all T tokens, then the state."""
+    i_b, i_d = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    x_base = x + i_b.to(tl.int64) * stride_xb
+    bos = i_b * 0
+    for i_t in range(0, tl.cdiv(T, BT)):
+        o_t = i_t * BT + tl.arange(0, BT)
+        m_t = o_t < T
+        b_y = tl.zeros([BT, BD], dtype=tl.float32)
+        for j in tl.static_range(W):
+            b_x = _load_input(x_base, conv_state, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_b, D, stride_xt, W, True)
+            b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+            b_y += b_x * b_w[None, :]
+        if HAS_BIAS:
+            b_y += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+        if SILU:
+            b_y = b_y * tl.sigmoid(b_y)
+        p_y = y + (i_b.to(tl.int64) * T + o_t)[:, None] * D + o_d[None, :]
+        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    o_k = tl.arange(0, BK)
+    m_k = o_k < W - 1
+    b_s = _load_input(x_base, conv_state, T - (W - 1) + o_k, m_k, o_d, m_d, bos, i_b, D, stride_xt, W, True)
+    # every thread of the program must have read the old state before any thread overwrites it
+    tl.debug_barrier()
+    p_s = conv_state + i_b.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
+    tl.store(p_s, b_s.to(conv_state.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])
+
+
+# (BT, BD, num_warps): forward tiles of 64 tokens x 128 channels (256 contiguous bytes per row
+# in bf16); backward tiles of 128 tokens so the per-program dweight partials stay ~1/16 of x
+FWD_CONFIG = (64, 128, 4)
+BWD_CONFIG = (128, 64, 8)
+
+
+def _chunk_indices(cu_list: List[int], BT: int, device) -> torch.Tensor:
+    """[num_blocks, 2] int32 (sequence, block inside it); an empty sequence still gets one block
+    so its initial-state gradient and final state are written."""
+    cu = torch.tensor(cu_list, dtype=torch.int64)
+    lens = cu[1:] - cu[:-1]
+    blocks = torch.clamp((lens + BT - 1) // BT, min=1)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), blocks)
+    first = torch.cumsum(blocks, 0) - blocks
+    inner = torch.arange(int(blocks.sum())) - first[seq]
+    return torch.stack([seq, inner], dim=1).to(torch.int32).to(device)
+
+
+def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _conv_forward(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens_i32, cu_list):
+    B, T, D = x.shape
+    W = weight.shape[1]
+    BT, BD, warps = FWD_CONFIG
+    BD = min(BD, triton.next_power_of_2(D))
+    varlen = cu_list is not None
+    N = len(cu_list) - 1 if varlen else B
+    y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
+    grid = (chunk_indices.shape[0] if varlen else triton.cdiv(T, BT), triton.cdiv(D, BD), 1 if varlen else B)
+    _conv_fwd_kernel[grid](
+        x, weight, bias, initial_state, y, cu_seqlens_i32, chunk_indices,
+        T, D, x.stride(0), x.stride(1),
+        W=W, BT=BT, BD=BD, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        HAS_H0=initial_state is not None, IS_VARLEN=varlen, num_warps=warps,
+    )
+    final_state = None
+    if output_final_state:
+        final_state = torch.empty(N, D, W - 1, dtype=x.dtype, device=x.device)
+        _conv_final_state_kernel[(N, triton.cdiv(D, BD))](
+            x, initial_state, final_state, cu_seqlens_i32,
+            T, D, x.stride(0), x.stride(1),
+            W=W, BK=triton.next_power_of_2(W - 1), BD=BD,
+            HAS_H0=initial_state is not None, IS_VARLEN=varlen, num_warps=1,
+        )
+    return y, final_state
+
+
+def _conv_backward(x, weight, bias, activation, initial_state, dy, dht, cu_seqlens_i32, cu_list):
+    B, T, D = x.shape
+    W = weight.shape[1]
+    BT, BD, warps = BWD_CONFIG
+    BD = min(BD, triton.next_power_of_2(D))
+    varlen = cu_list is not None
+    chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
+    NT = chunk_indices.shape[0] if varlen else triton.cdiv(T, BT)
+    n_part = NT * (1 if varlen else B)
+    dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    dw_part = torch.empty(n_part, D, W, dtype=torch.float32, device=x.device)
+    db_part = torch.empty(n_part, D, dtype=torch.float32, device=x.device) if bias is not None else None
+    dh0 = torch.empty(initial_state.shape, dtype=torch.float32, device=x.device) if initial_state is not None else None
+    grid = (NT, triton.cdiv(D, BD), 1 if varlen else B)
+    _conv_bwd_kernel[grid](
+        x, weight, bias, initial_state, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens_i32, chunk_indices,
+        T, D, NT, x.stride(0), x.stride(1),
+        W=W, BT=BT, BD=BD, BK=triton.next_power_of_2(W - 1), BW=triton.next_power_of_2(W),
+        HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_H0=initial_state is not None,
+        HAS_DHT=dht is not None, IS_VARLEN=varlen, num_warps=warps,
+    )
+    dw = dw_part.sum(0).to(weight.dtype)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    return dx, dw, db, dh0
+
+
+class CausalConv1dFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_state, activation, output_final_state, cu_seqlens_i32, cu_list):
+        x = _as_channels_last(x)
+        weight = weight.contiguous()
+        initial_state = initial_state.contiguous() if initial_state is not None else None
+        y, final_state = _conv_forward(x, weight, bias, activation, initial_state, output_final_state,
+                                       cu_seqlens_i32, cu_list)
+        ctx.save_for_backward(x, weight, bias, initial_state, cu_seqlens_i32)
+        ctx.activation = activation
+        ctx.cu_list = cu_list
+        ctx.set_materialize_grads(False)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, dy, dht):
+        x, weight, bias, initial_state, cu_seqlens_i32 = ctx.saved_tensors
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dht = dht.contiguous() if dht is not None else None
+        dx, dw, db, dh0 = _conv_backward(x, weight, bias, ctx.activation, initial_state, dy, dht,
+                                         cu_seqlens_i32, ctx.cu_list)
+        # activation, output_final_state, cu_seqlens_i32, cu_list: not differentiable
+        return dx, dw, db, dh0, None, None, None, None
+
+
+def triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens, cu_list):
+    """Triton path of `causal_conv1d` (arguments already validated)."""
+    cu_i32 = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
+    return CausalConv1dFunction.apply(x, weight, bias, initial_state, activation, output_final_state,
+                                      cu_i32, cu_list)
+
+
+def triton_causal_conv1d_update(x, conv_state, weight, bias, activation):
+    """Triton path of `causal_conv1d_update` (x: [B, T, D]; arguments already validated)."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    x = _as_channels_last(x)
+    state = conv_state if conv_state.is_contiguous() else conv_state.contiguous()
+    y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    BD = min(128, triton.next_power_of_2(D))
+    _conv_update_kernel[(B, triton.cdiv(D, BD))](
+        x, state, weight.contiguous(), bias, y,
+        T, D, x.stride(0), x.stride(1),
+        W=W, BT=min(16, triton.next_power_of_2(T)), BD=BD, BK=triton.next_power_of_2(W - 1),
+        HAS_BIAS=bias is not None, SILU=activation == "silu", num_warps=4,
+    )
+    if state is not conv_state:
+        conv_state.copy_(state)
+    return y
+
 
 MAX_WIDTH = 8
 _ACTIVATIONS = (None, "silu")
@@ -86,7 +432,6 @@ def causal_conv1d(
         _check_state("initial_state", initial_state, N, D, W)
 
     if use_triton(x):
-        from .triton_conv import triton_causal_conv1d
         return triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state,
                                     cu_seqlens, cu_list)
     return torch_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_list)
@@ -125,7 +470,6 @@ def causal_conv1d_update(
 
     with torch.no_grad():
         if use_triton(x):
-            from .triton_conv import triton_causal_conv1d_update
             y = triton_causal_conv1d_update(x_btd, conv_state, weight, bias, activation)
         else:
             y = torch_causal_conv1d_update(x_btd, conv_state, weight, bias, activation)
