@@ -1,0 +1,333 @@
+"""Gated DeltaNet (Yang, Kautz, Hatamizadeh, ICLR 2025) as a Megatron-core layer.
+
+`GatedDeltaNet` fills the self-attention slot of a Megatron `TransformerLayer`:
+
+    hidden --in_proj--> [q | k | v | z | b | a]              (column-parallel, this rank's heads)
+    q, k, v --short causal conv + SiLU-->                    (per-channel taps, sharded with heads)
+    o = chunk_gated_delta_rule(q, k, v, a, b, L2-norm q/k,   (fused: g = -exp(A_log) *
+                               A_log, dt_bias, sigmoid b)     softplus(a + dt_bias), beta = sigmoid(b))
+    y = RMSNorm_per_head(o) * weight * SiLU(z)               (weight [V], replicated over TP)
+    out = out_proj(y)                                        (row-parallel)
+
+Legend: s tokens (sequence), b batch, h hidden, T = s as the kernels' time axis, D channels,
+H / HV key / value heads of this rank, K / V key / value head dim, W conv taps.
+
+Tensor parallel: rank r owns key heads [r H, (r+1) H) and value heads [r HV, (r+1) HV) (whole
+GVA groups), so the recurrence needs no communication; Megatron's column/row-parallel linears
+do the rest (with sequence parallel they all-gather the [s/tp, b, h] input and reduce-scatter
+the output). The one replicated parameter, the gated norm's weight, enters the graph through
+an identity whose backward all-reduces over TP, so its gradient is the full one on every rank
+with or without sequence parallel (no reliance on finalize_model_grads).
+
+Packed sequences (THD, batch 1): `packed_seq_params.cu_seqlens_q(_padded)` resets both the conv
+and the recurrence at every boundary.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_gdn.checkpoint import split_sharded_tensor
+from megatron_gdn.config import CONV_SECTIONS, IN_PROJ_SECTIONS, resolve_gdn_dims
+from megatron_gdn.kernels.conv1d import causal_conv1d
+from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
+from megatron_gdn.kernels.gated_norm import gated_rmsnorm
+
+
+@dataclass
+class GatedDeltaNetSubmodules:
+    """in_proj: a column-parallel linear (optionally with the input norm fused, TE);
+    out_proj: a row-parallel linear."""
+
+    in_proj: Union[ModuleSpec, type] = IdentityOp
+    out_proj: Union[ModuleSpec, type] = IdentityOp
+
+
+def _param_device(config) -> torch.device:
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+class GatedDeltaNet(MegatronModule):
+    """The Gated DeltaNet token mixer for the self-attention slot of a TransformerLayer.
+
+    Args:
+        config: TransformerConfig; sizes from its `linear_*` fields (see megatron_gdn.config).
+        submodules: GatedDeltaNetSubmodules (in_proj, out_proj).
+        layer_number: 1-based layer index (as TransformerLayer passes it).
+        pg_collection: process groups (tp, cp); defaults to Megatron's global groups.
+        conv_bias: add a per-channel bias in the short conv.
+        proj_bias: add biases in in_proj / out_proj.
+        use_qk_l2norm: L2-normalise q and k per head (the paper's choice).
+        A_init_range: A ~ U(A_init_range), A_log = log A (decay rate per value head).
+        dt_init_range, dt_init_floor: dt log-uniform in dt_init_range, clamped below at the
+            floor; dt_bias = softplus^-1(dt).
+        cp_comm_type, pp_layer_offset, attn_mask_type, model_comm_pgs, name: accepted because
+            TransformerLayer (or a spec written for attention) passes them; GDN is causal by
+            construction and has no CP communication scheme to choose.
+    """
+
+    def __init__(
+        self,
+        config,
+        submodules: GatedDeltaNetSubmodules,
+        layer_number: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        *,
+        conv_bias: bool = False,
+        proj_bias: bool = False,
+        use_qk_l2norm: bool = True,
+        A_init_range: Tuple[float, float] = (1.0, 16.0),
+        dt_init_range: Tuple[float, float] = (1e-3, 1e-1),
+        dt_init_floor: float = 1e-4,
+        cp_comm_type: Optional[str] = None,
+        pp_layer_offset: Optional[int] = None,
+        attn_mask_type: Optional[AttnMaskType] = None,
+        model_comm_pgs: Optional[ProcessGroupCollection] = None,
+        name: Optional[str] = None,
+    ):
+        super().__init__(config)
+        if pg_collection is None:
+            pg_collection = model_comm_pgs
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        tp_size = self.tp_group.size()
+        cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
+        cp_size = max(cp_size, config.context_parallel_size)
+        self.dims = resolve_gdn_dims(config, tp_size, cp_size)
+
+        if attn_mask_type not in (None, AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(
+                f"attn_mask_type={attn_mask_type}: GatedDeltaNet is causal by construction; "
+                "use AttnMaskType.causal or leave it unset"
+            )
+        lo, hi = A_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {A_init_range}")
+        lo, hi = dt_init_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"dt_init_range must satisfy 0 < low <= high, got {dt_init_range}")
+        if not dt_init_floor > 0:
+            raise ValueError(f"dt_init_floor must be > 0, got {dt_init_floor}")
+
+        self.layer_number = layer_number
+        self.use_qk_l2norm = use_qk_l2norm
+        self.A_init_range = A_init_range
+        self.dt_init_range = dt_init_range
+        self.dt_init_floor = dt_init_floor
+        self.sequence_parallel = config.sequence_parallel and tp_size > 1
+        d = self.dims
+
+        self.in_proj = build_module(
+            submodules.in_proj,
+            d.hidden_size,
+            d.in_proj_dim,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=proj_bias,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.tp_group,
+            name=(name + ".in_proj") if name is not None else None,
+        )
+
+        device = _param_device(config)
+        dtype = config.params_dtype
+        # the conv taps, A_log and dt_bias of this rank's channels / value heads: TP-sharded
+        self.conv_weight = torch.nn.Parameter(
+            torch.empty(d.conv_dim_local_tp, d.conv_kernel_dim, device=device, dtype=dtype)
+        )
+        tensor_parallel.set_tensor_model_parallel_attributes(self.conv_weight, True, 0, 1)
+        if conv_bias:
+            self.conv_bias = torch.nn.Parameter(torch.empty(d.conv_dim_local_tp, device=device, dtype=dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.conv_bias, True, 0, 1)
+        else:
+            self.conv_bias = None
+        self.A_log = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.A_log, True, 0, 1)
+        self.dt_bias = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.dt_bias, True, 0, 1)
+        # replicated over TP; its gradient is summed over TP in forward (see module docstring)
+        self.out_norm_weight = torch.nn.Parameter(torch.ones(d.value_head_dim, device=device, dtype=dtype))
+
+        self.out_proj = build_module(
+            submodules.out_proj,
+            d.v_dim,
+            d.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=proj_bias,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
+            name=(name + ".out_proj") if name is not None else None,
+        )
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- init
+    def _local_rows(self, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        n = full.shape[0] // self.dims.tp_size
+        return full[tp_rank * n:(tp_rank + 1) * n]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draws every per-head parameter for ALL heads from the CPU generator and keeps this
+        rank's rows, so the global initial weights do not depend on the TP size (ranks seeded
+        alike draw the same numbers)."""
+        self.out_norm_weight.fill_(1.0)
+        if not self.config.perform_initialization:
+            return
+        d = self.dims
+        rank = self.tp_group.rank()
+        # short conv: torch's Conv1d default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = W
+        bound = 1.0 / math.sqrt(d.conv_kernel_dim)
+        widths = (d.num_key_heads * d.key_head_dim, d.num_key_heads * d.key_head_dim,
+                  d.num_value_heads * d.value_head_dim)
+        conv = [self._local_rows(torch.empty(w, d.conv_kernel_dim).uniform_(-bound, bound), rank)
+                for w in widths]
+        self.conv_weight.copy_(torch.cat(conv))
+        if self.conv_bias is not None:
+            bias = [self._local_rows(torch.empty(w).uniform_(-bound, bound), rank) for w in widths]
+            self.conv_bias.copy_(torch.cat(bias))
+        # decay rate A ~ U(A_init_range) per value head (Mamba2 parameterisation)
+        A = torch.empty(d.num_value_heads, dtype=torch.float64).uniform_(*self.A_init_range)
+        self.A_log.copy_(self._local_rows(torch.log(A), rank))
+        # time step dt log-uniform in dt_init_range; dt_bias = softplus^-1(dt) = dt + log(1 - e^-dt)
+        lo, hi = self.dt_init_range
+        u = torch.rand(d.num_value_heads, dtype=torch.float64)
+        dt = torch.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)).clamp(min=self.dt_init_floor)
+        self.dt_bias.copy_(self._local_rows(dt + torch.log(-torch.expm1(-dt)), rank))
+
+    # -------------------------------------------------------------------------- forward
+    def _packed_cu_seqlens(self, packed_seq_params, batch: int, tokens: int) -> Optional[torch.Tensor]:
+        if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+            return None
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        if cu is None:
+            raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
+        if batch != 1:
+            raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
+        if int(cu[-1]) != tokens:
+            raise ValueError(
+                f"packed_seq_params.cu_seqlens_q[-1]={int(cu[-1])} does not match the {tokens} "
+                "tokens of the input"
+            )
+        return cu
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        inference_context=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        *,
+        inference_params=None,
+        **kwargs,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """hidden_states: [s, b, h] ([s/tp, b, h] with sequence parallel). The attention mask
+        and rotary embeddings that TransformerLayer passes are not used: the recurrence is
+        causal and position-aware by itself. Returns (output [s(/tp), b, h], out_proj bias)."""
+        if inference_context is not None or inference_params is not None:
+            raise NotImplementedError("GatedDeltaNet: inference (decoding) is not implemented yet")
+        d = self.dims
+        proj_sbd, _ = self.in_proj(hidden_states)
+        s, b, _ = proj_sbd.shape
+        cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
+
+        proj_bsd = proj_sbd.transpose(0, 1)
+        qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
+        qkv_btd, z_btd, beta_logit_bth, a_bth = torch.split(
+            proj_bsd, [2 * qk + v_dim, v_dim, hv, hv], dim=-1
+        )
+
+        qkv_btd, _ = causal_conv1d(
+            qkv_btd, self.conv_weight, self.conv_bias, activation="silu",
+            cu_seqlens=cu_seqlens,
+        )
+        q_bthk, k_bthk, v_bthv = torch.split(qkv_btd, [qk, qk, v_dim], dim=-1)
+        q_bthk = q_bthk.reshape(b, s, d.num_key_heads_local_tp, d.key_head_dim)
+        k_bthk = k_bthk.reshape(b, s, d.num_key_heads_local_tp, d.key_head_dim)
+        v_bthv = v_bthv.reshape(b, s, hv, d.value_head_dim)
+
+        # A_log / dt_bias enter the kernel in fp32 whatever the parameter dtype (bf16 under
+        # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive to
+        # rounding of A_log
+        o_bthv, _ = chunk_gated_delta_rule(
+            q_bthk, k_bthk, v_bthv, a_bth.contiguous(), beta_logit_bth.contiguous(),
+            scale=d.key_head_dim ** -0.5,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm=self.use_qk_l2norm,
+            A_log=self.A_log.float(),
+            dt_bias=self.dt_bias.float(),
+            use_beta_sigmoid=True,
+        )
+
+        norm_weight = self.out_norm_weight
+        if d.tp_size > 1:
+            # identity forward, all-reduce backward: each rank holds a partial gradient
+            norm_weight = tensor_parallel.copy_to_tensor_model_parallel_region(norm_weight, group=self.tp_group)
+        z_bthv = z_btd.reshape(b, s, hv, d.value_head_dim)
+        y_bthv = gated_rmsnorm(o_bthv, z_bthv, norm_weight, eps=self.config.layernorm_epsilon)
+
+        y_sbd = y_bthv.reshape(b, s, v_dim).transpose(0, 1).contiguous()
+        out_sbh, out_bias = self.out_proj(y_sbd)
+        return out_sbh, out_bias
+
+    def backward_dw(self) -> None:
+        """Deferred weight gradients of the linears (config.delay_wgrad_compute)."""
+        self.in_proj.backward_dw()
+        self.out_proj.backward_dw()
+
+    # ---------------------------------------------------------------------- checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """TP-size independent checkpoint: in_proj.weight is saved as sections q, k, v, z, b, a
+        and conv_weight (and conv_bias) as q, k, v, each sharded over TP along dim 0; A_log and
+        dt_bias are TP-sharded; out_norm_weight is replicated."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        d = self.dims
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        tp_axes = {"conv_weight": 0, "A_log": 0, "dt_bias": 0}
+        if self.conv_bias is not None:
+            tp_axes["conv_bias"] = 0
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, tp_axes, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+        for name, module in self.named_children():
+            sharded.update(sharded_state_dict_default(
+                module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group
+            ))
+
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = split_sharded_tensor(sharded[key], IN_PROJ_SECTIONS, d.in_proj_sections_local_tp)
+        key = f"{prefix}in_proj.bias"
+        if key in sharded:
+            sharded[key] = split_sharded_tensor(sharded[key], IN_PROJ_SECTIONS, d.in_proj_sections_local_tp)
+        for param in ("conv_weight", "conv_bias"):
+            key = f"{prefix}{param}"
+            if key in sharded:
+                sharded[key] = split_sharded_tensor(sharded[key], CONV_SECTIONS, d.conv_sections_local_tp)
+        return sharded
