@@ -1,0 +1,193 @@
+"""GatedDeltaNet in one process: against the plain float64 re-implementation (tests/layer/
+reference.py), padded batch and packed sequences, forward and every gradient; init ranges;
+construction errors naming the field; the specs."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module, import_module
+
+from megatron_gdn.layer import GatedDeltaNet
+from megatron_gdn.specs import get_gdn_layer_spec, get_gdn_mixer_spec
+from reference import reference_gdn_block
+from tolerance import FP32_REL, assert_close
+
+HIDDEN, H, HV, K, V, W = 32, 2, 4, 16, 16, 4
+
+
+class _FakeGroup:
+    """Enough of a process group for the checks that run before any collective."""
+
+    def __init__(self, size, rank=0):
+        self._size, self._rank = size, rank
+
+    def size(self):
+        return self._size
+
+    def rank(self):
+        return self._rank
+
+
+def _pg(tp_group, cp_group):
+    pg = ProcessGroupCollection()
+    pg.tp = tp_group
+    pg.cp = cp_group
+    return pg
+
+
+@pytest.fixture(scope="module")
+def world1():
+    """A real one-rank gloo group in this process (Megatron's linears all-reduce over it)."""
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    group = dist.new_group([0])
+    yield _pg(group, group)
+    if created:
+        dist.destroy_process_group()
+
+
+def _config(**overrides):
+    kwargs = dict(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=4, use_cpu_initialization=True,
+        linear_num_key_heads=H, linear_num_value_heads=HV, linear_key_head_dim=K,
+        linear_value_head_dim=V, linear_conv_kernel_dim=W, layernorm_epsilon=1e-5,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _build(pg, config=None, **params):
+    torch.manual_seed(0)
+    layer = build_module(get_gdn_mixer_spec("local", **params), config=config or _config(),
+                         layer_number=1, pg_collection=pg)
+    with torch.no_grad():
+        # make the norm weight and gates non-trivial so their gradients are checked in earnest
+        layer.out_norm_weight.uniform_(0.5, 1.5)
+    return layer
+
+
+def _global_weights(layer):
+    return {
+        "in_proj": layer.in_proj.weight, "conv": layer.conv_weight, "A_log": layer.A_log,
+        "dt_bias": layer.dt_bias, "norm": layer.out_norm_weight, "out_proj": layer.out_proj.weight,
+    }
+
+
+def _check_against_reference(layer, x_sbh, packed_seq_params=None, cu_seqlens=None):
+    x = x_sbh.clone().requires_grad_(True)
+    out, bias = layer(x, None, packed_seq_params=packed_seq_params)
+    assert bias is None
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+
+    ref_w = {n: p.detach().double().clone().requires_grad_(True) for n, p in _global_weights(layer).items()}
+    x_ref = x_sbh.detach().double().clone().requires_grad_(True)
+    ref = reference_gdn_block(x_ref, ref_w, H, HV, K, V, 1e-5, cu_seqlens=cu_seqlens)
+    (ref * dout.double()).sum().backward()
+
+    assert_close(out, ref, FP32_REL, "output")
+    assert_close(x.grad, x_ref.grad, FP32_REL, "d hidden")
+    for name, param in _global_weights(layer).items():
+        assert_close(param.grad, ref_w[name].grad, FP32_REL, f"d {name}")
+
+
+def test_matches_reference_batch(world1):
+    layer = _build(world1)
+    torch.manual_seed(1)
+    _check_against_reference(layer, torch.randn(37, 2, HIDDEN))
+
+
+def test_matches_reference_packed(world1):
+    layer = _build(world1)
+    torch.manual_seed(2)
+    # lengths 1 and 3 (<= W-1 taps of history) next to longer documents
+    cu = torch.tensor([0, 1, 4, 22, 45], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=23, max_seqlen_kv=23)
+    _check_against_reference(layer, torch.randn(45, 1, HIDDEN), packed_seq_params=psp, cu_seqlens=cu)
+
+
+def test_packed_documents_do_not_leak(world1):
+    """The second document's output must not depend on the first one's tokens."""
+    layer = _build(world1)
+    torch.manual_seed(3)
+    x = torch.randn(30, 1, HIDDEN)
+    cu = torch.tensor([0, 12, 30], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=18, max_seqlen_kv=18)
+    with torch.no_grad():
+        packed, _ = layer(x, None, packed_seq_params=psp)
+        alone, _ = layer(x[12:], None)
+    assert_close(packed[12:], alone, FP32_REL, "second document")
+
+
+def test_init_ranges(world1):
+    layer = _build(world1)
+    A = torch.exp(layer.A_log.detach())
+    assert bool(((A >= 1.0) & (A <= 16.0)).all()), A
+    dt = torch.nn.functional.softplus(layer.dt_bias.detach().double())
+    assert bool(((dt >= 1e-3 - 1e-9) & (dt <= 0.1 + 1e-9)).all()), dt
+    assert layer.conv_weight.shape == (2 * H * K + HV * V, W)
+    assert float(layer.conv_weight.detach().abs().max()) <= 1.0 / math.sqrt(W)
+    assert float(layer.conv_weight.detach().std()) > 0.1 / math.sqrt(W)
+    fresh = build_module(get_gdn_mixer_spec("local"), config=_config(), layer_number=1, pg_collection=world1)
+    assert torch.equal(fresh.out_norm_weight.detach(), torch.ones(V))
+    for name in ("conv_weight", "A_log", "dt_bias"):
+        param = getattr(layer, name)
+        assert param.tensor_model_parallel and param.partition_dim == 0, name
+    assert not getattr(layer.out_norm_weight, "tensor_model_parallel", False)
+
+
+def test_inference_not_implemented(world1):
+    layer = _build(world1)
+    with pytest.raises(NotImplementedError, match="inference"):
+        layer(torch.randn(4, 1, HIDDEN), None, inference_context=object())
+
+
+@pytest.mark.parametrize(
+    "overrides, tp, cp, field",
+    [
+        (dict(linear_num_key_heads=3, linear_num_value_heads=6), 2, 1, "linear_num_key_heads"),
+        (dict(linear_num_key_heads=2, linear_num_value_heads=3), 1, 1, "linear_num_value_heads"),
+        (dict(linear_num_key_heads=4, linear_num_value_heads=4), 8, 1, "linear_num_key_heads"),
+        (dict(linear_key_head_dim=512), 1, 1, "linear_key_head_dim"),
+        (dict(linear_value_head_dim=1024), 1, 1, "linear_value_head_dim"),
+        (dict(linear_conv_kernel_dim=1), 1, 1, "linear_conv_kernel_dim"),
+        (dict(linear_conv_kernel_dim=9), 1, 1, "linear_conv_kernel_dim"),
+        (dict(linear_key_head_dim=0), 1, 1, "linear_key_head_dim"),
+        ({}, 1, 2, "context parallel for GatedDeltaNet is not implemented yet"),
+    ],
+    ids=["H-not-div-tp", "HV-not-mult-H", "H-lt-tp", "K-too-big", "V-too-big", "conv-1", "conv-9",
+         "K-zero", "cp2"],
+)
+def test_bad_config_names_field(overrides, tp, cp, field):
+    pg = _pg(_FakeGroup(tp), _FakeGroup(cp))
+    with pytest.raises(ValueError, match=field):
+        GatedDeltaNet(_config(**overrides), get_gdn_mixer_spec("local").submodules, 1, pg)
+
+
+def test_bad_spec_params_name_field():
+    pg = _pg(_FakeGroup(1), _FakeGroup(1))
+    with pytest.raises(ValueError, match="A_init_range"):
+        GatedDeltaNet(_config(), get_gdn_mixer_spec("local").submodules, 1, pg, A_init_range=(0.0, 16.0))
+    with pytest.raises(ValueError, match="backend"):
+        get_gdn_layer_spec("fused")
+
+
+def test_specs():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    spec = import_module(("megatron_gdn.specs", "gdn_layer_spec"))
+    assert isinstance(spec, ModuleSpec) and spec.module is TransformerLayer
+    assert spec.submodules.self_attention.module is GatedDeltaNet
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="Transformer Engine"):
+            get_gdn_layer_spec("te")
+    else:
+        te_spec = get_gdn_layer_spec("te")
+        assert te_spec.submodules.self_attention.metainfo["fuse_input_layernorm"]
