@@ -263,7 +263,8 @@ def _conv_forward(x, weight, bias, activation, initial_state, output_final_state
     N = len(cu_list) - 1 if varlen else B
     y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
-    grid = (chunk_indices.shape[0] if varlen else triton.cdiv(T, BT), triton.cdiv(D, BD), 1 if varlen else B)
+    # never an empty grid: T == 0 launches one fully masked block (which still writes d initial_state)
+    grid = (chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, BT)), triton.cdiv(D, BD), 1 if varlen else B)
     _conv_fwd_kernel[grid](
         x, weight, bias, initial_state, y, cu_seqlens_i32, chunk_indices,
         T, D, x.stride(0), x.stride(1),
@@ -289,7 +290,7 @@ def _conv_backward(x, weight, bias, activation, initial_state, dy, dht, cu_seqle
     BD = min(BD, triton.next_power_of_2(D))
     varlen = cu_list is not None
     chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
-    NT = chunk_indices.shape[0] if varlen else triton.cdiv(T, BT)
+    NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, BT))
     n_part = NT * (1 if varlen else B)
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     dw_part = torch.empty(n_part, D, W, dtype=torch.float32, device=x.device)
