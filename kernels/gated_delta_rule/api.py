@@ -131,6 +131,7 @@ def chunk_gated_delta_rule(
     Limits on the Triton path (CUDA tensors): K <= 256, V <= 512.
     Gradients: q, k, v, g (or a, A_log, dt_bias), beta (or its logits), initial_state.
     """
+    _check_tensor("q", q, 4)
     triton = use_triton(q)
     _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, triton)
     if scale is not None:
