@@ -56,6 +56,7 @@ def _fused_recurrent_gdr_fwd_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
+    EVEN_KV: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
@@ -87,7 +88,11 @@ def _fused_recurrent_gdr_fwd_kernel(
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         p_h0 = h0 + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-        b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
+        if EVEN_KV:
+            # no mask: nothing stands in the way of 16-byte vector loads along V
+            b_h += tl.load(p_h0).to(tl.float32)
+        else:
+            b_h += tl.load(p_h0, mask=m_h, other=0.0).to(tl.float32)
 
     if USE_GATE_PARAMS:
         b_neg_a = -tl.exp(tl.load(A_log + i_hv).to(tl.float32))
@@ -137,7 +142,10 @@ def _fused_recurrent_gdr_fwd_kernel(
 
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh * K * V + o_k[:, None] * V + o_v[None, :]
-        tl.store(p_ht, b_h, mask=m_h)
+        if EVEN_KV:
+            tl.store(p_ht, b_h)
+        else:
+            tl.store(p_ht, b_h, mask=m_h)
 
 
 def _default_config(n_rows: int, K: int, V: int) -> Tuple[int, int]:
@@ -169,6 +177,7 @@ def _fused_recurrent_triton(
         q, k, v, g, beta, o, initial_state, final_state, cu_seqlens, A_log, dt_bias,
         scale, T,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
+        EVEN_KV=(BK == K and V % BV == 0),
         IS_VARLEN=cu_seqlens is not None,
         USE_INITIAL_STATE=initial_state is not None,
         STORE_FINAL_STATE=final_state is not None,
