@@ -1,0 +1,126 @@
+"""gated_rmsnorm against the fp64 naive oracle, both backends (torch; Triton under the
+interpreter on CPU): forward and the gradients of x, z and weight; argument errors.
+
+Legend: R rows, D normalised dim.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import BF16_REL, FP32_REL, assert_close
+
+from megatron_gdn.kernels.gated_norm import gated_rmsnorm, naive_gated_rmsnorm
+from megatron_gdn.kernels.gated_norm.torch_ref import torch_gated_rmsnorm
+from megatron_gdn.kernels.utils import force_backend
+
+BACKENDS = ["torch", "triton"]
+
+
+def make_inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen)
+    z = torch.randn(shape, generator=gen) * 2
+    weight = 1 + 0.5 * torch.randn(shape[-1], generator=gen)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, z, weight))
+
+
+def check_against_oracle(backend, x, z, weight, eps, rel):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, z, weight)]
+    with force_backend(backend):
+        y = gated_rmsnorm(*leaves, eps=eps)
+    refs = [t.detach().to(torch.float64).requires_grad_() for t in (x, z, weight)]
+    y_ref = naive_gated_rmsnorm(*refs, eps=eps)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y_ref, rel, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy.double()).sum().backward()
+    for name, leaf, ref in zip(("dx", "dz", "dweight"), leaves, refs):
+        assert leaf.grad.dtype == leaf.dtype
+        assert_close(leaf.grad, ref.grad, rel, name)
+
+
+# shape-eps: head dims 32/64/128, a D that is not a power of two, one row, many rows
+CASES = [
+    ((4, 7, 32), 1e-6),
+    ((3, 64), 1e-5),
+    ((2, 5, 3, 48), 1e-6),
+    ((1, 130), 1e-2),
+    ((2, 33, 2, 128), 1e-6),
+    ((5, 24), 1.0),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,eps", CASES, ids=[f"{'x'.join(map(str, c[0]))}-eps{c[1]:g}" for c in CASES])
+def test_against_oracle(backend, shape, eps):
+    check_against_oracle(backend, *make_inputs(shape, seed=len(shape)), eps, FP32_REL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_rows_are_eps_dominated(backend):
+    """Rows far below sqrt(eps) are scaled by ~1/sqrt(eps), not normalised to unit RMS."""
+    x, z, weight = make_inputs((6, 16), seed=3)
+    check_against_oracle(backend, x * 1e-4, z, weight, 1e-2, FP32_REL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """x and z as slices of wider tensors (the gate z is a section of the fused projection)."""
+    wide_x, wide_z, _ = make_inputs((3, 5, 96), seed=5)
+    _, _, weight = make_inputs((3, 5, 32), seed=6)
+    x, z = wide_x[..., 32:64], wide_z[..., 64:]
+    assert not x.is_contiguous() and not z.is_contiguous()
+    with force_backend(backend):
+        y = gated_rmsnorm(x, z, weight)
+    assert_close(y, naive_gated_rmsnorm(x.double(), z.double(), weight.double()), FP32_REL, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16(backend):
+    # fp16 keeps 11 mantissa bits, more than bf16: the bf16 bound is a conservative one
+    check_against_oracle(backend, *make_inputs((4, 9, 64), dtype=torch.float16, seed=7), 1e-6, BF16_REL)
+
+
+def test_oracle_matches_torch_rms_norm():
+    """The oracle against torch's own rms_norm times silu (independent code)."""
+    x, z, weight = make_inputs((4, 3, 40), dtype=torch.float64, seed=9)
+    expected = F.rms_norm(x, (40,), weight, eps=1e-5) * F.silu(z)
+    assert_close(naive_gated_rmsnorm(x, z, weight, 1e-5), expected, FP32_REL, "y")
+
+
+def test_errors():
+    x, z, weight = make_inputs((2, 3, 8))
+    with pytest.raises(ValueError, match="z must have"):
+        gated_rmsnorm(x, z[..., :4], weight)
+    with pytest.raises(ValueError, match="weight must be"):
+        gated_rmsnorm(x, z, weight[:4])
+    with pytest.raises(ValueError, match="eps"):
+        gated_rmsnorm(x, z, weight, eps=0.0)
+    with pytest.raises(ValueError, match="eps"):
+        gated_rmsnorm(x, z, weight, eps=-1e-6)
+    with pytest.raises(TypeError, match="x must be a floating"):
+        gated_rmsnorm(x.to(torch.int64), z, weight)
+    with pytest.raises(TypeError, match="z must be a torch.Tensor"):
+        gated_rmsnorm(x, None, weight)
+    with pytest.raises(ValueError, match="one device"):
+        gated_rmsnorm(x, z, weight.to("meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [128, 256], ids=["D128", "D256"])
+def test_cuda_realistic(dtype, D):
+    """Triton on the GPU at layer sizes (8K tokens x 32 value heads) against the fp64 torch
+    path, which the CPU tests above tie to the oracle."""
+    x, z, weight = make_inputs((2, 4096, 32, D), dtype=dtype, seed=11, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (x, z, weight)]
+    y = gated_rmsnorm(*leaves)
+    refs = [t.double().requires_grad_() for t in (x, z, weight)]
+    y_ref = torch_gated_rmsnorm(*refs)
+    rel = FP32_REL if dtype == torch.float32 else BF16_REL
+    assert_close(y, y_ref, rel, "y")
+    dy = torch.randn_like(y)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy.double()).sum().backward()
+    for name, leaf, r in zip(("dx", "dz", "dweight"), leaves, refs):
+        assert_close(leaf.grad, r.grad, rel, name)
