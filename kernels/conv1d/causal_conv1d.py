@@ -17,6 +17,10 @@ import triton.language as tl
 from ..utils import check_same_device, prepare_cu_seqlens, use_triton
 from .torch_ref import torch_causal_conv1d, torch_causal_conv1d_update
 
+MAX_WIDTH = 8
+_ACTIVATIONS = (None, "silu")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 @triton.jit
 def _load_input(x_base, h0, src, m_t, o_d, m_d, bos, i_n, D, stride_xt,
@@ -316,6 +320,7 @@ class CausalConv1dFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, initial_state, activation, output_final_state, cu_seqlens_i32, cu_list):
         x = _as_channels_last(x)
         weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
         initial_state = initial_state.contiguous() if initial_state is not None else None
         y, final_state = _conv_forward(x, weight, bias, activation, initial_state, output_final_state,
                                        cu_seqlens_i32, cu_list)
@@ -352,7 +357,7 @@ def triton_causal_conv1d_update(x, conv_state, weight, bias, activation):
     y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     BD = min(128, triton.next_power_of_2(D))
     _conv_update_kernel[(B, triton.cdiv(D, BD))](
-        x, state, weight.contiguous(), bias, y,
+        x, state, weight.contiguous(), bias.contiguous() if bias is not None else None, y,
         T, D, x.stride(0), x.stride(1),
         W=W, BT=min(16, triton.next_power_of_2(T)), BD=BD, BK=triton.next_power_of_2(W - 1),
         HAS_BIAS=bias is not None, SILU=activation == "silu", num_warps=4,
@@ -360,11 +365,6 @@ def triton_causal_conv1d_update(x, conv_state, weight, bias, activation):
     if state is not conv_state:
         conv_state.copy_(state)
     return y
-
-
-MAX_WIDTH = 8
-_ACTIVATIONS = (None, "silu")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_weights(weight, bias, activation, D: int) -> int:

@@ -168,21 +168,22 @@ def test_short_sequence_final_state_is_history_tail_then_tokens():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("W", [2, 3, 4])
 def test_update_equals_full_conv(backend, W):
-    """A prefill of 5 tokens, then one-token steps ([B, D] and [B, 1, D]), then a 3-token
-    chunk: outputs and the in-place state equal one full convolution."""
-    B, T, D = 3, 12, 20
+    """A prefill of 18 tokens (more than one Triton token block), then one-token steps ([B, D]
+    and [B, 1, D]), then a 3-token chunk: outputs and the in-place state equal one full
+    convolution."""
+    B, T, D = 3, 24, 20
     x, weight, bias, h0 = make_inputs(B, T, D, W, B, seed=13)
     y_ref, ht_ref = naive_causal_conv1d(x.double(), weight.double(), bias.double(), "silu", h0.double(), True)
     state = h0.clone()
     pieces = []
     with force_backend(backend):
-        pieces.append(causal_conv1d_update(x[:, 0:5], state, weight, bias))
-        for t in range(5, 9):
+        pieces.append(causal_conv1d_update(x[:, 0:18], state, weight, bias))
+        for t in range(18, 21):
             step = x[:, t] if t % 2 else x[:, t:t + 1]
             out = causal_conv1d_update(step, state, weight, bias)
             assert out.shape == step.shape
             pieces.append(out if out.dim() == 3 else out[:, None])
-        pieces.append(causal_conv1d_update(x[:, 9:12], state, weight, bias))
+        pieces.append(causal_conv1d_update(x[:, 21:24], state, weight, bias))
     assert_close(torch.cat(pieces, dim=1), y_ref, FP32_REL, "y")
     assert_close(state, ht_ref, FP32_REL, "conv_state")
 
