@@ -1,0 +1,322 @@
+"""Kernel benchmark: the chunked gated delta rule (ours, Triton) next to flash-linear-attention
+0.6.0 and causal softmax attention (torch SDPA), in one process, on one GPU.
+
+    python benchmarks/bench_kernels.py --out benchmarks/logs/run --shapes S1,S2,S3 --check
+
+Correctness of what is timed: --check first compares o and every gradient (q, k, v, g, beta,
+initial_state) at the benchmark shapes, bf16 and fp32 inputs, against the pure-torch chunked
+path in fp32 on the same GPU (tests/kernels/test_gated_delta_rule.py and
+tests/kernels/test_chunk_internals.py guard the same kernels against the fp64 oracle).
+Workload, as the layer calls it: q, k raw with the fused l2-norm, g = logsigmoid(x) (float32),
+beta = sigmoid(x) in the inputs' dtype, scale K^-0.5.
+
+fla refuses its Triton backward on Hopper with triton < 3.7.1 (a miscompile in its gated
+dq/dk kernel); to time it this script sets fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True.
+Also measured: the card's device copy bandwidth and bf16 matmul rate (the two ceilings).
+Writes results.json and results.md under --out.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+
+SHAPES = {
+    # id: B, T, H, HV, K, V (DESIGN.md section 7)
+    "S1": (4, 4096, 16, 16, 128, 128),
+    "S2": (1, 32768, 16, 16, 128, 128),
+    "S3": (2, 8192, 16, 32, 128, 128),
+    "S4": (4, 4096, 6, 6, 256, 512),
+    "S5": (8, 2048, 16, 16, 128, 128),
+}
+BF16_REL = 1e-2
+FP32_REL = 5e-3
+T0 = time.time()
+
+
+def log(*args):
+    print(f"[{time.time() - T0:7.1f}s]", *args, flush=True)
+
+
+def make_inputs(B, T, H, HV, K, V, dtype, seed=0, with_state=False, N=None):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    q = torch.randn(B, T, H, K, device=dev, generator=gen).to(dtype)
+    k = torch.randn(B, T, H, K, device=dev, generator=gen).to(dtype)
+    v = torch.randn(B, T, HV, V, device=dev, generator=gen).to(dtype)
+    g = F.logsigmoid(torch.randn(B, T, HV, device=dev, generator=gen) + 2.0)
+    beta = torch.sigmoid(torch.randn(B, T, HV, device=dev, generator=gen)).to(dtype)
+    h0 = None
+    if with_state:
+        h0 = 0.1 * torch.randn(N or B, HV, K, V, device=dev, generator=gen)
+    return q, k, v, g, beta, h0
+
+
+def ours(q, k, v, g, beta, h0=None, final=False, cu=None):
+    from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(q, k, v, g, beta, None, h0, final, cu, use_qk_l2norm=True)
+
+
+def reference(q, k, v, g, beta, h0=None, final=False, cu=None):
+    from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
+
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, None, h0, final, cu, use_qk_l2norm=True)
+
+
+def fla_fn():
+    import fla.ops.common.chunk_o as fla_chunk_o
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_gdr
+
+    # fla 0.6.0 refuses its backward on Hopper with triton < 3.7.1: bypass to time it
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+
+    def run(q, k, v, g, beta, h0=None, final=False, cu=None):
+        return fla_gdr(q, k, v, g, beta, initial_state=h0, output_final_state=final,
+                       use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+
+    return run
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def grads_of(fn, inputs, do, dht, cu=None):
+    q, k, v, g, beta, h0 = inputs
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, g, beta)]
+    h0l = h0.detach().clone().requires_grad_(True) if h0 is not None else None
+    o, ht = fn(*leaves, h0l, dht is not None, cu)
+    loss = (o.float() * do.float()).sum()
+    if dht is not None:
+        loss = loss + (ht * dht).sum()
+    loss.backward()
+    out = {"o": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad,
+           "dg": leaves[3].grad, "dbeta": leaves[4].grad}
+    if dht is not None:
+        out["ht"] = ht.detach()
+    if h0l is not None:
+        out["dh0"] = h0l.grad
+    return out
+
+
+def check(name, fn, shape, dtype, seed, cu=None, with_state=True):
+    B, T, H, HV, K, V = shape
+    N = B if cu is None else cu.numel() - 1
+    inputs = make_inputs(B, T, H, HV, K, V, dtype, seed=seed, with_state=with_state, N=N)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    do = torch.randn(B, T, HV, V, device="cuda", generator=gen).to(dtype)
+    dht = torch.randn(N, HV, K, V, device="cuda", generator=gen) if with_state else None
+    got = grads_of(fn, inputs, do, dht, cu)
+    ref_inputs = [x.float() if x is not None else None for x in inputs]
+    ref = grads_of(reference, ref_inputs, do.float(), dht, cu)
+    errs = {key: rel(got[key], ref[key]) for key in ref}
+    tol = BF16_REL if dtype != torch.float32 else FP32_REL
+    finite = all(torch.isfinite(got[key]).all().item() for key in got)
+    ok = finite and all(e <= tol for e in errs.values())
+    return {"impl": name, "dtype": str(dtype).split(".")[-1], "shape": list(shape),
+            "packed": cu is not None, "errors": errs, "tol": tol, "ok": ok}
+
+
+def bench_ms(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak_gib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def time_impl(fn, shape, dtype=torch.bfloat16):
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=7)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
+    do = torch.randn(B, T, HV, V, device="cuda", dtype=dtype)
+
+    def fwd():
+        return fn(*leaves)[0]
+
+    def fwd_bwd():
+        o = fn(*leaves)[0]
+        o.backward(do)
+
+    def zero():
+        for x in leaves:
+            x.grad = None
+
+    fwd_bwd()
+    zero()
+    res = {"fwd_ms": bench_ms(fwd)}
+    res["fwd_peak_gib"] = peak_gib(fwd)
+    res["fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100,
+                                                grad_to_none=leaves, return_mode="median")
+    zero()
+    res["fwd_bwd_peak_gib"] = peak_gib(fwd_bwd)
+    return res
+
+
+def time_sdpa(shape):
+    B, T, H, HV, K, V = shape
+    q, k, v = (torch.randn(B, HV, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn(B, HV, T, 128, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        fwd().backward(do)
+
+    res = {"fwd_ms": bench_ms(fwd)}
+    res["fwd_bwd_ms"] = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=[q, k, v],
+                                                return_mode="median")
+    res["fwd_bwd_peak_gib"] = peak_gib(fwd_bwd)
+    return res
+
+
+def ceilings():
+    n = 2**28
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    t = bench_ms(lambda: y.copy_(x))
+    copy_tbs = 2 * n * 4 / (t * 1e-3) / 1e12
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = bench_ms(lambda: a @ b)
+    mm_tflops = 2 * 8192**3 / (t * 1e-3) / 1e12
+    del x, y, a, b
+    return {"copy_TBps": copy_tbs, "bf16_matmul_TFLOPs": mm_tflops}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for results.json / results.md")
+    p.add_argument("--shapes", default="S1,S2,S3")
+    p.add_argument("--check", action="store_true", help="correctness at the benchmark shapes first")
+    p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="start no new section after this many seconds")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    results = {
+        "card": torch.cuda.get_device_name(0), "torch": torch.__version__,
+        "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv), "checks": [], "timings": {},
+        "notes": ["fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True set in-process to time fla's backward"],
+    }
+
+    def save():
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def over_budget():
+        return time.time() - T0 > args.budget_s
+
+    results["ceilings"] = ceilings()
+    log("ceilings", results["ceilings"])
+    save()
+    fla = None
+    if not args.no_fla:
+        try:
+            fla = fla_fn()
+        except Exception as e:  # fla is optional: report, time ours anyway
+            log("fla unavailable:", repr(e))
+
+    if args.check:
+        plan = []
+        for sid in shapes:
+            plan.append(("ours", ours, SHAPES[sid], torch.bfloat16, None))
+        for sid in shapes[:2]:
+            plan.append(("ours", ours, SHAPES[sid], torch.float32, None))
+        cu = torch.tensor([0, 1, 64, 100, 2148, 4096, 8000, 8192], dtype=torch.int32, device="cuda")
+        plan.append(("ours", ours, (1, 8192, 16, 32, 128, 128), torch.bfloat16, cu))
+        if fla is not None:
+            plan.append(("fla", fla, SHAPES[shapes[0]], torch.bfloat16, None))
+        for i, (name, fn, shape, dtype, cu_) in enumerate(plan):
+            if over_budget():
+                log("budget reached, skipping remaining checks")
+                break
+            try:
+                r = check(name, fn, shape, dtype, seed=100 + i, cu=cu_)
+            except Exception as e:
+                r = {"impl": name, "dtype": str(dtype), "shape": list(shape), "ok": False,
+                     "error": "".join(traceback.format_exception_only(type(e), e)).strip()}
+                traceback.print_exc()
+            log("check", json.dumps(r))
+            results["checks"].append(r)
+            save()
+            torch.cuda.empty_cache()
+
+    for sid in shapes:
+        shape = SHAPES[sid]
+        row = results["timings"].setdefault(sid, {"shape": list(shape)})
+        impls = [("ours", ours)] + ([("fla", fla)] if fla is not None else [])
+        for name, fn in impls:
+            if over_budget():
+                break
+            try:
+                row[name] = time_impl(fn, shape)
+            except Exception as e:
+                row[name] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()}
+                traceback.print_exc()
+            log(sid, name, row[name])
+            save()
+            torch.cuda.empty_cache()
+        if not over_budget():
+            try:
+                row["sdpa"] = time_sdpa(shape)
+            except Exception as e:
+                row["sdpa"] = {"error": repr(e)}
+            log(sid, "sdpa", row["sdpa"])
+        save()
+        torch.cuda.empty_cache()
+
+    lines = [f"card: {results['card']}, torch {results['torch']}, triton {results['triton']}, "
+             f"{results['date']}",
+             f"ceilings: copy {results['ceilings']['copy_TBps']:.2f} TB/s, bf16 matmul "
+             f"{results['ceilings']['bf16_matmul_TFLOPs']:.0f} TFLOP/s", "",
+             "| check | dtype | shape | packed | max rel err | ok |", "|---|---|---|---|---|---|"]
+    for r in results["checks"]:
+        worst = max(r["errors"].items(), key=lambda kv: kv[1]) if r.get("errors") else ("error", math.nan)
+        lines.append(f"| {r['impl']} | {r['dtype']} | {r['shape']} | {r.get('packed')} | "
+                     f"{worst[0]} {worst[1]:.2e} | {r['ok']} |")
+    lines += ["", "| shape | impl | fwd ms | fwd+bwd ms | fwd peak GiB | fwd+bwd peak GiB |",
+              "|---|---|---|---|---|---|"]
+
+    def fmt(x):
+        return f"{x:.3f}" if isinstance(x, float) else "-"
+
+    for sid, row in results["timings"].items():
+        for name in ("ours", "fla", "sdpa"):
+            r = row.get(name)
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {sid} | {name} | error: {r['error'][:80]} | | | |")
+                continue
+            lines.append(f"| {sid} | {name} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} | "
+                         f"{fmt(r.get('fwd_peak_gib'))} | {fmt(r.get('fwd_bwd_peak_gib'))} |")
+        if "ours" in row and "fla" in row and "fwd_ms" in row["ours"] and "fwd_ms" in row["fla"]:
+            lines.append(f"| {sid} | ours/fla | {row['ours']['fwd_ms'] / row['fla']['fwd_ms']:.2f} | "
+                         f"{row['ours']['fwd_bwd_ms'] / row['fla']['fwd_bwd_ms']:.2f} | | |")
+    text = "\n".join(lines)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    save()
+    print(text, flush=True)
+
+
+if __name__ == "__main__":
+    main()
