@@ -166,6 +166,27 @@ def time_impl(fn, shape, dtype=torch.bfloat16):
     return res
 
 
+def stage_times(shape, dtype=torch.bfloat16):
+    """Our forward launch by launch (where the time goes), with the autotuner's picks."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
+
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=3)
+    layout = cf.make_chunk_layout(None, B, T)
+    gc, _, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)
+    h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
+    res = {
+        "prepare_ms": bench_ms(lambda: cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)),
+        "state_ms": bench_ms(lambda: cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)),
+        "output_ms": bench_ms(lambda: cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout,
+                                                           k_rstd=k_rstd, use_qk_l2norm=True)),
+    }
+    for name in ("_prepare_kernel", "_state_kernel", "_output_kernel"):
+        best = getattr(getattr(cf, name), "best_config", None)
+        res[name] = str(best)
+    return res
+
+
 def time_sdpa(shape):
     B, T, H, HV, K, V = shape
     q, k, v = (torch.randn(B, HV, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -274,6 +295,12 @@ def main():
             log(sid, name, row[name])
             save()
             torch.cuda.empty_cache()
+        if not over_budget():
+            try:
+                row["ours_stages"] = stage_times(shape)
+            except Exception as e:
+                row["ours_stages"] = {"error": repr(e)}
+            log(sid, "ours_stages", row["ours_stages"])
         if not over_budget():
             try:
                 row["sdpa"] = time_sdpa(shape)
