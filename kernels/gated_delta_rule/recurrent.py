@@ -149,13 +149,17 @@ def _fused_recurrent_gdr_fwd_kernel(
 
 
 def _default_config(n_rows: int, K: int, V: int) -> Tuple[int, int]:
-    """(BV, num_warps): ~32 fp32 state values per thread, and V split finely enough that a
-    decode batch gives at least ~1024 programs (several per SM) to keep loads in flight."""
+    """(BV, num_warps): ~64 fp32 state values per thread, and V split finely enough that a
+    decode batch gives at least ~1024 programs (several per SM) to keep loads in flight.
+
+    Chosen from a BV x num_warps sweep on an H200 (benchmarks/RESULTS.md, decode section):
+    BV = 32 was best or within noise of the best for both K = V = 128 and K = 256, V = 512 at
+    B = 64, with 2 (K = 128) or 2-4 (K = 256) warps; 8 warps and BV = 8 were 10-30% slower."""
     BK = triton.next_power_of_2(K)
-    BV = min(32 if BK <= 128 else 16, triton.next_power_of_2(V))
+    BV = min(32, triton.next_power_of_2(V))
     while BV > 8 and n_rows * triton.cdiv(V, BV) < 1024:
         BV //= 2
-    num_warps = max(1, min(8, BK * BV // 1024))
+    num_warps = max(1, min(8, BK * BV // 2048))
     return BV, num_warps
 
 
