@@ -65,6 +65,27 @@ def _to_chunks(x_btd: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
     return x.permute(0, 3, 4, 1, 2, 5)
 
 
+def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """Inverse of unit lower triangular matrices [..., C, C] (C a power of two), by doubling
+    the diagonal blocks: [[A, 0], [X, B]]^-1 = [[A^-1, 0], [-B^-1 X A^-1, B^-1]].
+
+    Batched matmuls only: on a CPU this is several times faster than a batched triangular
+    solve (forward and backward), and it is forward substitution in block form, as stable."""
+    batch, n = lower.shape[:-2], lower.shape[-1]
+    inv = lower.new_ones(*batch, n, 1, 1)
+    size = 1
+    while size < n:
+        pairs = n // (2 * size)
+        blocks = lower.reshape(*batch, pairs, 2 * size, pairs, 2 * size).diagonal(dim1=-4, dim2=-2)
+        off = blocks.movedim(-1, -3)[..., size:, :size]
+        inv_a, inv_b = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        inv_x = -(inv_b @ off @ inv_a)
+        top = torch.cat([inv_a, torch.zeros_like(inv_x)], dim=-1)
+        inv = torch.cat([top, torch.cat([inv_x, inv_b], dim=-1)], dim=-2)
+        size *= 2
+    return inv.squeeze(-3)
+
+
 def wy_factors(q_c, k_c, v_c, g_c, beta_c):
     """Per-chunk quantities that do not depend on the state.
 
@@ -95,7 +116,7 @@ def wy_factors(q_c, k_c, v_c, g_c, beta_c):
     lhs = eye + a_kk
     k_b = k_c * (beta_c * gc.exp()).unsqueeze(-1)
     rhs = torch.cat([k_b, v_c * beta_c.unsqueeze(-1)], dim=-1)
-    wu = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
+    wu = unit_lower_inverse(lhs) @ rhs
     K = k_c.shape[-1]
     w, u = wu[..., :K], wu[..., K:]
 
