@@ -72,6 +72,18 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
+def _context(start_method: str):
+    if start_method not in ("forkserver", "spawn"):
+        raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # imported once in the server (which starts on the first launch of the process and
+        # serves all later ones); nothing there touches CUDA or starts threads. A module that
+        # is not installed is skipped.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "megatron.core", "megatron_gdn.cpu"])
+    return ctx
+
+
 def _worker(rank, world_size, port, fn, args, kwargs, results, enable_cpu, num_threads):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -91,14 +103,19 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, enable_cpu, num_t
             backend="gloo", rank=rank, world_size=world_size,
             init_method=f"tcp://127.0.0.1:{port}",
         )
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-        results.put((rank, "ok", _dumps(out)))
+        out = fn(*args, **kwargs)
+        payload = (rank, "ok", _dumps(out))
     except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
+        payload = (rank, "error", traceback.format_exc())
+    # report before tearing down: after a failure the peers fail next, in their collectives
+    # with this rank, and the first report should be the cause
+    results.put(payload)
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:
+            # a peer that already failed has closed its connections; the result is sent
+            pass
 
 
 def run_distributed(
@@ -110,6 +127,7 @@ def run_distributed(
     timeout: float = 300.0,
     enable_cpu: bool = True,
     num_threads: int = 1,
+    start_method: str = "forkserver",
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the results by rank.
 
@@ -118,12 +136,14 @@ def run_distributed(
     enable_cpu: apply `megatron_gdn.cpu.enable()` in each rank before the process group is made
         (a no-op on a CUDA machine).
     num_threads: torch intra-op threads per rank (keep W * num_threads <= cores).
+    start_method: "forkserver" (default: ranks fork from a server process that imported torch
+        and Megatron once, which saves their import per rank and per launch) or "spawn".
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context(start_method)
     results = ctx.Queue()
     port = free_port()
     procs = [
@@ -171,10 +191,12 @@ def run_distributed(
                 continue
             _record(rank, status, payload, outputs, errors)
             if errors:
-                # the others are likely blocked in a collective with the failed rank
+                # the others either fail next in a collective with the failed rank (collect
+                # those reports for a moment) or hang in it
+                _drain(results, outputs, errors, world_size, seconds=3.0)
                 break
     finally:
-        _stop(procs, grace=0.0 if errors or len(outputs) < world_size else 10.0)
+        _stop(procs, grace=0.0 if errors or len(outputs) < world_size else 2.0)
 
     if errors or len(outputs) < world_size:
         missing = [r for r in range(world_size) if r not in outputs and r not in errors]
@@ -193,6 +215,19 @@ def _record(rank, status, payload, outputs, errors):
         outputs[rank] = _loads(payload)
     else:
         errors[rank] = payload
+
+
+def _drain(results, outputs, errors, world_size, seconds):
+    deadline = time.monotonic() + seconds
+    while len(outputs) + len(errors) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            rank, status, payload = results.get(timeout=remaining)
+        except queue.Empty:
+            return
+        _record(rank, status, payload, outputs, errors)
 
 
 def _stop(procs, grace: float):

@@ -1,0 +1,78 @@
+"""`megatron_gdn.cpu.enable()`: idempotent, and a no-op when CUDA is present.
+
+Runs in a subprocess: enable() changes torch.cuda and the torch function mode stack of the
+process that calls it, which must not leak into the rest of the test session.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import torch
+    import megatron_gdn.cpu as cpu
+
+    report = {}
+    real_is_available = torch.cuda.is_available
+    real_current_device = torch.cuda.current_device
+    modes_before = torch._C._len_torch_function_stack()
+
+    # a CUDA machine: nothing may change
+    torch.cuda.is_available = lambda: True
+    report["cuda_enable"] = cpu.enable()
+    report["cuda_is_enabled"] = cpu.is_enabled()
+    report["cuda_current_device_untouched"] = torch.cuda.current_device is real_current_device
+    report["cuda_modes_added"] = torch._C._len_torch_function_stack() - modes_before
+    torch.cuda.is_available = real_is_available
+
+    # no CUDA: patches applied once however often enable() is called
+    report["first"] = cpu.enable()
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import torch_norm
+    tracker_cls = mp_random.CudaRNGStatesTracker
+    norm_new = torch_norm.WrappedTorchNorm.__new__
+    all_reduce = torch.distributed.all_reduce
+    modes = torch._C._len_torch_function_stack()
+    report["second"] = cpu.enable()
+    report["third"] = cpu.enable()
+    report["modes_added"] = modes - modes_before
+    report["modes_after_repeat"] = torch._C._len_torch_function_stack() - modes
+    report["same_tracker_cls"] = mp_random.CudaRNGStatesTracker is tracker_cls
+    report["same_norm_new"] = torch_norm.WrappedTorchNorm.__new__ is norm_new
+    report["same_all_reduce"] = torch.distributed.all_reduce is all_reduce
+    report["current_device"] = str(torch.cuda.current_device())
+    report["cuda_tensor_device"] = str(torch.zeros(2, device="cuda").device)
+    report["dot_cuda_device"] = str(torch.ones(1).cuda().device)
+    report["grad_type"] = torch.ones(1).type()
+    print("REPORT" + json.dumps(report))
+    """
+)
+
+
+def test_enable_is_idempotent_and_noop_with_cuda():
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
+    report = json.loads(line[len("REPORT"):])
+    print(report)
+
+    assert report["cuda_enable"] is False
+    assert report["cuda_is_enabled"] is False
+    assert report["cuda_current_device_untouched"] is True
+    assert report["cuda_modes_added"] == 0
+
+    if torch.cuda.is_available():
+        # on a GPU machine the second half sees real CUDA: only the no-op half applies
+        return
+    assert report["first"] is True and report["second"] is True and report["third"] is True
+    assert report["modes_added"] == 1
+    assert report["modes_after_repeat"] == 0
+    assert report["same_tracker_cls"] and report["same_norm_new"] and report["same_all_reduce"]
+    assert report["current_device"] == "cpu"
+    assert report["cuda_tensor_device"] == "cpu"
+    assert report["dot_cuda_device"] == "cpu"
+    assert report["grad_type"] == "torch.cuda.FloatTensor"
