@@ -154,9 +154,10 @@ def check_extras(device, fh, failures, dtype=torch.bfloat16, head_dim=128):
 
 
 def copy_bandwidth(fh, label):
-    """Device-to-device copy (bytes read + written) at two sizes; the best of them. The GPU is
-    kept busy for ~1 s first: a card that was idle starts at low clocks (seen on the first run
-    of this script, where the copy came out at 2.7 TB/s on an H200 that streams 4.3)."""
+    """Device-to-device copy (bytes read + written) at two sizes; the best is the ceiling.
+    On the H200 of benchmarks/RESULTS.md the 1 GiB `copy_` moved only 2.7 TB/s, at the start
+    and at the end of the run alike, while 256 MiB moved 4.15 TB/s: one size alone can
+    understate the card. The ~1 s of copies first lets an idle card raise its clocks."""
     best = 0.0
     for n in (1 << 26, 1 << 28):  # 256 MiB and 1 GiB of fp32 each way
         src = torch.randn(n, device="cuda")
