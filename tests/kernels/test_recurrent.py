@@ -269,6 +269,25 @@ def test_half_precision_inputs(backend):
     assert_close(ht, ref_ht, FP32_REL, "final_state")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """q, k, v as views of one fused projection output and a transposed-storage state, as a
+    layer hands them over."""
+    B, T, H, HV, K, V = 2, 3, 2, 4, 16, 16
+    gen = torch.Generator().manual_seed(12)
+    qkv = torch.randn(B, T, 2 * H * K + HV * V, generator=gen)
+    q = qkv[..., : H * K].view(B, T, H, K)
+    k = F.normalize(qkv[..., H * K: 2 * H * K].view(B, T, H, K), dim=-1)
+    v = qkv[..., 2 * H * K:].view(B, T, HV, V)
+    g, beta = -torch.rand(B, T, HV, generator=gen), torch.rand(B, T, HV, generator=gen)
+    h0 = torch.randn(B, HV, V, K, generator=gen).transpose(2, 3)
+    assert not (q.is_contiguous() or v.is_contiguous() or h0.is_contiguous())
+    o, ht = run(backend, q, k, v, g, beta, None, h0, True)
+    ref_o, ref_ht = oracle(q, k, v, g, beta, None, h0)
+    assert_close(o, ref_o, FP32_REL, "o")
+    assert_close(ht, ref_ht, FP32_REL, "final_state")
+
+
 def bad_inputs():
     q, k, v, g, beta, h0 = make_inputs(2, 1, 2, 4, 16, 16, seed=9)
     cases = {
