@@ -1,0 +1,166 @@
+"""The Triton backward of the chunked gated delta rule on one GPU: gradient check at real shapes,
+then its launches one by one (where the backward's time goes) next to fla 0.6.0's fwd+bwd.
+
+    python benchmarks/profile_chunk_bwd.py --out benchmarks/logs/bwd
+
+Correctness of what is timed: tests/kernels/test_chunk_bwd.py (fp64 recurrence, CPU
+interpreter and GPU) and the check below (every gradient against the pure-torch chunked path
+in float64 on the same GPU, bf16 and fp32 inputs, dense and packed, GVA, K = 256 / V = 512).
+Workload as in bench_kernels.py: fused l2-norm, g = logsigmoid, beta = sigmoid, scale K^-0.5.
+fla refuses its backward on Hopper with triton < 3.7.1; this script sets
+fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True to time it.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import bench_kernels as bk  # noqa: E402
+from tolerance import BF16_REL, TF32_REL  # noqa: E402
+
+from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb  # noqa: E402
+from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf  # noqa: E402
+from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch  # noqa: E402
+
+SHAPES = {"S1": (4, 4096, 16, 16, 128, 128), "S2": (1, 32768, 16, 16, 128, 128),
+          "S3": (2, 8192, 16, 32, 128, 128), "S4": (4, 4096, 6, 6, 256, 512)}
+CHECKS = [
+    ((2, 2048, 4, 8, 128, 128), None),
+    ((1, 3000, 4, 4, 128, 128), [0, 1, 700, 2000, 2001, 3000]),
+    ((1, 1100, 2, 2, 256, 512), [0, 100, 1100]),
+]
+
+
+def reference64(q, k, v, g, beta, h0=None, final=False, cu=None):
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, None, h0, final, cu, use_qk_l2norm=True)
+
+
+def check(shape, cu_list, dtype):
+    B, T, H, HV, K, V = shape
+    cu = torch.tensor(cu_list, dtype=torch.int32, device="cuda") if cu_list else None
+    N = B if cu is None else len(cu_list) - 1
+    inputs = bk.make_inputs(B, T, H, HV, K, V, dtype, seed=11, with_state=True, N=N)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    do = torch.randn(B, T, HV, V, device="cuda", generator=gen).to(dtype)
+    dht = torch.randn(N, HV, K, V, device="cuda", generator=gen)
+    got = bk.grads_of(bk.ours, inputs, do, dht, cu)
+    ref = bk.grads_of(reference64, [x.double() for x in inputs], do.double(), dht.double(), cu)
+    errs = {key: bk.rel(got[key], ref[key]) for key in ref}
+    tol = BF16_REL if dtype == torch.bfloat16 else TF32_REL
+    ok = all(torch.isfinite(got[key]).all().item() for key in got) and all(
+        e <= tol for e in errs.values())
+    return {"shape": list(shape), "packed": cu_list is not None, "dtype": str(dtype),
+            "errors": errs, "tol": tol, "ok": ok}
+
+
+def backward_stages(shape, dtype=torch.bfloat16):
+    """Each launch of our backward, timed alone with the inputs the forward leaves."""
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, _ = bk.make_inputs(B, T, H, HV, K, V, dtype, seed=3)
+    layout = cf.make_chunk_layout(None, B, T)
+    gc, beta_act, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)
+    h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
+    _, q_rstd = cf.chunk_output_fwd(q, k, v_new, h, gc, K ** -0.5, layout, k_rstd=k_rstd,
+                                    use_qk_l2norm=True)
+    do = torch.randn_like(v)
+    scale = K ** -0.5
+    cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
+    NT = layout.num_chunks
+    BK = cb._pow2(K)
+    tm = torch.empty(B, T, HV, 64, dtype=torch.float32, device="cuda")
+    dv_buf = torch.empty_like(v)
+    dh = torch.empty_like(h)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device="cuda")
+    dbeta = torch.empty_like(dg)
+
+    def prep():
+        cb._bwd_prep_kernel[(NT, H)](
+            q, k, v, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
+            cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
+            BV=min(cb._pow2(V), 64), L2=True, IS_VARLEN=varlen)
+
+    def state():
+        cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
+
+    def dh_pass():
+        cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
+            q, k, w, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale,
+            cu, co, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
+            USE_H0=False, IS_VARLEN=varlen)
+
+    def grads():
+        cb._bwd_grad_kernel[(NT, H)](
+            q, k, v, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
+            dq, dk, dv, dg, dbeta, scale, cu, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=BK, L2=True, IS_VARLEN=varlen)
+
+    def whole():
+        cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,
+                                      q_rstd=q_rstd, k_rstd=k_rstd)
+
+    res = {}
+    for name, fn in (("prep", prep), ("state", state), ("dh", dh_pass), ("grads", grads),
+                     ("bwd_total", whole)):
+        fn()
+        res[name + "_ms"] = bk.bench_ms(fn)
+    for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel"):
+        res[name] = str(getattr(getattr(cb, name), "best_config", None))
+    for name in ("_bwd_grad_kernel", "_bwd_dh_kernel", "_bwd_prep_kernel"):
+        try:
+            for caches in getattr(cb, name).fn.device_caches.values():
+                for ck in caches[0].values():
+                    res.setdefault("regs_spills", []).append(
+                        [name, ck.metadata.num_warps, ck.n_regs, ck.n_spills])
+        except Exception as e:  # only diagnostics: triton internals differ across versions
+            res["regs_spills_error"] = repr(e)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--shapes", default="S1,S2,S3")
+    p.add_argument("--no-check", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+               "checks": [], "stages": {}, "fwd_bwd": {}}
+
+    def save():
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+    if not args.no_check:
+        for shape, cu in CHECKS:
+            for dtype in (torch.bfloat16, torch.float32):
+                try:
+                    r = check(shape, cu, dtype)
+                except Exception as e:  # report and go on to the timings
+                    r = {"shape": list(shape), "dtype": str(dtype), "error": repr(e)}
+                bk.log("check", r)
+                results["checks"].append(r)
+                save()
+    fla = bk.fla_fn()
+    for sid in args.shapes.split(","):
+        shape = SHAPES[sid]
+        st = backward_stages(shape)
+        bk.log(sid, "stages", st)
+        results["stages"][sid] = st
+        save()
+        row = {"ours": bk.time_impl(bk.ours, shape), "fla": bk.time_impl(fla, shape)}
+        bk.log(sid, "fwd/fwd_bwd", row)
+        results["fwd_bwd"][sid] = row
+        save()
+
+
+if __name__ == "__main__":
+    main()
