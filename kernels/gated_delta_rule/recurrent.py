@@ -255,7 +255,26 @@ def _fused_recurrent_torch(
     return o.to(v.dtype), S
 
 
-def _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, inplace_state):
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _check_packed_while_capturing(cu_seqlens, batch):
+    """cu_seqlens checks that need no host copy: inside a CUDA graph capture (decode loops) a
+    device-to-host read of the boundaries would break the capture, so their values go
+    unchecked there."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens (packed sequences) needs batch size 1, got B={batch}")
+    return None, cu_seqlens.numel() - 1
+
+
+def _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, inplace_state, triton_path):
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -282,7 +301,10 @@ def _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bi
         raise TypeError(f"scale must be a python float or None, got {type(scale).__name__}")
     check_same_device(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
                       A_log=A_log, dt_bias=dt_bias)
-    cu_list, N = prepare_cu_seqlens(cu_seqlens, B, T)
+    if cu_seqlens is not None and triton_path and _capturing(q):
+        cu_list, N = _check_packed_while_capturing(cu_seqlens, B)
+    else:
+        cu_list, N = prepare_cu_seqlens(cu_seqlens, B, T)
     if initial_state is not None:
         if tuple(initial_state.shape) != (N, HV, K, V):
             raise ValueError(
@@ -342,11 +364,13 @@ def fused_recurrent_gated_delta_rule(
     Returns:
         o: [B, T, HV, V] in v's dtype; final_state: [N, HV, K, V] float32 or None.
     """
-    cu_list, N = _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, inplace_state)
+    triton_path = use_triton(q)
+    cu_list, N = _check_args(q, k, v, g, beta, scale, initial_state, cu_seqlens, A_log, dt_bias, inplace_state,
+                             triton_path)
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
 
-    if not use_triton(q):
+    if not triton_path:
         o, state = _fused_recurrent_torch(
             q, k, v, g, beta, scale, initial_state, cu_list, N,
             use_qk_l2norm, A_log, dt_bias, use_beta_sigmoid,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tolerance import BF16_REL, FP32_REL, assert_close
 
 from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
+from megatron_gdn.kernels.gated_delta_rule import recurrent
 from megatron_gdn.kernels.gated_delta_rule.recurrent import (
     _fused_recurrent_triton,
     fused_recurrent_gated_delta_rule,
@@ -286,6 +287,26 @@ def test_non_contiguous_inputs(backend):
     ref_o, ref_ht = oracle(q, k, v, g, beta, None, h0)
     assert_close(o, ref_o, FP32_REL, "o")
     assert_close(ht, ref_ht, FP32_REL, "final_state")
+
+
+def test_packed_under_graph_capture(monkeypatch):
+    """Inside a CUDA graph capture the Triton path must not read cu_seqlens on the host; it
+    still checks what needs no host copy. (Capture simulated: this machine has no GPU.)"""
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    q, k, v, g, beta, h0 = make_inputs(1, 5, 2, 2, 16, 16, seed=13, n_states=2)
+    monkeypatch.setattr(recurrent, "_capturing", lambda x: True)
+
+    def no_host_copy(*args, **kwargs):
+        raise AssertionError("cu_seqlens read on the host during capture")
+    monkeypatch.setattr(torch.Tensor, "tolist", no_host_copy)
+    o, ht = run("triton", q, k, v, g, beta, None, h0, True, cu)
+    monkeypatch.undo()
+    ref_o, ref_ht = oracle(q, k, v, g, beta, None, h0, cu)
+    assert_close(o, ref_o, FP32_REL, "o")
+    assert_close(ht, ref_ht, FP32_REL, "final_state")
+    monkeypatch.setattr(recurrent, "_capturing", lambda x: True)
+    with pytest.raises(ValueError, match="batch size 1"):
+        run("triton", *(x.expand(2, *x.shape[1:]) for x in (q, k, v, g, beta)), None, None, False, cu)
 
 
 def bad_inputs():
