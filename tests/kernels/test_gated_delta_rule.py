@@ -328,3 +328,34 @@ REAL_CASES = [
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
 def test_chunk_real_shapes_gpu(case, dtype):
     check_case(case, "triton", dtype, reference="chunked_fp64")
+
+
+def test_dispatch(monkeypatch):
+    """'auto' picks Triton exactly for CUDA tensors; the torch path never imports chunk.py."""
+    import sys
+
+    import megatron_gdn.kernels.gated_delta_rule.chunk as chunk_module
+
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append(args[0].device.type)
+        return chunk_gated_delta_rule_torch(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_module, "chunk_gated_delta_rule_triton", recorder)
+    case = Case(1, 5, 1, 1, 16, 16)
+    x = make_inputs(case, _seed("dispatch"))
+    x = {name: t.float() for name, t in x.items()}
+    with force_backend("auto"):
+        implementation_forward(x, case, None)
+    assert calls == (["cuda"] if CUDA else [])
+    with force_backend("triton"):
+        implementation_forward(x, case, None)
+    assert len(calls) == (2 if CUDA else 1)
+
+    monkeypatch.setitem(sys.modules, "megatron_gdn.kernels.gated_delta_rule.chunk", None)
+    with force_backend("torch"):
+        o, _ = implementation_forward(x, case, None)
+    assert o.shape == (1, 5, 1, 16)
+    with force_backend("triton"), pytest.raises(ImportError):
+        implementation_forward(x, case, None)
