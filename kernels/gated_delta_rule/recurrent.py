@@ -32,6 +32,7 @@ _QKV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_K_TRITON = 256
 # softplus(x) = x above this (exp(20) ~ 5e8: log1p(exp(x)) - x < 3e-9)
 _SOFTPLUS_THRESHOLD = 20.0
+# the chunk kernel's epsilon (DESIGN: x * rsqrt(sum_K x^2 + 1e-6))
 _L2NORM_EPS = 1e-6
 
 
@@ -113,6 +114,7 @@ def _fused_recurrent_gdr_fwd_kernel(
         b_g = tl.load(p_g).to(tl.float32)
         b_beta = tl.load(p_beta).to(tl.float32)
 
+        # literals below: _L2NORM_EPS and _SOFTPLUS_THRESHOLD of the torch path
         if USE_QK_L2NORM:
             b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k) + 1e-6)
