@@ -192,10 +192,10 @@ def _conv_bwd_kernel(
                                                 bos, eos, i_n, D, stride_xt, W, HAS_BIAS, SILU, HAS_H0)
             if HAS_DHT:
                 # a sequence shorter than W-1 passes history slots straight into its final state
-                k_s = o_k + (bos - eos)
-                m_s = (m_k & (k_s >= 0))[:, None] & m_d[None, :]
-                p_s = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_s[:, None]
-                b_dh += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
+                k_h = o_k + (bos - eos)
+                m_h = (m_k & (k_h >= 0))[:, None] & m_d[None, :]
+                p_h = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_h[:, None]
+                b_dh += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
             p_dh = dh0 + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
             tl.store(p_dh, b_dh, mask=m_k[:, None] & m_d[None, :])
 

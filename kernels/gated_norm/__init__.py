@@ -1,6 +1,6 @@
 """Gated RMSNorm, y = RMSNorm(x) * weight * SiLU(z): Triton kernels on CUDA, a torch path on
 CPU, a naive oracle for tests."""
-from .gated_rmsnorm import gated_rmsnorm
+from .norm import gated_rmsnorm
 from .naive import naive_gated_rmsnorm
 from .torch_ref import torch_gated_rmsnorm
 
