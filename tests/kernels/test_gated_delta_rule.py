@@ -10,7 +10,7 @@ Legend: B batch, T tokens, H key heads, HV value heads, K key dim, V value dim, 
 """
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest
@@ -46,7 +46,6 @@ class Case:
     l2norm: bool = False
     fused_gate: str = "none"  # "none", "A_log", "A_log+dt_bias"
     sigmoid: bool = False
-    tags: Tuple[str, ...] = field(default=())
 
     @property
     def id(self) -> str:
