@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import threading
 import types
 
@@ -54,6 +55,7 @@ def enable() -> bool:
         _patch_torch_cuda()
         _install_device_mode()
         _patch_megatron_core()
+        _patch_megatron_training()
         _enabled = True
     return True
 
@@ -419,3 +421,103 @@ class _DoneWork:
 
     def is_completed(self):
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# megatron.training (pretrain)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _one_visible_device():
+    """initialize.py decides by `torch.cuda.device_count() > 0` whether to build Megatron's
+    model-parallel groups and seed the RNG tracker; with 0 devices it silently skips both. Inside
+    this context the count is 1 and `set_device` does nothing."""
+    cuda = torch.cuda
+    saved = cuda.device_count, cuda.set_device
+    cuda.device_count = lambda: 1
+    cuda.set_device = _noop
+    try:
+        yield
+    finally:
+        cuda.device_count, cuda.set_device = saved
+
+
+def _patch_megatron_training():
+    try:
+        initialize = importlib.import_module("megatron.training.initialize")
+        training = importlib.import_module("megatron.training.training")
+        arguments = importlib.import_module("megatron.training.arguments")
+    except ImportError:
+        return
+
+    # validate_args asks the compute capability (torch.cuda.get_device_properties) to decide
+    # CUDA_DEVICE_MAX_CONNECTIONS advice and FSDP/GTP stream priorities; a CPU has none.
+    arch = lambda: 0  # noqa: E731
+    # ... and for architectures before Blackwell it then requires CUDA_DEVICE_MAX_CONNECTIONS=1
+    # with TP or CP (a CUDA scheduling knob that means nothing on the CPU).
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    arguments.get_device_arch_version = arch
+    for mod_name in ("megatron.training.utils", "megatron.training.utils.common_utils"):
+        mod = importlib.import_module(mod_name)
+        if hasattr(mod, "get_device_arch_version"):
+            mod.get_device_arch_version = arch
+
+    # initialize_megatron asserts torch.cuda.is_available() unless allow_no_cuda is passed, and
+    # pretrain does not pass it.
+    orig_initialize_megatron = initialize.initialize_megatron
+
+    @functools.wraps(orig_initialize_megatron)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return orig_initialize_megatron(*args, **kwargs)
+
+    initialize.initialize_megatron = initialize_megatron
+    training.initialize_megatron = initialize_megatron
+
+    # With 0 devices _initialize_distributed skips initialize_model_parallel and _set_random_seed
+    # skips the RNG tracker; NCCL (the default backend) needs a GPU, so use gloo.
+    orig_init_distributed = initialize._initialize_distributed
+
+    @functools.wraps(orig_init_distributed)
+    def _initialize_distributed(*args, **kwargs):
+        from megatron.training.global_vars import get_args
+
+        margs = get_args()
+        if margs.distributed_backend == "nccl":
+            margs.distributed_backend = "gloo"
+        with _one_visible_device():
+            return orig_init_distributed(*args, **kwargs)
+
+    initialize._initialize_distributed = _initialize_distributed
+
+    orig_set_random_seed = initialize._set_random_seed
+
+    @functools.wraps(orig_set_random_seed)
+    def _set_random_seed(*args, **kwargs):
+        with _one_visible_device():
+            return orig_set_random_seed(*args, **kwargs)
+
+    initialize._set_random_seed = _set_random_seed
+
+    # _compile_dependencies runs `make -C megatron/core/datasets`; the wheel ships the built
+    # helpers_cpp extension but no Makefile. Compile only when the extension is missing.
+    orig_compile = initialize._compile_dependencies
+
+    @functools.wraps(orig_compile)
+    def _compile_dependencies():
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            return orig_compile()
+        torch.distributed.barrier()
+
+    initialize._compile_dependencies = _compile_dependencies
+
+    # set_jit_fusion_options warms up the torch.compile'd fusions on "cuda" tensors; on the CPU
+    # the fused functions compile on first use (or not at all when fusions are off).
+    def set_jit_fusion_options(tp_size=None):
+        return None
+
+    initialize.set_jit_fusion_options = set_jit_fusion_options
+    training.set_jit_fusion_options = set_jit_fusion_options

@@ -151,7 +151,9 @@ def run_distributed(
             target=_worker,
             args=(rank, world_size, port, fn, tuple(args), dict(kwargs or {}), results,
                   enable_cpu, num_threads),
-            daemon=True,
+            # not daemonic: rank code may start processes of its own (data loader workers);
+            # _stop terminates every rank on the way out
+            daemon=False,
         )
         for rank in range(world_size)
     ]
