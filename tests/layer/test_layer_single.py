@@ -1,6 +1,7 @@
-"""GatedDeltaNet in one process: against the plain float64 re-implementation (tests/layer/
-reference.py), padded batch and packed sequences, forward and every gradient; init ranges;
-construction errors naming the field; the specs."""
+"""GatedDeltaNet in one process: against the plain float64 re-implementation
+(tests/layer/layer_reference.py), padded batch and packed sequences, forward and every gradient;
+against megatron-core's own GatedDeltaNet; init ranges; construction errors naming the field;
+the specs."""
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module, impor
 
 from megatron_gdn.layer import GatedDeltaNet
 from megatron_gdn.specs import get_gdn_layer_spec, get_gdn_mixer_spec
-from reference import reference_gdn_block
+from layer_reference import reference_gdn_block
 from tolerance import FP32_REL, assert_close
 
 HIDDEN, H, HV, K, V, W = 32, 2, 4, 16, 16, 4
