@@ -6,15 +6,16 @@
     context_parallel.py  chunk_gated_delta_rule over the CP group (affine summaries, one
                          all-gather per direction, fold, local kernel)
 """
-from .context_parallel import chunk_gated_delta_rule_cp, segment_summaries
+from .context_parallel import chunk_gated_delta_rule_cp, segment_maps
 from .halo import conv_with_cp_halo
-from .zigzag import CPLayout, zigzag_indices, zigzag_shard, zigzag_unshard
+from .zigzag import CPLayout, layout_for_layer, zigzag_indices, zigzag_shard, zigzag_unshard
 
 __all__ = [
     "CPLayout",
     "chunk_gated_delta_rule_cp",
     "conv_with_cp_halo",
-    "segment_summaries",
+    "layout_for_layer",
+    "segment_maps",
     "zigzag_indices",
     "zigzag_shard",
     "zigzag_unshard",

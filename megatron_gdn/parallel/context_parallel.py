@@ -2,27 +2,32 @@
 
 Legend: R cp_size, r this rank, N sequences, 2N local segments (pieces r and 2R-1-r of each
 sequence, see zigzag.CPLayout), p a global piece index 0..2R-1, HV value heads of this rank,
-K / V key / value head dims, B / T local batch rows / tokens per row.
+K / V key / value head dims, T local tokens, Phi_t the transition from a segment's entering
+state to the state after its token t (Phi_t = A_t ... A_1, A_t = exp(g_t)(I - beta_t k_t k_t^T),
+symmetric).
 
-A piece maps the state entering it affinely, S_out = M S_in + H (M = prod_t exp(g_t)(I -
-beta_t k_t k_t^T), [K, K]; H the state reached from zero, [K, V]). The recurrence acts on each
-value column on its own, so ONE call of the local chunk kernel gives both: with v widened to
-[v | 0_K] and the initial state [0 | I_K], the final state is [H | M] (`segment_summaries`).
+A segment maps the state entering it affinely: S_t = Phi_t S_in + S0_t (S0_t: the state reached
+from zero), so its outputs are
 
-Forward, per layer:
-  1. [H | M] of the 2N local segments, fp32, without autograd;
-  2. one all-gather over the CP group ([R * 2N, HV, K, V + K] fp32: independent of length);
-  3. every rank folds, per sequence and in global piece order, S <- M_p S + H_p (S = 0 at the
-     sequence start: packed sequences reset at every boundary) to get S_in of its segments;
-  4. the local kernel with initial_state = S_in and output_final_state (kept for backward).
-Backward, the mirror (the transitions are already known from step 2):
-  1. D = dS_in of every local segment for its output gradient only (no gradient at its end);
-  2. one all-gather of D ([R * 2N, HV, K, V] fp32);
-  3. reverse fold: the gradient arriving at the end of piece p is G_p = D_{p+1} + M_{p+1}^T
-     G_{p+1}, G_{2R-1} = 0;
-  4. the local backward with (do, d final_state = G).
-Step 1 of each direction is behind one function (`segment_summaries`, `_segment_state_grads`)
-so a summary-only kernel can replace the generic calls of the full kernel.
+    o_t = scale S_t^T q_t = o0_t + S_in^T oq_t,    oq_t = scale Phi_t^T q_t     ([K] per head)
+
+and its final state is S_out = M S_in + H with M = Phi_T, H = S0_T. The recurrence acts on
+every value column on its own, so ONE call of the local chunk kernel with v widened to
+[v | 0_K] and the initial state [0 | I_K] returns all four: outputs [o0 | oq] and final state
+[H | M] (`segment_maps`; two calls where the widened state would not fit the Triton kernel).
+
+Forward, per layer: that call (autograd on), one all-gather of [H | M] over the CP group
+([R * 2N, HV, K, V + K] fp32, independent of the length), a fold per sequence in global piece
+order (S <- M_p S + H_p, S = 0 at each sequence start) giving S_in of the local segments, and
+o = o0 + S_in^T oq (a small per-segment matmul).
+Backward: autograd through the same graph. The gradient reaching S_in is D = sum_t oq_t do_t^T
+(from the matmul, no kernel pass); one all-gather of D ([R * 2N, HV, K, V] fp32); a reverse
+fold gives the gradient arriving at the end of each local segment, G_p = D_{p+1} + M_{p+1}^T
+G_{p+1} (G = 0 after the last piece); the summaries receive dH = G, dM = G S_in^T; and ONE
+backward call of the widened kernel turns (d[o0 | oq], d[H | M]) into every input gradient.
+
+Cost against the plain kernel on the local tokens: the kernel runs once forward and once
+backward, on V + K instead of V value columns; no recomputation, no second pass.
 
 The head count plays no part: every rank keeps all of its (TP-local) heads, so any
 context-parallel size works with any head count.
@@ -38,28 +43,31 @@ from megatron_gdn.kernels.utils import use_triton
 from .collectives import all_gather_start
 from .zigzag import CPLayout, piece_owner
 
-__all__ = ["chunk_gated_delta_rule_cp", "segment_summaries", "fold_states", "fold_state_grads"]
+__all__ = ["chunk_gated_delta_rule_cp", "segment_maps", "fold_states", "fold_state_grads"]
 
 
-def segment_summaries(q, k, v, g, beta, scale, cu_seqlens, **fused) -> torch.Tensor:
-    """The affine map of every packed segment: [N, HV, K, V + K] fp32, [..., :V] = H (final
-    state from a zero state), [..., V:] = M (transition). Inputs as chunk_gated_delta_rule with
-    B == 1 and cu_seqlens of N non-empty segments; fused options as there. No autograd."""
+def segment_maps(q, k, v, g, beta, scale, cu_seqlens, **fused):
+    """Outputs and affine summaries of packed segments, differentiable.
+
+    Inputs as chunk_gated_delta_rule with B == 1 and cu_seqlens of N non-empty segments.
+    Returns o0 [1, T, HV, V] (outputs from a zero entering state), oq [1, T, HV, K]
+    (scale Phi_t^T q_t), h [N, HV, K, V] and m [N, HV, K, K] (fp32): S_out = m S_in + h.
+    """
     N = cu_seqlens.numel() - 1
     HV, V = v.shape[2], v.shape[3]
     K = k.shape[3]
-    with torch.no_grad():
-        eye = torch.eye(K, dtype=torch.float32, device=v.device).expand(N, HV, K, K)
-        if use_triton(q) and V + K > MAX_V_TRITON:
-            # the widened state would not fit the kernel's state tile: two calls
-            _, h = chunk_gated_delta_rule(q, k, v, g, beta, scale, None, True, cu_seqlens, **fused)
-            _, m = chunk_gated_delta_rule(q, k, v.new_zeros(*v.shape[:3], K), g, beta, scale,
-                                          eye.contiguous(), True, cu_seqlens, **fused)
-            return torch.cat([h, m], dim=-1)
-        v_ext = torch.cat([v, v.new_zeros(*v.shape[:3], K)], dim=-1)
-        h0 = torch.cat([eye.new_zeros(N, HV, K, V), eye], dim=-1)
-        _, hm = chunk_gated_delta_rule(q, k, v_ext, g, beta, scale, h0, True, cu_seqlens, **fused)
-    return hm
+    eye = torch.eye(K, dtype=torch.float32, device=v.device).expand(N, HV, K, K)
+    zeros_k = v.new_zeros(*v.shape[:3], K)
+    if use_triton(q) and V + K > MAX_V_TRITON:
+        # the widened state would not fit the kernel's state tile: two calls
+        o0, h = chunk_gated_delta_rule(q, k, v, g, beta, scale, None, True, cu_seqlens, **fused)
+        oq, m = chunk_gated_delta_rule(q, k, zeros_k, g, beta, scale, eye.contiguous(), True,
+                                       cu_seqlens, **fused)
+        return o0, oq, h, m
+    h0 = torch.cat([eye.new_zeros(N, HV, K, V), eye], dim=-1)
+    o, hm = chunk_gated_delta_rule(q, k, torch.cat([v, zeros_k], dim=-1), g, beta, scale, h0,
+                                   True, cu_seqlens, **fused)
+    return o[..., :V], o[..., V:], hm[..., :V], hm[..., V:]
 
 
 def _pieces_view(gathered: torch.Tensor, layout: CPLayout) -> torch.Tensor:
@@ -107,75 +115,49 @@ def fold_state_grads(d_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout)
     return torch.stack(out, dim=1).reshape(layout.num_segments, *d.shape[3:])
 
 
-def _segment_state_grads(o, s_in, do) -> torch.Tensor:
-    """D = dS_in of each segment for the output gradient alone (zero gradient at its end)."""
-    (d,) = torch.autograd.grad(o, s_in, do, retain_graph=True)
-    return d
-
-
 def _nonempty(cu: List[int]) -> Tuple[List[int], List[int]]:
     """(indices of non-empty segments, boundaries of those segments only)."""
     keep = [i for i in range(len(cu) - 1) if cu[i + 1] > cu[i]]
     return keep, [cu[0]] + [cu[i + 1] for i in keep]
 
 
-class _StatePassingChunk(torch.autograd.Function):
-    """Packed local stream in, local outputs out (all B == 1, tokens in zigzag segment order):
-    q, k [1, T, H, K]; v [1, T, HV, V]; g, beta [1, T, HV]; A_log, dt_bias [HV] or None
-    -> o [1, T, HV, V]. Gradients for every tensor input. The local graph of step 4 is kept
-    from forward to backward (no recomputation)."""
+class _PassStates(torch.autograd.Function):
+    """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's segments) -> s_in [2N, HV, K, V],
+    the state entering each local segment; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
+    local segments, through one all-gather of d s_in over the CP group each way."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, scale, layout, group, fused):
-        K, V, HV = k.shape[3], v.shape[3], v.shape[2]
-        keep, cu_keep = _nonempty(layout.local_cu)
-        cu_t = torch.tensor(cu_keep, dtype=torch.int32, device=q.device)
-        keep_t = torch.tensor(keep, dtype=torch.long, device=q.device)
-        kernel_fused = dict(fused, A_log=A_log, dt_bias=dt_bias)
-
-        summaries = torch.zeros(layout.num_segments, HV, K, V + K, dtype=torch.float32, device=q.device)
-        summaries[..., V:] = torch.eye(K, dtype=torch.float32, device=q.device)
-        if keep:
-            summaries[keep_t] = segment_summaries(q, k, v, g, beta, scale, cu_t, **kernel_fused)
-        _, wait = all_gather_start(summaries, group)
-
-        # independent of the incoming states: the leaves of the local graph
-        inputs = [q, k, v, g, beta, A_log, dt_bias]
-        leaves = [None if x is None else x.detach().requires_grad_(need)
-                  for x, need in zip(inputs, ctx.needs_input_grad)]
-
+    def forward(ctx, h, m, layout, group):
+        V = h.shape[-1]
+        _, wait = all_gather_start(torch.cat([h, m], dim=-1), group)
         gathered = wait()
         m_all = gathered[..., V:].contiguous()
         s_in = fold_states(gathered[..., :V], m_all, layout)
-
-        with torch.enable_grad():
-            s_in_leaf = s_in[keep_t].requires_grad_(True)
-            lq, lk, lv, lg, lb, la, ld = leaves
-            o_keep, s_out = chunk_gated_delta_rule(
-                lq, lk, lv, lg, lb, scale, s_in_leaf, True, cu_t, **dict(fused, A_log=la, dt_bias=ld)
-            )
-        ctx.graph = (o_keep, s_out, s_in_leaf, leaves)
-        ctx.save_for_backward(m_all, keep_t)
+        ctx.save_for_backward(m_all, s_in)
         ctx.layout, ctx.group = layout, group
-        return o_keep.detach()
+        return s_in
 
     @staticmethod
-    def backward(ctx, do):
-        m_all, keep_t = ctx.saved_tensors
-        o, s_out, s_in_leaf, leaves = ctx.graph
-        layout = ctx.layout
-        d_keep = _segment_state_grads(o, s_in_leaf, do)
-        d = d_keep.new_zeros(layout.num_segments, *d_keep.shape[1:])
-        d[keep_t] = d_keep
-        _, wait = all_gather_start(d, ctx.group)
-        wanted = [x for x in leaves if x is not None and x.requires_grad]
-        g_end = fold_state_grads(wait(), m_all, layout)[keep_t]
-        grads = torch.autograd.grad((o, s_out), wanted, (do, g_end)) if wanted else ()
-        ctx.graph = None
-        it = iter(grads)
-        out = [next(it) if (x is not None and x.requires_grad) else None for x in leaves]
-        # scale, layout, group, fused: not tensors
-        return (*out, None, None, None, None)
+    def backward(ctx, ds_in):
+        m_all, s_in = ctx.saved_tensors
+        _, wait = all_gather_start(ds_in.float(), ctx.group)
+        g_end = fold_state_grads(wait(), m_all, ctx.layout)
+        # S_out = m S_in + h: dh = G, dm = G S_in^T
+        # layout, group: not tensors
+        return g_end, torch.matmul(g_end, s_in.transpose(-1, -2)), None, None
+
+
+def _apply_states(oq, s_in, cu: List[int]) -> torch.Tensor:
+    """S_in^T oq per segment: oq [1, T, HV, K], s_in [n, HV, K, V] for the n segments of cu
+    -> [1, T, HV, V] fp32."""
+    lens = {b - a for a, b in zip(cu[:-1], cu[1:])}
+    oq = oq.float()
+    if len(lens) == 1:
+        seg = oq.view(len(cu) - 1, lens.pop(), *oq.shape[2:])
+        return torch.einsum("nthk,nhkv->nthv", seg, s_in).reshape(1, -1, *s_in.shape[1:2], s_in.shape[-1])
+    parts = [torch.einsum("thk,hkv->thv", oq[0, a:b], s_in[i])
+             for i, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
+    return torch.cat(parts).unsqueeze(0)
 
 
 def chunk_gated_delta_rule_cp(
@@ -211,6 +193,19 @@ def chunk_gated_delta_rule_cp(
     if scale is None:
         scale = k.shape[-1] ** -0.5
     flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
-    fused = dict(use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid)
-    o = _StatePassingChunk.apply(*flat, A_log, dt_bias, float(scale), layout, group, fused)
-    return o.reshape(B, T, *o.shape[2:])
+    fused = dict(use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
+                 A_log=A_log, dt_bias=dt_bias)
+    keep, cu_keep = _nonempty(layout.local_cu)
+    device = q.device
+    o0, oq, h_keep, m_keep = segment_maps(
+        *flat, float(scale), torch.tensor(cu_keep, dtype=torch.int32, device=device), **fused
+    )
+    # empty segments (empty sequences) map a state to itself: h = 0, m = I
+    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+    HV, K, V = h_keep.shape[1], h_keep.shape[2], h_keep.shape[3]
+    h = h_keep.new_zeros(layout.num_segments, HV, K, V).index_copy(0, keep_t, h_keep)
+    m = torch.eye(K, dtype=m_keep.dtype, device=device).repeat(layout.num_segments, HV, 1, 1)
+    m = m.index_copy(0, keep_t, m_keep)
+    s_in = _PassStates.apply(h, m, layout, group)
+    o = o0.float() + _apply_states(oq, s_in.index_select(0, keep_t), cu_keep)
+    return o.to(v.dtype).reshape(B, T, *o.shape[2:])

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["CPLayout", "zigzag_indices", "zigzag_shard", "zigzag_unshard"]
+__all__ = ["CPLayout", "layout_for_layer", "zigzag_indices", "zigzag_shard", "zigzag_unshard"]
 
 
 def piece_owner(piece: int, cp_size: int) -> Tuple[int, int]:
@@ -131,6 +131,23 @@ class CPLayout:
 
     def local_cu_tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.local_cu, dtype=torch.int32, device=device)
+
+
+def layout_for_layer(packed_seq_params, batch: int, local_len: int, cp_group) -> CPLayout:
+    """The CPLayout of a layer input [local_len, batch, h] on this rank of `cp_group`: packed THD
+    when packed_seq_params has qkv_format 'thd' (batch 1; cu_seqlens_q_padded, else
+    cu_seqlens_q, global as Megatron passes them), dense rows otherwise."""
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+        return CPLayout.dense(batch, local_len, cp_size, cp_rank)
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    if cu is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
+    if batch != 1:
+        raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
+    return CPLayout.packed(cu, local_len, cp_size, cp_rank)
 
 
 def _check_sizes(cp_size: int, cp_rank: int) -> None:

@@ -1,0 +1,306 @@
+"""Context parallelism of a stack of GatedDeltaNet layers: forward+backward time, peak memory
+and bytes sent per layer, for the CP size of the launch, at several sequence lengths.
+
+    torchrun --nproc_per_node 4 benchmarks/bench_cp.py --out benchmarks/logs/cp4
+    torchrun --nproc_per_node 1 benchmarks/bench_cp.py --out benchmarks/logs/cp1
+    torchrun --nproc_per_node 2 benchmarks/bench_cp.py --out DIR --smoke     # CPU, tiny
+
+The world is one context-parallel group (TP = 1). Every rank holds its zigzag share of ONE
+sequence of T tokens (Megatron's layout), hidden [T / CP, 1, h] in bf16, through `--layers`
+GDN mixers (residual stack) built from megatron_gdn.specs; default dims are the 1.3B model
+(hidden 2048, 6 heads of K = 256, V = 512, conv 4). Timing: CUDA events around forward +
+backward, median of `--iters` after `--warmup`; peak = max allocated during those steps.
+
+Bytes per layer: what one rank sends (all-gather input, halo tails) per direction, from the
+layout: summaries 2 * HV * K * (K + V) * 4 forward and 2 * HV * K * V * 4 backward, the conv
+halo 2 * (Kw - 1) * conv channels * 2 (bf16) each way; none of it depends on T.
+
+`--impl megatron` times megatron-core 0.19.2's own GatedDeltaNet (all-to-all CP to head
+parallel; needs flash-linear-attention) in the same launch where it can run (CP must divide
+the head counts); the reason is logged where it cannot.
+
+Lengths run in the order given; the first that runs out of memory ends the sweep for that
+implementation (ranks are symmetric, so they fail together; give the longest lengths last).
+
+`--parity-tokens N` (default 8192) first checks, at N tokens, the CP stack against the same
+weights on one rank without CP (full sequence, bf16): outputs and every gradient, relative
+error <= 1e-2 (tests/tolerance.py's BF16_REL).
+
+Correctness guarded by tests/distributed/test_context_parallel.py (the CP core vs one
+process, fp32, CPU) and tests/distributed/test_context_parallel_model.py (GPTModel, CP=2,
+TP=2 x CP=2 + SP).
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from tolerance import BF16_REL, rel_error  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="directory for bench_cp.log / bench_cp.json")
+    p.add_argument("--seq", type=int, nargs="+", default=[32768, 65536, 131072],
+                   help="global sequence lengths (tokens); add longer ones to find the limit")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=6, help="key heads")
+    p.add_argument("--value-heads", type=int, default=6)
+    p.add_argument("--key-dim", type=int, default=256)
+    p.add_argument("--value-dim", type=int, default=512)
+    p.add_argument("--conv", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--impl", nargs="+", default=["ours", "megatron"], choices=["ours", "megatron"])
+    p.add_argument("--parity-tokens", type=int, default=8192, help="0 skips the parity check")
+    p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny dims: checks the script runs")
+    return p.parse_args()
+
+
+class Log:
+    def __init__(self, out_dir, rank):
+        self.rank = rank
+        self.fh = None
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            self.fh = open(os.path.join(out_dir, "bench_cp.log"), "a")
+
+    def __call__(self, msg):
+        if self.rank == 0:
+            print(msg, flush=True)
+            self.fh.write(msg + "\n")
+            self.fh.flush()
+
+
+def build_config(args, cp_size, device):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    return TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
+        linear_num_key_heads=args.heads, linear_num_value_heads=args.value_heads,
+        linear_key_head_dim=args.key_dim, linear_value_head_dim=args.value_dim,
+        linear_conv_kernel_dim=args.conv, normalization="RMSNorm",
+        context_parallel_size=cp_size, use_cpu_initialization=device.type == "cpu",
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
+    )
+
+
+class Stack(torch.nn.Module):
+    """Residual stack of GDN mixers: x <- x + mixer(x)."""
+
+    def __init__(self, mixers):
+        super().__init__()
+        self.mixers = torch.nn.ModuleList(mixers)
+
+    def forward(self, x):
+        for mixer in self.mixers:
+            out, bias = mixer(x)
+            x = x + out + (bias if bias is not None else 0)
+        return x
+
+
+def build_ours(config, pgc, device, seed):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_gdn.specs import get_gdn_mixer_spec
+
+    torch.manual_seed(seed)
+    spec = get_gdn_mixer_spec("local")
+    mixers = [build_module(spec, config=config, layer_number=i + 1, pg_collection=pgc)
+              for i in range(config.num_layers)]
+    return Stack(mixers).to(device)
+
+
+def build_megatron(config, pgc, device, seed):
+    """megatron-core's GatedDeltaNet with local linears and a torch RMSNorm as out_norm."""
+    from megatron.core.ssm.gated_delta_net.common import GatedDeltaNetSubmodules
+    from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_gdn.cpu import TorchNorm
+
+    torch.manual_seed(seed)
+    sub = GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=TorchNorm,
+                                  out_proj=RowParallelLinear)
+    mixers = [GatedDeltaNet(config, sub, layer_number=i + 1, pg_collection=pgc)
+              for i in range(config.num_layers)]
+    return Stack(mixers).to(device)
+
+
+def bytes_per_layer(args, cp_size, impl, tokens):
+    """Bytes one rank sends per layer (forward, backward)."""
+    if cp_size == 1:
+        return 0, 0
+    HV, K, V = args.value_heads, args.key_dim, args.value_dim
+    elem = 4 if args.smoke else 2
+    if impl == "ours":
+        conv_ch = 2 * args.heads * K + HV * V
+        halo = 2 * (args.conv - 1) * conv_ch * elem
+        return 2 * HV * K * (K + V) * 4 + halo, 2 * HV * K * V * 4 + halo
+    # all-to-all of the in_proj output to head parallel and of the kernel output back:
+    # (CP-1)/CP of the local tensors leave the rank, forward and backward alike
+    local = tokens // cp_size
+    qkvzba = 2 * args.heads * K + 2 * HV * V + 2 * HV
+    sent = (qkvzba + HV * V) * local * elem * (cp_size - 1) // cp_size
+    return sent, sent
+
+
+def zigzag_local(x_full, cp_size, rank):
+    from megatron_gdn.parallel import zigzag_shard
+
+    return zigzag_shard(x_full, 0, cp_size, rank)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(model, x, dy, device, warmup, iters):
+    times = []
+    for i in range(warmup + iters):
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            if i == warmup:
+                torch.cuda.reset_peak_memory_stats()
+            start.record()
+            model(x).backward(dy)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = datetime.datetime.now()
+            model(x).backward(dy)
+            ms = (datetime.datetime.now() - t0).total_seconds() * 1e3
+        if i >= warmup:
+            times.append(ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def parity(args, config, cp_pgc, single_pgc, device, log):
+    """The CP stack vs the same weights without CP on the full sequence (each rank)."""
+    from megatron_gdn.parallel import zigzag_shard
+
+    cp_size, rank = dist.get_world_size(), dist.get_rank()
+    T = args.parity_tokens
+    ref = build_ours(config, single_pgc, device, seed=1)
+    cp = build_ours(config, cp_pgc, device, seed=1)
+    cp.load_state_dict(ref.state_dict())
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    x_full = torch.randn(T, 1, args.hidden, generator=gen).to(device, config.params_dtype)
+    dy_full = torch.randn(T, 1, args.hidden, generator=gen).to(device, config.params_dtype)
+    x_ref = x_full.clone().requires_grad_(True)
+    y_ref = ref(x_ref)
+    y_ref.backward(dy_full)
+    x_loc = zigzag_shard(x_full, 0, cp_size, rank).requires_grad_(True)
+    y_loc = cp(x_loc)
+    y_loc.backward(zigzag_shard(dy_full, 0, cp_size, rank))
+    errors = {"output": rel_error(y_loc, zigzag_shard(y_ref, 0, cp_size, rank)),
+              "d_input": rel_error(x_loc.grad, zigzag_shard(x_ref.grad, 0, cp_size, rank))}
+    for (name, p_ref), (_, p_cp) in zip(ref.named_parameters(), cp.named_parameters()):
+        grad = p_cp.grad.float().clone()
+        # parameters are replicated over CP: Megatron sums their gradients over DP x CP
+        dist.all_reduce(grad)
+        errors[f"d {name}"] = rel_error(grad, p_ref.grad)
+    worst = max(errors.values())
+    for name, err in errors.items():
+        log(f"  parity CP={cp_size} vs CP=1 at {T} tokens: {name}: rel {err:.2e}")
+    log(f"  parity worst {worst:.2e} (limit {BF16_REL:.0e}): {'OK' if worst <= BF16_REL else 'FAILED'}")
+    del ref, cp
+    return errors
+
+
+def main():
+    args = parse_args()
+    if args.smoke:
+        args.hidden, args.heads, args.value_heads, args.key_dim, args.value_dim = 64, 2, 4, 16, 16
+        args.layers, args.warmup, args.iters = 2, 1, 2
+        args.seq, args.parity_tokens = [64, 128], 64
+        args.impl = ["ours"]
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if not args.smoke else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        import megatron_gdn.cpu
+
+        megatron_gdn.cpu.enable()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cp_size, rank = dist.get_world_size(), dist.get_rank()
+    parallel_state.initialize_model_parallel(context_parallel_size=cp_size)
+    model_parallel_cuda_manual_seed(1234)
+    log = Log(args.out, rank)
+    cp_pgc = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+    singles = [dist.new_group([r]) for r in range(cp_size)]
+    single_pgc = ProcessGroupCollection(tp=cp_pgc.tp, cp=singles[rank])
+    config = build_config(args, cp_size, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    log(f"# bench_cp {datetime.datetime.now().isoformat(timespec='seconds')} CP={cp_size} on {name}, "
+        f"torch {torch.__version__}, layers {args.layers}, hidden {args.hidden}, heads {args.heads}/"
+        f"{args.value_heads} x K {args.key_dim} V {args.value_dim}, conv {args.conv}, {config.params_dtype}")
+
+    record = {"cp": cp_size, "device": name, "args": vars(args), "parity": None, "runs": []}
+    if args.parity_tokens and cp_size > 1:
+        record["parity"] = parity(args, config, cp_pgc, single_pgc, device, log)
+
+    for impl in args.impl:
+        try:
+            model = (build_ours if impl == "ours" else build_megatron)(config, cp_pgc, device, seed=1)
+        except Exception as exc:  # noqa: BLE001 - report why the comparison cannot run
+            log(f"{impl}: cannot build ({type(exc).__name__}: {exc})")
+            record["runs"].append({"impl": impl, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        for T in args.seq:
+            entry = {"impl": impl, "tokens": T}
+            fwd_b, bwd_b = bytes_per_layer(args, cp_size, impl, T)
+            entry.update(bytes_fwd_per_layer=fwd_b, bytes_bwd_per_layer=bwd_b)
+            try:
+                if T % (2 * cp_size):
+                    raise ValueError(f"{T} tokens not divisible by 2 * CP")
+                gen = torch.Generator(device="cpu").manual_seed(3)
+                x = torch.randn(T // cp_size, 1, args.hidden, generator=gen).to(device, config.params_dtype)
+                dy = torch.randn_like(x)
+                x.requires_grad_(True)
+                ms, peak = time_step(model, x, dy, device, args.warmup, args.iters)
+                entry.update(ms=ms, peak_gib=peak, tokens_per_s=T / ms * 1e3)
+                log(f"{impl} CP={cp_size} T={T}: fwd+bwd {ms:.2f} ms, peak {peak:.2f} GiB, "
+                    f"{T / ms * 1e3 / 1e6:.3f} M tok/s, sent/layer fwd {fwd_b / 2**20:.2f} MiB bwd "
+                    f"{bwd_b / 2**20:.2f} MiB")
+                del x, dy
+            except torch.OutOfMemoryError:
+                entry["error"] = "OOM"
+                log(f"{impl} CP={cp_size} T={T}: out of memory (longer lengths skipped)")
+                record["runs"].append(entry)
+                break
+            except Exception as exc:  # noqa: BLE001 - keep measuring the other lengths
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+                log(f"{impl} CP={cp_size} T={T}: {entry['error']}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            record["runs"].append(entry)
+        del model
+    if rank == 0:
+        with open(os.path.join(args.out, f"bench_cp_cp{cp_size}.json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
