@@ -245,11 +245,47 @@ def _ours_vs_megatron_gdn():
         destroy_megatron()
 
 
-def test_matches_megatron_core_gdn():
-    """Same block semantics as megatron-core's GatedDeltaNet (so its checkpoints map 1:1)."""
+def _spec_through_training_builder():
+    """`--spec megatron_gdn.specs gdn_layer_spec` as megatron.training resolves it: the
+    attribute imported by name, handed to GPTModelBuilder as transformer_layer_spec."""
+    from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
+
+    from megatron_gdn.testing.dist import destroy_megatron, init_megatron
+
+    init_megatron(tp=1)
+    try:
+        spec = import_module(("megatron_gdn.specs", "gdn_layer_spec"))
+        model_config = GPTModelConfig(transformer=_config(num_layers=2), transformer_layer_spec=spec,
+                                      vocab_size=128, seq_length=16)
+        model = GPTModelBuilder(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())
+        mixers = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
+        tokens = torch.randint(0, 128, (2, 16))
+        logits = model(tokens, torch.arange(16).expand(2, 16), None)
+        return mixers, tuple(logits.shape), bool(torch.isfinite(logits).all())
+    finally:
+        destroy_megatron()
+
+
+def _one_process_checks():
+    return {"megatron": _ours_vs_megatron_gdn(), "builder": _spec_through_training_builder()}
+
+
+@pytest.fixture(scope="module")
+def one_process():
     from megatron_gdn.testing.dist import run_distributed
 
-    (outs, grads), = run_distributed(_ours_vs_megatron_gdn, world_size=1, timeout=300)
+    return run_distributed(_one_process_checks, world_size=1, timeout=300)[0]
+
+
+def test_spec_through_megatron_training_builder(one_process):
+    mixers, shape, finite = one_process["builder"]
+    assert mixers == ["GatedDeltaNet", "GatedDeltaNet"]
+    assert shape == (2, 16, 128) and finite
+
+
+def test_matches_megatron_core_gdn(one_process):
+    """Same block semantics as megatron-core's GatedDeltaNet (so its checkpoints map 1:1)."""
+    outs, grads = one_process["megatron"]
     (out, dx), (ref_out, ref_dx) = outs
     assert_close(out, ref_out, FP32_REL, "output vs megatron")
     assert_close(dx, ref_dx, FP32_REL, "d hidden vs megatron")
