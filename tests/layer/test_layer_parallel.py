@@ -1,5 +1,6 @@
 """A GPTModel built with megatron_gdn.specs.gdn_layer_spec, in real gloo processes, against one
-process with the same global weights: TP=2, TP=2 + sequence parallel, PP=2 (1F1B schedule),
+process with the same global weights: TP=2, TP=2 + sequence parallel (both also with packed
+THD documents), PP=2 (1F1B schedule),
 DP=2 (Megatron's DDP), distributed checkpoints TP=2 -> TP=1 and TP=1 -> TP=4.
 
 Every configuration trains one step through `get_forward_backward_func` (finalize_model_grads
@@ -142,14 +143,26 @@ def _gather_vocab(logits):
     return torch.cat(shards, dim=-1)
 
 
-def _train_step(model, tokens, labels):
+def _packed_params():
+    """Every row holds documents of lengths 5, 12 and 15 (THD, one row per micro-batch)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0, 5, 17, SEQ], dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=15, max_seqlen_kv=15)
+
+
+def _train_step(model, tokens, labels, packed=False):
     """One forward/backward through Megatron's schedule: (loss, logits, global grads) of the
-    stage this rank holds (loss and logits on the last stage only)."""
+    stage this rank holds (loss and logits on the last stage only). packed: micro-batches of
+    one row each, passed as packed documents."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     micro = tokens.shape[0] // MICRO_BATCHES
+    if packed:
+        tokens, labels = tokens[:MICRO_BATCHES], labels[:MICRO_BATCHES]
+        micro = 1
     data = iter([(tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro])
                  for i in range(MICRO_BATCHES)])
     logits_out = []
@@ -157,7 +170,7 @@ def _train_step(model, tokens, labels):
     def forward_step(data_iterator, module):
         tok, lab = next(data_iterator)
         position_ids = torch.arange(SEQ).unsqueeze(0).expand_as(tok)
-        output = module(tok, position_ids, None)
+        output = module(tok, position_ids, None, packed_seq_params=_packed_params() if packed else None)
 
         def loss_func(logits_bsv):
             logits_out.append(logits_bsv.detach())
@@ -212,12 +225,14 @@ def _two_ranks(ckpt_dir):
     ref_state = _global_params(model)
     out["ref_state"] = ref_state
     out["ref"] = _train_step(model, tokens, labels)
+    out["ref_packed"] = _train_step(model, tokens, labels, packed=True)
     destroy_megatron()
 
     for case, sp in (("tp2", False), ("tp2_sp", True)):
         init_megatron(tp=2)
         model = _build(_config(tp=2, sp=sp), seed=SEED + 7, global_state=ref_state)
         out[case] = _train_step(model, tokens, labels)
+        out[case + "_packed"] = _train_step(model, tokens, labels, packed=True)
         if case == "tp2":
             _save(model, ckpt_dir)
             # per-head GDN parameters draw all heads and keep their rows: TP-independent init
@@ -298,9 +313,9 @@ def _norm_weights(names):
     return [n for n in names if n.endswith("out_norm_weight") or "layernorm" in n]
 
 
-@pytest.mark.parametrize("case", ["tp2", "tp2_sp"])
+@pytest.mark.parametrize("case", ["tp2", "tp2_sp", "tp2_packed", "tp2_sp_packed"])
 def test_tensor_parallel_matches_one_process(two, case):
-    ref = two[0]["ref"]
+    ref = two[0]["ref_packed" if case.endswith("packed") else "ref"]
     for rank in range(2):
         _check_run(two[rank][case], ref, f"{case} rank {rank}")
         assert set(two[rank][case][2]) == set(ref[2])
@@ -357,3 +372,7 @@ def test_reference_is_not_trivial(two):
     assert 3.0 < ref_loss.item() < 7.0  # ~ln(128) for random weights
     for name, grad in ref_grads.items():
         assert grad.abs().sum() > 0, f"reference grad of {name} is all zero"
+    # packing changes the result: the documents really are cut apart
+    packed_logits = two[0]["ref_packed"][1]
+    dense_logits = two[0]["ref"][1]
+    assert (packed_logits[0, 5:] - dense_logits[0, 5:]).abs().max() > 1e-3
