@@ -291,3 +291,15 @@ def test_matches_megatron_core_gdn(one_process):
     assert_close(dx, ref_dx, FP32_REL, "d hidden vs megatron")
     for name, (ours, theirs) in grads.items():
         assert_close(ours, theirs, FP32_REL, f"d {name} vs megatron")
+
+
+def test_unset_linear_fields_fall_back_to_attention_sizes():
+    from megatron_gdn.config import resolve_gdn_dims
+
+    config = _config(linear_num_key_heads=None, linear_num_value_heads=None, linear_key_head_dim=None,
+                     linear_value_head_dim=None, linear_conv_kernel_dim=None, kv_channels=8)
+    dims = resolve_gdn_dims(config, tp_size=2)
+    assert (dims.num_key_heads, dims.num_value_heads, dims.key_head_dim, dims.value_head_dim,
+            dims.conv_kernel_dim) == (4, 4, 8, 8, 4)
+    assert dims.in_proj_sections_local_tp == (16, 16, 16, 16, 2, 2)
+    assert dims.in_proj_dim == 2 * 68
