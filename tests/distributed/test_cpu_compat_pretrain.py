@@ -19,7 +19,7 @@ VOCAB, SEQ = 128, 16
 ARGS = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
     "--seq-length", str(SEQ), "--max-position-embeddings", str(SEQ),
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+    "--micro-batch-size", "2", "--global-batch-size", "4",
     "--lr", "1e-2", "--lr-decay-style", "constant", "--clip-grad", "1.0",
     # NullTokenizer adds one (EOD) token; padding to a multiple of 64 * TP keeps the padded
     # vocabulary (and so the initial weights) equal for TP=1 and TP=2
@@ -123,41 +123,71 @@ def _pretrain(extra_args):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    (losses,) = run_distributed(_pretrain, world_size=1, args=([],), timeout=300)
-    # 2 micro-batches for each of: 2 train iterations, the validation at iteration 2, the
-    # validation and the test evaluation after training
-    assert len(losses) == 10
-    return torch.tensor(losses, dtype=torch.float64)
+def reference(tmp_path_factory):
+    """1 process, 3 iterations, a torch_dist checkpoint saved after iteration 2."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    (losses,) = run_distributed(
+        _pretrain, world_size=1,
+        args=(["--train-iters", "3", "--save", str(ckpt), "--save-interval", "2"],), timeout=300,
+    )
+    # 2 micro-batches for each of: iterations 1, 2, the validation at iteration 2, iteration 3,
+    # the validation and the test evaluation after training
+    assert len(losses) == 12
+    return torch.tensor(losses, dtype=torch.float64), ckpt
 
 
 def test_reference_trains(reference):
-    assert 4.0 < reference[0].item() < 5.5  # ~ln(128) at random init
+    losses, _ = reference
+    assert 4.0 < losses[0].item() < 5.5  # ~ln(128) at random init
     # iteration 2 sees the same kind of data after one step of lr 1e-2: it must differ
-    assert not torch.equal(reference[:2], reference[2:4])
+    assert not torch.equal(losses[:2], losses[2:4])
+
+
+TRAIN_3 = ["--train-iters", "3"]
 
 
 @pytest.mark.parametrize("extra", [["--tensor-model-parallel-size", "2"],
                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"]],
                          ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_loss_curve_matches(reference, extra):
-    losses = run_distributed(_pretrain, world_size=2, args=(extra,), timeout=300)
+    ref_losses, _ = reference
+    losses = run_distributed(_pretrain, world_size=2, args=(TRAIN_3 + extra,), timeout=300)
     for rank, rank_losses in enumerate(losses):
-        assert_close(torch.tensor(rank_losses, dtype=torch.float64), reference, FP32_REL,
+        assert_close(torch.tensor(rank_losses, dtype=torch.float64), ref_losses, FP32_REL,
                      f"{'+'.join(extra)} losses rank {rank}")
 
 
-def test_data_parallel_loss_curve_matches(reference):
-    losses = run_distributed(_pretrain, world_size=2, args=([],), timeout=300)
+@pytest.mark.parametrize("extra", [[], ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                        "--overlap-param-gather"]],
+                         ids=["ddp", "dist-opt-overlap"])
+def test_data_parallel_loss_curve_matches(reference, extra):
+    ref_losses, _ = reference
+    losses = run_distributed(_pretrain, world_size=2, args=(TRAIN_3 + extra,), timeout=300)
     # each step's 2 micro-batches are split over the 2 DP ranks, one each
-    assert len(losses[0]) == len(losses[1]) == 5
+    assert len(losses[0]) == len(losses[1]) == 6
     per_step = torch.tensor(losses, dtype=torch.float64).t().reshape(-1)
-    assert_close(per_step, reference, FP32_REL, "dp2 losses")
+    assert_close(per_step, ref_losses, FP32_REL, f"dp2 {' '.join(extra)} losses")
+
+
+def test_resume_from_checkpoint_with_tp2(reference):
+    """Load the 1-process checkpoint of iteration 2 into TP=2 and run iteration 3: the losses
+    (iteration 3, validation, test) must continue the 1-process curve."""
+    ref_losses, ckpt = reference
+    losses = run_distributed(
+        _pretrain, world_size=2,
+        args=(TRAIN_3 + ["--load", str(ckpt), "--ckpt-step", "2", "--tensor-model-parallel-size", "2"],),
+        timeout=300,
+    )
+    for rank, rank_losses in enumerate(losses):
+        assert len(rank_losses) == 6
+        assert_close(torch.tensor(rank_losses, dtype=torch.float64), ref_losses[-6:], FP32_REL,
+                     f"resumed tp2 losses rank {rank}")
 
 
 def test_pipeline_parallel_runs():
     losses = run_distributed(_pretrain, world_size=2,
-                             args=(["--pipeline-model-parallel-size", "2"],), timeout=300)
+                             args=(["--train-iters", "2", "--pipeline-model-parallel-size", "2"],),
+                             timeout=300)
     first, last = losses
     assert first == []  # losses exist on the last stage only
     assert len(last) == 10
