@@ -166,7 +166,10 @@ def build_megatron(config, smoke=False):
         ),
     )
     pg = ProcessGroupCollection.use_mpu_process_groups()
-    return build_module(spec, config=config, layer_number=1, pg_collection=pg)
+    layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
+    # WrappedTorchNorm makes an fp32 torch RMSNorm; in training Megatron's Float16Module casts
+    # every parameter to the model dtype, so do the same here
+    return layer.to(config.params_dtype)
 
 
 def copy_ours_into_megatron(ours, theirs):
