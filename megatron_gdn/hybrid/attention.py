@@ -1,0 +1,377 @@
+"""Softmax attention cores for hybrid stacks, without Transformer Engine.
+
+`SDPACoreAttention` fills the `core_attention` slot of Megatron's SelfAttention (same
+constructor keywords and forward signature as megatron.core's DotProductAttention in 0.19.2):
+causal full attention, or sliding-window attention (SWA) with `window=w` (query t sees keys
+t-w+1 .. t of its own sequence). Grouped-query attention, packed THD sequences (no attention
+across documents) and context parallelism in Megatron's zigzag layout are supported. RoPE and
+the optional sigmoid output gate stay in Megatron's SelfAttention (it applies both around the
+core, per CP rank).
+
+Every case reduces to one masked attention over a query set and a key set, each token tagged
+with (position in its sequence, document id):
+
+    allowed(q, k) = doc_q == doc_k  and  pos_k <= pos_q  and  pos_q - pos_k < window
+
+- no CP: queries = keys = the local tokens.
+- CP, full attention: keys = K/V of all ranks (one all-gather; its backward reduce-scatters
+  dK/dV), tagged with their global positions; the mask gives each of the two local zigzag
+  pieces its own causal boundary.
+- CP, SWA: keys = for each local piece, the w-1 tokens preceding it in its sequence (the
+  "halo": from the tails of the preceding pieces, one all-gather of per-piece tails of w-1
+  tokens, independent of the sequence length) followed by the piece itself.
+
+Kernels: on the GPU plain causal attention is SDPA with is_causal (flash); everything else is
+flex attention with a block mask built from the rule above (masked-out 128 x 128 blocks are
+skipped, so SWA costs ~ T * w instead of T^2 / 2). On the CPU, SDPA with the dense boolean mask.
+
+Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
+W context-parallel size, N sequences, P piece length, w window.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
+from megatron_gdn.parallel.halo import halo_index
+from megatron_gdn.parallel.zigzag import CPLayout, layout_for_layer, zigzag_indices
+
+__all__ = ["MaskSpec", "masked_attention", "SDPACoreAttention", "reference_attention"]
+
+# document id of halo slots that lie before their sequence's start (never matches a query)
+_NO_DOC = -1
+
+
+@dataclass
+class MaskSpec:
+    """Positions and document ids of queries [T] and keys [Tk] (int64, on the device), the
+    window (None: full causal) and `plain`: True when queries = keys = positions 0..T-1 of one
+    document (the caller knows; it selects SDPA's is_causal fast path). `cache_key`: hashable
+    description of the mask for the flex block-mask cache (None: do not cache)."""
+
+    q_pos: torch.Tensor
+    q_doc: torch.Tensor
+    k_pos: torch.Tensor
+    k_doc: torch.Tensor
+    window: Optional[int]
+    plain: bool = False
+    cache_key: Optional[tuple] = None
+
+    def dense(self) -> torch.Tensor:
+        """[T, Tk] boolean mask, True where attention is allowed."""
+        qp, kp = self.q_pos[:, None], self.k_pos[None, :]
+        allowed = (self.q_doc[:, None] == self.k_doc[None, :]) & (kp <= qp)
+        if self.window is not None:
+            allowed &= (qp - kp) < self.window
+        return allowed
+
+
+# ------------------------------------------------------------------------------------ kernels
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex attention is only fast compiled; shapes are static within a run
+    return torch.compile(flex_attention, dynamic=False)
+
+
+_BLOCK_MASKS: dict = {}
+_MAX_CACHED_MASKS = 64
+
+
+def _block_mask(mask: MaskSpec, tq: int, tk: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = None if mask.cache_key is None else (mask.cache_key, tq, tk, str(device))
+    if key is not None and key in _BLOCK_MASKS:
+        return _BLOCK_MASKS[key]
+    window = mask.window
+    if mask.plain:
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kv_idx <= q_idx
+            if window is not None:
+                ok = ok & (q_idx - kv_idx < window)
+            return ok
+    else:
+        q_pos, q_doc, k_pos, k_doc = mask.q_pos, mask.q_doc, mask.k_pos, mask.k_doc
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qp, kp = q_pos[q_idx], k_pos[kv_idx]
+            ok = (q_doc[q_idx] == k_doc[kv_idx]) & (kp <= qp)
+            if window is not None:
+                ok = ok & (qp - kp < window)
+            return ok
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
+    if key is not None:
+        if len(_BLOCK_MASKS) >= _MAX_CACHED_MASKS:
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = block_mask
+    return block_mask
+
+
+def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.Tensor,
+                     mask: MaskSpec, scale: float, dropout_p: float = 0.0,
+                     backend: str = "auto") -> torch.Tensor:
+    """softmax(scale q k^T + mask) v per batch row and head; returns o [T, B, H, D].
+
+    q [T, B, H, D]; k, v [Tk, B, G, D] with H a multiple of G (query head i reads kv head
+    i // (H // G)). backend: "auto" (GPU: SDPA is_causal for plain causal masks, else flex;
+    CPU: dense mask), "dense" (SDPA with the dense boolean mask), "flex".
+    """
+    if backend not in ("auto", "dense", "flex"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense' or 'flex'")
+    T, B, H, D = q_tbhd.shape
+    Tk, G = k_tbgd.shape[0], k_tbgd.shape[2]
+    if H % G != 0:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({G})")
+    q = q_tbhd.permute(1, 2, 0, 3)
+    k = k_tbgd.permute(1, 2, 0, 3)
+    v = v_tbgd.permute(1, 2, 0, 3)
+    if backend == "auto":
+        backend = "dense" if q.device.type != "cuda" else "flex"
+        if backend == "flex" and mask.plain and mask.window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               dropout_p=dropout_p, enable_gqa=G != H)
+            return o.permute(2, 0, 1, 3)
+    if backend == "flex":
+        if dropout_p > 0.0:
+            raise ValueError(f"attention_dropout={dropout_p}: flex attention has no dropout; set "
+                             "attention_dropout to 0 for windowed, packed or context-parallel "
+                             "attention on the GPU")
+        block_mask = _block_mask(mask, T, Tk, q.device)
+        o = _compiled_flex()(q.contiguous(), k.contiguous(), v.contiguous(),
+                             block_mask=block_mask, scale=scale, enable_gqa=G != H)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), scale=scale,
+                                           dropout_p=dropout_p, enable_gqa=G != H)
+    return o.permute(2, 0, 1, 3)
+
+
+def reference_attention(q_tbhd, k_tbgd, v_tbgd, mask: MaskSpec, scale: float) -> torch.Tensor:
+    """Explicit softmax over the dense mask (float64 oracle for tests; same signature)."""
+    H, G = q_tbhd.shape[2], k_tbgd.shape[2]
+    k = k_tbgd.repeat_interleave(H // G, dim=2)
+    v = v_tbgd.repeat_interleave(H // G, dim=2)
+    scores = torch.einsum("tbhd,sbhd->bhts", q_tbhd, k) * scale
+    scores = scores.masked_fill(~mask.dense(), float("-inf"))
+    return torch.einsum("bhts,sbhd->tbhd", scores.softmax(-1), v)
+
+
+# ----------------------------------------------------------------- context-parallel plumbing
+class _GatherRows(torch.autograd.Function):
+    """x [n, ...] on each rank of `group` -> out [m, ...] = cat_r(x_r)[index] (index None: all
+    W * n rows; an index equal to W * n selects a zero row). Backward: the adjoint, scatter-add
+    into [W * n, ...] and reduce-scatter, so each rank gets the gradient of its own rows."""
+
+    @staticmethod
+    def forward(ctx, x, index, group):
+        _, wait = all_gather_start(x, group)
+        gathered = wait()
+        rows = gathered.shape[0]
+        if index is None:
+            out = gathered
+        else:
+            padded = torch.cat([gathered, gathered.new_zeros((1,) + tuple(gathered.shape[1:]))])
+            out = padded.index_select(0, index)
+        ctx.save_for_backward(index)
+        ctx.group, ctx.rows, ctx.has_index = group, rows, index is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        (index,) = ctx.saved_tensors
+        if ctx.has_index:
+            full = dout.new_zeros((ctx.rows + 1,) + tuple(dout.shape[1:]))
+            full.index_add_(0, index, dout)
+            full = full[:ctx.rows]
+        else:
+            full = dout
+        # index, group: not differentiable
+        return reduce_scatter(full, ctx.group), None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _token_tags(seq_lens: tuple, cp_size: int, rank: int):
+    """(position in sequence, document id) of rank `rank`'s local tokens, in local order."""
+    cu = [0]
+    for length in seq_lens:
+        cu.append(cu[-1] + length)
+    idx = zigzag_indices(cu, cp_size, rank)
+    starts = torch.tensor(cu[:-1], dtype=torch.long)
+    doc = torch.searchsorted(torch.tensor(cu[1:], dtype=torch.long), idx, right=True)
+    return idx - starts[doc], doc
+
+
+def _halo_positions(layout: CPLayout, window: int):
+    """Positions of the w-1 halo slots before each of the 2N local segments [2N * (w-1)], and
+    whether each slot holds a token (False before its sequence's start)."""
+    h = window - 1
+    pos, valid = [], []
+    for length in layout.seq_lens:
+        plen = length // (2 * layout.cp_size)
+        for piece in layout.local_pieces():
+            for i in range(h):
+                p = piece * plen - h + i
+                pos.append(max(p, 0))
+                valid.append(plen > 0 and p >= 0)
+    return torch.tensor(pos, dtype=torch.long), torch.tensor(valid, dtype=torch.bool)
+
+
+def _tail_index(layout: CPLayout, window: int, tokens: int) -> torch.Tensor:
+    """[2N * (w-1)] local rows forming each segment's tail (the last min(P, w-1) tokens, right
+    aligned in a slot of w-1); `tokens` (the zero row) for empty slots."""
+    h = window - 1
+    cu = layout.local_cu
+    index = []
+    for i in range(layout.num_segments):
+        m = min(cu[i + 1] - cu[i], h)
+        index += [tokens] * (h - m) + list(range(cu[i + 1] - m, cu[i + 1]))
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _cp_keys(k_tbgd, v_tbgd, layout: CPLayout, window: Optional[int], group):
+    """Keys/values this rank's queries need under CP, with their tags. `layout` describes one
+    row of the tokens axis (dim 0); the batch rows of dense input share it.
+
+    Returns k, v [Tk, B, G, D], k_pos, k_doc [Tk] and q_doc [T] (CPU). With a window, a token
+    can be both a local key and in the halo of the other local piece; each key copy then
+    serves one local segment only: the "document" of queries and keys is the local segment.
+    """
+    G = k_tbgd.shape[2]
+    kv = torch.cat([k_tbgd, v_tbgd], dim=2)
+    loc_pos, loc_doc = _token_tags(layout.seq_lens, layout.cp_size, layout.cp_rank)
+    if window is None:
+        kv_all = _GatherRows.apply(kv, None, group)
+        tags = [_token_tags(layout.seq_lens, layout.cp_size, r) for r in range(layout.cp_size)]
+        k_pos = torch.cat([t[0] for t in tags])
+        k_doc = torch.cat([t[1] for t in tags])
+        return kv_all[:, :, :G], kv_all[:, :, G:], k_pos, k_doc, loc_doc
+    h = window - 1
+    T = kv.shape[0]
+    padded = torch.cat([kv, kv.new_zeros((1,) + tuple(kv.shape[1:]))])
+    tails = padded.index_select(0, _tail_index(layout, window, T).to(kv.device))
+    index = halo_index(layout, window).reshape(-1).to(kv.device)
+    halo = _GatherRows.apply(tails, index, group)
+    halo_pos, halo_valid = _halo_positions(layout, window)
+    # keys ordered [halo_0 | segment_0 | halo_1 | segment_1 | ...] (a band for the block mask)
+    cu = layout.local_cu
+    parts, pos, doc, q_doc = [], [], [], []
+    for i in range(layout.num_segments):
+        n = cu[i + 1] - cu[i]
+        parts += [halo[i * h:(i + 1) * h], kv[cu[i]:cu[i + 1]]]
+        pos += [halo_pos[i * h:(i + 1) * h], loc_pos[cu[i]:cu[i + 1]]]
+        seg_halo = torch.full((h,), i, dtype=torch.long)
+        seg_halo[~halo_valid[i * h:(i + 1) * h]] = _NO_DOC
+        doc += [seg_halo, torch.full((n,), i, dtype=torch.long)]
+        q_doc.append(torch.full((n,), i, dtype=torch.long))
+    keys = torch.cat(parts)
+    return keys[:, :, :G], keys[:, :, G:], torch.cat(pos), torch.cat(doc), torch.cat(q_doc)
+
+
+# ------------------------------------------------------------------------ the Megatron module
+def _doc_tags(cu: list):
+    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+    doc = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    starts = torch.tensor(cu[:-1], dtype=torch.long)
+    return torch.arange(cu[-1]) - starts[doc], doc
+
+
+class SDPACoreAttention(torch.nn.Module):
+    """Megatron core_attention without Transformer Engine: causal or sliding-window attention.
+
+    Constructor keywords as megatron.core's DotProductAttention (what SelfAttention passes),
+    plus `window` (tokens each query sees, itself included; None: full causal), which a
+    ModuleSpec sets through `params`. Forward: query [sq, b, H, D] and key/value [sq, b, G, D]
+    (THD: [t, H, D] / [t, G, D]); returns [sq, b, H * D] ([t, H * D] for THD).
+
+    The attention_mask argument is not read: the mask is causal (plus window and document
+    boundaries) by construction, as with Transformer Engine's causal mask type.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type: str = "self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None,
+                 window: Optional[int] = None, backend: str = "auto"):
+        super().__init__()
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.transformer.enums import AttnMaskType
+
+        if attn_mask_type not in (None, AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"attn_mask_type={attn_mask_type}: SDPACoreAttention is causal only")
+        if attention_type != "self":
+            raise ValueError(f"attention_type={attention_type!r}: only 'self' attention is supported")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if getattr(config, "apply_query_key_layer_scaling", False):
+            raise ValueError("apply_query_key_layer_scaling=True is not supported by SDPACoreAttention")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"softmax_type={config.softmax_type!r}: SDPACoreAttention supports 'vanilla'")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.config = config
+        self.layer_number = layer_number
+        self.window = window
+        self.backend = backend
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim ** -0.5
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, scale={self.softmax_scale:.4g}"
+
+    def _mask_and_keys(self, key, value, packed_seq_params, is_thd, batch, local_len, device):
+        cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        if cp_size > 1:
+            # the batch rows of dense input share one layout (the tokens axis is dim 0 here)
+            layout = layout_for_layer(packed_seq_params if is_thd else None, 1, local_len,
+                                      self.cp_group)
+            q_pos, _ = _token_tags(layout.seq_lens, cp_size, layout.cp_rank)
+            key, value, k_pos, k_doc, q_doc = _cp_keys(key, value, layout, self.window,
+                                                       self.cp_group)
+            cache_key = ("cp", layout.seq_lens, cp_size, layout.cp_rank, self.window)
+            plain = False
+        elif is_thd:
+            cu = packed_seq_params.cu_seqlens_q_padded
+            if cu is None:
+                cu = packed_seq_params.cu_seqlens_q
+            cu = [int(c) for c in cu.tolist()]
+            if cu[-1] != local_len:
+                raise ValueError(f"packed_seq_params.cu_seqlens_q[-1]={cu[-1]} does not match "
+                                 f"the {local_len} tokens of the input")
+            q_pos, q_doc = _doc_tags(cu)
+            k_pos, k_doc = q_pos, q_doc
+            cache_key = ("thd", tuple(cu), self.window)
+            plain = len(cu) == 2
+        else:
+            q_pos = torch.arange(local_len)
+            q_doc = torch.zeros(local_len, dtype=torch.long)
+            k_pos, k_doc = q_pos, q_doc
+            cache_key = ("dense", local_len, self.window)
+            plain = True
+        mask = MaskSpec(q_pos.to(device), q_doc.to(device), k_pos.to(device), k_doc.to(device),
+                        self.window, plain=plain, cache_key=cache_key)
+        return key, value, mask
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by SDPACoreAttention")
+        is_thd = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
+        if is_thd:
+            # [t, H, D] -> [t, 1, H, D]
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        T, B, H, D = query.shape
+        key, value, mask = self._mask_and_keys(key, value, packed_seq_params, is_thd, B, T,
+                                               query.device)
+        dropout_p = self.dropout_p if self.training else 0.0
+        o_tbhd = masked_attention(query, key, value, mask, self.softmax_scale, dropout_p,
+                                  backend=self.backend)
+        if is_thd:
+            return o_tbhd.reshape(T, H * D)
+        return o_tbhd.reshape(T, B, H * D)

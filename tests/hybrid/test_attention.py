@@ -1,0 +1,198 @@
+"""The attention cores of megatron_gdn.hybrid.attention.
+
+Single process: causal and sliding-window attention, GQA, packed documents, against a float64
+loop over the rule "same document, key not after the query, distance < window" written here
+independently of the module's mask code. Context parallel (real gloo processes, zigzag layout,
+dense rows and packed THD): outputs and dq/dk/dv of every rank against the one-process result
+on the full sequence, with windows that cross piece and rank boundaries (a window longer than
+a piece reaches back over several pieces and ranks).
+"""
+import types
+
+import pytest
+import torch
+
+from megatron_gdn.hybrid.attention import MaskSpec, SDPACoreAttention, masked_attention
+from megatron_gdn.testing.dist import run_distributed
+from tolerance import FP32_REL, assert_close
+
+
+def _loop_reference(q, k, v, cu, window, scale):
+    """q [T, B, H, D], k/v [T, B, G, D] in float64, documents cut at cu; explicit per query."""
+    T, B, H, D = q.shape
+    G = k.shape[2]
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros_like(q)
+    for start, end in zip(cu[:-1], cu[1:]):
+        for t in range(start, end):
+            lo = start if window is None else max(start, t - window + 1)
+            for h in range(H):
+                g = h // (H // G)
+                s = torch.einsum("bd,sbd->bs", q[t, :, h], k[lo:t + 1, :, g]) * scale
+                out[t, :, h] = torch.einsum("bs,sbd->bd", s.softmax(-1), v[lo:t + 1, :, g])
+    return out
+
+
+def _tags(cu):
+    pos, doc = [], []
+    for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        pos += list(range(b - a))
+        doc += [n] * (b - a)
+    return torch.tensor(pos), torch.tensor(doc)
+
+
+@pytest.mark.parametrize(
+    "T,B,H,G,D,cu,window",
+    [
+        (24, 2, 4, 4, 16, None, None),
+        (24, 2, 4, 2, 16, None, 5),
+        (33, 1, 4, 1, 8, [0, 7, 20, 33], None),
+        (33, 1, 6, 2, 8, [0, 7, 20, 33], 4),
+        (16, 3, 2, 2, 8, None, 40),
+    ],
+    ids=lambda x: str(x),
+)
+def test_masked_attention_matches_loop(T, B, H, G, D, cu, window):
+    torch.manual_seed(0)
+    q = torch.randn(T, B, H, D)
+    k = torch.randn(T, B, G, D)
+    v = torch.randn(T, B, G, D)
+    cu = [0, T] if cu is None else cu
+    pos, doc = _tags(cu)
+    mask = MaskSpec(pos, doc, pos, doc, window, plain=len(cu) == 2)
+    scale = D ** -0.5
+    out = masked_attention(q, k, v, mask, scale)
+    assert_close(out, _loop_reference(q, k, v, cu, window, scale), FP32_REL, "o")
+
+
+def test_window_one_is_identity_on_values():
+    """window=1: every query sees only itself, so o_t = v_t (a check that cannot pass by luck)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(3, 12, 2, 2, 8).unbind(0)
+    pos = torch.arange(12)
+    out = masked_attention(q, k, v, MaskSpec(pos, torch.zeros_like(pos), pos, torch.zeros_like(pos), 1), 0.3)
+    assert_close(out, v, FP32_REL, "o")
+
+
+def _core(window, cp_group=None, head_dim=8):
+    config = types.SimpleNamespace(kv_channels=head_dim, attention_dropout=0.0,
+                                   apply_query_key_layer_scaling=False, softmax_type="vanilla")
+    pg = types.SimpleNamespace(cp=cp_group)
+    return SDPACoreAttention(config, layer_number=1, attn_mask_type=None, pg_collection=pg,
+                             window=window)
+
+
+def test_core_module_layouts():
+    """sbhd and THD inputs give [s, b, H*D] / [t, H*D]; THD keeps documents apart."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.manual_seed(2)
+    T, H, G, D = 20, 4, 2, 8
+    q, k, v = torch.randn(T, 1, H, D), torch.randn(T, 1, G, D), torch.randn(T, 1, G, D)
+    core = _core(window=6)
+    out = core(q, k, v, None)
+    assert out.shape == (T, 1, H * D)
+    assert_close(out.view(T, 1, H, D), _loop_reference(q, k, v, [0, T], 6, D ** -0.5), FP32_REL, "sbhd")
+    cu = torch.tensor([0, 9, 20], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          max_seqlen_q=11, max_seqlen_kv=11)
+    out = core(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=psp)
+    assert out.shape == (T, H * D)
+    assert_close(out.view(T, 1, H, D), _loop_reference(q, k, v, [0, 9, 20], 6, D ** -0.5), FP32_REL, "thd")
+
+
+def test_core_rejects_bad_window():
+    with pytest.raises(ValueError, match="window"):
+        _core(window=0)
+
+
+# ------------------------------------------------------------------------- context parallel
+CP_CASES = [
+    # (name, W, cu (None: dense rows), B, window)
+    ("dense-full", 2, None, 2, None),
+    ("dense-swa-crosses-piece", 2, None, 2, 11),
+    ("dense-swa-longer-than-piece", 2, None, 1, 21),
+    ("thd-full", 2, [0, 8, 32, 48], 1, None),
+    ("thd-swa", 2, [0, 8, 32, 48], 1, 7),
+    ("thd-swa-longer-than-piece", 2, [0, 8, 32, 48], 1, 13),
+]
+CP4_CASES = [
+    ("dense-swa-4ranks", 4, None, 1, 10),
+    ("thd-full-4ranks", 4, [0, 16, 48], 1, None),
+    ("thd-swa-4ranks", 4, [0, 16, 48], 1, 9),
+]
+TOTAL, H, G, D = 32, 4, 2, 8
+
+
+def _thd_params(cu):
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
+                           cu_seqlens_q_padded=cu_t, cu_seqlens_kv_padded=cu_t,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _run_core(core, q, k, v, dout, cu):
+    """Forward + backward of the core; q/k/v [T, B, heads, D] (B == 1 for THD)."""
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    if cu is None:
+        out = core(q, k, v, None)
+    else:
+        out = core(q[:, 0], k[:, 0], v[:, 0], None, packed_seq_params=_thd_params(cu))
+        out = out.unsqueeze(1)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _cp_worker(cases):
+    import torch.distributed as dist
+
+    from megatron_gdn.parallel.zigzag import zigzag_shard
+
+    W, rank = dist.get_world_size(), dist.get_rank()
+    results = {}
+    for name, world, cu, B, window in cases:
+        if world != W:
+            continue
+        torch.manual_seed(10)
+        T = TOTAL if cu is None else cu[-1]
+        q = torch.randn(T, B, H, D, dtype=torch.float64)
+        k = torch.randn(T, B, G, D, dtype=torch.float64)
+        v = torch.randn(T, B, G, D, dtype=torch.float64)
+        dout = torch.randn(T, B, H * D, dtype=torch.float64)
+        expected = _run_core(_core(window), q, k, v, dout, cu)
+        local = [zigzag_shard(x, 0, W, rank, cu) for x in (q, k, v, dout)]
+        got = _run_core(_core(window, dist.group.WORLD), *local, cu)
+        results[name] = [(g, zigzag_shard(e, 0, W, rank, cu)) for g, e in zip(got, expected)]
+    return results
+
+
+def _check(results_by_rank, cases):
+    for name, *_ in cases:
+        for rank, results in enumerate(results_by_rank):
+            for label, (got, want) in zip(("o", "dq", "dk", "dv"), results[name]):
+                assert_close(got, want, FP32_REL, f"{name} rank {rank} {label}")
+
+
+def test_cp2_attention_cores():
+    _check(run_distributed(_cp_worker, world_size=2, args=(CP_CASES,), enable_cpu=False), CP_CASES)
+
+
+def test_cp4_attention_cores():
+    _check(run_distributed(_cp_worker, world_size=4, args=(CP4_CASES,), enable_cpu=False), CP4_CASES)
+
+
+def test_cp_check_can_fail():
+    """Cutting the halo (keys of the local pieces only) must change the SWA result."""
+    torch.manual_seed(3)
+    T, window = 16, 5
+    q, k, v = torch.randn(T, 1, 2, 4), torch.randn(T, 1, 2, 4), torch.randn(T, 1, 2, 4)
+    pos = torch.arange(T)
+    doc = torch.zeros(T, dtype=torch.long)
+    full = masked_attention(q, k, v, MaskSpec(pos, doc, pos, doc, window), 0.5)
+    # second half alone, as if the preceding piece's tail were not exchanged
+    half = masked_attention(q[8:], k[8:], v[8:], MaskSpec(pos[8:], doc[8:], pos[8:], doc[8:], window), 0.5)
+    with pytest.raises(AssertionError):
+        assert_close(half, full[8:], FP32_REL, "cut halo")
