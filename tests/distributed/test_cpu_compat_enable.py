@@ -48,6 +48,21 @@ _SCRIPT = textwrap.dedent(
     report["cuda_tensor_device"] = str(torch.zeros(2, device="cuda").device)
     report["dot_cuda_device"] = str(torch.ones(1).cuda().device)
     report["grad_type"] = torch.ones(1).type()
+
+    # rope's CP slice: rank r of W keeps pieces r and 2W-1-r of the sequence
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    class FakeGroup:
+        def __init__(self, rank, size):
+            self._rank, self._size = rank, size
+        def rank(self):
+            return self._rank
+        def size(self):
+            return self._size
+    emb = torch.arange(16.0).view(16, 1, 1, 1)
+    report["rope_cp"] = [
+        rotary_pos_embedding.get_pos_emb_on_this_cp_rank(emb, 0, FakeGroup(r, 2)).flatten().tolist()
+        for r in range(2)
+    ]
     print("REPORT" + json.dumps(report))
     """
 )
@@ -76,3 +91,4 @@ def test_enable_is_idempotent_and_noop_with_cuda():
     assert report["cuda_tensor_device"] == "cpu"
     assert report["dot_cuda_device"] == "cpu"
     assert report["grad_type"] == "torch.cuda.FloatTensor"
+    assert report["rope_cp"] == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
