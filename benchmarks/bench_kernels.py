@@ -187,6 +187,37 @@ def stage_times(shape, dtype=torch.bfloat16):
     return res
 
 
+def diag_output(shape):
+    """bf16: o of our output kernel per config, and o recomputed in torch from the same
+    h / v_new / gc, each against the fp32 torch path (tells the output kernel from upstream)."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
+
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, torch.bfloat16, seed=11)
+    ref = reference(q.float(), k.float(), v.float(), g, beta.float())[0]
+    layout = cf.make_chunk_layout(None, B, T)
+    gc, _, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)
+    h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
+    out = {}
+    for cfg in cf._output_kernel.configs:
+        o, _ = cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout, k_rstd=k_rstd,
+                                   use_qk_l2norm=True, config=cfg)
+        out[str(cfg)] = rel(o, ref)
+    NT, G = T // 64, HV // H
+    qn = F.normalize(q.float(), dim=-1, eps=1e-3).repeat_interleave(G, 2).view(B, NT, 64, HV, K)
+    kn = F.normalize(k.float(), dim=-1, eps=1e-3).repeat_interleave(G, 2).view(B, NT, 64, HV, K)
+    gcc = gc.view(B, NT, 64, HV)
+    hh = h.float().view(B, NT, HV, K, V)
+    vn = v_new.float().view(B, NT, 64, HV, V)
+    inter = torch.einsum("bnihk,bnhkv->bnihv", qn * gcc.exp()[..., None], hh)
+    s = torch.einsum("bnihk,bnjhk->bnhij", qn, kn)
+    d = gcc.permute(0, 1, 3, 2)
+    s = s * torch.exp((d[..., :, None] - d[..., None, :]).tril()) * torch.ones(64, 64, device="cuda").tril()
+    o_t = (inter + torch.einsum("bnhij,bnjhv->bnihv", s, vn)) * K**-0.5
+    out["torch_from_h_vnew"] = rel(o_t.reshape(B, T, HV, V), ref)
+    return out
+
+
 def time_sdpa(shape):
     B, T, H, HV, K, V = shape
     q, k, v = (torch.randn(B, HV, T, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -225,6 +256,11 @@ def main():
     p.add_argument("--out", required=True, help="directory for results.json / results.md")
     p.add_argument("--shapes", default="S1,S2,S3")
     p.add_argument("--check", action="store_true", help="correctness at the benchmark shapes first")
+    p.add_argument("--check-shapes", default="", help="shapes for --check (default: --shapes)")
+    p.add_argument("--check-dtypes", default="bf16,fp32")
+    p.add_argument("--check-packed", action="store_true", help="also a packed bf16 batch")
+    p.add_argument("--check-fla", action="store_true", help="also fla's errors (autotunes fla)")
+    p.add_argument("--diag", action="store_true", help="output-kernel diagnostics in bf16")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
@@ -255,15 +291,27 @@ def main():
         except Exception as e:  # fla is optional: report, time ours anyway
             log("fla unavailable:", repr(e))
 
+    if args.diag:
+        try:
+            results["diag"] = diag_output(SHAPES[shapes[0]])
+        except Exception as e:
+            results["diag"] = {"error": repr(e)}
+            traceback.print_exc()
+        log("diag", json.dumps(results["diag"]))
+        save()
+
     if args.check:
         plan = []
-        for sid in shapes:
-            plan.append(("ours", ours, SHAPES[sid], torch.bfloat16, None))
-        for sid in shapes[:2]:
-            plan.append(("ours", ours, SHAPES[sid], torch.float32, None))
-        cu = torch.tensor([0, 1, 64, 100, 2148, 4096, 8000, 8192], dtype=torch.int32, device="cuda")
-        plan.append(("ours", ours, (1, 8192, 16, 32, 128, 128), torch.bfloat16, cu))
-        if fla is not None:
+        check_shapes = args.check_shapes.split(",") if args.check_shapes else shapes
+        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+        for dname in args.check_dtypes.split(","):
+            for sid in check_shapes:
+                plan.append(("ours", ours, SHAPES[sid], dtypes[dname], None))
+        if args.check_packed:
+            cu = torch.tensor([0, 1, 64, 100, 2148, 4096, 8000, 8192], dtype=torch.int32,
+                              device="cuda")
+            plan.append(("ours", ours, (1, 8192, 16, 32, 128, 128), torch.bfloat16, cu))
+        if fla is not None and args.check_fla:
             plan.append(("fla", fla, SHAPES[shapes[0]], torch.bfloat16, None))
         for i, (name, fn, shape, dtype, cu_) in enumerate(plan):
             if over_budget():

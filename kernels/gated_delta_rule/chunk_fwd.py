@@ -491,11 +491,13 @@ def _output_kernel(
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_k = tl.load(k + (t_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
+        # k^T loaded transposed ([BK, 64]) rather than tl.trans of a [64, BK] tile
+        b_kt = tl.load(k + (t_r[None, :] * H + i_h) * K + o_k[:, None],
+                       mask=m_k[:, None] & m_t[None, :], other=0.0)
         b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                       other=0.0)
         acc_o += tl.dot(b_q, b_h.to(b_q.dtype))
-        acc_s += tl.dot(b_q, tl.trans(b_k))
+        acc_s += tl.dot(b_q, b_kt)
         if L2:
             sq += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
     b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
@@ -520,8 +522,9 @@ def _output_kernel(
 
 
 def chunk_output_fwd(q, k, v_new, h, gc, scale, layout: ChunkLayout, k_rstd=None,
-                     use_qk_l2norm=False):
-    """o [B, T, HV, V] in v_new's dtype, and q_rstd [B, T, H] float32 (None without l2-norm)."""
+                     use_qk_l2norm=False, config=None):
+    """o [B, T, HV, V] in v_new's dtype, and q_rstd [B, T, H] float32 (None without l2-norm).
+    config: a triton.Config to run instead of autotuning (benchmark diagnostics)."""
     B, T, H, K = q.shape
     HV, V = v_new.shape[2], v_new.shape[3]
     o = torch.empty_like(v_new)
@@ -531,9 +534,13 @@ def chunk_output_fwd(q, k, v_new, h, gc, scale, layout: ChunkLayout, k_rstd=None
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_chunks, HV)
 
-    _output_kernel[grid](
+    kernel, extra = _output_kernel, {}
+    if config is not None:
+        kernel = _output_kernel.fn
+        extra = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid if config is None else grid(extra)](
         q, k, v_new, h, gc, k_rstd, q_rstd, o, scale,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, L2=use_qk_l2norm, IS_VARLEN=varlen,
+        H=H, HV=HV, K=K, V=V, L2=use_qk_l2norm, IS_VARLEN=varlen, **extra,
     )
     return o, q_rstd
