@@ -11,13 +11,15 @@ GDN mixers (residual stack) built from megatron_gdn.specs; default dims are the 
 (hidden 2048, 6 heads of K = 256, V = 512, conv 4). Timing: CUDA events around forward +
 backward, median of `--iters` after `--warmup`; peak = max allocated during those steps.
 
-Bytes per layer: what one rank sends (all-gather input, halo tails) per direction, from the
-layout: summaries 2 * HV * K * (K + V) * 4 forward and 2 * HV * K * V * 4 backward, the conv
-halo 2 * (Kw - 1) * conv channels * 2 (bf16) each way; none of it depends on T.
+Bytes per layer: what one rank puts on the wire per direction, from the layout (see
+`bytes_per_layer`): (CP-1) x [summaries 2 * HV * K * (K + V) * 4 forward, 2 * HV * K * V * 4
+backward, plus the conv halo 2 * (Kw - 1) * conv channels * 2 (bf16)]; none of it depends on T.
+Megatron's all-to-all CP moves (CP-1)/CP of its local activations instead (grows with T).
 
 `--impl megatron` times megatron-core 0.19.2's own GatedDeltaNet (all-to-all CP to head
 parallel; needs flash-linear-attention) in the same launch where it can run (CP must divide
-the head counts); the reason is logged where it cannot.
+the head counts, so the default 6 heads stop it at CP=4: compare at `--heads 16 --value-heads
+16 --key-dim 128 --value-dim 128` too); the reason is logged where it cannot.
 
 Lengths run in the order given; the first that runs out of memory ends the sweep for that
 implementation (ranks are symmetric, so they fail together; give the longest lengths last).
@@ -137,7 +139,13 @@ def build_megatron(config, pgc, device, seed):
 
 
 def bytes_per_layer(args, cp_size, impl, tokens):
-    """Bytes one rank sends per layer (forward, backward)."""
+    """Bytes one rank puts on the wire per layer (forward, backward), one sequence.
+
+    ours: the all-gather of the local buffer (ring: (CP-1) x the buffer leaves each rank):
+    [H | M] summaries of 2 segments forward, D backward, both fp32, plus the conv halo tails
+    (all-gather forward, reduce-scatter backward). megatron: its all-to-alls of the in_proj
+    output to head parallel and of the kernel output back, (CP-1)/CP of each local tensor.
+    """
     if cp_size == 1:
         return 0, 0
     HV, K, V = args.value_heads, args.key_dim, args.value_dim
@@ -145,9 +153,9 @@ def bytes_per_layer(args, cp_size, impl, tokens):
     if impl == "ours":
         conv_ch = 2 * args.heads * K + HV * V
         halo = 2 * (args.conv - 1) * conv_ch * elem
-        return 2 * HV * K * (K + V) * 4 + halo, 2 * HV * K * V * 4 + halo
-    # all-to-all of the in_proj output to head parallel and of the kernel output back:
-    # (CP-1)/CP of the local tensors leave the rank, forward and backward alike
+        fwd = 2 * HV * K * (K + V) * 4 + halo
+        bwd = 2 * HV * K * V * 4 + halo
+        return (cp_size - 1) * fwd, (cp_size - 1) * bwd
     local = tokens // cp_size
     qkvzba = 2 * args.heads * K + 2 * HV * V + 2 * HV
     sent = (qkvzba + HV * V) * local * elem * (cp_size - 1) // cp_size
