@@ -22,19 +22,30 @@ _ACTIVATIONS = (None, "silu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+# Addressing: every tile has a reference token t0; its scalar base pointers carry the 64-bit
+# offsets (batch, t0) and the per-element offsets are small int32 rows r relative to t0, which
+# keeps the pointer tiles cheap in registers. lo = bos - t0 and hi = eos - t0 bound the rows of
+# the tile's sequence. The forward and backward kernels read the history (and d final_state)
+# as [N, W-1, D], channels contiguous, so those loads vectorise like the loads of x; the
+# launchers transpose these small tensors.
+
+
 @triton.jit
-def _load_input(x_base, h0, src, m_t, o_d, m_d, bos, i_n, D, stride_xt,
+def _load_input(x_tile, h0, i_n, r, lo, m_r, o_d, m_d, stride_xt, stride_hn, stride_hk, stride_hd,
                 W: tl.constexpr, HAS_H0: tl.constexpr):
-    """Inputs at token positions src ([BT]) for channels o_d ([BD]) as fp32 [BT, BD]: from x at
-    src >= bos, from the history h0[i_n, :, src - bos + W-1] before the sequence start (zeros
-    without history). Rows where m_t is false read nothing."""
-    m_x = (m_t & (src >= bos))[:, None] & m_d[None, :]
-    p_x = x_base + src.to(tl.int64)[:, None] * stride_xt + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+    """Inputs at rows r ([BT], r >= -(W-1), relative to the tile) for channels o_d ([BD]) as
+    fp32 [BT, BD]: from x for r >= lo, from history slot r - lo + W-1 of row i_n of h0 (element
+    (n, k, d) at n*stride_hn + k*stride_hk + d*stride_hd) before the sequence start (zeros
+    without history). Rows where m_r is false read nothing."""
+    m_x = (m_r & (r >= lo))[:, None] & m_d[None, :]
+    b_x = tl.load(x_tile + (r * stride_xt)[:, None] + o_d[None, :], mask=m_x, other=0.).to(tl.float32)
     if HAS_H0:
-        m_h = (m_t & (src < bos))[:, None] & m_d[None, :]
-        p_h = h0 + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + (src - bos + (W - 1))[:, None]
-        b_x += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
+        # only tiles within W-1 tokens of the sequence start touch the history
+        if lo > 1 - W:
+            m_h = (m_r & (r < lo))[:, None] & m_d[None, :]
+            p_h = (h0 + i_n.to(tl.int64) * stride_hn + ((r - lo + (W - 1)) * stride_hk)[:, None]
+                   + (o_d * stride_hd)[None, :])
+            b_x += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
     return b_x
 
 
@@ -61,25 +72,29 @@ def _conv_fwd_kernel(
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    """y for BT tokens x BD channels of one sequence; h0 is [N, W-1, D]."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_tc, bos, eos = _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
-    o_t = bos + i_tc * BT + tl.arange(0, BT)
+    t0 = bos + i_tc * BT
+    o_r = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
-    m_t = o_t < eos
+    m_r = o_r < eos - t0
     m_d = o_d < D
-    x_base = x + i_b.to(tl.int64) * stride_xb
+    x_tile = x + i_b.to(tl.int64) * stride_xb + t0.to(tl.int64) * stride_xt
 
     b_y = tl.zeros([BT, BD], dtype=tl.float32)
     for j in tl.static_range(W):
-        b_x = _load_input(x_base, h0, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+        b_x = _load_input(x_tile, h0, i_n, o_r - (W - 1) + j, bos - t0, m_r, o_d, m_d, stride_xt,
+                          (W - 1) * D, D, 1, W, HAS_H0)
         b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
         b_y += b_x * b_w[None, :]
     if HAS_BIAS:
         b_y += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
     if SILU:
         b_y = b_y * tl.sigmoid(b_y)
-    p_y = y + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
-    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    y_tile = y + (i_b.to(tl.int64) * T + t0.to(tl.int64)) * D
+    tl.store(y_tile + (o_r * D)[:, None] + o_d[None, :], b_y.to(y.dtype.element_ty),
+             mask=m_r[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -89,7 +104,8 @@ def _conv_final_state_kernel(
     W: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
     HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """ht[n, :, k] = input at position eos - (W-1) + k of sequence n (history when before bos)."""
+    """ht[n, :, k] = input at position eos - (W-1) + k of sequence n (history when before bos);
+    h0 is [N, W-1, D], ht is [N, D, W-1]."""
     i_n, i_d = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         i_b = i_n * 0
@@ -99,105 +115,119 @@ def _conv_final_state_kernel(
         i_b = i_n
         bos = i_n * 0
         eos = bos + T
+    t0 = eos - (W - 1)
     o_k = tl.arange(0, BK)
     o_d = i_d * BD + tl.arange(0, BD)
     m_k = o_k < W - 1
     m_d = o_d < D
-    x_base = x + i_b.to(tl.int64) * stride_xb
-    b_h = _load_input(x_base, h0, eos - (W - 1) + o_k, m_k, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
+    x_tile = x + i_b.to(tl.int64) * stride_xb + t0.to(tl.int64) * stride_xt
+    b_h = _load_input(x_tile, h0, i_n, o_k, bos - t0, m_k, o_d, m_d, stride_xt, (W - 1) * D, D, 1, W, HAS_H0)
     p_h = ht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
     tl.store(p_h, b_h.to(ht.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _dpre_at(x_base, weight, bias, h0, dy_base, t, o_d, m_d, bos, eos, i_n, D, stride_xt,
-             W: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr):
-    """Gradient w.r.t. the pre-activation at token positions t ([BT]) as fp32 [BT, BD]; zero
-    outside [bos, eos). With SiLU the pre-activation is recomputed from the inputs."""
-    m = (t >= bos) & (t < eos)
-    p_dy = dy_base + t.to(tl.int64)[:, None] * D + o_d[None, :]
-    b_dp = tl.load(p_dy, mask=m[:, None] & m_d[None, :], other=0.).to(tl.float32)
-    if SILU:
-        b_pre = tl.zeros_like(b_dp)
-        for i in tl.static_range(W):
-            b_x = _load_input(x_base, h0, t - (W - 1) + i, m, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
-            b_w = tl.load(weight + o_d * W + i, mask=m_d, other=0.).to(tl.float32)
-            b_pre += b_x * b_w[None, :]
-        if HAS_BIAS:
-            b_pre += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
-        b_sig = tl.sigmoid(b_pre)
-        # d silu(p) / dp = sig(p) * (1 + p * (1 - sig(p)))
-        b_dp = b_dp * b_sig * (1. + b_pre * (1. - b_sig))
-    return b_dp
 
 
 @triton.jit
 def _conv_bwd_kernel(
     x, weight, bias, h0, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens, chunk_indices,
     T, D, NT, stride_xb, stride_xt,
-    W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    W: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+    BW: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dx, d initial_state and this program's partial sums of dweight / dbias over its tokens.
 
     dx[s] = sum_j w[j] dpre[s + W-1 - j]  (+ d final_state where s is among the last W-1 inputs)
     dw[j] = sum_t dpre[t] in[t - (W-1) + j],  db = sum_t dpre[t]
+
+    A program owns NSUB spans of BT - (W-1) tokens. Each span's tile holds BT tokens, its last
+    W-1 the look-ahead dx needs; dpre is computed once per tile (the SiLU pre-activation
+    recomputed from the inputs) and its shifted rows are read with tl.gather.
+    h0, dht and dh0 are [N, W-1, D].
     """
+    OWN: tl.constexpr = BT - (W - 1)
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_tc, bos, eos = _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     i_p = i_b.to(tl.int64) * NT + i_t
-    o_t = bos + i_tc * BT + tl.arange(0, BT)
+    o_r = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     o_w = tl.arange(0, BW)
-    m_t = o_t < eos
     m_d = o_d < D
-    x_base = x + i_b.to(tl.int64) * stride_xb
-    dy_base = dy + i_b.to(tl.int64) * T * D
+    zeros_i = tl.zeros([BT, BD], dtype=tl.int32)
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
 
-    b_dp = _dpre_at(x_base, weight, bias, h0, dy_base, o_t, o_d, m_d, bos, eos, i_n, D, stride_xt,
-                    W, HAS_BIAS, SILU, HAS_H0)
     b_dw = tl.zeros([BW, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        b_x = _load_input(x_base, h0, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_n, D, stride_xt, W, HAS_H0)
-        b_dw += tl.where(o_w[:, None] == j, tl.sum(b_dp * b_x, axis=0)[None, :], 0.)
+    b_db = tl.zeros([BD], dtype=tl.float32)
+    for i_s in range(NSUB):
+        i_span = i_tc * NSUB + i_s
+        t0 = bos + i_span * OWN
+        lo = bos - t0
+        hi = eos - t0
+        m_r = o_r < hi
+        m_own = m_r & (o_r < OWN)
+        x_tile = x + i_b.to(tl.int64) * stride_xb + t0.to(tl.int64) * stride_xt
+        row_base = (i_b.to(tl.int64) * T + t0.to(tl.int64)) * D
+        b_dp = tl.load(dy + row_base + (o_r * D)[:, None] + o_d[None, :],
+                       mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        if SILU:
+            b_pre = tl.zeros([BT, BD], dtype=tl.float32)
+            for j in tl.static_range(W):
+                b_x = _load_input(x_tile, h0, i_n, o_r - (W - 1) + j, lo, m_r, o_d, m_d, stride_xt,
+                                  (W - 1) * D, D, 1, W, HAS_H0)
+                b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+                b_pre += b_x * b_w[None, :]
+            if HAS_BIAS:
+                b_pre += b_bias[None, :]
+            b_sig = tl.sigmoid(b_pre)
+            # d silu(p) / dp = sig(p) * (1 + p * (1 - sig(p)))
+            b_dp = b_dp * b_sig * (1. + b_pre * (1. - b_sig))
+        b_dp_own = tl.where(m_own[:, None], b_dp, 0.)
+        for j in tl.static_range(W):
+            b_x = _load_input(x_tile, h0, i_n, o_r - (W - 1) + j, lo, m_own, o_d, m_d, stride_xt,
+                              (W - 1) * D, D, 1, W, HAS_H0)
+            b_dw += tl.where(o_w[:, None] == j, tl.sum(b_dp_own * b_x, axis=0)[None, :], 0.)
+        b_db += tl.sum(b_dp_own, axis=0)
+
+        b_dx = b_dp * tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.).to(tl.float32)[None, :]
+        for j in tl.static_range(W - 1):
+            b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+            # rows past OWN are look-ahead only, so clamping their index is harmless
+            i_shift = tl.minimum(o_r + (W - 1 - j), BT - 1)[:, None] + zeros_i
+            b_dx += b_w[None, :] * tl.gather(b_dp, i_shift, axis=0)
+        if HAS_DHT:
+            # row r is slot r - (hi - (W-1)) of the final state when that is >= 0
+            k_s = o_r - (hi - (W - 1))
+            m_s = (m_own & (k_s >= 0))[:, None] & m_d[None, :]
+            p_s = dht + i_n.to(tl.int64) * (W - 1) * D + (k_s * D)[:, None] + o_d[None, :]
+            b_dx += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
+        tl.store(dx + row_base + (o_r * D)[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=m_own[:, None] & m_d[None, :])
+
+        if HAS_H0:
+            if i_span == 0:
+                # history slot k is the input at bos - (W-1) + k; it feeds outputs bos + k - j,
+                # rows k - j of this first tile
+                o_k = tl.arange(0, BK)
+                m_k = o_k < W - 1
+                zeros_k = tl.zeros([BK, BD], dtype=tl.int32)
+                b_dh = tl.zeros([BK, BD], dtype=tl.float32)
+                for j in tl.static_range(W):
+                    b_wh = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+                    i_row = tl.maximum(o_k - j, 0)[:, None] + zeros_k
+                    b_dh += tl.where((o_k >= j)[:, None], b_wh[None, :] * tl.gather(b_dp, i_row, axis=0), 0.)
+                if HAS_DHT:
+                    # a sequence shorter than W-1 passes history slots straight into its final state
+                    k_h = o_k - hi
+                    m_h = (m_k & (k_h >= 0))[:, None] & m_d[None, :]
+                    p_h = dht + i_n.to(tl.int64) * (W - 1) * D + (k_h * D)[:, None] + o_d[None, :]
+                    b_dh += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
+                p_dh = dh0 + i_n.to(tl.int64) * (W - 1) * D + (o_k * D)[:, None] + o_d[None, :]
+                tl.store(p_dh, b_dh, mask=m_k[:, None] & m_d[None, :])
+
     p_dw = dw_part + i_p * D * W + o_d[None, :] * W + o_w[:, None]
     tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_d[None, :])
     if HAS_BIAS:
-        tl.store(db_part + i_p * D + o_d, tl.sum(b_dp, axis=0), mask=m_d)
-
-    b_dx = b_dp * tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.).to(tl.float32)[None, :]
-    for j in tl.static_range(W - 1):
-        b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
-        b_dx += b_w[None, :] * _dpre_at(x_base, weight, bias, h0, dy_base, o_t + (W - 1) - j, o_d, m_d,
-                                        bos, eos, i_n, D, stride_xt, W, HAS_BIAS, SILU, HAS_H0)
-    if HAS_DHT:
-        # token s is slot s - (eos - (W-1)) of the final state when that is >= 0
-        k_s = o_t - (eos - (W - 1))
-        m_s = (m_t & (k_s >= 0))[:, None] & m_d[None, :]
-        p_s = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_s[:, None]
-        b_dx += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
-    p_dx = dx + (i_b.to(tl.int64) * T + o_t.to(tl.int64))[:, None] * D + o_d[None, :]
-    tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
-
-    if HAS_H0:
-        if i_tc == 0:
-            # history slot k is the input at bos - (W-1) + k; it feeds outputs bos + k - j
-            o_k = tl.arange(0, BK)
-            m_k = o_k < W - 1
-            b_dh = tl.zeros([BK, BD], dtype=tl.float32)
-            for j in tl.static_range(W):
-                b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
-                b_dh += b_w[None, :] * _dpre_at(x_base, weight, bias, h0, dy_base, bos + o_k - j, o_d, m_d,
-                                                bos, eos, i_n, D, stride_xt, W, HAS_BIAS, SILU, HAS_H0)
-            if HAS_DHT:
-                # a sequence shorter than W-1 passes history slots straight into its final state
-                k_h = o_k + (bos - eos)
-                m_h = (m_k & (k_h >= 0))[:, None] & m_d[None, :]
-                p_h = dht + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + k_h[:, None]
-                b_dh += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
-            p_dh = dh0 + i_n.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
-            tl.store(p_dh, b_dh, mask=m_k[:, None] & m_d[None, :])
+        tl.store(db_part + i_p * D + o_d, b_db, mask=m_d)
 
 
 @triton.jit
@@ -207,39 +237,46 @@ def _conv_update_kernel(
     W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
 ):
-    """One program per (batch row, channel block): outputs for all T tokens, then the state."""
+    """One program per (batch row, channel block): outputs for all T tokens, then the state
+    (conv_state is [B, D, W-1], contiguous)."""
     i_b, i_d = tl.program_id(0), tl.program_id(1)
+    o_r = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     x_base = x + i_b.to(tl.int64) * stride_xb
-    bos = i_b * 0
     for i_t in range(0, tl.cdiv(T, BT)):
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < T
+        t0 = i_t * BT
+        m_r = o_r < T - t0
         b_y = tl.zeros([BT, BD], dtype=tl.float32)
         for j in tl.static_range(W):
-            b_x = _load_input(x_base, conv_state, o_t - (W - 1) + j, m_t, o_d, m_d, bos, i_b, D, stride_xt, W, True)
+            b_x = _load_input(x_base + t0 * stride_xt, conv_state, i_b, o_r - (W - 1) + j, -t0, m_r,
+                              o_d, m_d, stride_xt, D * (W - 1), 1, W - 1, W, True)
             b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
             b_y += b_x * b_w[None, :]
         if HAS_BIAS:
             b_y += tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
         if SILU:
             b_y = b_y * tl.sigmoid(b_y)
-        p_y = y + (i_b.to(tl.int64) * T + o_t)[:, None] * D + o_d[None, :]
-        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+        y_tile = y + (i_b.to(tl.int64) * T + t0) * D
+        tl.store(y_tile + (o_r * D)[:, None] + o_d[None, :], b_y.to(y.dtype.element_ty),
+                 mask=m_r[:, None] & m_d[None, :])
     o_k = tl.arange(0, BK)
     m_k = o_k < W - 1
-    b_s = _load_input(x_base, conv_state, T - (W - 1) + o_k, m_k, o_d, m_d, bos, i_b, D, stride_xt, W, True)
+    t0 = T - (W - 1)
+    b_s = _load_input(x_base + t0 * stride_xt, conv_state, i_b, o_k, -t0, m_k, o_d, m_d, stride_xt,
+                      D * (W - 1), 1, W - 1, W, True)
     # every thread of the program must have read the old state before any thread overwrites it
     tl.debug_barrier()
     p_s = conv_state + i_b.to(tl.int64) * D * (W - 1) + o_d[None, :] * (W - 1) + o_k[:, None]
     tl.store(p_s, b_s.to(conv_state.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])
 
 
-# (BT, BD, num_warps): forward tiles of 64 tokens x 128 channels (256 contiguous bytes per row
-# in bf16); backward tiles of 128 tokens so the per-program dweight partials stay ~1/16 of x
-FWD_CONFIG = (64, 128, 4)
-BWD_CONFIG = (128, 64, 8)
+# Tiles small enough that ptxas keeps them in registers on sm_90 (checked without spills at
+# W = 4): forward (BT, BD, num_warps) = 16 tokens x 128 channels (256 contiguous bytes per row
+# in bf16); backward (BT, NSUB, BD, num_warps): tiles of 32 tokens, 4 spans per program, so
+# the per-program dweight partials stay ~1/30 of x
+FWD_CONFIG = (16, 128, 4)
+BWD_CONFIG = (32, 4, 64, 4)
 
 
 def _chunk_indices(cu_list: List[int], BT: int, device) -> torch.Tensor:
@@ -258,7 +295,8 @@ def _as_channels_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _conv_forward(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens_i32, cu_list):
+def _conv_forward(x, weight, bias, activation, h0_nkd, output_final_state, cu_seqlens_i32, cu_list):
+    """h0_nkd: the initial state as [N, W-1, D] (or None); returns y and the final state [N, D, W-1]."""
     B, T, D = x.shape
     W = weight.shape[1]
     BT, BD, warps = FWD_CONFIG
@@ -267,50 +305,55 @@ def _conv_forward(x, weight, bias, activation, initial_state, output_final_state
     N = len(cu_list) - 1 if varlen else B
     y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
-    # never an empty grid: T == 0 launches one fully masked block (which still writes d initial_state)
+    # never an empty grid: T == 0 launches one fully masked block
     grid = (chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, BT)), triton.cdiv(D, BD), 1 if varlen else B)
     _conv_fwd_kernel[grid](
-        x, weight, bias, initial_state, y, cu_seqlens_i32, chunk_indices,
+        x, weight, bias, h0_nkd, y, cu_seqlens_i32, chunk_indices,
         T, D, x.stride(0), x.stride(1),
         W=W, BT=BT, BD=BD, HAS_BIAS=bias is not None, SILU=activation == "silu",
-        HAS_H0=initial_state is not None, IS_VARLEN=varlen, num_warps=warps,
+        HAS_H0=h0_nkd is not None, IS_VARLEN=varlen, num_warps=warps,
     )
     final_state = None
     if output_final_state:
         final_state = torch.empty(N, D, W - 1, dtype=x.dtype, device=x.device)
         _conv_final_state_kernel[(N, triton.cdiv(D, BD))](
-            x, initial_state, final_state, cu_seqlens_i32,
+            x, h0_nkd, final_state, cu_seqlens_i32,
             T, D, x.stride(0), x.stride(1),
             W=W, BK=triton.next_power_of_2(W - 1), BD=BD,
-            HAS_H0=initial_state is not None, IS_VARLEN=varlen, num_warps=1,
+            HAS_H0=h0_nkd is not None, IS_VARLEN=varlen, num_warps=1,
         )
     return y, final_state
 
 
-def _conv_backward(x, weight, bias, activation, initial_state, dy, dht, cu_seqlens_i32, cu_list):
+def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_i32, cu_list):
+    """h0_nkd, dht_nkd: [N, W-1, D] or None; returns dx, dweight, dbias, d initial_state [N, D, W-1]."""
     B, T, D = x.shape
     W = weight.shape[1]
-    BT, BD, warps = BWD_CONFIG
+    BT, NSUB, BD, warps = BWD_CONFIG
     BD = min(BD, triton.next_power_of_2(D))
+    # a tile must hold at least W-1 owned tokens besides its W-1 look-ahead rows
+    BT = max(BT, triton.next_power_of_2(2 * (W - 1)))
+    span = NSUB * (BT - (W - 1))
     varlen = cu_list is not None
-    chunk_indices = _chunk_indices(cu_list, BT, x.device) if varlen else None
-    NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, BT))
+    chunk_indices = _chunk_indices(cu_list, span, x.device) if varlen else None
+    # never an empty grid: T == 0 launches one fully masked block, which still writes d initial_state
+    NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, span))
     n_part = NT * (1 if varlen else B)
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     dw_part = torch.empty(n_part, D, W, dtype=torch.float32, device=x.device)
     db_part = torch.empty(n_part, D, dtype=torch.float32, device=x.device) if bias is not None else None
-    dh0 = torch.empty(initial_state.shape, dtype=torch.float32, device=x.device) if initial_state is not None else None
+    dh0 = torch.empty(h0_nkd.shape, dtype=torch.float32, device=x.device) if h0_nkd is not None else None
     grid = (NT, triton.cdiv(D, BD), 1 if varlen else B)
     _conv_bwd_kernel[grid](
-        x, weight, bias, initial_state, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens_i32, chunk_indices,
+        x, weight, bias, h0_nkd, dy, dht_nkd, dx, dw_part, db_part, dh0, cu_seqlens_i32, chunk_indices,
         T, D, NT, x.stride(0), x.stride(1),
-        W=W, BT=BT, BD=BD, BK=triton.next_power_of_2(W - 1), BW=triton.next_power_of_2(W),
-        HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_H0=initial_state is not None,
-        HAS_DHT=dht is not None, IS_VARLEN=varlen, num_warps=warps,
+        W=W, BT=BT, NSUB=NSUB, BD=BD, BK=triton.next_power_of_2(W - 1), BW=triton.next_power_of_2(W),
+        HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_H0=h0_nkd is not None,
+        HAS_DHT=dht_nkd is not None, IS_VARLEN=varlen, num_warps=warps,
     )
     dw = dw_part.sum(0).to(weight.dtype)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-    dh0 = dh0.to(initial_state.dtype) if dh0 is not None else None
+    dh0 = dh0.transpose(1, 2).contiguous().to(h0_nkd.dtype) if dh0 is not None else None
     return dx, dw, db, dh0
 
 
@@ -321,10 +364,10 @@ class CausalConv1dFunction(torch.autograd.Function):
         x = _as_channels_last(x)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
-        initial_state = initial_state.contiguous() if initial_state is not None else None
-        y, final_state = _conv_forward(x, weight, bias, activation, initial_state, output_final_state,
+        h0_nkd = initial_state.transpose(1, 2).contiguous() if initial_state is not None else None
+        y, final_state = _conv_forward(x, weight, bias, activation, h0_nkd, output_final_state,
                                        cu_seqlens_i32, cu_list)
-        ctx.save_for_backward(x, weight, bias, initial_state, cu_seqlens_i32)
+        ctx.save_for_backward(x, weight, bias, h0_nkd, cu_seqlens_i32)
         ctx.activation = activation
         ctx.cu_list = cu_list
         ctx.set_materialize_grads(False)
@@ -332,10 +375,10 @@ class CausalConv1dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dht):
-        x, weight, bias, initial_state, cu_seqlens_i32 = ctx.saved_tensors
+        x, weight, bias, h0_nkd, cu_seqlens_i32 = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
-        dht = dht.contiguous() if dht is not None else None
-        dx, dw, db, dh0 = _conv_backward(x, weight, bias, ctx.activation, initial_state, dy, dht,
+        dht_nkd = dht.transpose(1, 2).contiguous() if dht is not None else None
+        dx, dw, db, dh0 = _conv_backward(x, weight, bias, ctx.activation, h0_nkd, dy, dht_nkd,
                                          cu_seqlens_i32, ctx.cu_list)
         # activation, output_final_state, cu_seqlens_i32, cu_list: not differentiable
         return dx, dw, db, dh0, None, None, None, None

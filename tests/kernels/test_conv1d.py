@@ -55,7 +55,8 @@ def check_against_oracle(backend, x, weight, bias, activation, h0, final, cu_seq
 
 
 # B-T-D-W-initial_state-bias-activation-final_state; T = 150 crosses the Triton token blocks
-# (64 forward, 128 backward), D = 33 / 130 leave partial channel blocks
+# (16 forward; 29-token tiles, 116 per program backward at W = 4), D = 33 / 130 leave partial
+# channel blocks; W = 8 is the widest kernel
 DENSE = [
     (2, 37, 20, 4, True, True, "silu", True),
     (1, 64, 8, 2, False, False, None, False),
@@ -63,6 +64,7 @@ DENSE = [
     (1, 150, 12, 4, True, True, "silu", False),
     (2, 9, 130, 3, False, True, None, True),
     (2, 2, 16, 4, True, True, "silu", True),
+    (1, 45, 10, 8, True, True, "silu", True),
 ]
 
 
@@ -166,7 +168,7 @@ def test_short_sequence_final_state_is_history_tail_then_tokens():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("W", [2, 3, 4, 8])
 def test_update_equals_full_conv(backend, W):
     """A prefill of 18 tokens (more than one Triton token block), then one-token steps ([B, D]
     and [B, 1, D]), then a 3-token chunk: outputs and the in-place state equal one full
