@@ -12,8 +12,8 @@ GDN mixers (residual stack) built from megatron_gdn.specs; default dims are the 
 backward, median of `--iters` after `--warmup`; peak = max allocated during those steps.
 
 Bytes per layer: what one rank puts on the wire per direction, from the layout (see
-`bytes_per_layer`): (CP-1) x [summaries 2 * HV * K * (K + V) * 4 forward, 2 * HV * K * V * 4
-backward, plus the conv halo 2 * (Kw - 1) * conv channels * 2 (bf16)]; none of it depends on T.
+`bytes_per_layer`): (CP-1) x [summaries 2 * HV * K * (K + V) * 4 each way, plus the conv halo 2 * (Kw - 1) *
+conv channels * 2 (bf16)]; none of it depends on T.
 Megatron's all-to-all CP moves (CP-1)/CP of its local activations instead (grows with T).
 
 `--impl megatron` times megatron-core 0.19.2's own GatedDeltaNet (all-to-all CP to head
@@ -142,7 +142,7 @@ def bytes_per_layer(args, cp_size, impl, tokens):
     """Bytes one rank puts on the wire per layer (forward, backward), one sequence.
 
     ours: the all-gather of the local buffer (ring: (CP-1) x the buffer leaves each rank):
-    [H | M] summaries of 2 segments forward, D backward, both fp32, plus the conv halo tails
+    [H | M] summaries of 2 segments forward, [D | M] backward, both fp32, plus the conv halo tails
     (all-gather forward, reduce-scatter backward). megatron: its all-to-alls of the in_proj
     output to head parallel and of the kernel output back, (CP-1)/CP of each local tensor.
     """
@@ -154,7 +154,7 @@ def bytes_per_layer(args, cp_size, impl, tokens):
         conv_ch = 2 * args.heads * K + HV * V
         halo = 2 * (args.conv - 1) * conv_ch * elem
         fwd = 2 * HV * K * (K + V) * 4 + halo
-        bwd = 2 * HV * K * V * 4 + halo
+        bwd = 2 * HV * K * (K + V) * 4 + halo
         return (cp_size - 1) * fwd, (cp_size - 1) * bwd
     local = tokens // cp_size
     qkvzba = 2 * args.heads * K + 2 * HV * V + 2 * HV

@@ -21,8 +21,8 @@ Forward, per layer: that call (autograd on), one all-gather of [H | M] over the 
 order (S <- M_p S + H_p, S = 0 at each sequence start) giving S_in of the local segments, and
 o = o0 + S_in^T oq (a small per-segment matmul).
 Backward: autograd through the same graph. The gradient reaching S_in is D = sum_t oq_t do_t^T
-(from the matmul, no kernel pass); one all-gather of D ([R * 2N, HV, K, V] fp32); a reverse
-fold gives the gradient arriving at the end of each local segment, G_p = D_{p+1} + M_{p+1}^T
+(from the matmul, no kernel pass); one all-gather of [D | M] ([R * 2N, HV, K, V + K] fp32); a
+reverse fold gives the gradient arriving at the end of each local segment, G_p = D_{p+1} + M_{p+1}^T
 G_{p+1} (G = 0 after the last piece); the summaries receive dH = G, dM = G S_in^T; and ONE
 backward call of the widened kernel turns (d[o0 | oq], d[H | M]) into every input gradient.
 
@@ -124,24 +124,27 @@ def _nonempty(cu: List[int]) -> Tuple[List[int], List[int]]:
 class _PassStates(torch.autograd.Function):
     """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's segments) -> s_in [2N, HV, K, V],
     the state entering each local segment; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
-    local segments, through one all-gather of d s_in over the CP group each way."""
+    local segments. One all-gather over the CP group each way: [h | m] forward, [d s_in | m]
+    backward (m travels again rather than every rank keeping all R * 2N transitions: saved
+    memory stays local, which matters for packs of many documents)."""
 
     @staticmethod
     def forward(ctx, h, m, layout, group):
         V = h.shape[-1]
         _, wait = all_gather_start(torch.cat([h, m], dim=-1), group)
         gathered = wait()
-        m_all = gathered[..., V:].contiguous()
-        s_in = fold_states(gathered[..., :V], m_all, layout)
-        ctx.save_for_backward(m_all, s_in)
+        s_in = fold_states(gathered[..., :V], gathered[..., V:], layout)
+        ctx.save_for_backward(m, s_in)
         ctx.layout, ctx.group = layout, group
         return s_in
 
     @staticmethod
     def backward(ctx, ds_in):
-        m_all, s_in = ctx.saved_tensors
-        _, wait = all_gather_start(ds_in.float(), ctx.group)
-        g_end = fold_state_grads(wait(), m_all, ctx.layout)
+        m, s_in = ctx.saved_tensors
+        V = s_in.shape[-1]
+        _, wait = all_gather_start(torch.cat([ds_in.float(), m], dim=-1), ctx.group)
+        gathered = wait()
+        g_end = fold_state_grads(gathered[..., :V], gathered[..., V:], ctx.layout)
         # S_out = m S_in + h: dh = G, dm = G S_in^T
         # layout, group: not tensors
         return g_end, torch.matmul(g_end, s_in.transpose(-1, -2)), None, None
