@@ -24,6 +24,7 @@ import importlib
 import os
 import threading
 import types
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -317,6 +318,9 @@ class TorchNorm:
             raise ValueError("layernorm_zero_centered_gamma=True is not supported by TorchNorm")
         if config.memory_efficient_layer_norm:
             raise ValueError("memory_efficient_layer_norm=True is not supported by TorchNorm")
+        if config.persist_layer_norm:
+            # a kernel choice of apex's fused norm; megatron.training turns it on by default
+            warnings.warn("persist_layer_norm=True is ignored by TorchNorm", stacklevel=2)
         if config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps)
         elif config.normalization == "RMSNorm":

@@ -2,33 +2,33 @@
 
 Distributed checks in this project compare a sharded run against one process with the same
 weights; they need real processes (collectives, process groups, Megatron's global parallel
-state), not mocks. `run_distributed` spawns W fresh Python processes, initialises
-`torch.distributed` with gloo on a free local port, optionally applies `megatron_gdn.cpu.enable()`
-(so Megatron runs without a GPU), calls `fn(*args, **kwargs)` on every rank and returns the
-per-rank return values to the caller. An exception on any rank is re-raised in the caller
-with that rank's traceback; a rank that hangs is killed after `timeout` seconds.
+state), not mocks. `run_distributed` starts W processes, initialises `torch.distributed` with
+gloo on a free local port, applies `megatron_gdn.cpu.enable()` (so Megatron runs without a GPU;
+a no-op on a CUDA machine), calls `fn(*args, **kwargs)` on every rank and returns the per-rank
+return values (tensors included) to the caller. An exception on any rank is re-raised in the
+caller as DistributedTestError with that rank's traceback; ranks that hang are killed after
+`timeout` seconds.
 
-Each launch costs a Python + torch (+ Megatron) import per process, a few seconds on a small
-machine: group several checks into one function and one launch.
+Ranks fork from a server process that has imported torch and Megatron once, so the first
+launch of a test session costs the imports (several seconds on a small machine) and later
+ones well under a second. Still, group related checks into one function and one launch.
 
 Example (the function must be importable by module name, i.e. defined at module level):
 
-    from megatron_gdn.testing.dist import run_distributed, init_megatron, destroy_megatron
+    from megatron_gdn.testing.dist import megatron_parallel, run_distributed
 
     def _tp2_logits(seed):
-        init_megatron(tp=2)                     # parallel_state + RNG tracker, on CPU
-        try:
-            model = build_model(seed)           # seed the CPU RNG identically on every rank
-            return model(tokens).detach()       # picklable (tensors are copied back)
-        finally:
-            destroy_megatron()
+        with megatron_parallel(tp=2):           # parallel_state + RNG tracker; torn down after
+            torch.manual_seed(seed)             # same CPU RNG on every rank -> same master weights
+            model = build_model()               # e.g. with use_cpu_initialization=True
+            return model(tokens).detach()       # comes back to the caller
 
     def test_tp2():
-        results = run_distributed(_tp2_logits, world_size=2, args=(1234,))
-        rank0, rank1 = results
+        rank0, rank1 = run_distributed(_tp2_logits, world_size=2, args=(1234,))
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -45,6 +45,7 @@ __all__ = [
     "run_distributed",
     "init_megatron",
     "destroy_megatron",
+    "megatron_parallel",
     "free_port",
 ]
 
@@ -80,7 +81,10 @@ def _context(start_method: str):
         # imported once in the server (which starts on the first launch of the process and
         # serves all later ones); nothing there touches CUDA or starts threads. A module that
         # is not installed is skipped.
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "megatron.core", "megatron_gdn.cpu"])
+        ctx.set_forkserver_preload(
+            ["torch", "torch.distributed", "megatron.core", "megatron.training.training",
+             "megatron_gdn.cpu"]
+        )
     return ctx
 
 
@@ -282,3 +286,14 @@ def destroy_megatron() -> None:
 
     parallel_state.destroy_model_parallel()
     mp_random.initialize_rng_tracker(force_reset=True)
+
+
+@contextlib.contextmanager
+def megatron_parallel(tp: int = 1, pp: int = 1, cp: int = 1, dp: int | None = None,
+                      seed: int = 1234, **parallel_kwargs):
+    """`init_megatron(...)` on entry, `destroy_megatron()` on exit (also after an error)."""
+    init_megatron(tp=tp, pp=pp, cp=cp, dp=dp, seed=seed, **parallel_kwargs)
+    try:
+        yield
+    finally:
+        destroy_megatron()

@@ -92,3 +92,35 @@ def test_enable_is_idempotent_and_noop_with_cuda():
     assert report["dot_cuda_device"] == "cpu"
     assert report["grad_type"] == "torch.cuda.FloatTensor"
     assert report["rope_cp"] == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def _gloo_avg():
+    rank = torch.distributed.get_rank()
+    value = torch.tensor([1.0, 2.0, 3.0, 4.0]) * (rank + 1)
+    out = {}
+    reduced = value.clone()
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
+    out["all_reduce"] = reduced
+    reduced = value.clone()
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG, async_op=True).wait()
+    out["all_reduce_async"] = reduced
+    shard = torch.empty(2)
+    torch.distributed.reduce_scatter_tensor(shard, value, op=torch.distributed.ReduceOp.AVG)
+    out["reduce_scatter"] = shard
+    summed = value.clone()
+    torch.distributed.all_reduce(summed)
+    out["sum_untouched"] = summed
+    return out
+
+
+def test_gloo_average_ops():
+    """gloo has no ReduceOp.AVG; enable() makes all_reduce / reduce_scatter_tensor take it."""
+    from megatron_gdn.testing.dist import run_distributed
+
+    results = run_distributed(_gloo_avg, world_size=2, timeout=120)
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    for rank, out in enumerate(results):
+        assert torch.equal(out["all_reduce"], base * 1.5)
+        assert torch.equal(out["all_reduce_async"], base * 1.5)
+        assert torch.equal(out["reduce_scatter"], (base * 1.5)[2 * rank:2 * rank + 2])
+        assert torch.equal(out["sum_untouched"], base * 3)
