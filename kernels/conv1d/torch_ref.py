@@ -8,7 +8,7 @@ convolution over that extended buffer gives every output from inputs of its own 
 and the last W-1 rows of a sequence's extended segment are its final state (for a sequence
 shorter than W-1 that is the tail of its history followed by its tokens).
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -36,9 +36,11 @@ def torch_causal_conv1d(
     activation: Optional[str] = "silu",
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
-    cu_seqlens: Optional[List[int]] = None,
+    cu_seqlens: Optional[Union[torch.Tensor, List[int]]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Arguments as `causal_conv1d` (already validated); cu_seqlens as a python list or None."""
+    """Arguments as `causal_conv1d` (already validated); cu_seqlens may also be a python list."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        cu_seqlens = cu_seqlens.tolist()
     B, T, D = x.shape
     W = weight.shape[1]
     # fp32 compute for low-precision inputs; fp64 stays fp64 so the oracle comparison is exact
