@@ -255,6 +255,28 @@ def _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, p_r, m_t, L2: tl.constexpr):
     return b_q, b_k, b_qn, b_kn
 
 
+@triton.jit
+def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
+             L2: tl.constexpr):
+    """k k^T and q k^T of a chunk ([64, 64] float32, l2-normalised if L2), accumulated over
+    K in BKC-wide column blocks: keeps the dot operands small in shared memory at K = 256."""
+    b_kk = tl.zeros([64, 64], dtype=tl.float32)
+    b_qk = tl.zeros([64, 64], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BKC)):
+        cols = i_k * BKC + tl.arange(0, BKC)
+        m = m_t[:, None] & (cols < K)[None, :]
+        b_k = tl.load(k + p_r[:, None] * K + cols[None, :], mask=m, other=0.0)
+        b_q = tl.load(q + p_r[:, None] * K + cols[None, :], mask=m, other=0.0)
+        b_kk += tl.dot(b_k, tl.trans(b_k))
+        b_qk += tl.dot(b_q, tl.trans(b_k))
+    if L2:
+        rk = tl.load(k_rstd + p_r, mask=m_t, other=0.0)
+        rq = tl.load(q_rstd + p_r, mask=m_t, other=0.0)
+        b_kk = b_kk * rk[:, None] * rk[None, :]
+        b_qk = b_qk * rq[:, None] * rk[None, :]
+    return b_kk, b_qk
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. gradients of q, k, v, g, beta per (chunk, key head), looping over the group
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +295,8 @@ def _bwd_grad_kernel(
     dq, dk, dv, dg, dbeta, scale,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
@@ -334,9 +357,8 @@ def _bwd_grad_kernel(
         # dk_h) are left out on both sides, so that dg stays exact where the decay wipes
         # the state (g <= -20 gives a true dg ~ 0 beside O(1) canceling terms)
         # q, k are loaded only now, so that they take no registers during the V loop
+        b_kk, b_qk = _gram_qk(q, k, q_rstd, k_rstd, t_r * H + i_h, m_t, K, BKC, L2)
         b_q, b_k, b_qn, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
-        b_kk = tl.dot(b_k, tl.trans(b_k))
-        b_qk = tl.dot(b_q, tl.trans(b_k))
         e_gc = tl.exp(b_gc)
         k_decay = tl.where(m_t, tl.exp(g_last - b_gc), 0.0)
         dq_hv = b_dqi * (e_gc * scale)[:, None]
@@ -355,7 +377,7 @@ def _bwd_grad_kernel(
         # WY part: E = dA e^(gc_i - gc_j) below the diagonal, dA = -dvb v_new^T
         b_e = tl.where(lower, -b_da * tl.exp(tl.where(lower, d, 0.0)), 0.0)
         b_be = b_e * b_beta[:, None]
-        dk_hv += tl.dot(b_be.to(b_k.dtype), b_k) + tl.dot(tl.trans(b_be).to(b_k.dtype), b_k)
+        dk_hv += tl.dot((b_be + tl.trans(b_be)).to(b_k.dtype), b_k)
         b_f = b_be * b_kk
         b_dgc += tl.sum(b_f, 1) - tl.sum(b_f, 0)
         b_db += tl.sum(b_e * b_kk, 1)
@@ -462,6 +484,6 @@ def chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
         dq, dk, dv, dg, dbeta, scale,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, L2=l2, IS_VARLEN=varlen,
+        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, IS_VARLEN=varlen,
     )
     return dq, dk, dv, dg, dbeta, dh0

@@ -52,6 +52,8 @@ CASES = [
     Case(1, 130, 2, 4, 16, 16, cu=(0, 64, 65, 130), dht=False, gate="mixed", beta="binary"),
     Case(1, 70, 1, 1, 16, 32, gate="zero", l2=True),
     Case(1, 40, 1, 1, 32, 16, gate="strong", beta="binary"),
+    # K above 64: the k k^T / q k^T Gram matrices accumulate over column blocks
+    Case(1, 70, 1, 2, 128, 16, cu=(0, 3, 70), l2=True),
 ]
 
 
