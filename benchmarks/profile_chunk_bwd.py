@@ -1,6 +1,6 @@
-"""The Triton backward of the chunked gated delta rule on one GPU: gradient check at real shapes,
-its launches one by one (where the backward's time goes) next to fla 0.6.0's fwd+bwd, then
-the gradient check (timings first: the float64 reference is slow).
+"""The Triton backward of the chunked gated delta rule on one GPU: its launches one by one
+(where the backward's time goes) and fwd+bwd next to fla 0.6.0, then a gradient check at real
+shapes (timings first: the float64 reference is slow).
 
     python benchmarks/profile_chunk_bwd.py --out benchmarks/logs/bwd
 
