@@ -119,14 +119,18 @@ def test_packed_equals_separate_calls(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_x(backend):
-    """x as a channel slice of a wider projection output (token stride > D) is read in place;
-    its gradient lands in the slice only."""
+@pytest.mark.parametrize("seq_first", [False, True], ids=["btd", "sbd-transposed"])
+def test_strided_x(backend, seq_first):
+    """x as a channel slice of a wider projection output (token stride > D; with Megatron's
+    [s, b, h] projection transposed, also batch stride < token stride) is read in place; its
+    gradient lands in the slice only."""
     B, T, D, W = 2, 21, 12, 4
     wide, weight, bias, h0 = make_inputs(B, T, 3 * D, W, B, seed=7)
     weight, bias, h0 = weight[:D], bias[:D], h0[:, :D]
+    if seq_first:
+        wide = wide.transpose(0, 1).contiguous()
     wide.requires_grad_()
-    x = wide[..., D:2 * D]
+    x = (wide.transpose(0, 1) if seq_first else wide)[..., D:2 * D]
     assert not x.is_contiguous()
     with force_backend(backend):
         y, ht = causal_conv1d(x, weight, bias, "silu", h0, True)
@@ -137,7 +141,8 @@ def test_strided_x(backend):
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
     (y * dy).sum().backward()
     (y_ref * dy.double()).sum().backward()
-    assert_close(wide.grad[..., D:2 * D], x_ref.grad, FP32_REL, "dx")
+    grad = wide.grad.transpose(0, 1) if seq_first else wide.grad
+    assert_close(grad[..., D:2 * D], x_ref.grad, FP32_REL, "dx")
     assert wide.grad[..., :D].abs().max() == 0 and wide.grad[..., 2 * D:].abs().max() == 0
 
 
