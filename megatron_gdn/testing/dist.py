@@ -73,7 +73,11 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _context(start_method: str):
+def _context(start_method: str | None):
+    if start_method is None:
+        # Megatron's imports may initialise CUDA in the server, and a forked child cannot use
+        # CUDA after that: with a GPU every rank starts fresh
+        start_method = "spawn" if torch.cuda.is_available() else "forkserver"
     if start_method not in ("forkserver", "spawn"):
         raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
     ctx = multiprocessing.get_context(start_method)
@@ -88,7 +92,7 @@ def _context(start_method: str):
     return ctx
 
 
-def _worker(rank, world_size, port, fn, args, kwargs, results, enable_cpu, num_threads):
+def _worker(rank, world_size, port, fn, args, kwargs, results, enable_cpu, num_threads, backend):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -103,8 +107,10 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, enable_cpu, num_t
             import megatron_gdn.cpu
 
             megatron_gdn.cpu.enable()
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         torch.distributed.init_process_group(
-            backend="gloo", rank=rank, world_size=world_size,
+            backend=backend, rank=rank, world_size=world_size,
             init_method=f"tcp://127.0.0.1:{port}",
         )
         out = fn(*args, **kwargs)
@@ -131,7 +137,8 @@ def run_distributed(
     timeout: float = 300.0,
     enable_cpu: bool = True,
     num_threads: int = 1,
-    start_method: str = "forkserver",
+    start_method: str | None = None,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Run `fn(*args, **kwargs)` on `world_size` gloo ranks; return the results by rank.
 
@@ -140,13 +147,18 @@ def run_distributed(
     enable_cpu: apply `megatron_gdn.cpu.enable()` in each rank before the process group is made
         (a no-op on a CUDA machine).
     num_threads: torch intra-op threads per rank (keep W * num_threads <= cores).
-    start_method: "forkserver" (default: ranks fork from a server process that imported torch
-        and Megatron once, which saves their import per rank and per launch) or "spawn".
+    start_method: None (default) picks "forkserver" without a GPU (ranks fork from a server
+        process that imported torch and Megatron once, which saves those imports per rank and
+        per launch) and "spawn" with one; either can be forced.
+    backend: "gloo" (CPU tensors; the default) or "nccl" (GPU machines: rank r uses device
+        r % device_count).
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if timeout <= 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     ctx = _context(start_method)
     results = ctx.Queue()
     port = free_port()
@@ -154,7 +166,7 @@ def run_distributed(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, port, fn, tuple(args), dict(kwargs or {}), results,
-                  enable_cpu, num_threads),
+                  enable_cpu, num_threads, backend),
             # not daemonic: rank code may start processes of its own (data loader workers);
             # _stop terminates every rank on the way out
             daemon=False,

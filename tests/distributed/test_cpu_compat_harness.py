@@ -29,8 +29,10 @@ def _sleep_forever():
     time.sleep(3600)
 
 
-def test_results_come_back_per_rank():
-    results = run_distributed(_rank_sum, world_size=2, args=(2.0,), enable_cpu=False, timeout=120)
+@pytest.mark.parametrize("start_method", [None, "spawn"])
+def test_results_come_back_per_rank(start_method):
+    results = run_distributed(_rank_sum, world_size=2, args=(2.0,), enable_cpu=False, timeout=120,
+                              start_method=start_method)
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["world"] == 2 for r in results)
     for r in results:
@@ -55,3 +57,10 @@ def test_timeout_kills_hanging_ranks():
 def test_bad_world_size(bad):
     with pytest.raises(ValueError, match="world_size"):
         run_distributed(_rank_sum, world_size=bad)
+
+
+@pytest.mark.parametrize("option, value", [("start_method", "fork"), ("backend", "mpi"),
+                                           ("timeout", 0)])
+def test_bad_options(option, value):
+    with pytest.raises(ValueError, match=option):
+        run_distributed(_rank_sum, world_size=2, **{option: value})
