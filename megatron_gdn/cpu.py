@@ -23,6 +23,7 @@ import functools
 import importlib
 import os
 import threading
+import time
 import types
 import warnings
 
@@ -95,8 +96,6 @@ class _CpuEvent:
         self._t = None
 
     def record(self, stream=None):
-        import time
-
         self._t = time.perf_counter()
 
     def wait(self, stream=None):
