@@ -38,8 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
-from megatron_gdn.parallel.halo import halo_index
-from megatron_gdn.parallel.zigzag import CPLayout, layout_for_layer, zigzag_indices
 
 __all__ = ["MaskSpec", "masked_attention", "SDPACoreAttention", "reference_attention"]
 
@@ -195,19 +193,93 @@ class _GatherRows(torch.autograd.Function):
         return reduce_scatter(full, ctx.group), None, None
 
 
+@dataclass(frozen=True)
+class AttentionCPLayout:
+    """Megatron's zigzag CP layout of one row of the tokens axis: every sequence n (dense: the
+    row; packed THD: each document, padded length L_n a multiple of 2W) is cut into 2W pieces of
+    P_n = L_n / 2W tokens and rank r holds pieces r and 2W-1-r of each, in sequence order. The
+    local stream is 2N "segments" [seq0 piece r | seq0 piece 2W-1-r | seq1 piece r | ...]."""
+
+    cp_size: int
+    cp_rank: int
+    seq_lens: tuple
+
+    @classmethod
+    def from_input(cls, cu_global, local_len: int, cp_size: int, cp_rank: int) -> "AttentionCPLayout":
+        """cu_global: the GLOBAL (padded) cu_seqlens of packed input (Megatron leaves them
+        unsharded), or None for dense rows of W * local_len tokens."""
+        if cu_global is None:
+            if local_len % 2:
+                raise ValueError(f"the local sequence length {local_len} must be even under context "
+                                 f"parallelism (two zigzag pieces of the global length {local_len * cp_size})")
+            return cls(cp_size, cp_rank, (local_len * cp_size,))
+        cu = [int(c) for c in (cu_global.tolist() if isinstance(cu_global, torch.Tensor) else cu_global)]
+        if cu[-1] != local_len * cp_size:
+            raise ValueError(f"cu_seqlens[-1]={cu[-1]} must equal context_parallel_size * local tokens "
+                             f"= {cp_size} * {local_len} (the global padded cu_seqlens of the pack)")
+        lens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
+        for n, length in enumerate(lens):
+            if length % (2 * cp_size):
+                raise ValueError(f"packed sequence {n} has (padded) length {length}, not divisible by "
+                                 f"2 * context_parallel_size = {2 * cp_size} (use cu_seqlens_q_padded)")
+        return cls(cp_size, cp_rank, lens)
+
+    @property
+    def num_segments(self) -> int:
+        return 2 * len(self.seq_lens)
+
+    @property
+    def piece_lens(self) -> tuple:
+        return tuple(length // (2 * self.cp_size) for length in self.seq_lens)
+
+    def local_pieces(self, rank: Optional[int] = None) -> tuple:
+        r = self.cp_rank if rank is None else rank
+        return r, 2 * self.cp_size - 1 - r
+
+    @property
+    def local_cu(self) -> list:
+        cu = [0]
+        for p in self.piece_lens:
+            cu += [cu[-1] + p, cu[-1] + 2 * p]
+        return cu
+
+    def segment_row(self, rank: int, seq: int, slot: int) -> int:
+        """Index of (rank, sequence, slot) among the W * 2N segments of an all-gather."""
+        return (rank * len(self.seq_lens) + seq) * 2 + slot
+
+
 @functools.lru_cache(maxsize=256)
-def _token_tags(seq_lens: tuple, cp_size: int, rank: int):
+def _token_tags(layout: AttentionCPLayout, rank: int):
     """(position in sequence, document id) of rank `rank`'s local tokens, in local order."""
-    cu = [0]
-    for length in seq_lens:
-        cu.append(cu[-1] + length)
-    idx = zigzag_indices(cu, cp_size, rank)
-    starts = torch.tensor(cu[:-1], dtype=torch.long)
-    doc = torch.searchsorted(torch.tensor(cu[1:], dtype=torch.long), idx, right=True)
-    return idx - starts[doc], doc
+    pos, doc = [], []
+    for n, plen in enumerate(layout.piece_lens):
+        for piece in layout.local_pieces(rank):
+            pos += range(piece * plen, (piece + 1) * plen)
+            doc += [n] * plen
+    return torch.tensor(pos, dtype=torch.long), torch.tensor(doc, dtype=torch.long)
 
 
-def _halo_positions(layout: CPLayout, window: int):
+@functools.lru_cache(maxsize=256)
+def _halo_index(layout: AttentionCPLayout, h: int) -> torch.Tensor:
+    """[2N * h] rows of the gathered tails [W * 2N * h (+ a zero row)] forming the h tokens that
+    precede each local segment in its sequence (oldest first); the zero row before the start.
+    Segment tails hold the last min(P, h) tokens of the segment, right aligned in h slots."""
+    zero_row = layout.cp_size * layout.num_segments * h
+    rows = []
+    for n, plen in enumerate(layout.piece_lens):
+        for piece in layout.local_pieces():
+            for i in range(h):
+                pos = piece * plen - h + i
+                if plen == 0 or pos < 0:
+                    rows.append(zero_row)
+                    continue
+                j, o = divmod(pos, plen)
+                owner, slot = (j, 0) if j < layout.cp_size else (2 * layout.cp_size - 1 - j, 1)
+                rows.append(layout.segment_row(owner, n, slot) * h + h - (plen - o))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _halo_positions(layout: AttentionCPLayout, window: int):
     """Positions of the w-1 halo slots before each of the 2N local segments [2N * (w-1)], and
     whether each slot holds a token (False before its sequence's start)."""
     h = window - 1
@@ -222,7 +294,7 @@ def _halo_positions(layout: CPLayout, window: int):
     return torch.tensor(pos, dtype=torch.long), torch.tensor(valid, dtype=torch.bool)
 
 
-def _tail_index(layout: CPLayout, window: int, tokens: int) -> torch.Tensor:
+def _tail_index(layout: AttentionCPLayout, window: int, tokens: int) -> torch.Tensor:
     """[2N * (w-1)] local rows forming each segment's tail (the last min(P, w-1) tokens, right
     aligned in a slot of w-1); `tokens` (the zero row) for empty slots."""
     h = window - 1
@@ -234,7 +306,7 @@ def _tail_index(layout: CPLayout, window: int, tokens: int) -> torch.Tensor:
     return torch.tensor(index, dtype=torch.long)
 
 
-def _cp_keys(k_tbgd, v_tbgd, layout: CPLayout, window: Optional[int], group):
+def _cp_keys(k_tbgd, v_tbgd, layout: AttentionCPLayout, window: Optional[int], group):
     """Keys/values this rank's queries need under CP, with their tags. `layout` describes one
     row of the tokens axis (dim 0); the batch rows of dense input share it.
 
@@ -244,10 +316,10 @@ def _cp_keys(k_tbgd, v_tbgd, layout: CPLayout, window: Optional[int], group):
     """
     G = k_tbgd.shape[2]
     kv = torch.cat([k_tbgd, v_tbgd], dim=2)
-    loc_pos, loc_doc = _token_tags(layout.seq_lens, layout.cp_size, layout.cp_rank)
+    loc_pos, loc_doc = _token_tags(layout, layout.cp_rank)
     if window is None:
         kv_all = _GatherRows.apply(kv, None, group)
-        tags = [_token_tags(layout.seq_lens, layout.cp_size, r) for r in range(layout.cp_size)]
+        tags = [_token_tags(layout, r) for r in range(layout.cp_size)]
         k_pos = torch.cat([t[0] for t in tags])
         k_doc = torch.cat([t[1] for t in tags])
         return kv_all[:, :, :G], kv_all[:, :, G:], k_pos, k_doc, loc_doc
@@ -255,7 +327,7 @@ def _cp_keys(k_tbgd, v_tbgd, layout: CPLayout, window: Optional[int], group):
     T = kv.shape[0]
     padded = torch.cat([kv, kv.new_zeros((1,) + tuple(kv.shape[1:]))])
     tails = padded.index_select(0, _tail_index(layout, window, T).to(kv.device))
-    index = halo_index(layout, window).reshape(-1).to(kv.device)
+    index = _halo_index(layout, h).to(kv.device)
     halo = _GatherRows.apply(tails, index, group)
     halo_pos, halo_valid = _halo_positions(layout, window)
     # keys ordered [halo_0 | segment_0 | halo_1 | segment_1 | ...] (a band for the block mask)
@@ -329,9 +401,13 @@ class SDPACoreAttention(torch.nn.Module):
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         if cp_size > 1:
             # the batch rows of dense input share one layout (the tokens axis is dim 0 here)
-            layout = layout_for_layer(packed_seq_params if is_thd else None, 1, local_len,
-                                      self.cp_group)
-            q_pos, _ = _token_tags(layout.seq_lens, cp_size, layout.cp_rank)
+            cu = None
+            if is_thd:
+                cu = packed_seq_params.cu_seqlens_q_padded
+                if cu is None:
+                    cu = packed_seq_params.cu_seqlens_q
+            layout = AttentionCPLayout.from_input(cu, local_len, cp_size, self.cp_group.rank())
+            q_pos, _ = _token_tags(layout, layout.cp_rank)
             key, value, k_pos, k_doc, q_doc = _cp_keys(key, value, layout, self.window,
                                                        self.cp_group)
             cache_key = ("cp", layout.seq_lens, cp_size, layout.cp_rank, self.window)
