@@ -1,10 +1,10 @@
 """The chunked gated delta rule under context parallelism, by passing states between pieces.
 
-Legend: R cp_size, r this rank, N sequences, 2N local segments (pieces r and 2R-1-r of each
-sequence, see zigzag.CPLayout), p a global piece index 0..2R-1, HV value heads of this rank,
-K / V key / value head dims, T local tokens, Phi_t the transition from a segment's entering
-state to the state after its token t (Phi_t = A_t ... A_1, A_t = exp(g_t)(I - beta_t k_t k_t^T),
-symmetric).
+Legend: R cp_size, r this rank, N zigzag units, 2N local pieces (pieces r and 2R-1-r of each
+unit), sub-segments (the local pieces cut at document starts; one kernel row each), see
+zigzag.CPLayout; p a global piece index 0..2R-1, HV value heads of this rank, K / V key / value
+head dims, T local tokens, Phi_t the transition from a segment's entering state to the state
+after its token t (Phi_t = A_t ... A_1, A_t = exp(g_t)(I - beta_t k_t k_t^T), symmetric).
 
 A segment maps the state entering it affinely: S_t = Phi_t S_in + S0_t (S0_t: the state reached
 from zero), so its outputs are
@@ -16,10 +16,13 @@ every value column on its own, so ONE call of the local chunk kernel with v wide
 [v | 0_K] and the initial state [0 | I_K] returns all four: outputs [o0 | oq] and final state
 [H | M] (`segment_maps`; two calls where the widened state would not fit the Triton kernel).
 
-Forward, per layer: that call (autograd on), one all-gather of [H | M] over the CP group
-([R * 2N, HV, K, V + K] fp32, independent of the length), a fold per sequence in global piece
-order (S <- M_p S + H_p, S = 0 at each sequence start) giving S_in of the local segments, and
-o = o0 + S_in^T oq (a small per-segment matmul).
+Forward, per layer: that call over the sub-segments (autograd on); a piece's map is that of
+its last sub-segment, with M = 0 where a document starts inside the piece or at its start
+(the chain is cut there); one all-gather of the pieces' [H | M] over the CP group
+([R * 2N, HV, K, V + K] fp32, independent of the length); a fold per unit in global piece
+order (S <- M_p S + H_p, S = 0 at the unit start) giving S_in of the local pieces, passed on
+to the first sub-segment of each piece unless a document starts there; and
+o = o0 + S_in^T oq (a small per-sub-segment matmul).
 Backward: autograd through the same graph. The gradient reaching S_in is D = sum_t oq_t do_t^T
 (from the matmul, no kernel pass); one all-gather of [D | M] ([R * 2N, HV, K, V + K] fp32); a
 reverse fold gives the gradient arriving at the end of each local segment, G_p = D_{p+1} + M_{p+1}^T
@@ -32,7 +35,7 @@ backward, on V + K instead of V value columns; no recomputation, no second pass.
 The head count plays no part: every rank keeps all of its (TP-local) heads, so any
 context-parallel size works with any head count.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
@@ -115,12 +118,6 @@ def fold_state_grads(d_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout)
     return torch.stack(out, dim=1).reshape(layout.num_segments, *d.shape[3:])
 
 
-def _nonempty(cu: List[int]) -> Tuple[List[int], List[int]]:
-    """(indices of non-empty segments, boundaries of those segments only)."""
-    keep = [i for i in range(len(cu) - 1) if cu[i + 1] > cu[i]]
-    return keep, [cu[0]] + [cu[i + 1] for i in keep]
-
-
 class _PassStates(torch.autograd.Function):
     """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's segments) -> s_in [2N, HV, K, V],
     the state entering each local segment; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
@@ -185,7 +182,7 @@ def chunk_gated_delta_rule_cp(
             Megatron's zigzag layout described by `layout` (B rows of dense sequences, or one
             packed row); meanings and fused options as chunk_gated_delta_rule.
         layout: zigzag.CPLayout of this rank; group: the context-parallel process group
-            (all ranks call this together with the same layout.seq_lens).
+            (all ranks call this together, with the same layout.unit_lens).
     Returns:
         o: [B, T, HV, V], equal to the output of the full sequences at these tokens. No
         initial / final state: sequences start from zero state (training).
@@ -198,17 +195,28 @@ def chunk_gated_delta_rule_cp(
     flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
     fused = dict(use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
                  A_log=A_log, dt_bias=dt_bias)
-    keep, cu_keep = _nonempty(layout.local_cu)
     device = q.device
-    o0, oq, h_keep, m_keep = segment_maps(
-        *flat, float(scale), torch.tensor(cu_keep, dtype=torch.int32, device=device), **fused
+    subs = layout.sub_segments
+    sub_cu = layout.sub_cu
+    o0, oq, h_sub, m_sub = segment_maps(
+        *flat, float(scale), torch.tensor(sub_cu, dtype=torch.int32, device=device), **fused
     )
-    # empty segments (empty sequences) map a state to itself: h = 0, m = I
-    keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-    HV, K, V = h_keep.shape[1], h_keep.shape[2], h_keep.shape[3]
-    h = h_keep.new_zeros(layout.num_segments, HV, K, V).index_copy(0, keep_t, h_keep)
-    m = torch.eye(K, dtype=m_keep.dtype, device=device).repeat(layout.num_segments, HV, 1, 1)
-    m = m.index_copy(0, keep_t, m_keep)
+    HV, K, V = h_sub.shape[1], h_sub.shape[2], h_sub.shape[3]
+    # a piece's map is its last sub-segment's; a document start inside the piece (or at its
+    # start) cuts the chain: m = 0. Empty pieces map a state to itself: h = 0, m = I
+    last = {}
+    for i, sub in enumerate(subs):
+        last[sub.local_piece] = i
+    pieces = torch.tensor(sorted(last), dtype=torch.long, device=device)
+    rows = torch.tensor([last[p] for p in sorted(last)], dtype=torch.long, device=device)
+    cont = torch.tensor([float(sub.continues) for sub in subs], dtype=torch.float32, device=device)
+    cont = cont[:, None, None, None]
+    h = h_sub.new_zeros(layout.num_segments, HV, K, V).index_copy(0, pieces, h_sub[rows])
+    m = torch.eye(K, dtype=m_sub.dtype, device=device).repeat(layout.num_segments, HV, 1, 1)
+    m = m.index_copy(0, pieces, (m_sub * cont)[rows])
     s_in = _PassStates.apply(h, m, layout, group)
-    o = o0.float() + _apply_states(oq, s_in.index_select(0, keep_t), cu_keep)
+    # the entering state of each sub-segment: its piece's, or zero where a document starts
+    owner = torch.tensor([sub.local_piece for sub in subs], dtype=torch.long, device=device)
+    s_in_sub = s_in.index_select(0, owner) * cont
+    o = o0.float() + _apply_states(oq, s_in_sub, sub_cu)
     return o.to(v.dtype).reshape(B, T, *o.shape[2:])

@@ -1,14 +1,16 @@
 """The short conv under context parallelism: each local piece's halo, forward and backward.
 
 Legend: B batch rows, T_local local tokens per row, D channels, Kw conv taps (halo Kw-1),
-N sequences, 2N local segments (see zigzag.CPLayout), R = cp_size.
+N zigzag units, 2N local pieces, n_sub local sub-segments (see zigzag.CPLayout), R = cp_size.
 
-A causal conv over a piece needs the Kw-1 conv INPUTS that precede it in its sequence: the
-tail of the globally preceding piece, which another rank holds (zeros at a sequence start).
+A causal conv over a piece needs the Kw-1 conv INPUTS that precede it in its document: the
+tail of the globally preceding piece, which another rank holds (zeros at a document start;
+a document starting inside a piece starts a new conv row with a zero history).
 A piece may be shorter than Kw-1 tokens; then the halo reaches back over several pieces. So
 every rank contributes the last min(P_n, Kw-1) tokens of each of its 2N segments (right
 aligned in a [Kw-1] slot), one all-gather makes every tail visible everywhere, and each halo
-is a fixed gather from that buffer (index computed from the layout, identical on all ranks).
+is a fixed gather from that buffer (index computed from the layout, identical on all ranks),
+cut at the document start.
 The backward is the adjoint: scatter-add the halo gradients into a buffer of all tails,
 reduce-scatter it so each rank receives the gradient of its own tails, add those into dx.
 Traffic per layer and direction: R * 2N * (Kw-1) * D elements, independent of the length.
@@ -26,26 +28,26 @@ __all__ = ["conv_with_cp_halo", "halo_index"]
 
 
 def halo_index(layout: CPLayout, width: int) -> torch.Tensor:
-    """[2N, Kw-1] rows of the gathered tail buffer [R * 2N * (Kw-1) (+1 zero row)] that form each
-    local segment's halo, oldest first; the last row index (the zero row) where a halo reaches
-    before its sequence's start."""
+    """[n_sub, Kw-1] rows of the gathered tail buffer [R * 2N * (Kw-1) (+1 zero row)] that form
+    each local sub-segment's halo, oldest first; the last row index (the zero row) where a
+    halo reaches before its document's start (every sub-segment that starts a document)."""
     h = width - 1
     zero_row = layout.cp_size * layout.num_segments * h
     rows: List[List[int]] = []
-    for n, plen in enumerate(layout.piece_lens):
-        for piece in layout.local_pieces():
-            row = []
-            for i in range(h):
-                pos = piece * plen - h + i
-                if plen == 0 or pos < 0:
-                    row.append(zero_row)
-                    continue
-                j, o = divmod(pos, plen)
-                owner, slot = piece_owner(j, layout.cp_size)
-                t = h - (plen - o)
-                row.append(layout.segment_index(owner, n, slot) * h + t)
-            rows.append(row)
-    return torch.tensor(rows, dtype=torch.long)
+    for sub in layout.sub_segments:
+        plen = layout.piece_lens[sub.unit]
+        row = []
+        for i in range(h):
+            pos = sub.pos - h + i
+            if pos < sub.doc_start:
+                row.append(zero_row)
+                continue
+            # only a sub-segment that starts its piece reaches back: pos lies in earlier pieces
+            j, o = divmod(pos, plen)
+            owner, slot = piece_owner(j, layout.cp_size)
+            row.append(layout.segment_index(owner, sub.unit, slot) * h + h - (plen - o))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), h)
 
 
 def _tail_spans(layout: CPLayout, width: int):
@@ -60,9 +62,9 @@ def _tail_spans(layout: CPLayout, width: int):
 
 
 class _ConvHalo(torch.autograd.Function):
-    """x [T, D] (the flattened local stream) -> halo [2N, D, Kw-1] (the conv's initial_state
-    per local segment, oldest first); backward: d halo [2N, D, Kw-1] -> dx [T, D] (nonzero
-    only on the tails that other segments' halos read)."""
+    """x [T, D] (the flattened local stream) -> halo [n_sub, D, Kw-1] (the conv's initial_state
+    per local sub-segment, oldest first); backward: d halo [n_sub, D, Kw-1] -> dx [T, D]
+    (nonzero only on the piece tails that halos read)."""
 
     @staticmethod
     def forward(ctx, x_td, layout, group, width):
@@ -118,5 +120,6 @@ def conv_with_cp_halo(x_btd: torch.Tensor, weight: torch.Tensor, bias, activatio
     halo = _ConvHalo.apply(x_td, layout, group, width)
     y, _ = causal_conv1d(x_td.unsqueeze(0), weight, bias, activation=activation,
                          initial_state=halo.to(x_td.dtype),
-                         cu_seqlens=layout.local_cu_tensor(x_td.device))
+                         cu_seqlens=torch.tensor(layout.sub_cu, dtype=torch.int32,
+                                                 device=x_td.device))
     return y.reshape(B, T, D)

@@ -1,38 +1,67 @@
 """Megatron's load-balanced ("zigzag") context-parallel layout, as index arithmetic.
 
-Legend: W context-parallel size, r this rank, N sequences, P_n piece length of sequence n,
-L_n (padded) length of sequence n, T_local tokens on one rank.
+Legend: W context-parallel size, r this rank, N zigzag units, P_n piece length of unit n,
+L_n (padded) length of unit n, T_local tokens on one rank.
 
-Megatron cuts every sequence into 2W equal pieces and gives rank r the pieces r and 2W-1-r:
+Megatron cuts every zigzag UNIT into 2W equal pieces and gives rank r the pieces r and
+2W-1-r. What a unit is depends on the input:
 
 - dense input ([s, b, h], no packed_seq_params; `get_batch_on_this_cp_rank`, per-sequence
-  balancing): each of the b rows is one sequence of length s * W; rank r holds, per row,
+  balancing): each of the b rows is one unit of length s * W; rank r holds, per row,
   piece r followed by piece 2W-1-r.
-- packed THD input (batch 1, `PackedSeqParams`; per-document balancing through Transformer
-  Engine's `thd_get_partitioned_indices`): every sequence n of padded length L_n (a multiple of
-  2W) is cut into 2W pieces of P_n = L_n / 2W tokens; rank r holds, for each sequence in order,
-  its piece r then its piece 2W-1-r, so the local stream is
-  [seq0 piece r | seq0 piece 2W-1-r | seq1 piece r | ...]. The layer receives the GLOBAL
-  `cu_seqlens_q_padded` (Megatron leaves the metadata unsharded), ending at W * T_local.
+- packed THD input, per document (batch 1, `PackedSeqParams`; Megatron's default when the
+  batch has cu_seqlens, through Transformer Engine's `thd_get_partitioned_indices`): every
+  document n of padded length L_n (a multiple of 2W) is a unit; rank r holds, for each
+  document in order, its piece r then its piece 2W-1-r: [doc0 piece r | doc0 piece 2W-1-r |
+  doc1 piece r | ...]. Document boundaries coincide with unit boundaries.
+- packed THD input, whole pack (`get_batch_on_this_cp_rank(use_per_sequence_balancing=True)`,
+  which Megatron-LM's pretrain_gpt.py uses with --dataloader-inter-document-masking): the
+  whole pack is one unit split like a dense row, and the documents start anywhere, also
+  inside pieces.
+In both packed cases the layer receives the GLOBAL `cu_seqlens_q(_padded)` (Megatron leaves
+the metadata unsharded), ending at W * T_local.
 
-`CPLayout` turns either description into the same thing: the local stream flattened to one
-packed row of 2N "segments" (each one global piece) with its local boundaries, plus the map
-from each global piece to the rank and local slot that hold it. Everything here is python
-integers: the layout is known on every rank without communication.
+`CPLayout` turns any of these into the same description: the local stream flattened to one
+packed row of 2N local pieces, their split into "sub-segments" at document starts (each
+sub-segment is one call row of the local kernels), and the map from each global piece to the
+rank and slot holding it. All python integers: every rank knows the whole layout without
+communication.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["CPLayout", "layout_for_layer", "zigzag_indices", "zigzag_shard", "zigzag_unshard"]
+__all__ = ["CPLayout", "SubSegment", "layout_for_layer", "zigzag_indices", "zigzag_shard",
+           "zigzag_unshard", "PACKED_LAYOUTS"]
+
+PACKED_LAYOUTS = ("auto", "per_document", "whole_pack")
 
 
 def piece_owner(piece: int, cp_size: int) -> Tuple[int, int]:
-    """(rank, local slot 0/1) holding piece `piece` of a sequence cut into 2 * cp_size pieces."""
+    """(rank, local slot 0/1) holding piece `piece` of a unit cut into 2 * cp_size pieces."""
     if piece < cp_size:
         return piece, 0
     return 2 * cp_size - 1 - piece, 1
+
+
+class SubSegment(NamedTuple):
+    """A run of local tokens inside one piece and one document.
+
+    start, end: local token range; local_piece: 0..2N-1 (2n + slot); unit, piece: the unit n
+    and global piece p; pos: the position of `start` inside its unit; doc_start: where its
+    document starts inside the unit; continues: it starts at its piece's start and its
+    document started before, so it takes the state (and conv inputs) entering the piece."""
+
+    start: int
+    end: int
+    local_piece: int
+    unit: int
+    piece: int
+    pos: int
+    doc_start: int
+    continues: bool
 
 
 @dataclass(frozen=True)
@@ -41,16 +70,17 @@ class CPLayout:
 
     Attributes:
         cp_size, cp_rank: W and r.
-        seq_lens: global (padded) length L_n of every sequence, identical on all ranks.
+        unit_lens: (padded) length L_n of every zigzag unit, identical on all ranks.
         batch: rows of the local input (dense: b; packed: 1).
-    Derived (properties): piece_lens P_n, local_cu (segment boundaries of the flattened local
-    stream, 2N + 1 entries), global_cu.
+        doc_starts: per unit, the positions inside it where documents start (0 included);
+            () means one document per unit.
     """
 
     cp_size: int
     cp_rank: int
-    seq_lens: Tuple[int, ...]
+    unit_lens: Tuple[int, ...]
     batch: int
+    doc_starts: Tuple[Tuple[int, ...], ...] = ()
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -66,9 +96,17 @@ class CPLayout:
         return cls(cp_size, cp_rank, tuple([local_len * cp_size] * batch), batch)
 
     @classmethod
-    def packed(cls, cu_seqlens_global, local_tokens: int, cp_size: int, cp_rank: int) -> "CPLayout":
-        """Packed THD input (batch 1) described by the GLOBAL (padded) cu_seqlens."""
+    def packed(cls, cu_seqlens_global, local_tokens: int, cp_size: int, cp_rank: int,
+               layout: str = "auto") -> "CPLayout":
+        """Packed THD input (batch 1) described by the GLOBAL (padded) cu_seqlens.
+
+        layout: "per_document" (each document its own zigzag unit, Megatron's default),
+        "whole_pack" (the pack zigzagged as one unit, documents anywhere), or "auto":
+        per_document when every document length is a multiple of 2W, else whole_pack (the only
+        layout such a batch can have)."""
         _check_sizes(cp_size, cp_rank)
+        if layout not in PACKED_LAYOUTS:
+            raise ValueError(f"packed layout {layout!r}: expected one of {PACKED_LAYOUTS}")
         cu = _as_list(cu_seqlens_global)
         if len(cu) < 2 or cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu}")
@@ -79,28 +117,39 @@ class CPLayout:
                 "global (padded) cu_seqlens of the whole pack"
             )
         lens = tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
-        for n, length in enumerate(lens):
-            if length % (2 * cp_size) != 0:
+        bad = [n for n, length in enumerate(lens) if length % (2 * cp_size) != 0]
+        if layout == "auto":
+            layout = "whole_pack" if bad else "per_document"
+        if layout == "per_document":
+            if bad:
                 raise ValueError(
-                    f"packed sequence {n} has (padded) length {length}, not divisible by 2 * "
-                    f"context_parallel_size = {2 * cp_size}; pad every sequence to a multiple "
-                    "of it (cu_seqlens_q_padded)"
+                    f"packed sequence {bad[0]} has (padded) length {lens[bad[0]]}, not divisible "
+                    f"by 2 * context_parallel_size = {2 * cp_size}; pad every sequence to a "
+                    "multiple of it (cu_seqlens_q_padded) or zigzag the whole pack"
                 )
-        return cls(cp_size, cp_rank, lens, 1)
+            return cls(cp_size, cp_rank, lens, 1)
+        if cu[-1] % (2 * cp_size) != 0:
+            raise ValueError(
+                f"the pack has {cu[-1]} tokens, not divisible by 2 * context_parallel_size = "
+                f"{2 * cp_size}"
+            )
+        starts = tuple(sorted({c for c in cu[:-1] if c < cu[-1]} | {0}))
+        return cls(cp_size, cp_rank, (cu[-1],), 1, (starts,))
 
     # -------------------------------------------------------------------- derived
     @property
     def num_seqs(self) -> int:
-        return len(self.seq_lens)
+        """Zigzag units N."""
+        return len(self.unit_lens)
 
     @property
     def num_segments(self) -> int:
-        """Local segments: two per sequence (pieces r and 2W-1-r), empty ones included."""
+        """Local pieces: two per unit (pieces r and 2W-1-r), empty ones included."""
         return 2 * self.num_seqs
 
     @property
     def piece_lens(self) -> Tuple[int, ...]:
-        return tuple(length // (2 * self.cp_size) for length in self.seq_lens)
+        return tuple(length // (2 * self.cp_size) for length in self.unit_lens)
 
     @property
     def local_tokens(self) -> int:
@@ -108,17 +157,10 @@ class CPLayout:
 
     @property
     def local_cu(self) -> List[int]:
-        """Boundaries of the 2N local segments in the flattened local stream."""
+        """Boundaries of the 2N local pieces in the flattened local stream."""
         cu = [0]
         for p in self.piece_lens:
             cu += [cu[-1] + p, cu[-1] + 2 * p]
-        return cu
-
-    @property
-    def global_cu(self) -> List[int]:
-        cu = [0]
-        for length in self.seq_lens:
-            cu.append(cu[-1] + length)
         return cu
 
     def local_pieces(self, rank: Optional[int] = None) -> Tuple[int, int]:
@@ -126,17 +168,44 @@ class CPLayout:
         return r, 2 * self.cp_size - 1 - r
 
     def segment_index(self, rank: int, seq: int, slot: int) -> int:
-        """Row of (rank, sequence, slot) in an all-gathered [W * 2N, ...] tensor."""
+        """Row of (rank, unit, slot) in an all-gathered [W * 2N, ...] per-piece tensor."""
         return (rank * self.num_seqs + seq) * 2 + slot
 
-    def local_cu_tensor(self, device) -> torch.Tensor:
-        return torch.tensor(self.local_cu, dtype=torch.int32, device=device)
+    def unit_doc_starts(self, unit: int) -> Tuple[int, ...]:
+        return self.doc_starts[unit] if self.doc_starts else (0,)
+
+    @cached_property
+    def sub_segments(self) -> Tuple[SubSegment, ...]:
+        """The non-empty local runs, in local order, cut at piece ends and document starts."""
+        out = []
+        local_cu = self.local_cu
+        for n, plen in enumerate(self.piece_lens):
+            starts = self.unit_doc_starts(n)
+            for slot, piece in enumerate(self.local_pieces()):
+                lo, hi = piece * plen, (piece + 1) * plen
+                cuts = [lo] + [d for d in starts if lo < d < hi] + [hi]
+                base = local_cu[2 * n + slot] - lo
+                for a, b in zip(cuts[:-1], cuts[1:]):
+                    if b == a:
+                        continue
+                    doc = max(d for d in starts if d <= a)
+                    out.append(SubSegment(a + base, b + base, 2 * n + slot, n, piece, a, doc,
+                                          a == lo and doc < a))
+        return tuple(out)
+
+    @property
+    def sub_cu(self) -> List[int]:
+        """Boundaries of the sub-segments (they tile the local stream)."""
+        subs = self.sub_segments
+        return [subs[0].start if subs else 0] + [s.end for s in subs]
 
 
-def layout_for_layer(packed_seq_params, batch: int, local_len: int, cp_group) -> CPLayout:
+def layout_for_layer(packed_seq_params, batch: int, local_len: int, cp_group,
+                     packed_layout: str = "auto") -> CPLayout:
     """The CPLayout of a layer input [local_len, batch, h] on this rank of `cp_group`: packed THD
     when packed_seq_params has qkv_format 'thd' (batch 1; cu_seqlens_q_padded, else
-    cu_seqlens_q, global as Megatron passes them), dense rows otherwise."""
+    cu_seqlens_q, global as Megatron passes them; `packed_layout` as CPLayout.packed), dense
+    rows otherwise."""
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
         return CPLayout.dense(batch, local_len, cp_size, cp_rank)
@@ -147,7 +216,7 @@ def layout_for_layer(packed_seq_params, batch: int, local_len: int, cp_group) ->
         raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
     if batch != 1:
         raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
-    return CPLayout.packed(cu, local_len, cp_size, cp_rank)
+    return CPLayout.packed(cu, local_len, cp_size, cp_rank, packed_layout)
 
 
 def _check_sizes(cp_size: int, cp_rank: int) -> None:

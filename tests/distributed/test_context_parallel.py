@@ -9,8 +9,10 @@ outputs and input gradients against the zigzag share of the reference, parameter
 (replicated over CP) summed over ranks against the reference's. fp32, torch path.
 
 Cases: GVA with every fused option (L2-norm, gate from A_log/dt_bias, sigmoid beta) on dense
-rows; plain g/beta with 6 heads (not divisible by CP=4); packed sequences whose pieces are
-shorter than the conv halo, with an empty sequence; the Triton kernels (interpreter) on a
+rows; plain g/beta with 6 heads (not divisible by CP=4); packed sequences split per document
+whose pieces are shorter than the conv halo, with an empty sequence; a pack zigzagged as a
+whole (Megatron's per-sequence balancing) with documents starting inside pieces, on a piece
+boundary, shorter than the halo and spanning ranks; the Triton kernels (interpreter) on a
 packed batch at CP=2. The reference always runs the torch path.
 """
 import pytest
@@ -27,6 +29,9 @@ CASES = {
     "dense-B2-T32-H2-HV4-K16-V8-fused": (2, 32, 2, 4, 16, 8, True),
     "dense-B1-T48-H6-HV6-K8-V8-plain": (1, 48, 6, 6, 8, 8, False),
     "packed-16-0-8-32-24-H2-HV2-K8-V16-fused": (1, (16, 0, 8, 32, 24), 2, 2, 8, 16, True),
+    # whole-pack zigzag: documents start inside pieces, on piece boundaries (36), are shorter
+    # than the conv halo (1) and span ranks
+    "wholepack-5-1-13-17-4-8-H2-HV4-K8-V8-plain": (1, ("whole", 5, 1, 13, 17, 4, 8), 2, 4, 8, 8, False),
     # the Triton kernels (conv with halo states, widened chunk call) under the interpreter
     "triton-packed-8-24-H1-HV2-K16-V16-fused": (1, (8, 24), 1, 2, 16, 16, True),
     # ... and with the widened call split in two (as where V + K exceeds the Triton state tile)
@@ -37,6 +42,7 @@ CASES = {
 def _inputs(case, seed):
     batch, lens, H, HV, K, V, fused = CASES[case]
     gen = torch.Generator().manual_seed(seed)
+    lens = _doc_lens(case)
     T = lens if isinstance(lens, int) else sum(lens)
     D = 2 * H * K + HV * V
 
@@ -60,6 +66,16 @@ def _inputs(case, seed):
         t["b"] = torch.rand(batch, T, HV, generator=gen)
     cu = None if isinstance(lens, int) else [0] + torch.tensor(lens).cumsum(0).tolist()
     return t, cu
+
+
+def _doc_lens(case):
+    lens = CASES[case][1]
+    return lens[1:] if isinstance(lens, tuple) and lens[0] == "whole" else lens
+
+
+def _whole_pack(case):
+    lens = CASES[case][1]
+    return isinstance(lens, tuple) and lens[0] == "whole"
 
 
 def _core(t, case, conv, chunk):
@@ -92,11 +108,18 @@ def _leaf(t):
 
 def _piece_cu(case, cp_size):
     """Global boundaries of every zigzag piece: the run that passes nothing between pieces."""
-    batch, lens = CASES[case][:2]
+    batch = CASES[case][0]
+    lens = _doc_lens(case)
     lens = [lens] * batch if isinstance(lens, int) else lens
+    if _whole_pack(case):
+        total = sum(lens)
+        docs = torch.tensor([0] + list(lens)).cumsum(0).tolist()
+        pieces = [i * total // (2 * cp_size) for i in range(2 * cp_size + 1)]
+        return sorted(set(docs) | set(pieces))
     cu = [0]
     for length in lens:
-        cu += [cu[-1] + (i + 1) * length // (2 * cp_size) for i in range(2 * cp_size)]
+        base = cu[-1]
+        cu += [base + (i + 1) * length // (2 * cp_size) for i in range(2 * cp_size)]
     return cu
 
 
@@ -141,11 +164,13 @@ def _cp_rank(cases, seed):
     results = {}
     for case in cases:
         full, cu = _inputs(case, seed)
-        local = {n: (zigzag_shard(x, 1, W, r, cu) if n in SEQ_KEYS else x) for n, x in full.items()}
+        shard_cu = None if _whole_pack(case) else cu
+        local = {n: (zigzag_shard(x, 1, W, r, shard_cu) if n in SEQ_KEYS else x) for n, x in full.items()}
         if cu is None:
             layout = CPLayout.dense(local["x"].shape[0], local["x"].shape[1], W, r)
         else:
-            layout = CPLayout.packed(torch.tensor(cu), local["x"].shape[1], W, r)
+            mode = "whole_pack" if _whole_pack(case) else "per_document"
+            layout = CPLayout.packed(torch.tensor(cu), local["x"].shape[1], W, r, mode)
         t = _leaf(local)
 
         def conv(x, w, b):
@@ -169,16 +194,17 @@ def _check(cp_size, cases):
                                enable_cpu=False, timeout=240)
     for case in cases:
         o_ref, g_ref, cu = _reference(case, seed)
+        shard_cu = None if _whole_pack(case) else cu
         # the check can fail: cutting the chain at the pieces changes the result by far more
         o_cut, g_cut, _ = _reference(case, seed, cut_pieces=cp_size)
         for name, cut, ref in (("o", o_cut, o_ref), ("dx", g_cut["x"], g_ref["x"])):
             assert rel_error(cut, ref) > 1e3 * FP32_REL, f"{case}: {name} barely depends on passing"
-        o = zigzag_unshard([res[case][0] for res in per_rank], 1, cu)
+        o = zigzag_unshard([res[case][0] for res in per_rank], 1, shard_cu)
         assert_close(o, o_ref, FP32_REL, f"CP={cp_size} {case} o")
         for n in _grad_names(case):
             parts = [res[case][1][n] for res in per_rank]
             if n in SEQ_KEYS:
-                got = zigzag_unshard(parts, 1, cu)
+                got = zigzag_unshard(parts, 1, shard_cu)
             else:
                 got = torch.stack(parts).sum(0)
             assert_close(got, g_ref[n], FP32_REL, f"CP={cp_size} {case} d{n}")
@@ -221,5 +247,16 @@ def test_layout_errors():
         CPLayout.packed([0, 8, 16], 16, 2, 0)
     with pytest.raises(ValueError, match="cp_rank=2"):
         CPLayout.dense(1, 8, 2, 2)
+    with pytest.raises(ValueError, match="packed sequence 1 has \\(padded\\) length 6"):
+        CPLayout.packed([0, 8, 14, 16], 8, 2, 0, "per_document")
+    with pytest.raises(ValueError, match="packed layout 'zigzag'"):
+        CPLayout.packed([0, 8, 16], 8, 2, 0, "zigzag")
     layout = CPLayout.packed([0, 8, 16, 16, 32], 16, 2, 1)
     assert layout.local_cu == [0, 2, 4, 6, 8, 8, 8, 12, 16]
+    # a whole pack of 16 at W=2 (pieces of 4): rank 1 holds pieces 1 and 2, [4, 12) of the
+    # pack; documents start at 0, 6, 8 and 9: piece 1 is cut at 6, piece 2 at 9
+    layout = CPLayout.packed([0, 6, 8, 9, 16], 8, 2, 1)
+    assert layout.unit_lens == (16,) and layout.doc_starts == ((0, 6, 8, 9),)
+    subs = [(x.start, x.end, x.local_piece, x.pos, x.doc_start, x.continues) for x in layout.sub_segments]
+    assert subs == [(0, 2, 0, 4, 0, True), (2, 4, 0, 6, 6, False),
+                    (4, 5, 1, 8, 8, False), (5, 8, 1, 9, 9, False)]
