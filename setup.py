@@ -23,7 +23,7 @@ setup(
         "megatron-core>=0.19.2,<0.20",
     ],
     extras_require={
-        "dev": ["pytest>=8", "psutil"],
+        "dev": ["pytest>=8", "psutil", "transformers>=5"],
         "bench": ["flash-linear-attention==0.6.0", "fla-core==0.6.0"],
         "deepspeed": ["deepspeed"],
         "te": ["transformer-engine[pytorch]"],
