@@ -1,0 +1,334 @@
+"""Chunked scalar-decay linear attention (Mamba2 SSD) on Triton: kernels, launchers, the
+autograd Function and the Triton entry point.
+
+Legend: B batch, T tokens per batch row, G q/k groups, HV value heads (R = HV // G per group),
+N state dim (q/k head dim), P value head dim, NS state rows (sequences), C = 64 chunk size,
+NTC total number of chunks over all sequences (chunk table of kernels/gated_delta_rule).
+
+    S_t = exp(g_t) S_{t-1} + k_t v_t^T,   o_t = scale S_t^T q_t
+
+Forward, three launches:
+  1. `_cumsum_kernel`, per (chunk, head block): gc = in-chunk inclusive cumsum of g (fp32).
+  2. `_state_fwd_kernel`, per (P block, value head, sequence), the state in fp32 registers:
+     store h_c (state entering chunk c), h <- exp(gc_last) h + (k exp(gc_last - gc))^T v.
+  3. `_output_fwd_kernel`, per (P block, value head, chunk):
+     o = scale ((q exp(gc)) h_c + (exp(gc_i - gc_j) [j <= i] * q k^T) v).
+Backward, two launches (h is recomputed by 2.):
+  4. `_state_bwd_kernel`, per (P block, value head, sequence), reverse over chunks:
+     store dh_c (gradient of the state LEAVING chunk c),
+     dh <- exp(gc_last) dh + scale (q exp(gc))^T do; what is left at the start is dh0.
+  5. `_chunk_bwd_kernel`, per (value head, chunk), whole N and P: dq, dk (per value head, summed
+     over the R heads of a group afterwards), dv and dg, with
+        dgc_i = q_i . dq_i - k_i . dk_i + [i = last] (exp(gc_last) <h_c, dh_c> + sum_j k_j . dk^S_j)
+     (dk^S the part of dk through the state) and dg = the in-chunk reverse cumsum of dgc.
+Exponents exp(gc_i - gc_j) only for j <= i (and gc_last - gc_j), so never above 1.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gated_delta_rule.chunk_fwd import make_chunk_layout
+from ..utils.triton_helpers import chunk_bounds, sequence_bounds
+
+__all__ = ["chunk_scalar_decay_triton"]
+
+BT = 64
+
+
+@triton.jit
+def _cumsum_kernel(g, gc, cu_seqlens, chunk_indices, T, NT_SEQ, HV: tl.constexpr,
+                   BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
+    o_t = t0 + tl.arange(0, BT)
+    o_h = i_h * BH + tl.arange(0, BH)
+    m = (o_t < eos)[:, None] & (o_h < HV)[None, :]
+    p = o_t[:, None] * HV + o_h[None, :]
+    b_g = tl.load(g + p, mask=m, other=0.).to(tl.float32)
+    tl.store(gc + p, tl.cumsum(b_g, axis=0), mask=m)
+
+
+@triton.jit
+def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
+                      G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                      BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                      USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_p, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_hv // (HV // G)
+    bos, eos, nt, c_off = sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT_SEQ, BT, IS_VARLEN)
+    o_n = tl.arange(0, BN)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    p_np = o_n[:, None] * P + o_p[None, :]
+    row = i_n * HV + i_hv
+    b_h = tl.zeros([BN, BP], dtype=tl.float32)
+    if USE_H0:
+        b_h += tl.load(h0 + row.to(tl.int64) * N * P + p_np, mask=m_np, other=0.)
+    for i_t in range(0, nt):
+        t0 = bos + i_t * BT
+        tl.store(h + ((c_off + i_t) * HV + i_hv) * N * P + p_np, b_h, mask=m_np)
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < eos
+        b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :],
+                      mask=m_t[:, None] & (o_n < N)[None, :], other=0.)
+        b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :],
+                      mask=m_t[:, None] & (o_p < P)[None, :], other=0.)
+        b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+        b_glast = tl.load(gc + (tl.minimum(t0 + BT, eos) - 1) * HV + i_hv)
+        b_kd = (b_k.to(tl.float32) * tl.exp(b_glast - b_gc)[:, None]).to(b_v.dtype)
+        b_h = b_h * tl.exp(b_glast) + tl.dot(tl.trans(b_kd), b_v)
+    if STORE_FINAL:
+        tl.store(ht + row.to(tl.int64) * N * P + p_np, b_h, mask=m_np)
+
+
+@triton.jit
+def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
+                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_p, i_hv, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_hv // (HV // G)
+    i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i
+    m_t = o_t < eos
+    o_n = tl.arange(0, BN)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_tn = m_t[:, None] & (o_n < N)[None, :]
+    m_tp = m_t[:, None] & (o_p < P)[None, :]
+    b_q = tl.load(q + (o_t * G + i_g)[:, None] * N + o_n[None, :], mask=m_tn, other=0.)
+    b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :], mask=m_tn, other=0.)
+    b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
+    b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+    b_h = tl.load(h + (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :],
+                  mask=(o_n < N)[:, None] & (o_p < P)[None, :], other=0.)
+    b_qd = (b_q.to(tl.float32) * tl.exp(b_gc)[:, None]).to(b_q.dtype)
+    b_o = tl.dot(b_qd, b_h.to(b_q.dtype))
+    b_s = tl.dot(b_q, tl.trans(b_k))
+    m_s = o_i[:, None] >= o_i[None, :]
+    b_s = b_s * tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf")))
+    b_o += tl.dot(b_s.to(b_v.dtype), b_v)
+    tl.store(o + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], (b_o * scale).to(o.dtype.element_ty),
+             mask=m_tp)
+
+
+@triton.jit
+def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets, T, NT_SEQ,
+                      G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                      BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                      USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_p, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_g = i_hv // (HV // G)
+    bos, eos, nt, c_off = sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT_SEQ, BT, IS_VARLEN)
+    o_n = tl.arange(0, BN)
+    o_p = i_p * BP + tl.arange(0, BP)
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    p_np = o_n[:, None] * P + o_p[None, :]
+    row = i_n * HV + i_hv
+    b_dh = tl.zeros([BN, BP], dtype=tl.float32)
+    if USE_DHT:
+        b_dh += tl.load(dht + row.to(tl.int64) * N * P + p_np, mask=m_np, other=0.)
+    for i_r in range(0, nt):
+        i_t = nt - 1 - i_r
+        t0 = bos + i_t * BT
+        tl.store(dh + ((c_off + i_t) * HV + i_hv) * N * P + p_np, b_dh, mask=m_np)
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < eos
+        b_q = tl.load(q + (o_t * G + i_g)[:, None] * N + o_n[None, :],
+                      mask=m_t[:, None] & (o_n < N)[None, :], other=0.)
+        b_do = tl.load(do + (o_t * HV + i_hv)[:, None] * P + o_p[None, :],
+                       mask=m_t[:, None] & (o_p < P)[None, :], other=0.)
+        b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+        b_glast = tl.load(gc + (tl.minimum(t0 + BT, eos) - 1) * HV + i_hv)
+        b_qd = (b_q.to(tl.float32) * (scale * tl.exp(b_gc))[:, None]).to(b_do.dtype)
+        b_dh = b_dh * tl.exp(b_glast) + tl.dot(tl.trans(b_qd), b_do)
+    if STORE_DH0:
+        tl.store(dh0 + row.to(tl.int64) * N * P + p_np, b_dh, mask=m_np)
+
+
+@triton.jit
+def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
+                      cu_seqlens, chunk_indices, T, NT_SEQ,
+                      G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+                      BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, IS_VARLEN: tl.constexpr):
+    i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    i_g = i_hv // (HV // G)
+    i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
+    o_i = tl.arange(0, BT)
+    o_t = t0 + o_i
+    m_t = o_t < eos
+    o_n = tl.arange(0, BN)
+    o_p = tl.arange(0, BP)
+    m_tn = m_t[:, None] & (o_n < N)[None, :]
+    m_tp = m_t[:, None] & (o_p < P)[None, :]
+    m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
+    p_qk = (o_t * G + i_g)[:, None] * N + o_n[None, :]
+    p_vo = (o_t * HV + i_hv)[:, None] * P + o_p[None, :]
+    p_np = (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :]
+    b_q = tl.load(q + p_qk, mask=m_tn, other=0.)
+    b_k = tl.load(k + p_qk, mask=m_tn, other=0.)
+    b_v = tl.load(v + p_vo, mask=m_tp, other=0.)
+    b_do = tl.load(do + p_vo, mask=m_tp, other=0.)
+    b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+    i_last = tl.minimum(t0 + BT, eos) - 1 - t0
+    b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
+    b_h = tl.load(h + p_np, mask=m_np, other=0.)
+    b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
+
+    m_s = o_i[:, None] >= o_i[None, :]
+    b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
+    # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
+    b_s = (tl.dot(b_q, tl.trans(b_k)) * b_dec).to(b_do.dtype)
+    b_dp = (tl.dot(b_do, tl.trans(b_v)) * b_dec).to(b_q.dtype)
+    b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
+    b_kd = (b_k.to(tl.float32) * b_e_last[:, None]).to(b_do.dtype)
+    dt_ = b_do.dtype
+    b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(dt_))
+    b_dq = tl.dot(b_dp, b_k) + (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
+    b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
+    b_dk = tl.dot(tl.trans(b_dp), b_q) + b_dk_state
+
+    b_qf = b_q.to(tl.float32)
+    b_kf = b_k.to(tl.float32)
+    b_dgc = tl.sum(b_qf * b_dq, axis=1) - tl.sum(b_kf * b_dk, axis=1)
+    b_extra = tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0) \
+        + tl.sum(tl.sum(b_kf * b_dk_state, axis=1), axis=0)
+    b_dgc += tl.where(o_i == i_last, b_extra, 0.)
+    b_dgc = tl.where(m_t, b_dgc, 0.)
+    b_dg = tl.cumsum(b_dgc, axis=0, reverse=True)
+
+    p_hk = (o_t * HV + i_hv)[:, None] * N + o_n[None, :]
+    tl.store(dq + p_hk, b_dq, mask=m_tn)
+    tl.store(dk + p_hk, b_dk, mask=m_tn)
+    tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
+    tl.store(dg + o_t * HV + i_hv, b_dg, mask=m_t)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _block_p(P: int) -> int:
+    return min(64, _pow2(P))
+
+
+def ssd_cumsum(g, layout):
+    B, T, HV = g.shape
+    gc = torch.empty(B, T, HV, dtype=torch.float32, device=g.device)
+    BH = min(64, triton.next_power_of_2(HV))
+    cu, idx, _, T_, nts, varlen = layout.kernel_args()
+    _cumsum_kernel[(layout.num_chunks, triton.cdiv(HV, BH))](
+        g, gc, cu, idx, T_, nts, HV=HV, BT=BT, BH=BH, IS_VARLEN=varlen)
+    return gc
+
+
+def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state):
+    """Returns h [NTC, HV, N, P] fp32 (state entering every chunk) and the final state or None."""
+    B, T, G, N = k.shape
+    HV, P = v.shape[2], v.shape[3]
+    NS = layout.num_seqs
+    h = torch.empty(layout.num_chunks, HV, N, P, dtype=torch.float32, device=k.device)
+    ht = torch.empty(NS, HV, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
+    BP = _block_p(P)
+    cu, _, offs, T_, nts, varlen = layout.kernel_args()
+    _state_fwd_kernel[(triton.cdiv(P, BP), HV, NS)](
+        k, v, gc, h, initial_state, ht, cu, offs, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP,
+        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, IS_VARLEN=varlen,
+        num_warps=4)
+    return h, ht
+
+
+def ssd_output_fwd(q, k, v, gc, h, scale, layout):
+    B, T, G, N = q.shape
+    HV, P = v.shape[2], v.shape[3]
+    o = torch.empty_like(v)
+    BP = _block_p(P)
+    cu, idx, _, T_, nts, varlen = layout.kernel_args()
+    _output_fwd_kernel[(triton.cdiv(P, BP), HV, layout.num_chunks)](
+        q, k, v, gc, h, o, scale, cu, idx, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, IS_VARLEN=varlen, num_warps=4)
+    return o
+
+
+def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
+    """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None."""
+    B, T, G, N = q.shape
+    HV, P = v.shape[2], v.shape[3]
+    NS = layout.num_seqs
+    h, _ = ssd_state_fwd(k, v, gc, layout, initial_state, False)
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(NS, HV, N, P, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    BP = _block_p(P)
+    cu, idx, offs, T_, nts, varlen = layout.kernel_args()
+    _state_bwd_kernel[(triton.cdiv(P, BP), HV, NS)](
+        q, do, gc, dh, dht, dh0, scale, cu, offs, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=varlen, num_warps=4)
+    dq_h = torch.empty(B, T, HV, N, dtype=torch.float32, device=q.device)
+    dk_h = torch.empty_like(dq_h)
+    dv = torch.empty_like(v)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
+    _chunk_bwd_kernel[(HV, layout.num_chunks)](
+        q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), IS_VARLEN=varlen, num_warps=8)
+    # q/k of a group are read by its HV // G value heads: sum their contributions
+    dq = dq_h.view(B, T, G, HV // G, N).sum(3).to(q.dtype)
+    dk = dk_h.view(B, T, G, HV // G, N).sum(3).to(k.dtype)
+    return dq, dk, dv, dg, dh0
+
+
+class ChunkScalarDecayFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, cu_seqlens):
+        B, T = q.shape[:2]
+        layout = make_chunk_layout(cu_seqlens, B, T)
+        gc = ssd_cumsum(g, layout)
+        h, final_state = ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state)
+        o = ssd_output_fwd(q, k, v, gc, h, scale, layout)
+        ctx.save_for_backward(q, k, v, gc, initial_state)
+        ctx.layout = layout
+        ctx.scale = scale
+        ctx.g_dtype = g.dtype
+        return o, final_state
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, gc, initial_state = ctx.saved_tensors
+        if dht is not None:
+            dht = dht.float().contiguous()
+        dq, dk, dv, dg, dh0 = ssd_bwd(q, k, v, gc, ctx.scale, initial_state, do.contiguous(), dht, ctx.layout)
+        return (
+            dq, dk, dv, dg.to(ctx.g_dtype), dh0,
+            None,  # scale
+            None,  # output_final_state
+            None,  # cu_seqlens
+        )
+
+
+def chunk_scalar_decay_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Triton chunked scalar-decay linear attention (arguments already validated by api.py).
+
+    Args:
+        q, k: [B, T, G, N]; v: [B, T, HV, P]; g: [B, T, HV]; initial_state: [NS, HV, N, P]
+        float32 or None; cu_seqlens: [NS + 1] with B == 1.
+    Returns:
+        o: [B, T, HV, P] in v's dtype; final_state: [NS, HV, N, P] float32 or None.
+    """
+    if scale is None:
+        scale = 1.0
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.float().contiguous()
+    return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, float(scale), output_final_state,
+                                          cu_seqlens)
