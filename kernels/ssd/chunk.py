@@ -20,7 +20,8 @@ Backward, two launches (h is recomputed by 2.):
   5. `_chunk_bwd_kernel`, per (value head, chunk), whole N and P: dq, dk (per value head, summed
      over the R heads of a group afterwards), dv and dg, with
         dgc_i = q_i . dq_i - k_i . dk_i + [i = last] (exp(gc_last) <h_c, dh_c> + sum_j k_j . dk^S_j)
-     (dk^S the part of dk through the state) and dg = the in-chunk reverse cumsum of dgc.
+     (dq^S / dk^S the parts through the states) and dg = the in-chunk reverse cumsum of dgc,
+     evaluated with the diagonal pair terms cancelled analytically (see the kernel).
 Exponents exp(gc_i - gc_j) only for j <= i (and gc_last - gc_j), so never above 1.
 """
 from typing import Optional, Tuple
@@ -185,18 +186,25 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
     b_kd = (b_k.to(tl.float32) * b_e_last[:, None]).to(b_do.dtype)
     dt_ = b_do.dtype
     b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(dt_))
-    b_dq = tl.dot(b_dp, b_k) + (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
+    b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
+    b_dq = tl.dot(b_dp, b_k) + b_dq_state
     b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
     b_dk = tl.dot(tl.trans(b_dp), b_q) + b_dk_state
 
+    # dg_t = sum_{s >= t} (q_s . dq^S_s + sum_{j < s} A_sj - sum_{i > s} A_is)
+    #        + exp(gc_last) <h, dh> + sum_{j < t} k_j . dk^S_j
+    # with A_ij = scale e^(gc_i - gc_j) (q_i . k_j)(do_i . v_j), j < i. The diagonal i = j is
+    # left out explicitly: its q_i . dq_i and k_i . dk_i parts cancel exactly, and under strong
+    # decay (where it dominates) their fp32 difference would swamp the true gradient.
+    m_strict = o_i[:, None] > o_i[None, :]
+    b_a = tl.where(m_strict, tl.dot(b_q, tl.trans(b_k)) * tl.dot(b_do, tl.trans(b_v)) * b_dec, 0.)
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
-    b_dgc = tl.sum(b_qf * b_dq, axis=1) - tl.sum(b_kf * b_dk, axis=1)
-    b_extra = tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0) \
-        + tl.sum(tl.sum(b_kf * b_dk_state, axis=1), axis=0)
-    b_dgc += tl.where(o_i == i_last, b_extra, 0.)
+    b_dgc = tl.sum(b_qf * b_dq_state, axis=1) + tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
     b_dgc = tl.where(m_t, b_dgc, 0.)
-    b_dg = tl.cumsum(b_dgc, axis=0, reverse=True)
+    b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
+    b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
+        + tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
 
     p_hk = (o_t * HV + i_hv)[:, None] * N + o_n[None, :]
     tl.store(dq + p_hk, b_dq, mask=m_tn)

@@ -1,0 +1,184 @@
+"""chunk_scalar_decay (both backends) against the token recurrence in float64: outputs, final
+state and every gradient (q, k, v, g, initial_state); the decoding step; argument errors.
+
+Every case runs for backend "torch" (pure-torch chunked path) and "triton" (on a CPU the
+Triton interpreter, fp32 only: it mishandles bf16). With CUDA the cases also run in bf16.
+
+Legend: B batch, T tokens, G q/k groups, HV value heads, N state dim, P value head dim.
+"""
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import pytest
+import torch
+
+from tolerance import BF16_REL, FP32_REL, TF32_REL, assert_close
+
+from megatron_gdn.kernels.ssd import chunk_scalar_decay, naive_recurrent_scalar_decay, scalar_decay_step
+from megatron_gdn.kernels.utils import force_backend
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+# the float64 chunked torch path vs the float64 recurrence: only summation order differs
+FP64_REL = 1e-10
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int
+    T: int
+    G: int
+    HV: int
+    N: int
+    P: int
+    cu: Optional[Tuple[int, ...]] = None
+    state: str = "none"  # "none", "in", "out", "inout"
+    gate: str = "rand"   # "rand" (g in [-1, 0]), "zero" (g = 0), "strong" (g in [-8, -4])
+    scale: Optional[float] = None
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}-T{self.T}-G{self.G}-HV{self.HV}-N{self.N}-P{self.P}"]
+        if self.cu is not None:
+            parts.append("cu" + "_".join(str(c) for c in self.cu))
+        if self.state != "none":
+            parts.append(f"state_{self.state}")
+        if self.gate != "rand":
+            parts.append(f"g_{self.gate}")
+        if self.scale is not None:
+            parts.append(f"scale{self.scale}")
+        return "-".join(parts)
+
+
+CASES = [
+    Case(1, 64, 1, 2, 16, 16),
+    Case(2, 100, 1, 2, 16, 16, state="inout"),          # T not a multiple of 64
+    Case(1, 37, 2, 4, 16, 32, state="in"),              # T < 64, groups
+    Case(2, 1, 1, 2, 16, 16, state="inout"),            # T = 1
+    Case(1, 130, 2, 4, 32, 16, gate="strong", state="out"),
+    Case(1, 96, 1, 3, 16, 16, gate="zero", state="inout", scale=0.5),
+    Case(1, 150, 2, 4, 16, 16, cu=(0, 1, 70, 70, 83, 150), state="inout"),  # packed, length 1 and 0
+    Case(1, 129, 1, 2, 16, 16, cu=(0, 64, 65, 129), gate="strong"),
+]
+
+
+def _inputs(case: Case, dtype, device):
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
+    B, T, G, HV, N, P = case.B, case.T, case.G, case.HV, case.N, case.P
+    q = torch.randn(B, T, G, N, generator=gen) / N ** 0.5
+    k = torch.randn(B, T, G, N, generator=gen) / N ** 0.5
+    v = torch.randn(B, T, HV, P, generator=gen)
+    if case.gate == "zero":
+        g = torch.zeros(B, T, HV)
+    elif case.gate == "strong":
+        g = -4.0 - 4.0 * torch.rand(B, T, HV, generator=gen)
+    else:
+        g = -torch.rand(B, T, HV, generator=gen)
+    rows = B if case.cu is None else len(case.cu) - 1
+    h0 = torch.randn(rows, HV, N, P, generator=gen) if case.state in ("in", "inout") else None
+    cu = torch.tensor(case.cu, dtype=torch.int32, device=device) if case.cu is not None else None
+    q, k, v = (x.to(device=device, dtype=dtype) for x in (q, k, v))
+    g = g.to(device)
+    if h0 is not None:
+        h0 = h0.to(device)
+    return q, k, v, g, h0, cu
+
+
+def _run(fn, q, k, v, g, h0, cu, case, do, dht):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+    h0_leaf = h0.detach().clone().requires_grad_() if h0 is not None else None
+    want_final = case.state in ("out", "inout")
+    o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu)
+    loss = (o.float() * do).sum()
+    if want_final:
+        loss = loss + (ht.float() * dht).sum()
+    inputs = leaves + ([h0_leaf] if h0_leaf is not None else [])
+    grads = torch.autograd.grad(loss, inputs)
+    return o, ht, grads
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunk_vs_naive(case, dtype, backend):
+    if backend == "torch" and dtype != torch.float32:
+        pytest.skip("the torch path computes in fp32 whatever the input dtype: fp32 covers it")
+    q, k, v, g, h0, cu = _inputs(case, dtype, DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    rows = case.B if case.cu is None else len(case.cu) - 1
+    do = torch.randn(case.B, case.T, case.HV, case.P, generator=gen).to(DEVICE)
+    dht = torch.randn(rows, case.HV, case.N, case.P, generator=gen).to(DEVICE)
+
+    def kernel(*args):
+        with force_backend(backend):
+            return chunk_scalar_decay(*args)
+
+    o, ht, grads = _run(kernel, q, k, v, g, h0, cu, case, do, dht)
+    to64 = lambda x: x.double() if x is not None else None
+    o_ref, ht_ref, grads_ref = _run(naive_recurrent_scalar_decay, to64(q), to64(k), to64(v), to64(g),
+                                    to64(h0), cu, case, to64(do), to64(dht))
+    if dtype == torch.bfloat16:
+        rel = BF16_REL
+    elif backend == "triton" and CUDA:
+        rel = TF32_REL
+    else:
+        rel = FP32_REL
+    assert o.dtype == dtype
+    assert_close(o, o_ref, rel, "o")
+    if case.state in ("out", "inout"):
+        assert ht.dtype == torch.float32
+        assert_close(ht, ht_ref, rel, "final_state")
+    else:
+        assert ht is None
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_ref):
+        assert_close(a, b, rel, name)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: c.id)
+def test_torch_path_fp64_exact(case):
+    q, k, v, g, h0, cu = _inputs(case, torch.float64, torch.device("cpu"))
+    h0 = h0.double() if h0 is not None else None
+    with force_backend("torch"):
+        o, ht = chunk_scalar_decay(q, k, v, g.double(), case.scale, h0, True, cu)
+    o_ref, ht_ref = naive_recurrent_scalar_decay(q, k, v, g.double(), case.scale, h0, True, cu)
+    assert_close(o, o_ref, FP64_REL, "o")
+    assert_close(ht, ht_ref, FP64_REL, "final_state")
+
+
+def test_decoding_step_continues_the_chunked_state():
+    """Prefill T tokens with the chunked kernel, decode 3 more with the step: the same outputs
+    and state as the recurrence over all T + 3 tokens."""
+    case = Case(2, 70, 2, 4, 16, 8)
+    q, k, v, g, _, _ = _inputs(case, torch.float32, torch.device("cpu"))
+    T0 = 67
+    o_ref, ht_ref = naive_recurrent_scalar_decay(q, k, v, g, 0.7, None, True)
+    with force_backend("torch"):
+        _, state = chunk_scalar_decay(q[:, :T0], k[:, :T0], v[:, :T0], g[:, :T0], 0.7, None, True)
+    outs = []
+    for t in range(T0, case.T):
+        o_t, state = scalar_decay_step(q[:, t], k[:, t], v[:, t], g[:, t], state, 0.7)
+        outs.append(o_t)
+    assert_close(torch.stack(outs, dim=1), o_ref[:, T0:], FP32_REL, "o (decode)")
+    assert_close(state, ht_ref, FP32_REL, "state (decode)")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_errors_name_the_argument(backend):
+    q = torch.randn(1, 8, 2, 16)
+    v = torch.randn(1, 8, 3, 16)
+    g = -torch.rand(1, 8, 3)
+    with force_backend(backend):
+        with pytest.raises(ValueError, match="HV=3"):
+            chunk_scalar_decay(q, q, v, g)
+        v = torch.randn(1, 8, 4, 16)
+        with pytest.raises(ValueError, match="g must be"):
+            chunk_scalar_decay(q, q, v, g)
+        g = -torch.rand(1, 8, 4)
+        with pytest.raises(TypeError, match="k has dtype"):
+            chunk_scalar_decay(q, q.half(), v, g)
+        with pytest.raises(ValueError, match="initial_state"):
+            chunk_scalar_decay(q, q, v, g, initial_state=torch.zeros(2, 4, 16, 16))
+        with pytest.raises(ValueError, match="cu_seqlens must end"):
+            chunk_scalar_decay(q, q, v, g, cu_seqlens=torch.tensor([0, 5]))
