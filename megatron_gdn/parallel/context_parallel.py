@@ -74,14 +74,14 @@ def segment_maps(q, k, v, g, beta, scale, cu_seqlens, **fused):
 
 
 def _pieces_view(gathered: torch.Tensor, layout: CPLayout) -> torch.Tensor:
-    """[R * 2N, ...] all-gathered per-segment tensor -> [R, N, 2, ...]."""
+    """[R * 2N, ...] all-gathered per-piece tensor -> [R, N, 2, ...]."""
     return gathered.view(layout.cp_size, layout.num_seqs, 2, *gathered.shape[1:])
 
 
 def fold_states(h_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout) -> torch.Tensor:
-    """S_in of this rank's 2N segments, [2N, HV, K, V], from the gathered H [R * 2N, HV, K, V]
-    and M [R * 2N, HV, K, K]: S <- M_p S + H_p over pieces p = 0, 1, ... of every sequence at
-    once (batched over sequences and heads)."""
+    """S_in of this rank's 2N pieces, [2N, HV, K, V], from the gathered H [R * 2N, HV, K, V]
+    and M [R * 2N, HV, K, K]: S <- M_p S + H_p over pieces p = 0, 1, ... of every unit at
+    once (batched over units and heads)."""
     R = layout.cp_size
     h, m = _pieces_view(h_all, layout), _pieces_view(m_all, layout)
     first, second = layout.local_pieces()
@@ -99,7 +99,7 @@ def fold_states(h_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout) -> t
 
 
 def fold_state_grads(d_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout) -> torch.Tensor:
-    """The gradient arriving at the end of each of this rank's 2N segments, [2N, HV, K, V],
+    """The gradient arriving at the end of each of this rank's 2N pieces, [2N, HV, K, V],
     from the gathered D = dS_in [R * 2N, HV, K, V] and M: G_{2R-1} = 0,
     G_{p-1} = D_p + M_p^T G_p."""
     R = layout.cp_size
@@ -119,9 +119,9 @@ def fold_state_grads(d_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout)
 
 
 class _PassStates(torch.autograd.Function):
-    """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's segments) -> s_in [2N, HV, K, V],
-    the state entering each local segment; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
-    local segments. One all-gather over the CP group each way: [h | m] forward, [d s_in | m]
+    """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's pieces) -> s_in [2N, HV, K, V],
+    the state entering each local piece; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
+    local pieces. One all-gather over the CP group each way: [h | m] forward, [d s_in | m]
     backward (m travels again rather than every rank keeping all R * 2N transitions: saved
     memory stays local, which matters for packs of many documents)."""
 
@@ -153,8 +153,8 @@ def _apply_states(oq, s_in, cu: List[int]) -> torch.Tensor:
     lens = {b - a for a, b in zip(cu[:-1], cu[1:])}
     oq = oq.float()
     if len(lens) == 1:
-        seg = oq.view(len(cu) - 1, lens.pop(), *oq.shape[2:])
-        return torch.einsum("nthk,nhkv->nthv", seg, s_in).reshape(1, -1, *s_in.shape[1:2], s_in.shape[-1])
+        seg = oq.reshape(len(cu) - 1, lens.pop(), *oq.shape[2:])
+        return torch.einsum("nthk,nhkv->nthv", seg, s_in).reshape(1, -1, s_in.shape[1], s_in.shape[-1])
     parts = [torch.einsum("thk,hkv->thv", oq[0, a:b], s_in[i])
              for i, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
     return torch.cat(parts).unsqueeze(0)
