@@ -91,96 +91,43 @@ def make_chunk_layout(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: in
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _diag_inverses(a0, a1, a2, a3):
-    """(I + a)^-1 of four strictly lower triangular [16, 16] tiles, by forward substitution
-    in one loop (four independent chains per step): row i of n = T - I is
-    -a_i - sum_j a_ij n_j over the rows j < i already done; rows >= i of n still hold -a."""
-    rows = tl.arange(0, 16)
-    n0 = -a0
-    n1 = -a1
-    n2 = -a2
-    n3 = -a3
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for a strictly lower triangular [64, 64] tile.
+
+    With D = I + (the 16x16 diagonal blocks of a) and N the rest of a, I + a = D (I + Z),
+    Z = D^-1 N strictly block lower, so Z^4 = 0 and (I + a)^-1 = (I - Z + Z^2 - Z^3) D^-1.
+    D^-1: forward substitution on the four diagonal blocks at once as a [4, 16, 16] tile
+    (row i of n = D^-1 - I is -d_i - sum_j d_ij n_j over the rows j < i already done; rows
+    >= i of n still hold -d)."""
+    bi = tl.arange(0, 4)[:, None, None, None]
+    bj = tl.arange(0, 4)[None, None, :, None]
+    d = tl.sum(tl.where(bi == bj, tl.reshape(a, [4, 16, 4, 16]), 0.0), 2)
+    rows = tl.arange(0, 16)[None, :, None]
+    n = -d
     for i in range(2, 16):
-        sel = rows[:, None] == i
-        x0 = tl.sum(tl.where(sel, n0, 0.0), 0)
-        x1 = tl.sum(tl.where(sel, n1, 0.0), 0)
-        x2 = tl.sum(tl.where(sel, n2, 0.0), 0)
-        x3 = tl.sum(tl.where(sel, n3, 0.0), 0)
-        n0 = tl.where(sel, (x0 + tl.sum(x0[:, None] * n0, 0))[None, :], n0)
-        n1 = tl.where(sel, (x1 + tl.sum(x1[:, None] * n1, 0))[None, :], n1)
-        n2 = tl.where(sel, (x2 + tl.sum(x2[:, None] * n2, 0))[None, :], n2)
-        n3 = tl.where(sel, (x3 + tl.sum(x3[:, None] * n3, 0))[None, :], n3)
-    eye = (rows[:, None] == rows[None, :]).to(tl.float32)
-    return n0 + eye, n1 + eye, n2 + eye, n3 + eye
+        sel = rows == i
+        x = tl.sum(tl.where(sel, n, 0.0), 1)
+        n = tl.where(sel, (x + tl.sum(x[:, :, None] * n, 1))[:, None, :], n)
+    n = n + (rows == tl.arange(0, 16)[None, None, :]).to(tl.float32)
+    d_inv = tl.reshape(tl.where(bi == bj, n[:, :, None, :], 0.0), [64, 64])
+    r = tl.arange(0, 64)
+    z = tl.dot(d_inv, tl.where((r // 16)[:, None] > (r // 16)[None, :], a, 0.0))
+    z2 = tl.dot(z, z)
+    p = (r[:, None] == r[None, :]).to(tl.float32) - z + z2 - tl.dot(z, z2)
+    return tl.dot(p, d_inv)
 
 
 @triton.jit
-def _gate_block(g_ptr, b_ptr, a_log_ptr, dt_bias_ptr, gc_ptr, beta_out_ptr, t_rows, m_rows,
-                i_hv, HV: tl.constexpr, carry, GATE_MODE: tl.constexpr,
-                BETA_SIGMOID: tl.constexpr, HAS_DT_BIAS: tl.constexpr, STORE: tl.constexpr):
-    """One 16-row block of (gc, beta). GATE_MODE 0: g is the log decay; 1: g is the raw gate
-    input a (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute)."""
-    offs = t_rows * HV + i_hv
-    b_g = tl.load(g_ptr + offs, mask=m_rows, other=0.0).to(tl.float32)
-    if GATE_MODE == 2:
-        b_gc = b_g
-    else:
-        if GATE_MODE == 1:
-            x = b_g
-            if HAS_DT_BIAS:
-                x = x + tl.load(dt_bias_ptr + i_hv).to(tl.float32)
-            b_g = -tl.exp(tl.load(a_log_ptr + i_hv).to(tl.float32)) * softplus(x)
-            b_g = tl.where(m_rows, b_g, 0.0)
-        b_gc = tl.cumsum(b_g, 0) + carry
-    b_beta = tl.load(b_ptr + offs, mask=m_rows, other=0.0).to(tl.float32)
-    if BETA_SIGMOID:
-        b_beta = tl.sigmoid(b_beta)
-    if STORE:
-        tl.store(gc_ptr + offs, b_gc, mask=m_rows)
-        tl.store(beta_out_ptr + offs, b_beta, mask=m_rows)
-    return b_gc, b_beta
-
-
-@triton.jit
-def _scaled_block(a, gc_i, gc_j, beta_i, DIAG: tl.constexpr):
-    """beta_i a_ij exp(gc_i - gc_j), strictly lower part only for a diagonal block."""
-    d = gc_i[:, None] - gc_j[None, :]
-    if DIAG:
-        rows = tl.arange(0, 16)
-        keep = rows[:, None] > rows[None, :]
-        return tl.where(keep, a * tl.exp(tl.where(keep, d, 0.0)) * beta_i[:, None], 0.0)
-    return a * tl.exp(d) * beta_i[:, None]
-
-
-@triton.jit
-def _wy_rhs_store(x_ptr, out_ptr, t0, eos, stride_x, stride_o, col0, NCOL, scale0, scale1,
-                  scale2, scale3, t00, t10, t11, t20, t21, t22, t30, t31, t32, t33,
+def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, NCOL,
                   BC: tl.constexpr):
-    """out rows = Tm @ (scale * x) for one [64, BC] column block, in four 16-row blocks."""
-    r = tl.arange(0, 16)
-    cols = col0 + tl.arange(0, BC)
-    m_c = cols < NCOL
-    t_r0 = t0 + r
-    t_r1 = t0 + 16 + r
-    t_r2 = t0 + 32 + r
-    t_r3 = t0 + 48 + r
-    m0 = (t_r0 < eos)[:, None] & m_c[None, :]
-    m1 = (t_r1 < eos)[:, None] & m_c[None, :]
-    m2 = (t_r2 < eos)[:, None] & m_c[None, :]
-    m3 = (t_r3 < eos)[:, None] & m_c[None, :]
-    x0 = tl.load(x_ptr + t_r0[:, None] * stride_x + cols[None, :], mask=m0, other=0.0).to(tl.float32) * scale0[:, None]
-    x1 = tl.load(x_ptr + t_r1[:, None] * stride_x + cols[None, :], mask=m1, other=0.0).to(tl.float32) * scale1[:, None]
-    x2 = tl.load(x_ptr + t_r2[:, None] * stride_x + cols[None, :], mask=m2, other=0.0).to(tl.float32) * scale2[:, None]
-    x3 = tl.load(x_ptr + t_r3[:, None] * stride_x + cols[None, :], mask=m3, other=0.0).to(tl.float32) * scale3[:, None]
-    y0 = tl.dot(t00, x0)
-    y1 = tl.dot(t10, x0) + tl.dot(t11, x1)
-    y2 = tl.dot(t20, x0) + tl.dot(t21, x1) + tl.dot(t22, x2)
-    y3 = tl.dot(t30, x0) + tl.dot(t31, x1) + tl.dot(t32, x2) + tl.dot(t33, x3)
-    ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + t_r0[:, None] * stride_o + cols[None, :], y0.to(ty), mask=m0)
-    tl.store(out_ptr + t_r1[:, None] * stride_o + cols[None, :], y1.to(ty), mask=m1)
-    tl.store(out_ptr + t_r2[:, None] * stride_o + cols[None, :], y2.to(ty), mask=m2)
-    tl.store(out_ptr + t_r3[:, None] * stride_o + cols[None, :], y3.to(ty), mask=m3)
+    """out = Tm @ (row_scale * x) over column blocks of BC."""
+    for i_c in range(0, tl.cdiv(NCOL, BC)):
+        cols = i_c * BC + tl.arange(0, BC)
+        m = m_t[:, None] & (cols < NCOL)[None, :]
+        b_x = tl.load(x_ptr + t_r[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
+        b_y = tl.dot(tm, b_x.to(tl.float32) * row_scale[:, None])
+        tl.store(out_ptr + t_r[:, None] * stride_o + cols[None, :],
+                 b_y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.autotune(
@@ -195,128 +142,61 @@ def _prepare_kernel(
     k, v, g, beta, a_log, dt_bias, gc, beta_out, k_rstd, w, u,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr,
+    BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_MODE: tl.constexpr, BETA_SIGMOID: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     L2: tl.constexpr, STORE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    """Per (chunk, key head). GATE_MODE 0: g is the log decay; 1: g is the raw gate input a
+    (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute, STORE off)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
-    r = tl.arange(0, 16)
-    t_r0 = t0 + r
-    t_r1 = t0 + 16 + r
-    t_r2 = t0 + 32 + r
-    t_r3 = t0 + 48 + r
-    m_r0 = t_r0 < eos
-    m_r1 = t_r1 < eos
-    m_r2 = t_r2 < eos
-    m_r3 = t_r3 < eos
-
-    # K K^T of the chunk in 16x16 blocks (shared by the G value heads of this key head)
-    a10 = tl.zeros([16, 16], dtype=tl.float32)
-    a11 = tl.zeros([16, 16], dtype=tl.float32)
-    a20 = tl.zeros([16, 16], dtype=tl.float32)
-    a21 = tl.zeros([16, 16], dtype=tl.float32)
-    a22 = tl.zeros([16, 16], dtype=tl.float32)
-    a30 = tl.zeros([16, 16], dtype=tl.float32)
-    a31 = tl.zeros([16, 16], dtype=tl.float32)
-    a32 = tl.zeros([16, 16], dtype=tl.float32)
-    a33 = tl.zeros([16, 16], dtype=tl.float32)
-    a00 = tl.zeros([16, 16], dtype=tl.float32)
-    s0 = tl.zeros([16], dtype=tl.float32)
-    s1 = tl.zeros([16], dtype=tl.float32)
-    s2 = tl.zeros([16], dtype=tl.float32)
-    s3 = tl.zeros([16], dtype=tl.float32)
+    r = tl.arange(0, 64)
+    t_r = t0 + r
+    m_t = t_r < eos
+    o_k = tl.arange(0, BKF)
     k_h = k + i_h * K
-    for i_k in range(0, tl.cdiv(K, BK)):
-        cols = i_k * BK + tl.arange(0, BK)
-        m_c = cols < K
-        k0 = tl.load(k_h + t_r0[:, None] * (H * K) + cols[None, :], mask=m_r0[:, None] & m_c[None, :], other=0.0)
-        k1 = tl.load(k_h + t_r1[:, None] * (H * K) + cols[None, :], mask=m_r1[:, None] & m_c[None, :], other=0.0)
-        k2 = tl.load(k_h + t_r2[:, None] * (H * K) + cols[None, :], mask=m_r2[:, None] & m_c[None, :], other=0.0)
-        k3 = tl.load(k_h + t_r3[:, None] * (H * K) + cols[None, :], mask=m_r3[:, None] & m_c[None, :], other=0.0)
-        a00 += tl.dot(k0, tl.trans(k0))
-        a10 += tl.dot(k1, tl.trans(k0))
-        a11 += tl.dot(k1, tl.trans(k1))
-        a20 += tl.dot(k2, tl.trans(k0))
-        a21 += tl.dot(k2, tl.trans(k1))
-        a22 += tl.dot(k2, tl.trans(k2))
-        a30 += tl.dot(k3, tl.trans(k0))
-        a31 += tl.dot(k3, tl.trans(k1))
-        a32 += tl.dot(k3, tl.trans(k2))
-        a33 += tl.dot(k3, tl.trans(k3))
-        if L2:
-            s0 += tl.sum(k0.to(tl.float32) * k0.to(tl.float32), 1)
-            s1 += tl.sum(k1.to(tl.float32) * k1.to(tl.float32), 1)
-            s2 += tl.sum(k2.to(tl.float32) * k2.to(tl.float32), 1)
-            s3 += tl.sum(k3.to(tl.float32) * k3.to(tl.float32), 1)
+    # K K^T over the whole key dim in one dot (shared by the G value heads of this key head)
+    b_k = tl.load(k_h + t_r[:, None] * (H * K) + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    b_kk = tl.dot(b_k, tl.trans(b_k))
     if L2:
-        r0 = tl.rsqrt(s0 + 1e-6)
-        r1 = tl.rsqrt(s1 + 1e-6)
-        r2 = tl.rsqrt(s2 + 1e-6)
-        r3 = tl.rsqrt(s3 + 1e-6)
+        rk = tl.rsqrt(tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1) + 1e-6)
         if STORE:
-            tl.store(k_rstd + t_r0 * H + i_h, r0, mask=m_r0)
-            tl.store(k_rstd + t_r1 * H + i_h, r1, mask=m_r1)
-            tl.store(k_rstd + t_r2 * H + i_h, r2, mask=m_r2)
-            tl.store(k_rstd + t_r3 * H + i_h, r3, mask=m_r3)
-        a00 = a00 * r0[:, None] * r0[None, :]
-        a10 = a10 * r1[:, None] * r0[None, :]
-        a11 = a11 * r1[:, None] * r1[None, :]
-        a20 = a20 * r2[:, None] * r0[None, :]
-        a21 = a21 * r2[:, None] * r1[None, :]
-        a22 = a22 * r2[:, None] * r2[None, :]
-        a30 = a30 * r3[:, None] * r0[None, :]
-        a31 = a31 * r3[:, None] * r1[None, :]
-        a32 = a32 * r3[:, None] * r2[None, :]
-        a33 = a33 * r3[:, None] * r3[None, :]
+            tl.store(k_rstd + t_r * H + i_h, rk, mask=m_t)
+        b_kk = b_kk * rk[:, None] * rk[None, :]
     else:
-        r0 = tl.full([16], 1.0, dtype=tl.float32)
-        r1 = r0
-        r2 = r0
-        r3 = r0
+        rk = tl.full([64], 1.0, dtype=tl.float32)
+    lower = (r[:, None] > r[None, :]) & m_t[:, None] & m_t[None, :]
 
     for i_g in range(0, G):
         i_hv = i_h * G + i_g
-        gc0, b0 = _gate_block(g, beta, a_log, dt_bias, gc, beta_out, t_r0, m_r0, i_hv, HV, 0.0,
-                              GATE_MODE, BETA_SIGMOID, HAS_DT_BIAS, STORE)
-        gc1, b1 = _gate_block(g, beta, a_log, dt_bias, gc, beta_out, t_r1, m_r1, i_hv, HV,
-                              tl.sum(tl.where(r == 15, gc0, 0.0), 0),
-                              GATE_MODE, BETA_SIGMOID, HAS_DT_BIAS, STORE)
-        gc2, b2 = _gate_block(g, beta, a_log, dt_bias, gc, beta_out, t_r2, m_r2, i_hv, HV,
-                              tl.sum(tl.where(r == 15, gc1, 0.0), 0),
-                              GATE_MODE, BETA_SIGMOID, HAS_DT_BIAS, STORE)
-        gc3, b3 = _gate_block(g, beta, a_log, dt_bias, gc, beta_out, t_r3, m_r3, i_hv, HV,
-                              tl.sum(tl.where(r == 15, gc2, 0.0), 0),
-                              GATE_MODE, BETA_SIGMOID, HAS_DT_BIAS, STORE)
-        # Tm = (I + A)^-1 block by block: T_ii = (I + A_ii)^-1,
-        # T_ij = -T_ii sum_{j <= l < i} A_il T_lj
-        t00, t11, t22, t33 = _diag_inverses(
-            _scaled_block(a00, gc0, gc0, b0, True), _scaled_block(a11, gc1, gc1, b1, True),
-            _scaled_block(a22, gc2, gc2, b2, True), _scaled_block(a33, gc3, gc3, b3, True))
-        l10 = _scaled_block(a10, gc1, gc0, b1, False)
-        l20 = _scaled_block(a20, gc2, gc0, b2, False)
-        l21 = _scaled_block(a21, gc2, gc1, b2, False)
-        l30 = _scaled_block(a30, gc3, gc0, b3, False)
-        l31 = _scaled_block(a31, gc3, gc1, b3, False)
-        l32 = _scaled_block(a32, gc3, gc2, b3, False)
-        t10 = -tl.dot(t11, tl.dot(l10, t00))
-        t21 = -tl.dot(t22, tl.dot(l21, t11))
-        t32 = -tl.dot(t33, tl.dot(l32, t22))
-        t20 = -tl.dot(t22, tl.dot(l20, t00) + tl.dot(l21, t10))
-        t31 = -tl.dot(t33, tl.dot(l31, t11) + tl.dot(l32, t21))
-        t30 = -tl.dot(t33, tl.dot(l30, t00) + tl.dot(l31, t10) + tl.dot(l32, t20))
-
+        offs = t_r * HV + i_hv
+        b_g = tl.load(g + offs, mask=m_t, other=0.0).to(tl.float32)
+        if GATE_MODE == 2:
+            b_gc = b_g
+        else:
+            if GATE_MODE == 1:
+                x = b_g
+                if HAS_DT_BIAS:
+                    x = x + tl.load(dt_bias + i_hv).to(tl.float32)
+                b_g = tl.where(m_t, -tl.exp(tl.load(a_log + i_hv).to(tl.float32)) * softplus(x),
+                               0.0)
+            b_gc = tl.cumsum(b_g, 0)
+        b_beta = tl.load(beta + offs, mask=m_t, other=0.0).to(tl.float32)
+        if BETA_SIGMOID:
+            b_beta = tl.sigmoid(b_beta)
+        if STORE:
+            tl.store(gc + offs, b_gc, mask=m_t)
+            tl.store(beta_out + offs, b_beta, mask=m_t)
+        # the decay exponent is <= 0 below the diagonal; masked first so nothing overflows
+        b_a = tl.where(lower, b_kk * b_beta[:, None]
+                       * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+        b_tm = _unit_lower_inverse(b_a)
         # w = Tm (beta e^gc rstd k), u = Tm (beta v)
-        for i_k in range(0, tl.cdiv(K, BK)):
-            _wy_rhs_store(k_h, w + i_hv * K, t0, eos, H * K, HV * K, i_k * BK, K,
-                          b0 * tl.exp(gc0) * r0, b1 * tl.exp(gc1) * r1,
-                          b2 * tl.exp(gc2) * r2, b3 * tl.exp(gc3) * r3,
-                          t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, BK)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            _wy_rhs_store(v + i_hv * V, u + i_hv * V, t0, eos, HV * V, HV * V, i_v * BV, V,
-                          b0, b1, b2, b3,
-                          t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, BV)
+        _store_tm_rhs(b_tm, k_h, w + i_hv * K, t_r, m_t, H * K, HV * K,
+                      b_beta * tl.exp(b_gc) * rk, K, BK)
+        _store_tm_rhs(b_tm, v + i_hv * V, u + i_hv * V, t_r, m_t, HV * V, HV * V, b_beta, V, BV)
 
 
 def _pow2_block(n: int, cap: int) -> int:
@@ -340,7 +220,8 @@ def _launch_prepare(k, v, g, beta, layout, gate_mode, A_log, dt_bias, use_beta_s
     _prepare_kernel[(layout.num_chunks, H)](
         k, v, g, beta, A_log, dt_bias, gc, beta_out, k_rstd, w, u,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=_pow2_block(K, 64), BV=_pow2_block(V, 64),
+        H=H, HV=HV, K=K, V=V, BKF=_pow2_block(K, 256), BK=_pow2_block(K, 64),
+        BV=_pow2_block(V, 64),
         GATE_MODE=gate_mode, BETA_SIGMOID=use_beta_sigmoid, HAS_DT_BIAS=dt_bias is not None,
         L2=use_qk_l2norm, STORE=store, IS_VARLEN=varlen,
     )
