@@ -1,19 +1,26 @@
-"""`megatron_gdn.cpu.enable()`: idempotent, and a no-op when CUDA is present.
+"""`megatron_gdn.cpu.enable()`: idempotent, a no-op when CUDA is present, and what it patches.
 
-Runs in a subprocess: enable() changes torch.cuda and the torch function mode stack of the
-process that calls it, which must not leak into the rest of the test session.
+The checks run in a fresh rank process (enable_cpu=False: the harness does not call enable()
+there): enable() changes torch.cuda and the torch function mode stack of the process that
+calls it, which must not leak into the rest of the test session.
 """
-import json
-import subprocess
-import sys
-import textwrap
-
 import torch
 
-_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import torch
+from megatron_gdn.testing.dist import run_distributed
+
+
+class _FakeGroup:
+    def __init__(self, rank, size):
+        self._rank, self._size = rank, size
+
+    def rank(self):
+        return self._rank
+
+    def size(self):
+        return self._size
+
+
+def _enable_report():
     import megatron_gdn.cpu as cpu
 
     report = {}
@@ -51,28 +58,17 @@ _SCRIPT = textwrap.dedent(
 
     # rope's CP slice: rank r of W keeps pieces r and 2W-1-r of the sequence
     from megatron.core.models.common.embeddings import rotary_pos_embedding
-    class FakeGroup:
-        def __init__(self, rank, size):
-            self._rank, self._size = rank, size
-        def rank(self):
-            return self._rank
-        def size(self):
-            return self._size
+
     emb = torch.arange(16.0).view(16, 1, 1, 1)
     report["rope_cp"] = [
-        rotary_pos_embedding.get_pos_emb_on_this_cp_rank(emb, 0, FakeGroup(r, 2)).flatten().tolist()
+        rotary_pos_embedding.get_pos_emb_on_this_cp_rank(emb, 0, _FakeGroup(r, 2)).flatten().tolist()
         for r in range(2)
     ]
-    print("REPORT" + json.dumps(report))
-    """
-)
+    return report
 
 
 def test_enable_is_idempotent_and_noop_with_cuda():
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("REPORT")][-1]
-    report = json.loads(line[len("REPORT"):])
+    (report,) = run_distributed(_enable_report, world_size=1, enable_cpu=False, timeout=240)
     print(report)
 
     assert report["cuda_enable"] is False
@@ -115,8 +111,6 @@ def _gloo_avg():
 
 def test_gloo_average_ops():
     """gloo has no ReduceOp.AVG; enable() makes all_reduce / reduce_scatter_tensor take it."""
-    from megatron_gdn.testing.dist import run_distributed
-
     results = run_distributed(_gloo_avg, world_size=2, timeout=120)
     base = torch.tensor([1.0, 2.0, 3.0, 4.0])
     for rank, out in enumerate(results):
