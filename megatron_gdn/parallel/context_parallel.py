@@ -31,6 +31,10 @@ backward call of the widened kernel turns (d[o0 | oq], d[H | M]) into every inpu
 
 Cost against the plain kernel on the local tokens: the kernel runs once forward and once
 backward, on V + K instead of V value columns; no recomputation, no second pass.
+Overlap: the forward all-gather is started before the fp32 up-casts of o0 / oq and the index
+set-up, which do not need the incoming states. In backward nothing local is independent of
+G (the kernel's backward needs it), and the exchange is a few MiB; for large R a log-depth
+scan would replace the O(R) fold, which here is 2R small batched matmuls.
 
 The head count plays no part: every rank keeps all of its (TP-local) heads, so any
 context-parallel size works with any head count.
@@ -121,14 +125,14 @@ def fold_state_grads(d_all: torch.Tensor, m_all: torch.Tensor, layout: CPLayout)
 class _PassStates(torch.autograd.Function):
     """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's pieces) -> s_in [2N, HV, K, V],
     the state entering each local piece; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
-    local pieces. One all-gather over the CP group each way: [h | m] forward, [d s_in | m]
-    backward (m travels again rather than every rank keeping all R * 2N transitions: saved
+    local pieces. One all-gather over the CP group each way: [h | m] forward (started by the
+    caller, so that independent work overlaps it), [d s_in | m] backward (m travels again rather than every rank keeping all R * 2N transitions: saved
     memory stays local, which matters for packs of many documents)."""
 
     @staticmethod
-    def forward(ctx, h, m, layout, group):
+    def forward(ctx, h, m, layout, group, wait):
+        """wait: returns the all-gathered [h | m] (the caller started the all-gather)."""
         V = h.shape[-1]
-        _, wait = all_gather_start(torch.cat([h, m], dim=-1), group)
         gathered = wait()
         s_in = fold_states(gathered[..., :V], gathered[..., V:], layout)
         ctx.save_for_backward(m, s_in)
@@ -143,15 +147,14 @@ class _PassStates(torch.autograd.Function):
         gathered = wait()
         g_end = fold_state_grads(gathered[..., :V], gathered[..., V:], ctx.layout)
         # S_out = m S_in + h: dh = G, dm = G S_in^T
-        # layout, group: not tensors
-        return g_end, torch.matmul(g_end, s_in.transpose(-1, -2)), None, None
+        # layout, group, wait: not tensors
+        return g_end, torch.matmul(g_end, s_in.transpose(-1, -2)), None, None, None
 
 
 def _apply_states(oq, s_in, cu: List[int]) -> torch.Tensor:
-    """S_in^T oq per segment: oq [1, T, HV, K], s_in [n, HV, K, V] for the n segments of cu
-    -> [1, T, HV, V] fp32."""
+    """S_in^T oq per segment: oq [1, T, HV, K] fp32, s_in [n, HV, K, V] for the n segments of
+    cu -> [1, T, HV, V] fp32."""
     lens = {b - a for a, b in zip(cu[:-1], cu[1:])}
-    oq = oq.float()
     if len(lens) == 1:
         seg = oq.reshape(len(cu) - 1, lens.pop(), *oq.shape[2:])
         return torch.einsum("nthk,nhkv->nthv", seg, s_in).reshape(1, -1, s_in.shape[1], s_in.shape[-1])
@@ -214,9 +217,13 @@ def chunk_gated_delta_rule_cp(
     h = h_sub.new_zeros(layout.num_segments, HV, K, V).index_copy(0, pieces, h_sub[rows])
     m = torch.eye(K, dtype=m_sub.dtype, device=device).repeat(layout.num_segments, HV, 1, 1)
     m = m.index_copy(0, pieces, (m_sub * cont)[rows])
-    s_in = _PassStates.apply(h, m, layout, group)
-    # the entering state of each sub-segment: its piece's, or zero where a document starts
+    _, wait = all_gather_start(torch.cat([h, m], dim=-1).detach(), group)
+    # while the summaries travel: what does not need the incoming states
     owner = torch.tensor([sub.local_piece for sub in subs], dtype=torch.long, device=device)
+    o0 = o0.float()
+    oq = oq.float()
+    s_in = _PassStates.apply(h, m, layout, group, wait)
+    # the entering state of each sub-segment: its piece's, or zero where a document starts
     s_in_sub = s_in.index_select(0, owner) * cont
-    o = o0.float() + _apply_states(oq, s_in_sub, sub_cu)
+    o = o0 + _apply_states(oq, s_in_sub, sub_cu)
     return o.to(v.dtype).reshape(B, T, *o.shape[2:])
