@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One GPU session's worth of checks and benchmarks, step by step, each with its own time
+# limit and log; a failing step does not stop the others. Usage:
+#   WHEELS=path/to/wheels bash scripts/gpu_suite.sh OUTDIR STEP[:SECONDS] [STEP[:SECONDS] ...]
+# Steps: tests-kernels tests-gpu bench-kernels bench-layer bench-hybrid bench-ssd bench-generate
+#        train-1gpu layer-tp2 cp-parity bench-cp train-multi
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="$1"; shift
+mkdir -p "$OUTDIR"
+source "$ROOT/scripts/gpu_setup.sh" 2>&1 | tee "$OUTDIR/setup.log"
+export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+cd "$ROOT"
+
+step_cmd() {
+  case "$1" in
+    tests-kernels)  echo "python3 -m pytest tests/kernels -q -x -p no:warnings" ;;
+    tests-gpu)      echo "python3 -m pytest tests/kernels tests/layer/test_layer_single.py -q -p no:warnings" ;;
+    bench-kernels)  echo "python3 benchmarks/bench_kernels.py --out $OUTDIR/kernels --shapes S1,S2,S3,S4,S5 --check" ;;
+    bench-layer)    echo "python3 benchmarks/bench_layer.py --out $OUTDIR/layer" ;;
+    bench-hybrid)   echo "python3 benchmarks/bench_hybrid.py --out $OUTDIR/hybrid" ;;
+    bench-ssd)      echo "python3 benchmarks/bench_ssd.py --out $OUTDIR/ssd" ;;
+    bench-generate) echo "python3 benchmarks/bench_generate.py --out $OUTDIR/generate" ;;
+    train-1gpu)     echo "bash examples/launch/gpu_throughput.sh $OUTDIR/train" ;;
+    layer-tp2)      echo "torchrun --nproc_per_node 2 benchmarks/bench_layer.py --tp-parity --out $OUTDIR/layer_tp2" ;;
+    cp-parity)      echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --parity --out $OUTDIR/cp_parity" ;;
+    bench-cp)       echo "bash benchmarks/run_cp_sweep.sh $OUTDIR/cp" ;;
+    train-multi)    echo "bash examples/launch/gpu_multi_smoke.sh $OUTDIR/train_multi" ;;
+    *) return 1 ;;
+  esac
+}
+
+declare -a SUMMARY
+for spec in "$@"; do
+  name="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
+  cmd="$(step_cmd "$name")" || { SUMMARY+=("$name: unknown step"); continue; }
+  echo "=== $name (limit ${limit}s): $cmd" | tee "$OUTDIR/$name.log"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" bash -c "$cmd" >> "$OUTDIR/$name.log" 2>&1
+  rc=$?
+  SUMMARY+=("$name: rc=$rc in $(( $(date +%s) - start ))s")
+  tail -n 25 "$OUTDIR/$name.log"
+done
+echo "=== summary ($NGPU GPU(s): $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))'))"
+printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
