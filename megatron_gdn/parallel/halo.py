@@ -61,43 +61,77 @@ def _tail_spans(layout: CPLayout, width: int):
     return spans
 
 
-class _ConvHalo(torch.autograd.Function):
-    """x [T, D] (the flattened local stream) -> halo [n_sub, D, Kw-1] (the conv's initial_state
-    per local sub-segment, oldest first); backward: d halo [n_sub, D, Kw-1] -> dx [T, D]
-    (nonzero only on the piece tails that halos read)."""
+def _gather_halos(x_td, layout: CPLayout, width: int, group):
+    """(halo [n_sub, D, Kw-1] in x's dtype, its index into the gathered tails)."""
+    h = width - 1
+    tails = x_td.new_zeros(layout.num_segments, h, x_td.shape[1])
+    for i, (start, end, m) in enumerate(_tail_spans(layout, width)):
+        if m:
+            tails[i, h - m:] = x_td[start:end]
+    _, wait = all_gather_start(tails, group)
+    index = halo_index(layout, width).to(x_td.device)
+    everything = wait().reshape(-1, x_td.shape[1])
+    everything = torch.cat([everything, everything.new_zeros(1, x_td.shape[1])])
+    return everything[index].transpose(1, 2).contiguous(), index
+
+
+def _return_halo_grads(dx, dhalo, index, layout: CPLayout, width: int, group) -> None:
+    """Adds, in place, the gradients of every halo that read this rank's tails into dx (None:
+    only take part in the collective)."""
+    h = width - 1
+    D = dhalo.shape[1]
+    rows = layout.cp_size * layout.num_segments * h
+    dall = dhalo.new_zeros(rows + 1, D)
+    dall.index_add_(0, index.reshape(-1), dhalo.transpose(1, 2).reshape(-1, D))
+    dtails = reduce_scatter(dall[:rows].reshape(-1, h, D), group)
+    if dx is None:
+        return
+    dtails = dtails.to(dx.dtype)
+    for i, (start, end, m) in enumerate(_tail_spans(layout, width)):
+        if m:
+            dx[start:end] += dtails[i, h - m:]
+
+
+class _ConvWithHalo(torch.autograd.Function):
+    """x [T, D] (the flattened local stream), weight [D, Kw], bias [D] or None -> y [T, D]: the
+    conv over the local sub-segments, each starting from its halo (the Kw-1 inputs before it
+    in its document, from other ranks). Backward: (dx, dweight, dbias), dx including the
+    gradients of other ranks' halos that read this rank's tails. The local conv's graph is
+    kept from forward to backward, so the halo gradient lands in the conv's own dx (no
+    full-size gradient buffer for a few tail tokens)."""
 
     @staticmethod
-    def forward(ctx, x_td, layout, group, width):
-        h = width - 1
-        spans = _tail_spans(layout, width)
-        tails = x_td.new_zeros(layout.num_segments, h, x_td.shape[1])
-        for i, (start, end, m) in enumerate(spans):
-            if m:
-                tails[i, h - m:] = x_td[start:end]
-        _, wait = all_gather_start(tails, group)
-        index = halo_index(layout, width).to(x_td.device)
-        everything = wait().reshape(-1, x_td.shape[1])
-        everything = torch.cat([everything, everything.new_zeros(1, x_td.shape[1])])
-        halo = everything[index].transpose(1, 2).contiguous()
+    def forward(ctx, x_td, weight, bias, activation, layout, group):
+        width = weight.shape[1]
+        halo, index = _gather_halos(x_td, layout, width, group)
+        with torch.enable_grad():
+            inputs = [x_td, weight, bias]
+            leaves = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip(inputs, ctx.needs_input_grad[:3])]
+            halo = halo.requires_grad_(True)
+            y, _ = causal_conv1d(leaves[0].unsqueeze(0), leaves[1], leaves[2], activation=activation,
+                                 initial_state=halo,
+                                 cu_seqlens=torch.tensor(layout.sub_cu, dtype=torch.int32,
+                                                         device=x_td.device))
+        ctx.graph = (y, leaves, halo)
         ctx.save_for_backward(index)
-        ctx.layout, ctx.group, ctx.width, ctx.tokens = layout, group, width, x_td.shape[0]
-        return halo
+        ctx.layout, ctx.group, ctx.width = layout, group, width
+        return y.detach()[0]
 
     @staticmethod
-    def backward(ctx, dhalo):
+    def backward(ctx, dy):
         (index,) = ctx.saved_tensors
-        layout, h = ctx.layout, ctx.width - 1
-        D = dhalo.shape[1]
-        rows = layout.cp_size * layout.num_segments * h
-        dall = dhalo.new_zeros(rows + 1, D)
-        dall.index_add_(0, index.reshape(-1), dhalo.transpose(1, 2).reshape(-1, D))
-        dtails = reduce_scatter(dall[:rows].reshape(-1, h, D), ctx.group)
-        dx = dhalo.new_zeros(ctx.tokens, D)
-        for i, (start, end, m) in enumerate(_tail_spans(layout, ctx.width)):
-            if m:
-                dx[start:end] = dtails[i, h - m:]
-        # layout, group, width: not tensors
-        return dx, None, None, None
+        y, leaves, halo = ctx.graph
+        ctx.graph = None
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(y, wanted + [halo], dy.unsqueeze(0))
+        dhalo = grads[-1]
+        it = iter(grads[:-1])
+        out = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
+        # every rank takes part in the reduce-scatter, also one whose x needs no gradient
+        _return_halo_grads(out[0], dhalo, index, ctx.layout, ctx.width, ctx.group)
+        # activation, layout, group: not tensors
+        return (*out, None, None, None)
 
 
 def conv_with_cp_halo(x_btd: torch.Tensor, weight: torch.Tensor, bias, activation, layout: CPLayout,
@@ -115,11 +149,5 @@ def conv_with_cp_halo(x_btd: torch.Tensor, weight: torch.Tensor, bias, activatio
     B, T, D = x_btd.shape
     if B * T != layout.local_tokens:
         raise ValueError(f"x has {B} x {T} tokens but the CP layout describes {layout.local_tokens}")
-    width = weight.shape[1]
-    x_td = x_btd.reshape(B * T, D)
-    halo = _ConvHalo.apply(x_td, layout, group, width)
-    y, _ = causal_conv1d(x_td.unsqueeze(0), weight, bias, activation=activation,
-                         initial_state=halo.to(x_td.dtype),
-                         cu_seqlens=torch.tensor(layout.sub_cu, dtype=torch.int32,
-                                                 device=x_td.device))
+    y = _ConvWithHalo.apply(x_btd.reshape(B * T, D), weight, bias, activation, layout, group)
     return y.reshape(B, T, D)
