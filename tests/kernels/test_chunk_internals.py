@@ -138,6 +138,8 @@ CASES = [
     ("packed", 1, 203, 2, 4, 32, 32, [0, 1, 64, 65, 140, 140, 203], True, False, False, False),
     ("fused", 2, 90, 2, 4, 32, 32, None, True, True, True, True),
     ("fused-packed", 1, 150, 1, 2, 16, 32, [0, 7, 71, 150], False, True, True, True),
+    # several key / value column blocks, V not a power of two
+    ("K128-V80-gva", 1, 70, 1, 2, 128, 80, None, True, True, False, False),
 ]
 
 
@@ -179,3 +181,18 @@ def test_l2norm_statistics_saved():
                                  use_qk_l2norm=True)
     assert_close(k_rstd, torch.rsqrt((k.double() ** 2).sum(-1) + 1e-6), FP32_REL, "k_rstd")
     assert_close(q_rstd, torch.rsqrt((q.double() ** 2).sum(-1) + 1e-6), FP32_REL, "q_rstd")
+
+
+def test_forward_fp16_matches_fp32_path():
+    """Half-precision inputs (bf16 is wrong under the interpreter; fp16 exercises the same
+    casts): o within fp16 rounding of the float64 oracle on the fp16 values."""
+    B, T, H, HV, K, V = 1, 100, 1, 2, 32, 32
+    q, k, v, g, beta = _inputs(B, T, H, HV, K, V, seed=9)
+    q, k, v = (x.half() for x in (q, k, v))
+    o, ht = chunk_gated_delta_rule_triton(q, k, v, g, beta, None, None, True, None,
+                                          use_qk_l2norm=True)
+    o_ref, ht_ref = _oracle(q, k, v, g, beta, K ** -0.5, None, None, True, None, None, False)
+    assert o.dtype == torch.float16
+    # fp16 operands of the dots and fp16 w, u, v_new, h: a few fp16 ulps (2^-11) per step
+    assert_close(o, o_ref, 5e-3, "o")
+    assert_close(ht, ht_ref, 5e-3, "final_state")
