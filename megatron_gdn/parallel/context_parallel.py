@@ -31,7 +31,7 @@ backward call of the widened kernel turns (d[o0 | oq], d[H | M]) into every inpu
 
 Cost against the plain kernel on the local tokens: the kernel runs once forward and once
 backward, on V + K instead of V value columns; no recomputation, no second pass.
-Overlap: the forward all-gather is started before the fp32 up-casts of o0 / oq and the index
+Overlap: the forward all-gather is started before the fp32 up-cast of o0 and the index
 set-up, which do not need the incoming states. In backward nothing local is independent of
 G (the kernel's backward needs it), and the exchange is a few MiB; for large R a log-depth
 scan would replace the O(R) fold, which here is 2R small batched matmuls.
@@ -151,16 +151,44 @@ class _PassStates(torch.autograd.Function):
         return g_end, torch.matmul(g_end, s_in.transpose(-1, -2)), None, None, None
 
 
-def _apply_states(oq, s_in, cu: List[int]) -> torch.Tensor:
-    """S_in^T oq per segment: oq [1, T, HV, K] fp32, s_in [n, HV, K, V] for the n segments of
-    cu -> [1, T, HV, V] fp32."""
+def _segments(x: torch.Tensor, cu: List[int]):
+    """Per-segment views of x [1, T, ...]: one [n, P, ...] view when all segments have the
+    same length P, else a list of [P_i, ...] slices."""
     lens = {b - a for a, b in zip(cu[:-1], cu[1:])}
     if len(lens) == 1:
-        seg = oq.reshape(len(cu) - 1, lens.pop(), *oq.shape[2:])
-        return torch.einsum("nthk,nhkv->nthv", seg, s_in).reshape(1, -1, s_in.shape[1], s_in.shape[-1])
-    parts = [torch.einsum("thk,hkv->thv", oq[0, a:b], s_in[i])
-             for i, (a, b) in enumerate(zip(cu[:-1], cu[1:]))]
-    return torch.cat(parts).unsqueeze(0)
+        return x.reshape(len(cu) - 1, lens.pop(), *x.shape[2:])
+    return [x[0, a:b] for a, b in zip(cu[:-1], cu[1:])]
+
+
+class _ApplyStates(torch.autograd.Function):
+    """oq [1, T, HV, K] (v's dtype), s_in [n, HV, K, V] fp32 for the n segments of cu ->
+    S_in^T oq per token, [1, T, HV, V] fp32. Saves oq in its own dtype (half of an fp32 copy
+    under bf16) and computes in fp32 both ways. Backward: d oq = S_in do (oq's dtype),
+    d s_in = sum_t oq_t do_t^T (fp32)."""
+
+    @staticmethod
+    def forward(ctx, oq, s_in, cu):
+        seg = _segments(oq, cu)
+        if isinstance(seg, torch.Tensor):
+            out = torch.einsum("nthk,nhkv->nthv", seg.float(), s_in)
+        else:
+            out = torch.cat([torch.einsum("thk,hkv->thv", x.float(), s_in[i]) for i, x in enumerate(seg)])
+        ctx.save_for_backward(oq, s_in)
+        ctx.cu = cu
+        return out.reshape(1, -1, *out.shape[-2:])
+
+    @staticmethod
+    def backward(ctx, dout):
+        oq, s_in = ctx.saved_tensors
+        seg, dseg = _segments(oq, ctx.cu), _segments(dout.float(), ctx.cu)
+        if isinstance(seg, torch.Tensor):
+            doq = torch.einsum("nthv,nhkv->nthk", dseg, s_in)
+            ds_in = torch.einsum("nthk,nthv->nhkv", seg.float(), dseg)
+        else:
+            doq = torch.cat([torch.einsum("thv,hkv->thk", d, s_in[i]) for i, d in enumerate(dseg)])
+            ds_in = torch.stack([torch.einsum("thk,thv->hkv", x.float(), d) for x, d in zip(seg, dseg)])
+        # cu: not a tensor
+        return doq.reshape(oq.shape).to(oq.dtype), ds_in, None
 
 
 def chunk_gated_delta_rule_cp(
@@ -221,9 +249,8 @@ def chunk_gated_delta_rule_cp(
     # while the summaries travel: what does not need the incoming states
     owner = torch.tensor([sub.local_piece for sub in subs], dtype=torch.long, device=device)
     o0 = o0.float()
-    oq = oq.float()
     s_in = _PassStates.apply(h, m, layout, group, wait)
     # the entering state of each sub-segment: its piece's, or zero where a document starts
     s_in_sub = s_in.index_select(0, owner) * cont
-    o = o0 + _apply_states(oq, s_in_sub, sub_cu)
+    o = o0 + _ApplyStates.apply(oq, s_in_sub, sub_cu)
     return o.to(v.dtype).reshape(B, T, *o.shape[2:])
