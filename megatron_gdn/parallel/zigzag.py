@@ -250,7 +250,8 @@ def zigzag_indices(cu_seqlens_global: Sequence[int], cp_size: int, cp_rank: int)
 def zigzag_shard(x: torch.Tensor, dim: int, cp_size: int, cp_rank: int,
                  cu_seqlens_global: Optional[Sequence[int]] = None) -> torch.Tensor:
     """This rank's part of a full-sequence tensor along `dim` (the tokens axis), as Megatron
-    hands it to the layers; `cu_seqlens_global` for packed input, None for dense rows."""
+    hands it to the layers; `cu_seqlens_global` for packed input split per document, None for
+    dense rows and for packs zigzagged as a whole."""
     cu = [0, x.shape[dim]] if cu_seqlens_global is None else cu_seqlens_global
     return x.index_select(dim, zigzag_indices(cu, cp_size, cp_rank).to(x.device))
 
