@@ -295,3 +295,47 @@ def to_hf(hm, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Our TP=1 state dict -> Qwen3-Next state dict; `_extra_state` entries are skipped."""
     ours = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     return convert(rules(hm), ours, "to_theirs")
+
+
+def split_released_experts(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Inverse of fuse_released_experts: the layout save_pretrained writes and the Hub holds."""
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            for e in range(tensor.shape[0]):
+                gate, up = tensor[e].chunk(2, dim=0)
+                out[f"{prefix}{e}.gate_proj.weight"] = gate.contiguous()
+                out[f"{prefix}{e}.up_proj.weight"] = up.contiguous()
+        elif key.endswith(".mlp.experts.down_proj"):
+            prefix = key[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}{e}.down_proj.weight"] = tensor[e].contiguous()
+        else:
+            out[key] = tensor
+    return out
+
+
+def hf_config_dict(hm) -> Dict[str, Any]:
+    """config.json contents of the exported model (via transformers' Qwen3NextConfig)."""
+    import transformers
+
+    cfg = transformers.Qwen3NextConfig(**hf_config_from_yaml(hm))
+    cfg.architectures = ["Qwen3NextForCausalLM"]
+    return cfg.to_dict()
+
+
+ARCHITECTURE = "Qwen3NextForCausalLM"
+MODEL_TYPE = "qwen3_next"
+
+
+def read_hf_config(config_dict: Mapping[str, Any]):
+    """config.json -> Qwen3NextConfig (fills layer_types and other defaults)."""
+    import transformers
+
+    return transformers.Qwen3NextConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
+
+
+def to_hf_files(hm, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our state dict -> the tensors of model.safetensors (released per-expert layout)."""
+    return split_released_experts(to_hf(hm, state))
