@@ -1,7 +1,7 @@
 """TransformerLayer specs for hybrid stacks: one Megatron layer = [norm -> mixer] + [norm -> FFN].
 
     mixer: "gdn" (megatron_gdn.layer.GatedDeltaNet), "attention" (causal softmax attention),
-           "swa" (sliding-window attention), "mamba2" (not implemented yet), or None
+           "swa" (sliding-window attention), "mamba2" (megatron_gdn.mamba2.Mamba2Mixer), or None
     ffn:   "mlp" (Megatron's MLP), "moe" (Megatron's MoELayer), or None
 
 Attention layers are Megatron's own SelfAttention (fused QKV column-parallel projection, RoPE,
@@ -69,10 +69,9 @@ def _mixer_spec(mixer: str, options: dict):
     if mixer == "swa":
         return attention_mixer_spec(options["window"], qk_norm=options.get("qk_norm", False))
     if mixer == "mamba2":
-        raise NotImplementedError(
-            "mamba2 layers are declared and validated by the YAML format but not implemented yet "
-            "(a later issue adds the Mamba2 mixer)"
-        )
+        from megatron_gdn.mamba2 import get_mamba2_mixer_spec
+
+        return get_mamba2_mixer_spec(**options)
     raise ValueError(f"mixer={mixer!r}: expected one of {MIXERS} or None")
 
 

@@ -366,6 +366,8 @@ def _mixer_options(kind, opts, sections, i, source):
             window = opts.get("window", sections["swa"]["window"])
             options["window"] = _check_value("pos_int", window, f"layers[{i}] (swa).window", source)
         return options
+    if kind == "mamba2":
+        return dict(sections["mamba2"])
     return {}
 
 
