@@ -43,6 +43,9 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   `chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd)` -> (h, v_new, None),
   h: [NT, HV, K, V] in k's dtype, the state entering each chunk (global chunk index: for
   B > 1 without cu_seqlens, chunk c of batch row b is b * ceil(T / 64) + c).
+
+Context parallelism: `chunk_affine_summary(k, w, u, gc, layout, k_rstd)` (chunk_fwd.py) gives
+per sequence S_out = M S_in + H (M [N, HV, K, K], H [N, HV, K, V], float32) from the same w, u.
 """
 from typing import Optional, Tuple
 

@@ -265,7 +265,7 @@ def _state_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     L2: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_U: tl.constexpr, SAVE_STATES: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
@@ -285,15 +285,19 @@ def _state_kernel(
     for i_t in range(0, nt):
         t_r = bos + i_t * 64 + r
         m_t = t_r < eos
-        h_off = ((c_off + i_t) * HV + i_hv) * K * V
-        tl.store(h + h_off + o_k[:, None] * V + o_v[None, :], b_h.to(h.dtype.element_ty), mask=m_kv)
+        if SAVE_STATES:
+            h_off = ((c_off + i_t) * HV + i_hv) * K * V
+            tl.store(h + h_off + o_k[:, None] * V + o_v[None, :], b_h.to(h.dtype.element_ty),
+                     mask=m_kv)
         b_w = tl.load(w + (t_r[:, None] * HV + i_hv) * K + o_k[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_u = tl.load(u + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
-                      mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype))
-        tl.store(v_new + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
-                 b_vn.to(v_new.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_vn = -tl.dot(b_w, b_h.to(b_w.dtype))
+        if HAS_U:
+            b_vn += tl.load(u + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                            mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+        if SAVE_STATES:
+            tl.store(v_new + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                     b_vn.to(v_new.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
         t_last = tl.minimum(bos + i_t * 64 + 64, eos) - 1
         g_last = tl.load(gc + t_last * HV + i_hv)
@@ -327,6 +331,13 @@ def chunk_state_fwd(k, w, u, gc, layout: ChunkLayout, initial_state=None,
     h = torch.empty(layout.num_chunks, HV, K, V, dtype=k.dtype, device=dev)
     v_new = torch.empty_like(u)
     ht = torch.empty(layout.num_seqs, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, ht, V, True)
+    return h, v_new, ht
+
+
+def _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, ht, V, save_states):
+    H, K = k.shape[2], k.shape[3]
+    HV = w.shape[2]
     cu, _, co, T_arg, nts, varlen = layout.kernel_args()
 
     def grid(meta):
@@ -337,9 +348,27 @@ def chunk_state_fwd(k, w, u, gc, layout: ChunkLayout, initial_state=None,
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=_pow2_block(K, 256),
         L2=k_rstd is not None, USE_H0=initial_state is not None,
-        STORE_FINAL=output_final_state, IS_VARLEN=varlen,
+        STORE_FINAL=ht is not None, IS_VARLEN=varlen, HAS_U=u is not None,
+        SAVE_STATES=save_states,
     )
-    return h, v_new, ht
+
+
+def chunk_affine_summary(k, w, u, gc, layout: ChunkLayout, k_rstd=None):
+    """The affine map of the state across each sequence, S_out = M S_in + H, for context
+    parallelism; reuses w, u of `chunk_prepare_fwd` and stores no per-chunk states.
+
+    M [N, HV, K, K] float32: the product over chunks of (e^gl I - (k e^(gl - gc))^T w), later
+    chunks on the left (the state pass with u = 0 from S_in = I); H [N, HV, K, V] float32:
+    the state pass from S_in = 0."""
+    K = k.shape[3]
+    HV, V = u.shape[2], u.shape[3]
+    N, dev = layout.num_seqs, k.device
+    m_out = torch.empty(N, HV, K, K, dtype=torch.float32, device=dev)
+    h_out = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev)
+    eye = torch.eye(K, dtype=torch.float32, device=dev).expand(N, HV, K, K).contiguous()
+    _launch_state(k, w, None, gc, layout, eye, k_rstd, None, None, m_out, K, False)
+    _launch_state(k, w, u, gc, layout, None, k_rstd, None, None, h_out, V, False)
+    return m_out, h_out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,3 +196,26 @@ def test_forward_fp16_matches_fp32_path():
     # fp16 operands of the dots and fp16 w, u, v_new, h: a few fp16 ulps (2^-11) per step
     assert_close(o, o_ref, 5e-3, "o")
     assert_close(ht, ht_ref, 5e-3, "final_state")
+
+
+@pytest.mark.parametrize("cu", [None, [0, 30, 30, 150]], ids=["batch", "packed"])
+def test_affine_summary(cu):
+    """S_out = M S_in + H for any S_in: the summary context parallelism exchanges."""
+    from megatron_gdn.kernels.gated_delta_rule.chunk_fwd import chunk_affine_summary
+
+    B = 2 if cu is None else 1
+    T = 100 if cu is None else cu[-1]
+    H, HV, K, V = 1, 2, 16, 32
+    q, k, v, g, beta = _inputs(B, T, H, HV, K, V, seed=12)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEV)
+    N = B if cu is None else len(cu) - 1
+    layout = make_chunk_layout(cu_t, B, T)
+    gc, _, _, w, u = chunk_prepare_fwd(k, v, g, beta, layout)
+    m, h = chunk_affine_summary(k, w, u, gc, layout)
+    s_in = torch.randn(N, HV, K, V, device=DEV, dtype=torch.float64)
+    _, s_out = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(),
+                                                beta.double(), None, s_in, True, cu_t)
+    assert_close(m.double() @ s_in + h.double(), s_out, REL, "M S_in + H")
+    _, h_ref = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(),
+                                                beta.double(), None, None, True, cu_t)
+    assert_close(h, h_ref, REL, "H")
