@@ -1,0 +1,173 @@
+"""SSD (Mamba2's chunked scalar-decay scan) benchmark: our kernel against mamba_ssm's Triton
+`mamba_chunk_scan_combined` in the same run, forward and forward+backward, bf16, one GPU.
+
+    python benchmarks/bench_ssd.py --out benchmarks/logs/ssd
+
+Shape: the Mamba2 1.3B layer, 64 heads of 64, state 128, 1 group; B x T = 4 x 4096 and
+1 x 16384 (--shapes to change). What is timed, both sides from the same inputs
+x [B, T, 64, 64], dt [B, T, 64] (> 0), A [64] (< 0), B, C [B, T, 1, 128]:
+  ours:  v = x * dt, g = dt * A (the mixer's two elementwise ops), then
+         chunk_scalar_decay(C, B, v, g) (megatron_gdn.kernels.ssd, chunk 64);
+  mamba: mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size) for chunk sizes 64, 128, 256
+         (Mamba2 models use 256, Megatron's MambaMixer 128); the fastest is the reference.
+fwd+bwd: the forward then backward of sum(y * dy), gradients for x, dt, A, B, C.
+Median of triton.testing.do_bench. The ratio ours / best mamba must be <= 1.00 (issue 7).
+
+Correctness first (T = 1024, B = 1, same layer shape): both bf16 implementations against our
+pure-torch chunked path in fp32 (relative RMS of y and of the gradients of x, dt, B, C; the
+bf16 tolerance 1e-2). The kernel's full test suite is tests/kernels/test_ssd.py.
+
+Without mamba_ssm importable (pip install it with MAMBA_SKIP_CUDA_BUILD=TRUE: its Triton SSD
+needs no CUDA extension), only our timings are written. Writes results.json and results.md.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+HEADS, HEADDIM, STATE, GROUPS = 64, 64, 128, 1
+BF16_REL = 1e-2
+
+
+def _mamba():
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        return mamba_chunk_scan_combined, None
+    except Exception as exc:  # ImportError, or the package failing on import
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(B, T, HEADS, HEADDIM, device=device, generator=gen).to(dtype)
+    dt = torch.nn.functional.softplus(torch.randn(B, T, HEADS, device=device, generator=gen) - 3.0)
+    A = -torch.exp(torch.rand(HEADS, device=device, generator=gen) * 2.7)   # A in [-16, -1]
+    Bm = torch.randn(B, T, GROUPS, STATE, device=device, generator=gen).to(dtype) / STATE ** 0.5
+    Cm = torch.randn(B, T, GROUPS, STATE, device=device, generator=gen).to(dtype) / STATE ** 0.5
+    return x, dt, A, Bm, Cm
+
+
+def ours(x, dt, A, Bm, Cm):
+    from megatron_gdn.kernels.ssd import chunk_scalar_decay
+
+    v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
+    g = dt * A
+    return chunk_scalar_decay(Cm, Bm, v, g, 1.0)[0]
+
+
+def ours_torch_fp32(x, dt, A, Bm, Cm):
+    from megatron_gdn.kernels.ssd.torch_ref import chunk_scalar_decay_torch
+
+    v = x.float() * dt.unsqueeze(-1)
+    return chunk_scalar_decay_torch(Cm.float(), Bm.float(), v, dt * A, 1.0)[0]
+
+
+def mamba_fn(chunk):
+    scan, _ = _mamba()
+
+    def run(x, dt, A, Bm, Cm):
+        return scan(x, dt, A, Bm, Cm, chunk_size=chunk)
+    return run
+
+
+def _leaves(inputs):
+    return [t.detach().clone().requires_grad_() for t in inputs]
+
+
+def _fwd_bwd(fn, inputs, dy):
+    leaves = _leaves(inputs)
+    y = fn(*leaves)
+    y.backward(dy)
+    return y, [t.grad for t in leaves]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(impls):
+    x, dt, A, Bm, Cm = make_inputs(1, 1024, seed=1)
+    dy = torch.randn(1, 1024, HEADS, HEADDIM, device="cuda")
+    y_ref, g_ref = _fwd_bwd(ours_torch_fp32, (x, dt, A, Bm, Cm), dy)
+    out = {}
+    for name, fn in impls.items():
+        y, grads = _fwd_bwd(fn, (x, dt, A, Bm, Cm), dy.to(torch.bfloat16))
+        errs = {"y": rel(y, y_ref)}
+        for key, a, b in zip(("dx", "ddt", "dA", "dB", "dC"), grads, g_ref):
+            errs[key] = rel(a, b)
+        errs["ok"] = all(v <= BF16_REL for k, v in errs.items() if k in ("y", "dx", "ddt", "dB", "dC"))
+        out[name] = errs
+    return out
+
+
+def bench(fn, inputs, backward):
+    import triton
+
+    leaves = _leaves(inputs) if backward else list(inputs)
+    dy = torch.randn_like(fn(*leaves)) if backward else None
+
+    def step():
+        y = fn(*leaves)
+        if backward:
+            y.backward(dy)
+    return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="directory for results.json / results.md")
+    ap.add_argument("--shapes", default="4x4096,1x16384", help="comma-separated BxT")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_ssd.py needs a GPU")
+    os.makedirs(args.out, exist_ok=True)
+    scan, why = _mamba()
+    impls = {"ours": ours}
+    if scan is not None:
+        for chunk in (64, 128, 256):
+            impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)
+    res = {"device": torch.cuda.get_device_name(), "mamba_ssm": why or "importable",
+           "check": check(impls), "timings_ms": {}}
+    print(json.dumps(res["check"], indent=1))
+    for shape in args.shapes.split(","):
+        B, T = (int(s) for s in shape.split("x"))
+        inputs = make_inputs(B, T)
+        row = {}
+        for name, fn in impls.items():
+            row[name] = {"fwd": bench(fn, inputs, False), "fwd_bwd": bench(fn, inputs, True)}
+            print(shape, name, row[name], flush=True)
+        mambas = [k for k in row if k.startswith("mamba")]
+        if mambas:
+            for mode in ("fwd", "fwd_bwd"):
+                best = min(mambas, key=lambda k: row[k][mode])
+                row[f"ratio_{mode}"] = {"vs": best, "ours_over_mamba": row["ours"][mode] / row[best][mode]}
+        res["timings_ms"][shape] = row
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    lines = [f"# SSD benchmark ({res['device']}, bf16, {HEADS} heads x {HEADDIM}, state {STATE})", "",
+             f"mamba_ssm: {res['mamba_ssm']}", "", "## Check vs fp32 torch path (T=1024)", "",
+             "| impl | y | dx | ddt | dA | dB | dC | ok |", "|---|---|---|---|---|---|---|---|"]
+    for name, e in res["check"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{e[k]:.2e}" for k in ("y", "dx", "ddt", "dA", "dB", "dC"))
+                     + f" | {e['ok']} |")
+    lines += ["", "## Timings (ms, median)", "", "| shape | impl | fwd | fwd+bwd |", "|---|---|---|---|"]
+    for shape, row in res["timings_ms"].items():
+        for name, t in row.items():
+            if name.startswith("ratio"):
+                continue
+            lines.append(f"| {shape} | {name} | {t['fwd']:.3f} | {t['fwd_bwd']:.3f} |")
+        for mode in ("fwd", "fwd_bwd"):
+            r = row.get(f"ratio_{mode}")
+            if r:
+                verdict = "PASS" if r["ours_over_mamba"] <= 1.0 else "FAIL"
+                lines.append(f"| {shape} | ours / {r['vs']} ({mode}) | {r['ours_over_mamba']:.3f} | {verdict} |")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
