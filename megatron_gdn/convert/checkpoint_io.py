@@ -105,8 +105,15 @@ def build_model(ckpt_dir, load: bool = True, **config_kwargs):
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
     elif (d / DIST_NAME).is_dir():
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(d / DIST_NAME))
-        model.load_state_dict(loaded, strict=False)
+        from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+        from megatron.core.dist_checkpointing.mapping import (ShardedTensorFactory, apply_factories,
+                                                              apply_factory_merges)
+
+        sharded = _tensors_only(model)
+        factories, _ = extract_matching_values(sharded, lambda x: isinstance(x, ShardedTensorFactory))
+        apply_factories(sharded)
+        loaded = dist_checkpointing.load(_per_layer_keys(sharded), str(d / DIST_NAME))
+        model.load_state_dict(apply_factory_merges(loaded, factories), strict=False)
     else:
         raise ConversionError(
             f"{ckpt_dir}: TP={tp}, PP={pp} needs the distributed checkpoint {DIST_NAME}/ "
@@ -122,5 +129,42 @@ def save_dist(ckpt_dir, model: Optional[torch.nn.Module] = None) -> Path:
         model = build_model(ckpt_dir)
     path = Path(ckpt_dir) / DIST_NAME
     path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), str(path))
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = _tensors_only(model)
+    apply_factories(sharded)
+    dist_checkpointing.save(_per_layer_keys(sharded), str(path))
     return path
+
+
+def _per_layer_keys(sharded):
+    """Megatron stacks the layers of a block into one ShardedTensor per parameter name with a
+    prepended layer axis; in a hybrid stack a parameter exists in only some layers, so that
+    stack has holes and validation rejects it. Key every layer's tensor on its own instead
+    (`decoder.layers.<global index>.…`): still TP / PP independent, since the index is global."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    def fix(x):
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [fix(v) for v in x]
+        if isinstance(x, ShardedTensor) and x.prepend_axis_num >= 1 and x.key.startswith("decoder.layers."):
+            layer = x.global_offset[0]
+            return replace(x, key=x.key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1),
+                           global_shape=x.global_shape[1:], global_offset=x.global_offset[1:],
+                           axis_fragmentations=x.axis_fragmentations[1:] if x.axis_fragmentations else None,
+                           prepend_axis_num=x.prepend_axis_num - 1)
+        return x
+
+    return fix(sharded)
+
+
+def _tensors_only(model):
+    """The model's sharded state dict without the linears' `_extra_state` objects: they are
+    None for Megatron's local linears, and in a hybrid stack a module type present in only some
+    layers leaves the per-layer object shards of the other layers missing, which dist
+    checkpointing's validation rejects."""
+    return {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
