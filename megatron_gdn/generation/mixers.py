@@ -221,10 +221,9 @@ def attention_decode(model, attn, hidden_1bh, positions, cache: KVCache) -> torc
     allowed = (cache.pos >= 0) & (cache.pos <= positions[:, None])
     if cache.window is not None:
         allowed &= (positions[:, None] - cache.pos) < cache.window
-    p = q.shape[2] // k.shape[2]
     q_bh1d = q[0][:, :, None]                                        # [B, np, 1, d]
-    k_bhcd = cache.k.repeat_interleave(p, dim=2).transpose(1, 2)
-    v_bhcd = cache.v.repeat_interleave(p, dim=2).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q_bh1d, k_bhcd, v_bhcd, attn_mask=allowed[:, None, None, :],
-                                       scale=_scale(attn))
+    k_bgcd = cache.k.transpose(1, 2)                                 # [B, ng, C, d], no copy
+    v_bgcd = cache.v.transpose(1, 2)
+    o = F.scaled_dot_product_attention(q_bh1d, k_bgcd, v_bgcd, attn_mask=allowed[:, None, None, :],
+                                       scale=_scale(attn), enable_gqa=q.shape[2] != k.shape[2])
     return _attention_output(attn, o[:, :, 0][None], gate)
