@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session's worth of checks and benchmarks, step by step, each with its own time
 # limit and log; a failing step does not stop the others. Usage:
-#   WHEELS=path/to/wheels bash scripts/gpu_suite.sh OUTDIR STEP[:SECONDS] [STEP[:SECONDS] ...]
+#   WHEELS=path/to/wheels [ARCHIVE=file.tgz] bash scripts/gpu_suite.sh OUTDIR STEP[:SECONDS] ...
+# With ARCHIVE set, OUTDIR is packed into that file after every step (a run cut short by an
+# outer time limit still leaves the finished steps' logs).
 # Steps: tests-kernels tests-gpu bench-kernels bench-layer bench-hybrid bench-ssd bench-generate
 #        train-1gpu layer-tp2 cp-parity bench-cp train-multi
 set -uo pipefail
@@ -16,9 +18,9 @@ cd "$ROOT"
 
 step_cmd() {
   case "$1" in
-    tests-kernels)  echo "python3 -m pytest tests/kernels -q -x -p no:warnings" ;;
+    tests-kernels)  echo "python3 -m pytest tests/kernels -q -p no:warnings -rf --durations=15" ;;
     tests-gpu)      echo "python3 -m pytest tests/kernels tests/layer/test_layer_single.py -q -p no:warnings" ;;
-    bench-kernels)  echo "python3 benchmarks/bench_kernels.py --out $OUTDIR/kernels --shapes S1,S2,S3,S4,S5 --check" ;;
+    bench-kernels)  echo "python3 benchmarks/bench_kernels.py --out $OUTDIR/kernels --shapes S1,S2,S3,S4,S5 --check --budget-s $(( $2 - 25 ))" ;;
     bench-layer)    echo "python3 benchmarks/bench_layer.py --out $OUTDIR/layer" ;;
     bench-hybrid)   echo "python3 benchmarks/bench_hybrid.py --out $OUTDIR/hybrid" ;;
     bench-ssd)      echo "python3 benchmarks/bench_ssd.py --out $OUTDIR/ssd" ;;
@@ -35,13 +37,14 @@ step_cmd() {
 declare -a SUMMARY
 for spec in "$@"; do
   name="${spec%%:*}"; limit="${spec#*:}"; [ "$limit" = "$spec" ] && limit=300
-  cmd="$(step_cmd "$name")" || { SUMMARY+=("$name: unknown step"); continue; }
+  cmd="$(step_cmd "$name" "$limit")" || { SUMMARY+=("$name: unknown step"); continue; }
   echo "=== $name (limit ${limit}s): $cmd" | tee "$OUTDIR/$name.log"
   start=$(date +%s)
   timeout --kill-after=10 "$limit" bash -c "$cmd" >> "$OUTDIR/$name.log" 2>&1
   rc=$?
   SUMMARY+=("$name: rc=$rc in $(( $(date +%s) - start ))s")
   tail -n 25 "$OUTDIR/$name.log"
+  [ -n "${ARCHIVE:-}" ] && tar czf "$ARCHIVE" -C "$OUTDIR" .
 done
 echo "=== summary ($NGPU GPU(s): $(python3 -c 'import torch; print(torch.cuda.get_device_name(0))'))"
 printf '%s\n' "${SUMMARY[@]}" | tee "$OUTDIR/summary.txt"
