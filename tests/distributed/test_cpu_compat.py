@@ -10,11 +10,6 @@ Same global weights: TP runs seed the CPU RNG identically on every rank before t
 built (`use_cpu_initialization` draws master weights on the CPU and slices them); PP stages
 load the reference state dict, since a stage builds only its own layers.
 """
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -71,7 +66,8 @@ def _load_stage(model, full_state):
     """Load a PP=1 state dict into this pipeline stage (local layer i is global offset + i)."""
     from megatron.core import parallel_state
 
-    offset = parallel_state.get_pipeline_model_parallel_rank() * (LAYERS // parallel_state.get_pipeline_model_parallel_world_size())
+    stage_layers = LAYERS // parallel_state.get_pipeline_model_parallel_world_size()
+    offset = parallel_state.get_pipeline_model_parallel_rank() * stage_layers
     local = {}
     for name in model.state_dict():
         if name.endswith("_extra_state"):
@@ -104,18 +100,20 @@ def _gather_tp(tensor, param):
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return tensor.clone()
     shards = [torch.empty_like(tensor) for _ in range(tp)]
-    torch.distributed.all_gather(shards, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
     return torch.cat(shards, dim=param.partition_dim)
 
 
-def _train_step(ddp_model, tokens, labels, pp):
+def _train_step(ddp_model, tokens, labels):
     """One forward/backward through Megatron's schedule; returns (loss, logits, grads) for the
     stage this rank holds (logits and loss only on the last stage)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro = tokens.shape[0] // MICRO_BATCHES
-    data = iter([(tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro]) for i in range(MICRO_BATCHES)])
+    data = iter([(tokens[i * micro:(i + 1) * micro], labels[i * micro:(i + 1) * micro])
+                 for i in range(MICRO_BATCHES)])
     logits_out = []
 
     def forward_step(data_iterator, model):
@@ -128,7 +126,8 @@ def _train_step(ddp_model, tokens, labels, pp):
             from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
             # logits [b, s, v/tp] -> loss per token; mean over this micro-batch's tokens
-            loss = vocab_parallel_cross_entropy(output_tensor.transpose(0, 1).contiguous(), lab.t().contiguous())
+            loss = vocab_parallel_cross_entropy(output_tensor.transpose(0, 1).contiguous(),
+                                                lab.t().contiguous())
             loss = loss.float().mean()
             # the schedule divides the returned loss in place by the micro-batch count
             return loss, {"loss": loss.detach().clone()}
@@ -162,7 +161,8 @@ def _gather_vocab(logits):
     if tp == 1:
         return logits
     shards = [torch.empty_like(logits) for _ in range(tp)]
-    torch.distributed.all_gather(shards, logits.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    group = parallel_state.get_tensor_model_parallel_group()
+    torch.distributed.all_gather(shards, logits.contiguous(), group=group)
     return torch.cat(shards, dim=-1)
 
 
@@ -176,19 +176,20 @@ def _all_configs():
     # reference: TP=1, PP=1, every rank the full batch (DP=2 averages identical grads)
     init_megatron(tp=1)
     model = _build(_config())
-    results["ref"] = _train_step(model, tokens, labels, pp=1)
-    full_state = {k: v.clone() for k, v in model.module.state_dict().items() if not k.endswith("_extra_state")}
+    results["ref"] = _train_step(model, tokens, labels)
+    full_state = {k: v.clone() for k, v in model.module.state_dict().items()
+                  if not k.endswith("_extra_state")}
     destroy_megatron()
 
     for name, sp in (("tp2", False), ("tp2_sp", True)):
         init_megatron(tp=2)
         model = _build(_config(tp=2, sp=sp))
-        results[name] = _train_step(model, tokens, labels, pp=1)
+        results[name] = _train_step(model, tokens, labels)
         destroy_megatron()
 
     init_megatron(pp=2)
     model = _build(_config(pp=2), state_dict=full_state)
-    loss, logits, grads = _train_step(model, tokens, labels, pp=2)
+    loss, logits, grads = _train_step(model, tokens, labels)
     offset = parallel_state.get_pipeline_model_parallel_rank() * (LAYERS // 2)
     renamed = {}
     for key, grad in grads.items():
@@ -207,7 +208,7 @@ def _all_configs():
     half = BATCH // 2
     model = _build(_config())
     results["dp2"] = _train_step(model, tokens[rank * half:(rank + 1) * half],
-                                 labels[rank * half:(rank + 1) * half], pp=1)
+                                 labels[rank * half:(rank + 1) * half])
     destroy_megatron()
     return results
 
