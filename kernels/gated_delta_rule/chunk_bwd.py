@@ -93,6 +93,36 @@ def _tm_from_a(b_a, tm_h, t0, eos, stride):
     return b_tm
 
 
+@triton.jit
+def _chunk_g(g, gc, p_t, m_t, stride, HAS_G: tl.constexpr):
+    """Per-token log decay of one chunk's rows (0 on masked rows). Without the exact g it is
+    recovered from gc as differences, which carry the rounding of the forward's cumsum."""
+    if HAS_G:
+        b_g = tl.load(g + p_t, mask=m_t, other=0.0)
+    else:
+        first = (tl.arange(0, 64) == 0)
+        b_g = (tl.load(gc + p_t, mask=m_t, other=0.0)
+               - tl.load(gc + p_t - stride, mask=m_t & (~first), other=0.0))
+    return b_g
+
+
+@triton.jit
+def _segsum(b_g):
+    """seg[i, j] = sum_{j < r <= i} g_r (0 for j >= i), [64, 64]: the exponent of the pair
+    decay e^(gc_i - gc_j) as a masked cumsum. The difference gc_i - gc_j of two chunk prefix
+    sums has the absolute rounding error of gc (~ulp(1400) = 1e-4 at g = -22), i.e. a
+    relative error of e^(gc_i - gc_j) far above fp32 in exactly the terms that carry dg."""
+    r = tl.arange(0, 64)
+    return tl.cumsum(tl.where(r[:, None] > r[None, :], b_g[:, None], 0.0), 0)
+
+
+@triton.jit
+def _suffix(b_g):
+    """gl - gc_j = sum_{r > j} g_r ([64]; 0 for the last row), summed, not subtracted."""
+    r = tl.arange(0, 64)
+    return tl.sum(tl.where(r[:, None] > r[None, :], b_g[:, None], 0.0), 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. prep: Tm, w, u and the chunk-local dv = s P^T do
 # ---------------------------------------------------------------------------------------------
@@ -106,10 +136,11 @@ def _tm_from_a(b_a, tm_h, t0, eos, stride):
 )
 @triton.jit
 def _bwd_prep_kernel(
-    q, k, v, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
+    q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
@@ -135,7 +166,6 @@ def _bwd_prep_kernel(
         rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
         b_kk = b_kk * rk[:, None] * rk[None, :]
         b_kq = b_kq * rk[:, None] * rq[None, :]
-    # masked rows hold gc = 0: keep them out of the exponentials (e^(0 - gc) can overflow)
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     upper = (r[:, None] <= r[None, :]) & m_t[None, :]
 
@@ -143,8 +173,9 @@ def _bwd_prep_kernel(
         i_hv = i_h * G + i_g
         b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
         b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
-        d = b_gc[:, None] - b_gc[None, :]
-        b_a = tl.where(lower, b_kk * tl.exp(tl.where(lower, d, 0.0)), 0.0) * b_beta[:, None]
+        # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
+        e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
+        b_a = tl.where(lower, b_kk * e_seg, 0.0) * b_beta[:, None]
         b_tm = _tm_from_a(b_a, tm + i_hv * 64, t0, eos, HV * 64).to(k.dtype.element_ty)
 
         kb_scale = b_beta * tl.exp(b_gc) * rk
@@ -157,7 +188,7 @@ def _bwd_prep_kernel(
             tl.store(w + (t_r[:, None] * HV + i_hv) * K + cols[None, :],
                      b_w.to(w.dtype.element_ty), mask=m_tk)
         # P^T[j, i] = e^(gc_i - gc_j) (k_j . q_i) for i >= j
-        b_pt = tl.where(upper, b_kq * tl.exp(tl.where(upper, -d, 0.0)), 0.0) * scale
+        b_pt = tl.where(upper, b_kq * tl.trans(e_seg), 0.0) * scale
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -186,11 +217,12 @@ def _bwd_prep_kernel(
 )
 @triton.jit
 def _bwd_dh_kernel(
-    q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale,
+    q, k, w, g, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale,
     cu_seqlens, chunk_offsets, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    L2: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    L2: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, HAS_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
@@ -225,7 +257,8 @@ def _bwd_dh_kernel(
         b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0)
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
-        k_scale = tl.where(m_t, tl.exp(g_last - b_gc), 0.0)
+        k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
+                           0.0)
         q_scale = tl.exp(b_gc) * scale
         if L2:
             k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
@@ -291,12 +324,12 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 )
 @triton.jit
 def _bwd_grad_kernel(
-    q, k, v, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
+    q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
     dq, dk, dv, dg, dbeta, scale,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
@@ -308,7 +341,6 @@ def _bwd_grad_kernel(
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
-    # masked rows hold gc = 0: keep them out of the exponentials (e^(0 - gc) can overflow)
     causal = (r[:, None] >= r[None, :]) & m_t[:, None]
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     t_last = tl.minimum(t0 + 64, eos) - 1
@@ -319,8 +351,9 @@ def _bwd_grad_kernel(
         b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
         g_last = tl.load(gc + t_last * HV + i_hv)
         b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
-        b_tm = tl.load(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
-                       mask=m_t[:, None] & causal, other=0.0)
+        # Tm^T in the dot dtype, converted once for the whole V loop
+        b_tmt = tl.trans(tl.load(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
+                                 mask=causal, other=0.0).to(dv2.dtype.element_ty))
         h_base = h + (i_c.to(tl.int64) * HV + i_hv) * K * V
         dh_base = dh + (i_c.to(tl.int64) * HV + i_hv) * K * V
         b_ds = tl.zeros([64, 64], dtype=tl.float32)
@@ -342,53 +375,58 @@ def _bwd_grad_kernel(
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
             b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_ht = tl.trans(b_h.to(b_do.dtype))
             b_ds += tl.dot(b_do, tl.trans(b_vn))
-            b_dqi += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+            b_dqi += tl.dot(b_do, b_ht)
             b_dkh += tl.dot(b_vn, tl.trans(b_dh.to(b_vn.dtype)))
-            b_dvb = tl.dot(tl.trans(b_tm.to(b_dv2.dtype)), b_dv2)
+            b_dvb = tl.dot(b_tmt, b_dv2)
             b_dvbd = b_dvb.to(b_vn.dtype)
             b_da += tl.dot(b_dvbd, tl.trans(b_vn))
-            b_dkb += tl.dot(b_dvbd, tl.trans(b_h.to(b_vn.dtype)))
+            b_dkb += tl.dot(b_dvbd, b_ht)
             tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
             b_db += tl.sum(b_v.to(tl.float32) * b_dvb, 1)
             b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
 
-        # dgc terms whose exact values cancel (the diagonal of Ds, the last row's share of
-        # dk_h) are left out on both sides, so that dg stays exact where the decay wipes
-        # the state (g <= -20 gives a true dg ~ 0 beside O(1) canceling terms)
+        # dg without cancellation: g enters through the pair exponents seg[i, j] (j < i,
+        # gradient X), through gc_i (the e^gc factors, gradient a) and through the suffix
+        # sums gl - gc_j = seg[last, j] (gradient b, folded into the last row of X). Then
+        # dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j]: every term is summed once,
+        # where the +x / -x of a difference of prefix sums would leave rounding residues the
+        # size of the true dg when g << 0 (g = -22: dg ~ e^-22 beside terms of e^-22 each)
         # q, k are loaded only now, so that they take no registers during the V loop
         b_kk, b_qk = _gram_qk(q, k, q_rstd, k_rstd, t_r * H + i_h, m_t, K, BKC, L2)
         b_q, b_k, b_qn, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
+        b_g = _chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)
+        # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
+        e_seg = tl.exp(_segsum(b_g))
         e_gc = tl.exp(b_gc)
-        k_decay = tl.where(m_t, tl.exp(g_last - b_gc), 0.0)
+        k_decay = tl.where(m_t, tl.exp(_suffix(b_g)), 0.0)
         dq_hv = b_dqi * (e_gc * scale)[:, None]
         dk_hv = b_dkh * k_decay[:, None]
-        not_last = t_r != t_last
-        k_dkh = tl.where(not_last, tl.sum(b_kn * dk_hv, 1), 0.0)
-        dgl = tl.exp(g_last) * tl.sum(b_hdh, 0) + tl.sum(k_dkh, 0)
-        b_dgc = tl.sum(b_qn * dq_hv, 1) - k_dkh
-        d = tl.where(causal, b_gc[:, None] - b_gc[None, :], 0.0)
-        b_pm = tl.where(causal, b_ds * tl.exp(d), 0.0) * scale
-        b_pq = tl.where(lower, b_pm * b_qk, 0.0)
-        b_dgc += tl.sum(b_pq, 1) - tl.sum(b_pq, 0)
+        b_sfx = tl.sum(b_kn * dk_hv, 1)
+        b_a = tl.sum(b_qn * dq_hv, 1) + tl.where(t_r == t_last,
+                                                  tl.exp(g_last) * tl.sum(b_hdh, 0), 0.0)
+        b_pm = tl.where(causal, b_ds * e_seg, 0.0) * scale
+        b_x = tl.where(lower, b_pm * b_qk, 0.0)
         dq_hv += tl.dot(b_pm.to(b_k.dtype), b_k)
         dk_hv += tl.dot(tl.trans(b_pm).to(b_q.dtype), b_q)
 
         # WY part: E = dA e^(gc_i - gc_j) below the diagonal, dA = -dvb v_new^T
-        b_e = tl.where(lower, -b_da * tl.exp(tl.where(lower, d, 0.0)), 0.0)
+        b_e = tl.where(lower, -b_da * e_seg, 0.0)
         b_be = b_e * b_beta[:, None]
         dk_hv += tl.dot((b_be + tl.trans(b_be)).to(b_k.dtype), b_k)
-        b_f = b_be * b_kk
-        b_dgc += tl.sum(b_f, 1) - tl.sum(b_f, 0)
+        b_x += b_be * b_kk
         b_db += tl.sum(b_e * b_kk, 1)
         kb_scale = b_beta * e_gc
         k_dkb = -tl.sum(b_kn * b_dkb, 1)
         dk_hv -= b_dkb * kb_scale[:, None]
         b_db += e_gc * k_dkb
-        b_dgc += kb_scale * k_dkb
-        b_dgc += tl.where(t_r == t_last, dgl, 0.0)
-        # gc_i = sum_{t <= i} g_t inside the chunk
-        b_dg = tl.sum(b_dgc, 0) - tl.cumsum(b_dgc, 0) + b_dgc
+        b_a += kb_scale * k_dkb
+        # masked rows have g = 0, so gl - gc_j = seg[63, j] also in a partial chunk
+        b_x += tl.where((r[:, None] == 63) & (r[None, :] < 63), b_sfx[None, :], 0.0)
+        b_y = tl.cumsum(b_x, 0, reverse=True)
+        b_dg = (tl.sum(tl.where(r[None, :] < r[:, None], b_y, 0.0), 1)
+                + tl.cumsum(b_a, 0, reverse=True))
         tl.store(dg + t_r * HV + i_hv, b_dg, mask=m_t)
         tl.store(dbeta + t_r * HV + i_hv, b_db, mask=m_t)
         # the first value head assigns: no zero-filled accumulator lives through its V loop
@@ -425,6 +463,7 @@ def chunk_gated_delta_rule_bwd(
     layout: ChunkLayout,
     q_rstd: Optional[torch.Tensor] = None,
     k_rstd: Optional[torch.Tensor] = None,
+    g: Optional[torch.Tensor] = None,
 ):
     """Gradients of the chunked gated delta rule (interface fixed in chunk.py).
 
@@ -432,6 +471,10 @@ def chunk_gated_delta_rule_bwd(
         q, k: [B, T, H, K] raw; v, do: [B, T, HV, V]; gc, beta: [B, T, HV] float32 (chunk
         cumsum of the activated g, activated beta); initial_state, dht: [N, HV, K, V] float32
         or None; q_rstd, k_rstd: [B, T, H] float32 when the l2-norm option is on.
+        g: [B, T, HV] float32, the activated per-token log decay whose chunk cumsum is gc.
+        Optional, but needed for fp32-accurate dg under strong decay: without it the pair
+        decays come from differences of gc, whose rounding (~ulp(|gc|), 1e-4 at gc = -1400)
+        turns into a relative error of the same size in the decays that carry dg.
     Returns:
         dq, dk (q's dtype), dv (v's dtype), dg, dbeta ([B, T, HV] float32), dh0 (float32 or
         None without initial_state).
@@ -440,6 +483,7 @@ def chunk_gated_delta_rule_bwd(
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
     l2 = q_rstd is not None
+    has_g = g is not None
     cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
     NT = layout.num_chunks
     BK = _pow2(K)
@@ -450,9 +494,10 @@ def chunk_gated_delta_rule_bwd(
     u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
     _bwd_prep_kernel[(NT, H)](
-        q, k, v, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
+        q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, IS_VARLEN=varlen,
+        H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, HAS_G=has_g,
+        IS_VARLEN=varlen,
     )
 
     # 2. states entering each chunk and v_new (the forward's state pass)
@@ -467,10 +512,11 @@ def chunk_gated_delta_rule_bwd(
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
     _bwd_dh_kernel[grid_dh](
-        q, k, w, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale,
+        q, k, w, g, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale,
         cu, co, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BK=BK,
-        L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
+        L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, HAS_G=has_g,
+        IS_VARLEN=varlen,
     )
     del w
 
@@ -481,9 +527,9 @@ def chunk_gated_delta_rule_bwd(
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=dev)
     dbeta = torch.empty(B, T, HV, dtype=torch.float32, device=dev)
     _bwd_grad_kernel[(NT, H)](
-        q, k, v, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
+        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
         dq, dk, dv, dg, dbeta, scale,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, IS_VARLEN=varlen,
+        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g, IS_VARLEN=varlen,
     )
     return dq, dk, dv, dg, dbeta, dh0
