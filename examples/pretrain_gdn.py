@@ -82,7 +82,21 @@ def _parse(argv):
     return opts, args, hybrid
 
 
+def _single_process_env() -> None:
+    """`python examples/pretrain_gdn.py ...` without torchrun: one process, a local rendezvous."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def main(argv=None):
+    _single_process_env()
     opts, args, hybrid = _parse(sys.argv[1:] if argv is None else argv)
 
     from megatron.core.enums import ModelType

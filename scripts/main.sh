@@ -23,7 +23,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 NPROC="${MEGATRON_GDN_NPROC:-2}"
 
-"$PYTHON" examples/data/build_corpus.py --out "$OUT/data"
+"$PYTHON" examples/data/build_corpus.py --out "$OUT/data" --max-mb "${MEGATRON_GDN_CORPUS_MB:-4}"
 if [ ! -f "$OUT/data/stdlib_text_document.idx" ]; then
   "$PYTHON" examples/data/preprocess.py --input "$OUT/data/stdlib.jsonl" \
     --output-prefix "$OUT/data/stdlib" --tokenizer-type ByteTokenizer

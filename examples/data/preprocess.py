@@ -61,7 +61,7 @@ def preprocess(inputs, output_prefix: str, tokenizer, json_key: str = "text",
             ids = ids + [tokenizer.eod]
         if not ids:
             continue
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+        builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
         n_docs += 1
         n_tokens += len(ids)
     if n_docs == 0:

@@ -10,6 +10,7 @@ Our flags (everything else is Megatron's and passes through unchanged):
     --model-yaml FILE    the model's shape from a YAML file (megatron_gdn.hybrid.yaml_loader)
     --gdn-backend NAME   "local" (megatron-core linears, runs anywhere) or "te" (Transformer
                          Engine); flags-only models
+    --no-save            with --out: do not save checkpoints there
     --peak-tflops X      per-device peak for MFU (default: known GPUs in bf16/fp16)
     --throughput-warmup N  iterations left out of the tokens/s and MFU summary (default 5)
     --tokenizer-type ByteTokenizer   ours; becomes NullTokenizer with --vocab-size 257
@@ -49,7 +50,7 @@ PRESETS = {
         "--lr-warmup-fraction", "0.05", "--weight-decay", "0.01", "--clip-grad", "1.0",
         "--adam-beta2", "0.95", "--init-method-std", "0.02",
         "--tokenizer-type", BYTE_TOKENIZER, "--make-vocab-size-divisible-by", "64",
-        "--split", "98,1,1",
+        "--split", "90,5,5",
         "--eval-interval", "100", "--eval-iters", "2", "--log-interval", "10",
         "--save-interval", "300", "--ckpt-format", "torch_dist",
         "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", "1234",
@@ -88,6 +89,7 @@ def _our_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--model-yaml", default=None)
     p.add_argument("--gdn-backend", default="local")
+    p.add_argument("--no-save", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--throughput-warmup", type=int, default=5)
     return p
@@ -137,7 +139,7 @@ def split_argv(argv: List[str], has_cuda: bool) -> ExampleOptions:
             head += ["--data-path", str(Path(ours.out) / CPU_TINY_DATA)]
     if not has_cuda:
         head += cpu_flags()
-    if ours.out is not None and not _flag_given(user, "--save"):
+    if ours.out is not None and not ours.no_save and not _flag_given(user, "--save"):
         head += ["--save", str(Path(ours.out) / "checkpoints")]
     if ours.model_yaml is not None:
         from megatron_gdn.hybrid import yaml_loader
@@ -208,6 +210,8 @@ def check_args(args, hybrid=None) -> None:
                 if not Path(prefix + ext).is_file():
                     raise UsageError(f"{flag} {prefix!r}: {prefix + ext} does not exist "
                                      "(build it with examples/data/preprocess.py)")
+    if not args.mock_data and args.split is not None:
+        _check_split(args)
     decay = args.lr_decay_iters or args.train_iters
     if args.lr_warmup_iters and decay is not None and args.lr_warmup_iters >= decay:
         raise UsageError(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay "
@@ -221,6 +225,31 @@ def check_args(args, hybrid=None) -> None:
         except ValueError as exc:
             raise UsageError(f"GDN layer: {exc} (flags --linear-*, --tensor-model-parallel-size, "
                              "--context-parallel-size)") from exc
-    elif hybrid.model["vocab_size"] < args.padded_vocab_size - 64 * tp:
-        print(f"[gdn] note: {hybrid.source} declares vocab_size={hybrid.model['vocab_size']}; "
-              f"the tokenizer's padded vocabulary ({args.padded_vocab_size}) is used", flush=True)
+    elif hybrid.model["vocab_size"] != args.padded_vocab_size and int(os.environ.get("RANK", "0")) == 0:
+        print(f"[gdn] note: {hybrid.source} declares vocab_size={hybrid.model['vocab_size']}; the "
+              f"tokenizer's padded vocabulary ({args.padded_vocab_size}) is used", flush=True)
+
+
+def _check_split(args) -> None:
+    """Megatron splits a prefix by documents (bounds round(cumulative fraction x documents));
+    a split that receives no document but is needed makes its sample-index builder loop
+    forever, so it is refused here with the numbers."""
+    from megatron.core.datasets.indexed_dataset import _IndexReader, get_idx_path
+
+    weights = [float(w) for w in args.split.replace("/", ",").split(",")]
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    needed = (args.train_iters, args.eval_iters, args.eval_iters)
+    for flag, prefix in _data_prefixes(args):
+        if flag != "--data-path":
+            continue
+        n_docs = len(_IndexReader(get_idx_path(prefix), multimodal=False).document_indices) - 1
+        cum = [0.0]
+        for w in weights[:3]:
+            cum.append(cum[-1] + w / total)
+        bounds = [int(round(c * n_docs)) for c in cum]
+        for i, name in enumerate(("train", "valid", "test")):
+            if needed[i] and weights[i] > 0 and bounds[i + 1] - bounds[i] == 0:
+                raise UsageError(
+                    f"--split {args.split} gives the {name} split 0 of the {n_docs} documents in "
+                    f"{prefix!r}: use more (or smaller) documents or a larger {name} share")
