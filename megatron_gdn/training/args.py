@@ -72,6 +72,21 @@ def cpu_flags() -> List[str]:
     ]
 
 
+def gpu_fallback_flags(user: List[str]) -> List[str]:
+    """On a GPU machine without Transformer Engine (or without the fused weight-gradient
+    extension), the flags whose defaults would need them: Megatron's local layers and no
+    gradient-accumulation fusion. Flags the user gave are left alone."""
+    import importlib.util
+
+    flags = []
+    if importlib.util.find_spec("transformer_engine") is None and not _flag_given(user, "--transformer-impl"):
+        flags += ["--transformer-impl", "local"]
+    if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None \
+            and importlib.util.find_spec("transformer_engine") is None:
+        flags += ["--no-gradient-accumulation-fusion"]
+    return flags
+
+
 @dataclass
 class ExampleOptions:
     preset: Optional[str] = None
@@ -137,8 +152,7 @@ def split_argv(argv: List[str], has_cuda: bool) -> ExampleOptions:
             if ours.out is None:
                 raise UsageError("--preset cpu-tiny needs --out DIR (its corpus lives in DIR/data)")
             head += ["--data-path", str(Path(ours.out) / CPU_TINY_DATA)]
-    if not has_cuda:
-        head += cpu_flags()
+    head += cpu_flags() if not has_cuda else gpu_fallback_flags(user)
     if ours.out is not None and not ours.no_save and not _flag_given(user, "--save"):
         head += ["--save", str(Path(ours.out) / "checkpoints")]
     if ours.model_yaml is not None:

@@ -50,11 +50,16 @@ def yaml_megatron_args(hm, user_argv: List[str]) -> List[str]:
     is left out so the command line wins where Megatron allows a choice (e.g. --seq-length)."""
     m, s = hm.model, hm.sections
     given = {a.split("=")[0] for a in user_argv if a.startswith("--")}
+    seq_length = m["seq_length"]
+    for i, a in enumerate(user_argv):
+        if a == "--seq-length" and i + 1 < len(user_argv) and user_argv[i + 1].isdigit():
+            seq_length = max(seq_length, int(user_argv[i + 1]))
     flags = {
         "--num-layers": hm.num_layers,
         "--hidden-size": m["hidden_size"],
         "--seq-length": m["seq_length"],
-        "--max-position-embeddings": m["seq_length"],
+        # a longer --seq-length than the file's needs a position table (RoPE) that long
+        "--max-position-embeddings": seq_length,
         "--normalization": m["normalization"],
         "--norm-epsilon": m["norm_epsilon"],
         "--position-embedding-type": m["position_embedding"],
