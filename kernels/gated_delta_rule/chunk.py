@@ -7,8 +7,8 @@ NT total number of chunks over all sequences.
 Forward (kernels in chunk_fwd.py, three launches):
   1. `chunk_prepare_fwd`: per (chunk, key head), loops over the G value heads of the group:
      gate activation + chunk-local cumsum gc, beta activation, the l2-norm statistics of k,
-     A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 block inverse), w = Tm (beta e^gc k),
-     u = Tm (beta v).
+     A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 diagonal blocks by substitution, then a
+     terminating series), w = Tm (beta e^gc k), u = Tm (beta v).
   2. `chunk_state_fwd`: one program per (sequence, value head, V block), the state in fp32
      registers: v_new = u - w h, h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new. Stores the
      state entering every chunk, v_new and the final state.
@@ -52,7 +52,6 @@ from typing import Optional, Tuple
 import torch
 
 from .chunk_fwd import (
-    ChunkLayout,
     chunk_output_fwd,
     chunk_prepare_fwd,
     chunk_state_fwd,

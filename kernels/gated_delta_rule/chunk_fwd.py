@@ -7,8 +7,10 @@ Per chunk (rows i, j in 0..63), gc = inclusive chunk-local cumsum of the log dec
     w = Tm (beta e^gc k),   u = Tm (beta v)
     v_new = u - w h;   h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new
     o = scale ((q e^gc) h + (M (q k^T)) v_new),   M[i, j] = exp(gc_i - gc_j), j <= i
-The 64x64 inverse is built from 16x16 blocks: diagonal blocks by forward substitution, the
-off-diagonal ones by block products, so nothing is sliced out of a register tile.
+The 64x64 inverse: the four diagonal 16x16 blocks by forward substitution (one [4, 16, 16]
+tile), the rest by the terminating series (I - Z + Z^2 - Z^3) D^-1 (four 64x64 dots).
+Hopper + triton 3.6: a dot accumulated over a two-step K loop (BK = 64 < K = 128) came out
+wrong in bf16 in the output kernel, so the kernels take all of K (<= 256) in one tile.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -18,7 +20,6 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import (
-    INTERPRET,
     chunk_bounds,
     pick_configs,
     sequence_bounds,
