@@ -7,7 +7,31 @@
 
 The layer names are resolved lazily: `import megatron_gdn.kernels` must not import Megatron.
 """
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
 __all__ = ["GatedDeltaNet", "GatedDeltaNetSubmodules"]
+
+
+def _map_source_tree_kernels() -> None:
+    """setup.py installs the top-level folder kernels/ as megatron_gdn.kernels. When the package
+    is used straight from a source checkout (repository root on PYTHONPATH, no install), map it
+    here the same way; an installed package finds it through its own finder first."""
+    name = __name__ + ".kernels"
+    if name in _sys.modules or _importlib_util.find_spec(name) is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(folder, "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_map_source_tree_kernels()
 
 
 def __getattr__(name):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare an offline GPU machine that already has torch + triton (no network): install wheels
-# from a local folder (megatron-core, fla-core for the side-by-side benchmarks) and this
-# package itself (editable, no dependencies), without touching torch.
+# from a local folder (megatron-core, fla-core for the side-by-side benchmarks) and put this
+# checkout on PYTHONPATH (megatron_gdn maps kernels/ to megatron_gdn.kernels itself), without
+# touching torch.
 #   WHEELS=path/to/wheels source scripts/gpu_setup.sh
 set -eo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,8 +11,6 @@ mkdir -p "$SITE"
 if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
 fi
-export PYTHONPATH="$SITE:${PYTHONPATH:-}"
-# kernels/ imports as megatron_gdn.kernels through the editable install's finder
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e "$ROOT" >/dev/null
+export PYTHONPATH="$SITE:$ROOT:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 (cd /tmp && python3 -c "import torch, triton, megatron_gdn.kernels; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '-')")

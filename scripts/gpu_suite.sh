@@ -11,7 +11,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="$1"; shift
 mkdir -p "$OUTDIR"
 source "$ROOT/scripts/gpu_setup.sh" 2>&1 | tee "$OUTDIR/setup.log"
-export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 cd "$ROOT"
