@@ -148,11 +148,6 @@ def resolve_gdn_dims(config, tp_size: int, cp_size: int = 1) -> GDNDims:
             f"linear_num_value_heads ({num_value_heads}) must be divisible by "
             f"tensor_model_parallel_size ({tp_size})"
         )
-    if cp_size > 1:
-        raise ValueError(
-            f"context_parallel_size={cp_size}: context parallel for GatedDeltaNet is not "
-            "implemented yet"
-        )
     return GDNDims(
         hidden_size=config.hidden_size,
         num_key_heads=num_key_heads,

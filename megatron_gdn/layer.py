@@ -21,6 +21,10 @@ with or without sequence parallel (no reliance on finalize_model_grads).
 
 Packed sequences (THD, batch 1): `packed_seq_params.cu_seqlens_q(_padded)` resets both the conv
 and the recurrence at every boundary.
+
+Context parallel (pg_collection.cp of size > 1): the input is Megatron's zigzag share of the
+sequences; the conv takes the halo of the preceding pieces and the recurrence the state
+passed from them (megatron_gdn.parallel), so the output is the full-sequence one.
 """
 import math
 from dataclasses import dataclass
@@ -44,6 +48,7 @@ from megatron_gdn.config import CONV_SECTIONS, IN_PROJ_SECTIONS, resolve_gdn_dim
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
+from megatron_gdn.parallel import cp_kernels
 
 
 @dataclass
@@ -107,8 +112,13 @@ class GatedDeltaNet(MegatronModule):
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
         tp_size = self.tp_group.size()
-        cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
-        cp_size = max(cp_size, config.context_parallel_size)
+        # the CP group's size decides (it is what the state passing communicates over)
+        self.cp_group = getattr(pg_collection, "cp", None)
+        if self.cp_group is None and config.context_parallel_size > 1:
+            raise ValueError(
+                f"context_parallel_size={config.context_parallel_size} needs pg_collection.cp"
+            )
+        self.cp_size = cp_size = self.cp_group.size() if self.cp_group is not None else 1
         self.dims = resolve_gdn_dims(config, tp_size, cp_size)
 
         if attn_mask_type not in (None, AttnMaskType.causal, AttnMaskType.padding_causal):
@@ -254,7 +264,12 @@ class GatedDeltaNet(MegatronModule):
         d = self.dims
         proj_sbd, _ = self.in_proj(hidden_states)
         s, b, _ = proj_sbd.shape
-        cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
+        conv, chunk, cu_seqlens = causal_conv1d, chunk_gated_delta_rule, None
+        if self.cp_size > 1:
+            # Megatron's zigzag share of the sequences: halo and state passing over the CP group
+            conv, chunk = cp_kernels(packed_seq_params, b, s, self.cp_group)
+        else:
+            cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
 
         proj_bsd = proj_sbd.transpose(0, 1)
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
@@ -262,7 +277,7 @@ class GatedDeltaNet(MegatronModule):
             proj_bsd, [2 * qk + v_dim, v_dim, hv, hv], dim=-1
         )
 
-        qkv_btd, _ = causal_conv1d(
+        qkv_btd, _ = conv(
             qkv_btd, self.conv_weight, self.conv_bias, activation="silu",
             cu_seqlens=cu_seqlens,
         )
@@ -274,7 +289,7 @@ class GatedDeltaNet(MegatronModule):
         # A_log / dt_bias enter the kernel in fp32 whatever the parameter dtype (bf16 under
         # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive to
         # rounding of A_log
-        o_bthv, _ = chunk_gated_delta_rule(
+        o_bthv, _ = chunk(
             q_bthk, k_bthk, v_bthv, a_bth.contiguous(), beta_logit_bth.contiguous(),
             scale=d.key_head_dim ** -0.5,
             cu_seqlens=cu_seqlens,
