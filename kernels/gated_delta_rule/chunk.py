@@ -19,7 +19,7 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
 
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, scale, initial_state, do, dht, layout,
-        q_rstd=q_rstd, k_rstd=k_rstd)
+        q_rstd=q_rstd, k_rstd=k_rstd, g=g)
 
   - q, k: the raw inputs as passed by the user, [B, T, H, K], contiguous; v: [B, T, HV, V].
   - gc: [B, T, HV] float32, inclusive cumsum of the activated per-token log decay g inside
@@ -35,6 +35,8 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   dtype, dg [B, T, HV] float32 = gradient of the per-token activated g (not of gc),
   dbeta [B, T, HV] float32 = gradient of the activated beta, dh0 [N, HV, K, V] float32 or
   None when initial_state is None.
+  - g: [B, T, HV] float32, the activated per-token log decay (computed here on [B, T, HV]
+    from the saved raw gate input), for an fp32-accurate dg under strong decay.
   The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
   here, on [B, T, HV] tensors.
 
@@ -104,9 +106,17 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
 
         (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
          q_rstd, k_rstd) = ctx.saved_tensors
+        # the per-token activated decay: exact dg under strong decay (differences of gc
+        # lose ~ulp(|gc|)); [B, T, HV] only
+        if A_log is None:
+            g_act = g.float()
+        else:
+            x = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
+            g_act = -torch.exp(A_log.float()) * torch.where(
+                x > 20.0, x, torch.log1p(torch.exp(torch.clamp(x, max=20.0))))
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
             q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(), dht, ctx.layout,
-            q_rstd=q_rstd, k_rstd=k_rstd,
+            q_rstd=q_rstd, k_rstd=k_rstd, g=g_act,
         )
         dA_log = ddt_bias = None
         if A_log is not None:
