@@ -55,5 +55,10 @@ def sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT_SEQ, BT: tl.constexpr,
 
 @triton.jit
 def softplus(x):
-    # log1p(exp(x)), linear above 20 where exp would lose nothing but could overflow
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    # log1p(exp(x)), linear above 20 where exp would lose nothing but could overflow.
+    # log1p(e) as log(u) e / (u - 1), u = fl(1 + e): the rounding of 1 + e cancels in the
+    # ratio (plain log(1 + e) is off by up to eps / (2 e) relative, 1e-5 at x = -5)
+    e = tl.exp(tl.minimum(x, 20.0))
+    u = 1.0 + e
+    lp = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.where(x > 20.0, x, lp)
