@@ -122,8 +122,21 @@ def build_ours(config, pgc, device, seed):
     return Stack(mixers).to(device)
 
 
-def build_megatron(config, pgc, device, seed):
+def build_megatron(config, pgc, device, seed, log):
     """megatron-core's GatedDeltaNet with local linears and a torch RMSNorm as out_norm."""
+    cp = pgc.cp.size()
+    heads = (config.linear_num_key_heads, config.linear_num_value_heads)
+    if any(n % cp for n in heads):
+        # its all-to-all CP splits the heads over the CP ranks
+        raise ValueError(f"all-to-all CP needs the head counts {heads} divisible by CP={cp}")
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+    except ImportError:
+        fla_chunk_o = None
+    if fla_chunk_o is not None and hasattr(fla_chunk_o, "TRITON_ABOVE_3_7_1"):
+        # fla's backward refuses Hopper with triton < 3.7.1; bypassed for timing (see notes)
+        fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+        log("megatron: fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 set to True for timing")
     from megatron.core.ssm.gated_delta_net.common import GatedDeltaNetSubmodules
     from megatron.core.ssm.gated_delta_net.gdn import GatedDeltaNet
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -269,7 +282,10 @@ def main():
 
     for impl in args.impl:
         try:
-            model = (build_ours if impl == "ours" else build_megatron)(config, cp_pgc, device, seed=1)
+            if impl == "ours":
+                model = build_ours(config, cp_pgc, device, seed=1)
+            else:
+                model = build_megatron(config, cp_pgc, device, seed=1, log=log)
         except Exception as exc:  # noqa: BLE001 - report why the comparison cannot run
             log(f"{impl}: cannot build ({type(exc).__name__}: {exc})")
             record["runs"].append({"impl": impl, "error": f"{type(exc).__name__}: {exc}"})
