@@ -105,7 +105,7 @@ class Stack(torch.nn.Module):
 
     def forward(self, x):
         for mixer in self.mixers:
-            out, bias = mixer(x)
+            out, bias = mixer(x, None)
             x = x + out + (bias if bias is not None else 0)
         return x
 
