@@ -118,6 +118,11 @@ def _config_from_args(args):
     from megatron_gdn.hybrid import yaml_loader
 
     overrides = {f: getattr(config, f) for f in RUNTIME_FIELDS if hasattr(config, f)}
+    if len({(p.mixer, p.ffn) for p in hm.layers}) > 1:
+        # layers of different types have different parameters: dist-checkpointing must key
+        # them per layer instead of stacking `decoder.layers.*` along a layer axis (a stacked
+        # key that only some layers have fails the sharding validation on save)
+        overrides["hetereogenous_dist_checkpoint"] = True
     return yaml_loader.transformer_config(hm, **overrides)
 
 

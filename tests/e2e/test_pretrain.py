@@ -14,6 +14,9 @@ from helpers import PRETRAIN, ROOT, check, losses, pretrain, run
 from tolerance import FP32_REL, assert_close
 
 ITERS = ["--train-iters", "12", "--save-interval", "6"]
+# Megatron pads the vocabulary to a multiple of 64 x TP: the preset's TP=2 pads 257 to 384,
+# so one process pads to a multiple of 128 to get the same embedding (and initial weights)
+TP1 = ["--tensor-model-parallel-size", "1", "--make-vocab-size-divisible-by", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +50,6 @@ def test_main_command_trains_and_saves(main_run):
     assert (out / "summary.json").is_file()
 
 
-def test_tp2_matches_one_process(main_run, tmp_path):
-    out, ref, _ = main_run
-    pretrain(tmp_path, 1, *ITERS, "--tensor-model-parallel-size", "1", "--no-save", *_data(out))
-    assert_close(_curve(losses(tmp_path), range(1, 13)), _curve(ref, range(1, 13)), FP32_REL,
-                 "TP=1 vs TP=2 losses")
-
-
 def test_resume_reproduces_losses_bit_for_bit(main_run, tmp_path):
     out, ref, _ = main_run
     pretrain(tmp_path, 2, *ITERS, "--no-save", "--load", str(out / "checkpoints"),
@@ -63,21 +59,29 @@ def test_resume_reproduces_losses_bit_for_bit(main_run, tmp_path):
     assert torch.equal(_curve(resumed, range(7, 13)), _curve(ref, range(7, 13)))
 
 
-def test_load_tp2_checkpoint_into_one_process(main_run, tmp_path):
+def test_tp2_and_one_process_same_curve_from_same_weights(main_run, tmp_path):
+    """The TP=2 checkpoint of iteration 6 loaded by one process continues the TP=2 curve.
+
+    From scratch the two layouts do not start from identical weights: with
+    --use-cpu-initialization Megatron splits the fused in_proj's master weight by contiguous
+    rows, while the layer's per-rank layout is [q|k|v|z|b|a] of its own heads, so TP=1 and TP=2
+    draw equally distributed but differently arranged weights (first losses differ by ~1e-2).
+    """
     out, ref, _ = main_run
-    pretrain(tmp_path, 1, *ITERS, "--tensor-model-parallel-size", "1", "--no-save",
-             "--load", str(out / "checkpoints"), "--ckpt-step", "6", *_data(out))
+    pretrain(tmp_path, 1, *ITERS, *TP1, "--no-save", "--load", str(out / "checkpoints"),
+             "--ckpt-step", "6", *_data(out))
     assert_close(_curve(losses(tmp_path), range(7, 13)), _curve(ref, range(7, 13)), FP32_REL,
-                 "TP=2 checkpoint resumed at TP=1")
+                 "TP=2 checkpoint continued by one process")
 
 
 def test_tiny_hybrid_yaml_trains(main_run, tmp_path):
     out, _, _ = main_run
     pretrain(tmp_path, 1, "--model-yaml", str(ROOT / "examples/configs/tiny_gdn_h1.yaml"),
-             "--tensor-model-parallel-size", "1", "--train-iters", "6", "--lr-warmup-iters", "0",
-             "--lr-warmup-fraction", "0", "--no-save", *_data(out))
+             "--tensor-model-parallel-size", "1", "--train-iters", "6", *_data(out))
     by_iter = losses(tmp_path)
     assert sorted(by_iter) == list(range(1, 7))
+    # GDN and SWA layers have different parameters: saved per layer, not stacked
+    assert (tmp_path / "checkpoints" / "iter_0000006").is_dir()
     assert by_iter[6] < by_iter[1] - 0.3, by_iter
 
 
@@ -92,7 +96,7 @@ def _bad(tmp_path, *flags):
 
 
 def test_bad_flags_fail_before_process_groups(tmp_path):
-    err = _bad(tmp_path, "--mock-data", "--linear-num-key-heads", "3")
+    err = _bad(tmp_path, "--mock-data", "--linear-num-key-heads", "3", "--linear-num-value-heads", "3")
     assert "pretrain_gdn.py: error: GDN layer: linear_num_key_heads (3) must be divisible" in err
     err = _bad(tmp_path)
     assert "stdlib_text_document.bin does not exist" in err
