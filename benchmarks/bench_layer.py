@@ -167,9 +167,13 @@ def build_megatron(config, smoke=False):
     )
     pg = ProcessGroupCollection.use_mpu_process_groups()
     layer = build_module(spec, config=config, layer_number=1, pg_collection=pg)
-    # WrappedTorchNorm makes an fp32 torch RMSNorm; in training Megatron's Float16Module casts
-    # every parameter to the model dtype, so do the same here
-    return layer.to(config.params_dtype)
+    # WrappedTorchNorm makes an fp32 torch RMSNorm on the CPU; in training Megatron's
+    # Float16Module casts every parameter to the model dtype (and the model sits on the GPU),
+    # so do the same here
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
+    return layer.to(device=device, dtype=config.params_dtype)
 
 
 def copy_ours_into_megatron(ours, theirs):
