@@ -49,6 +49,7 @@ from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
 from megatron_gdn.parallel import cp_kernels
+from megatron_gdn.parallel.zigzag import PACKED_LAYOUTS
 
 
 @dataclass
@@ -80,6 +81,10 @@ class GatedDeltaNet(MegatronModule):
         A_init_range: A ~ U(A_init_range), A_log = log A (decay rate per value head).
         dt_init_range, dt_init_floor: dt log-uniform in dt_init_range, clamped below at the
             floor; dt_bias = softplus^-1(dt).
+        cp_packed_layout: how packed (THD) batches were split over the context-parallel ranks:
+            "per_document" (Megatron's default), "whole_pack" (get_batch_on_this_cp_rank with
+            use_per_sequence_balancing, e.g. --dataloader-inter-document-masking) or "auto"
+            (per document when every document length is a multiple of 2 * CP, else whole pack).
         cp_comm_type, pp_layer_offset, attn_mask_type, model_comm_pgs, name: accepted because
             TransformerLayer (or a spec written for attention) passes them; GDN is causal by
             construction and has no CP communication scheme to choose.
@@ -98,6 +103,7 @@ class GatedDeltaNet(MegatronModule):
         A_init_range: Tuple[float, float] = (1.0, 16.0),
         dt_init_range: Tuple[float, float] = (1e-3, 1e-1),
         dt_init_floor: float = 1e-4,
+        cp_packed_layout: str = "auto",
         cp_comm_type: Optional[str] = None,
         pp_layer_offset: Optional[int] = None,
         attn_mask_type: Optional[AttnMaskType] = None,
@@ -140,6 +146,9 @@ class GatedDeltaNet(MegatronModule):
         self.A_init_range = A_init_range
         self.dt_init_range = dt_init_range
         self.dt_init_floor = dt_init_floor
+        if cp_packed_layout not in PACKED_LAYOUTS:
+            raise ValueError(f"cp_packed_layout={cp_packed_layout!r}: expected one of {PACKED_LAYOUTS}")
+        self.cp_packed_layout = cp_packed_layout
         self.sequence_parallel = config.sequence_parallel and tp_size > 1
         d = self.dims
 
@@ -267,7 +276,7 @@ class GatedDeltaNet(MegatronModule):
         conv, chunk, cu_seqlens = causal_conv1d, chunk_gated_delta_rule, None
         if self.cp_size > 1:
             # Megatron's zigzag share of the sequences: halo and state passing over the CP group
-            conv, chunk = cp_kernels(packed_seq_params, b, s, self.cp_group)
+            conv, chunk = cp_kernels(packed_seq_params, b, s, self.cp_group, self.cp_packed_layout)
         else:
             cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
 

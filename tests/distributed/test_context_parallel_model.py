@@ -10,7 +10,8 @@ with sequence parallel the norm weights' gradients are also summed over TP (what
 finalize_model_grads does for parameters marked `sequence_parallel`).
 
 Launches: 2 processes (CP=2: dense rows, a packed batch split per document, a pack zigzagged
-as a whole with documents starting inside pieces) and 4 processes (CP=4 packed, with pieces
+as a whole with documents starting inside pieces, and one the layer is told is zigzagged as a
+whole) and 4 processes (CP=4 packed, with pieces
 shorter than the conv halo; TP=2 x CP=2 + SP, dense and packed).
 Compared: logits (zigzag shares put back in order) and every parameter gradient (FP32_REL).
 """
@@ -27,6 +28,9 @@ H, HV, K, V = 2, 4, 16, 16
 DENSE = (2, 32)                  # batch rows, tokens per row
 PACKED = (8, 16, 8, 32)          # document lengths of one packed row (multiples of 8)
 WHOLE = (5, 11, 3, 13)           # documents of a pack zigzagged as a whole (any lengths)
+# a pack zigzagged as a whole whose documents all happen to be multiples of 2 * CP: the
+# layout cannot be told from the lengths, the layer is told (cp_packed_layout="whole_pack")
+WHOLE_EVEN = (4, 12, 8, 8)
 SECTIONS = {
     "self_attention.in_proj.weight": (H * K, H * K, HV * V, HV * V, HV, HV),
     "self_attention.conv_weight": (H * K, H * K, HV * V),
@@ -50,7 +54,7 @@ def _batch(packed):
     """packed: False (dense rows), True (documents split one by one) or "whole"."""
     gen = torch.Generator().manual_seed(SEED + 1)
     if packed:
-        docs = WHOLE if packed == "whole" else PACKED
+        docs = {"whole": WHOLE, "whole_even": WHOLE_EVEN}.get(packed, PACKED)
         tokens = torch.randint(0, VOCAB, (1, sum(docs) + 1), generator=gen)
         cu = [0] + torch.tensor(docs).cumsum(0).tolist()
     else:
@@ -97,13 +101,16 @@ def _to_global(name, local, param):
     return torch.cat([torch.cat([parts[i] for parts in per_rank]) for i in range(len(widths))])
 
 
-def _build(config, global_state=None):
+def _build(config, global_state=None, packed=False):
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_gdn.specs import gdn_layer_spec
+    from megatron_gdn.specs import gdn_layer_spec, get_gdn_layer_spec
 
+    spec = gdn_layer_spec
+    if packed == "whole_even":
+        spec = get_gdn_layer_spec("local", cp_packed_layout="whole_pack")
     torch.manual_seed(SEED)
-    model = GPTModel(config=config, transformer_layer_spec=gdn_layer_spec, vocab_size=VOCAB,
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
                      max_sequence_length=256, position_embedding_type="none", parallel_output=True)
     if global_state is not None:
         with torch.no_grad():
@@ -163,7 +170,7 @@ def _run(cases):
     destroy_megatron()
     for name, tp, cp, sp, packed in cases:
         init_megatron(tp=tp, cp=cp)
-        model = _build(_config(tp=tp, cp=cp, sp=sp), state)
+        model = _build(_config(tp=tp, cp=cp, sp=sp), state, packed)
         logits, grads = _step(model, packed, sp)
         tp_size, tp_rank, _, _, cp_rank, _ = _groups()
         out[name] = (cp_rank, tp_rank, logits, grads)
@@ -195,7 +202,8 @@ def _layout_errors(cp):
 
 
 CASES_2 = [("cp2_dense", 1, 2, False, False), ("cp2_packed", 1, 2, False, True),
-           ("cp2_whole_pack", 1, 2, False, "whole")]
+           ("cp2_whole_pack", 1, 2, False, "whole"),
+           ("cp2_whole_pack_told", 1, 2, False, "whole_even")]
 CASES_4 = [("cp4_packed", 1, 4, False, True), ("tp2_cp2_sp_dense", 2, 2, True, False),
            ("tp2_cp2_sp_packed", 2, 2, True, True)]
 
