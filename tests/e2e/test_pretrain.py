@@ -1,5 +1,6 @@
 """End to end: the README's main command shortened by flags, its loss curve against one
-process, resume from its checkpoint (same and different TP), a hybrid YAML model, and the
+process (TP=2 from the same weights, CP=2 from scratch), resume from its checkpoint (same and
+different TP), a hybrid YAML model, and the
 messages for bad flags. Real processes (torchrun, gloo), a few iterations each.
 
 The TP=2 run (`main_run`) saves a checkpoint at iteration 6 of 12; every other run is compared
@@ -72,6 +73,17 @@ def test_tp2_and_one_process_same_curve_from_same_weights(main_run, tmp_path):
              "--ckpt-step", "6", *_data(out))
     assert_close(_curve(losses(tmp_path), range(7, 13)), _curve(ref, range(7, 13)), FP32_REL,
                  "TP=2 checkpoint continued by one process")
+
+
+def test_cp2_matches_one_process(main_run, tmp_path):
+    """Context parallel 2 (zigzag halves, GDN state passing between ranks) from scratch: with
+    TP=1 on both sides the initial weights are identical, so the whole curve must match."""
+    out, _, _ = main_run
+    flags = ["--train-iters", "6", "--tensor-model-parallel-size", "1", "--no-save", *_data(out)]
+    pretrain(tmp_path / "one", 1, *flags)
+    pretrain(tmp_path / "cp2", 2, *flags, "--context-parallel-size", "2")
+    assert_close(_curve(losses(tmp_path / "cp2"), range(1, 7)),
+                 _curve(losses(tmp_path / "one"), range(1, 7)), FP32_REL, "CP=2 vs one process")
 
 
 def test_tiny_hybrid_yaml_trains(main_run, tmp_path):
