@@ -25,13 +25,21 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   and bE = beta_i E:
     dv    = beta dvb
     dbeta = rowsum(v * dvb) + e^gc rowsum(k * dkb) + rowsum(E * (k k^T))
-    dgc_i = q_i . dq_i - k_i . (dk_o)_i + rowsum_i(bE * kk) - colsum_i(bE * kk)
-            + beta_i e^gc_i (k_i . dkb_i) + [i = last] (e^gl sum(h * dh') + sum_j k_j . dk_h_j)
-  where dk_o = dk_h + Ds^T q and dk_h = e^(gl - gc) (v_new dh'^T) (the terms of dk that carry
-  the factor e^(-gc)); the e^(+gc) terms are exactly q . dq. Then dg = reverse cumsum of dgc
-  inside the chunk. The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk are
-  summed over the G value heads of a key head inside one program (no repeated q/k, no
-  per-value-head dq/dk buffer).
+  dg, without subtracting prefix sums: g enters through seg[i, j] = sum_{j < r <= i} g_r
+  (the pair exponents gc_i - gc_j, j < i), through gc_i (the e^gc factors) and through
+  sfx_j = gl - gc_j = sum_{r > j} g_r. With their gradients
+    X[i, j] = (s Ds_raw e^seg * q k^T)[i, j] + (bE * k k^T)[i, j]   (j < i, Ds_raw = do v_new^T)
+    a_i     = q_i . (s e^gc_i do_i h^T) + beta_i e^gc_i (k_i . dkb_i) + [i = last] e^gl sum(h * dh')
+    b_j     = k_j . dk_h_j,   dk_h = e^sfx (v_new dh'^T)
+  and sfx_j = seg[63, j] (rows past a partial chunk's end hold g = 0), b goes into row 63 of
+  X, and dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j]: a reverse cumsum of a and of
+  X's columns, each term added once. Differences gc_i - gc_j of two prefix sums, or
+  "total - cumsum + x", leave rounding residues of ulp(|gc|) (1e-4 at g = -22, gc = -1400)
+  that are as large as the true dg there; so seg and sfx are formed from g itself (the
+  optional `g` argument; without it g is recovered as differences of gc). The pair
+  decay on the diagonal (e^0) and of the last row (sfx = 0) carry no g at all.
+  The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk are summed over the G value
+  heads of a key head inside one program (no repeated q/k, no per-value-head dq/dk buffer).
 
 Launches: (1) prep, per (chunk, key head): Tm (stored), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) the reverse state pass,

@@ -5,6 +5,9 @@ On a CPU machine the kernels run under the Triton interpreter in float32 (exact 
 shapes stay tiny; on a GPU the same cases run with tf32 dots and bf16 inputs.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 from typing import Optional, Tuple
 
 import pytest
@@ -234,3 +237,43 @@ def test_chunk_bwd_bf16_gpu(case):
     actual = run_backward(x, case, torch.bfloat16)
     for name in expected:
         assert_close(actual[name], expected[name], BF16_REL, f"d{name}")
+
+
+# Every backward kernel at the largest head dims of the contract (K = 256, V = 512), fp32 (the
+# larger dot operands), compiled for sm_90 with the autotune config of largest BV: the shared
+# memory it reserves must fit a Hopper block (fp32 at K = 256 once needed 291 KB on an H200).
+# A child process: under TRITON_INTERPRET the kernels cannot be compiled.
+_SHARED_SCRIPT = """
+from hopper_compile import HOPPER_MAX_SHARED, compile_for_hopper, shared_bytes
+from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+K, V = 256, 512
+ptr = {n: "*fp32" for n in ("q", "k", "v", "do", "w", "u", "dv", "h", "dh", "v_new", "dv2", "dq",
+                            "dk", "gc", "g", "beta", "q_rstd", "k_rstd", "tm", "dht", "dh0", "dg",
+                            "dbeta")}
+ptr.update(cu_seqlens="*i32", chunk_indices="*i32", chunk_offsets="*i32")
+common = dict(H=2, HV=4, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
+kernels = [
+    (cb._bwd_prep_kernel, dict(BK=64, BV=64)),
+    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
+    (cb._bwd_grad_kernel, dict(BK=256, BKC=64)),
+]
+for fn, fixed in kernels:
+    cfg = max(fn.configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))
+    kernel = compile_for_hopper(fn, ptr, dict(common, **fixed, **cfg.kwargs), cfg.num_warps,
+                                cfg.num_stages, floats=("scale",))
+    need = shared_bytes(kernel)
+    print(fn.fn.__name__, cfg.kwargs, cfg.num_warps, need)
+    assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, cfg, need)
+print("fits")
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs the kernels themselves")
+def test_kernels_fit_hopper_shared_memory():
+    tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "fits" in result.stdout, (result.stdout + result.stderr)[-4000:]

@@ -1,0 +1,39 @@
+"""Compile a Triton kernel for Hopper (sm_90) on a machine without a GPU, specialised as a
+launch would be (non-constexpr pointer and integer arguments 16-divisible), and read what the
+compiler reserved: `shared_bytes(kernel)` against `HOPPER_MAX_SHARED`.
+
+Catches compiled-mode errors the interpreter lets through and block configurations that do
+not fit in shared memory ("out of resource: shared memory" only shows at the first launch on
+a GPU). Must run with TRITON_INTERPRET unset or 0: under the interpreter the kernels are
+interpreter objects that cannot be compiled, so tests call it from a child process.
+"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# H100 / H200: 227 KB of shared memory per block (opt-in maximum)
+HOPPER_MAX_SHARED = 227 * 1024
+
+
+def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages=1, floats=()):
+    """fn: a @triton.jit function, or an @triton.autotune wrapper of one; pointers: argument
+    name -> Triton pointer type ("*fp32", "*bf16", "*i32"); constexprs: name -> value;
+    floats: names of float scalar arguments. Other arguments are taken as i32."""
+    fn = getattr(fn, "fn", fn)
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in floats:
+            signature[name] = "fp32"
+        else:
+            signature[name] = pointers.get(name, "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name not in constexprs and name not in floats}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def shared_bytes(kernel) -> int:
+    return kernel.metadata.shared
