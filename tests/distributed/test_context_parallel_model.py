@@ -181,7 +181,8 @@ def _run(cases):
 
 def _layout_errors(cp):
     """The messages of the layouts a CP run cannot take: an odd local length (the global one
-    not divisible by 2 * CP) and a pack whose documents and total are not."""
+    not divisible by 2 * CP), a pack whose documents and total are not; and of an unknown
+    cp_packed_layout."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     init_megatron(cp=cp)
@@ -197,6 +198,16 @@ def _layout_errors(cp):
             messages.append(None)
         except ValueError as exc:
             messages.append(str(exc))
+    from megatron.core.transformer.spec_utils import build_module
+
+    from megatron_gdn.specs import get_gdn_mixer_spec
+
+    try:
+        build_module(get_gdn_mixer_spec("local", cp_packed_layout="zigzag"), config=_config(cp=cp),
+                     layer_number=1)
+        messages.append(None)
+    except ValueError as exc:
+        messages.append(str(exc))
     destroy_megatron()
     return messages
 
@@ -241,7 +252,8 @@ def test_cp4_and_tp2_cp2_sp_match_one_process(four):
 
 
 def test_impossible_layouts_raise_named_errors(two):
-    odd, packed = two[0][0]["errors"]
+    odd, packed, option = two[0][0]["errors"]
+    assert option is not None and "cp_packed_layout='zigzag'" in option, option
     assert odd is not None and "2 * context_parallel_size = 4" in odd, odd
     assert packed is not None and "the pack has 14 tokens, not divisible by 2 * context_parallel_size" in packed, packed
 
