@@ -15,7 +15,7 @@ One GPU, the GDN 1.3B preset, bf16, 4K context (mock data; use --data-path for r
         --model-yaml examples/configs/gdn_1.3b.yaml --bf16 --seq-length 4096 \
         --micro-batch-size 2 --global-batch-size 16 --train-iters 40 --lr 3e-4 \
         --tokenizer-type NullTokenizer --vocab-size 32000 --mock-data \
-        --log-interval 5 --eval-iters 0 --out runs/gdn_1.3b
+        --log-interval 5 --eval-iters 0 --no-save --out runs/gdn_1.3b
 
 Several GPUs / nodes: the same flags plus --tensor-model-parallel-size, --context-parallel-size,
 --pipeline-model-parallel-size, --use-distributed-optimizer ...; see examples/launch/.
@@ -42,6 +42,16 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _describe(exc: BaseException) -> str:
+    """The exception's message, or for a bare `assert` in Megatron's checks its source line."""
+    if str(exc):
+        return str(exc)
+    import traceback
+
+    frame = traceback.extract_tb(exc.__traceback__)[-1]
+    return f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
+
+
 def _parse(argv):
     """Our flags, then Megatron's parse + validate (no process group yet), then our checks."""
     from megatron_gdn.training.args import UsageError, check_args, split_argv
@@ -62,7 +72,7 @@ def _parse(argv):
     try:
         args = parse_and_validate_args()
     except (AssertionError, ValueError, FileNotFoundError) as exc:
-        _fail(f"Megatron rejected the arguments: {exc}")
+        _fail(f"Megatron rejected the arguments: {_describe(exc)}")
 
     hybrid = None
     if opts.model_yaml is not None:

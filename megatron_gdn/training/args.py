@@ -6,7 +6,8 @@ Our flags (everything else is Megatron's and passes through unchanged):
     --preset NAME        a set of Megatron flags placed before the command line (later flags
                          win): "cpu-tiny" is the README's CPU default
     --out DIR            run directory: metrics.jsonl, summary.json, and the checkpoints
-                         (DIR/checkpoints unless --save is given)
+                         (DIR/checkpoints unless --save is given; without --save-interval
+                         one checkpoint after the last iteration)
     --model-yaml FILE    the model's shape from a YAML file (megatron_gdn.hybrid.yaml_loader)
     --gdn-backend NAME   "local" (megatron-core linears, runs anywhere) or "te" (Transformer
                          Engine); flags-only models
@@ -155,6 +156,9 @@ def split_argv(argv: List[str], has_cuda: bool) -> ExampleOptions:
     head += cpu_flags() if not has_cuda else gpu_fallback_flags(user)
     if ours.out is not None and not ours.no_save and not _flag_given(user, "--save"):
         head += ["--save", str(Path(ours.out) / "checkpoints")]
+        if not _flag_given(user, "--save-interval"):
+            # Megatron requires an interval with --save; it also saves after the last iteration
+            head += ["--save-interval", str(10**9)]
     if ours.model_yaml is not None:
         from megatron_gdn.hybrid import yaml_loader
         from megatron_gdn.training.model import yaml_megatron_args

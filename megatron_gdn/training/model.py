@@ -75,7 +75,11 @@ def yaml_megatron_args(hm, user_argv: List[str]) -> List[str]:
             flags["--group-query-attention"] = None
             flags["--num-query-groups"] = a["num_kv_heads"]
     else:
-        flags["--num-attention-heads"] = s["gdn"]["num_key_heads"] if hm.uses("gdn") else 1
+        # unused by the layers, but Megatron's checks want it to divide the hidden size (the
+        # GDN 1.3B preset's 6 key heads do not divide 2048)
+        first = [s["gdn"]["num_key_heads"]] if hm.uses("gdn") else []
+        flags["--num-attention-heads"] = next(
+            n for n in first + [16, 32, 8, 64, 4, 2, 1] if m["hidden_size"] % n == 0)
     if hm.uses("gdn"):
         g = s["gdn"]
         flags.update({
