@@ -66,6 +66,9 @@ def yaml_megatron_args(hm, user_argv: List[str]) -> List[str]:
         "--rotary-percent": m["rope_fraction"],
         "--rotary-base": int(m["rope_base"]),
         "--init-method-std": m["init_std"],
+        # the YAML models train without dropout (Megatron's flag default is 0.1)
+        "--hidden-dropout": 0.0,
+        "--attention-dropout": 0.0,
     }
     if hm.uses("attention") or hm.uses("swa"):
         a = s["attention"]
