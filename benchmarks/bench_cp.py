@@ -251,7 +251,9 @@ def main():
         args.layers, args.warmup, args.iters = 2, 1, 2
         args.seq, args.parity_tokens = [64, 128], 64
         args.impl = ["ours"]
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if not args.smoke else torch.device("cpu")
+    device = torch.device("cpu")
+    if not args.smoke:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:

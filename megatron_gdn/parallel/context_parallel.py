@@ -126,8 +126,9 @@ class _PassStates(torch.autograd.Function):
     """h [2N, HV, K, V], m [2N, HV, K, K] fp32 (this rank's pieces) -> s_in [2N, HV, K, V],
     the state entering each local piece; backward: d s_in [2N, HV, K, V] -> (dh, dm) of the
     local pieces. One all-gather over the CP group each way: [h | m] forward (started by the
-    caller, so that independent work overlaps it), [d s_in | m] backward (m travels again rather than every rank keeping all R * 2N transitions: saved
-    memory stays local, which matters for packs of many documents)."""
+    caller, so that independent work overlaps it), [d s_in | m] backward (m travels again
+    rather than every rank keeping all R * 2N transitions: saved memory stays local, which
+    matters for packs of many documents)."""
 
     @staticmethod
     def forward(ctx, h, m, layout, group, wait):
