@@ -71,6 +71,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
     _, q_rstd = cf.chunk_output_fwd(q, k, v_new, h, gc, K ** -0.5, layout, k_rstd=k_rstd,
                                     use_qk_l2norm=True)
     do = torch.randn_like(v)
+    g_act = g.float().contiguous()  # the workload's g is the per-token log decay itself
     scale = K ** -0.5
     cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
     NT = layout.num_chunks
@@ -84,28 +85,29 @@ def backward_stages(shape, dtype=torch.bfloat16):
 
     def prep():
         cb._bwd_prep_kernel[(NT, H)](
-            q, k, v, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
+            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
             cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
-            BV=min(cb._pow2(V), 64), L2=True, IS_VARLEN=varlen)
+            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen)
 
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
 
     def dh_pass():
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            q, k, w, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale,
+            q, k, w, g_act, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale,
             cu, co, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
-            USE_H0=False, IS_VARLEN=varlen)
+            USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
 
     def grads():
         cb._bwd_grad_kernel[(NT, H)](
-            q, k, v, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
+            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
             dq, dk, dv, dg, dbeta, scale, cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, IS_VARLEN=varlen)
+            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
+            IS_VARLEN=varlen)
 
     def whole():
         cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,
-                                      q_rstd=q_rstd, k_rstd=k_rstd)
+                                      q_rstd=q_rstd, k_rstd=k_rstd, g=g_act)
 
     res = {}
     for name, fn in (("prep", prep), ("state", state), ("dh", dh_pass), ("grads", grads),
