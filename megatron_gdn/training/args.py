@@ -80,10 +80,10 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
     import importlib.util
 
     flags = []
-    if importlib.util.find_spec("transformer_engine") is None and not _flag_given(user, "--transformer-impl"):
+    no_te = importlib.util.find_spec("transformer_engine") is None
+    if no_te and not _flag_given(user, "--transformer-impl"):
         flags += ["--transformer-impl", "local"]
-    if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None \
-            and importlib.util.find_spec("transformer_engine") is None:
+    if no_te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         flags += ["--no-gradient-accumulation-fusion"]
     return flags
 
@@ -126,7 +126,8 @@ def _translate_tokenizer(argv: List[str]) -> List[str]:
             i += 2
             continue
         if a == f"--tokenizer-type={BYTE_TOKENIZER}":
-            return _translate_tokenizer(argv[:i] + ["--tokenizer-type", BYTE_TOKENIZER] + argv[i + 1:])
+            split = ["--tokenizer-type", BYTE_TOKENIZER]
+            return _translate_tokenizer(argv[:i] + split + argv[i + 1:])
         out.append(a)
         i += 1
     return out
@@ -243,7 +244,8 @@ def check_args(args, hybrid=None) -> None:
         except ValueError as exc:
             raise UsageError(f"GDN layer: {exc} (flags --linear-*, --tensor-model-parallel-size, "
                              "--context-parallel-size)") from exc
-    elif hybrid.model["vocab_size"] != args.padded_vocab_size and int(os.environ.get("RANK", "0")) == 0:
+    elif (hybrid.model["vocab_size"] != args.padded_vocab_size
+          and int(os.environ.get("RANK", "0")) == 0):
         print(f"[gdn] note: {hybrid.source} declares vocab_size={hybrid.model['vocab_size']}; the "
               f"tokenizer's padded vocabulary ({args.padded_vocab_size}) is used", flush=True)
 

@@ -71,7 +71,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None
     ).build()
 
 
-def _read_on_tp_rank0(data_iterator, micro_batch_size: int, seq_length: int) -> Dict[str, torch.Tensor]:
+def _read_on_tp_rank0(data_iterator, micro_batch_size: int,
+                      seq_length: int) -> Dict[str, torch.Tensor]:
     if data_iterator is not None:
         sample = next(data_iterator)
         return {
@@ -97,7 +98,8 @@ def get_batch(data_iterator) -> Dict[str, torch.Tensor]:
     from megatron.training import get_args
 
     args = get_args()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else None)
     batch = _read_on_tp_rank0(data_iterator, args.micro_batch_size, args.seq_length)
     if device is not None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -193,7 +193,8 @@ class IterationMeter:
         if rec["lm_loss"] is not None:
             parts.append(f"loss {rec['lm_loss']:.4f}")
         if rec.get("tokens_per_s"):
-            parts.append(f"{rec['tokens_per_s']:.0f} tokens/s ({rec['tokens_per_s_per_gpu']:.0f}/device)")
+            parts.append(f"{rec['tokens_per_s']:.0f} tokens/s "
+                         f"({rec['tokens_per_s_per_gpu']:.0f}/device)")
             eta = (total - rec["iteration"]) * rec["iter_time_s"]
             parts.append(f"eta {eta:.0f}s")
         if rec.get("mfu") is not None:

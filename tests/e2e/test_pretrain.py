@@ -108,7 +108,8 @@ def _bad(tmp_path, *flags):
 
 
 def test_bad_flags_fail_before_process_groups(tmp_path):
-    err = _bad(tmp_path, "--mock-data", "--linear-num-key-heads", "3", "--linear-num-value-heads", "3")
+    err = _bad(tmp_path, "--mock-data", "--linear-num-key-heads", "3",
+               "--linear-num-value-heads", "3")
     assert "pretrain_gdn.py: error: GDN layer: linear_num_key_heads (3) must be divisible" in err
     err = _bad(tmp_path)
     assert "stdlib_text_document.bin does not exist" in err
