@@ -20,6 +20,7 @@ between calls, minus the time spent in evaluation and checkpoint saving inside i
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -103,7 +104,8 @@ def peak_tflops(args, override: Optional[float]) -> Optional[float]:
 
 class IterationMeter:
     """Per-iteration loss, time, tokens/s (total and per GPU) and MFU; printed every
-    `log_interval` iterations by the last rank and appended to OUT/metrics.jsonl."""
+    `log_interval` iterations by the last rank and appended to OUT/metrics.jsonl (started afresh
+    unless the run resumes with --load)."""
 
     def __init__(self, args, flops_token: float, peak: Optional[float], out_dir: Optional[str],
                  warmup: int):
@@ -117,6 +119,10 @@ class IterationMeter:
         self._excluded = 0.0
         self._start_iter: Optional[int] = None
         self._metrics = Path(out_dir) / "metrics.jsonl" if out_dir else None
+        last_rank = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+        if self._metrics is not None and args.load is None and last_rank:
+            # a fresh run in an old run directory starts a fresh file; a resumed run appends
+            self._metrics.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ hooks into training.py
     def install(self) -> None:
