@@ -17,8 +17,14 @@ One GPU, the GDN 1.3B preset, bf16, 4K context (mock data; use --data-path for r
         --tokenizer-type NullTokenizer --vocab-size 32000 --mock-data \
         --log-interval 5 --eval-iters 0 --no-save --out runs/gdn_1.3b
 
-Several GPUs / nodes: the same flags plus --tensor-model-parallel-size, --context-parallel-size,
---pipeline-model-parallel-size, --use-distributed-optimizer ...; see examples/launch/.
+Eight GPUs of one node, TP=2 x CP=2 x DP=2, 32K context (examples/launch/ for multi-node):
+
+    torchrun --nproc_per_node 8 examples/pretrain_gdn.py \
+        --model-yaml examples/configs/gdn_1.3b.yaml --bf16 --seq-length 32768 \
+        --tensor-model-parallel-size 2 --context-parallel-size 2 --use-distributed-optimizer \
+        --micro-batch-size 1 --global-batch-size 16 --train-iters 40 --lr 3e-4 \
+        --tokenizer-type NullTokenizer --vocab-size 32000 --mock-data \
+        --log-interval 5 --eval-iters 0 --no-save --out runs/gdn_1.3b_cp
 
 Everything not listed under `megatron_gdn.training.args` is a Megatron flag (parallel sizes,
 data, optimizer, schedule, checkpointing --save/--load/--save-interval, logging). The model
