@@ -127,105 +127,203 @@ def _conv_final_state_kernel(
 
 
 @triton.jit
+def _load_row(x_row0, h0, i_n, p, bos, D, o_d, m_d, stride_xt, W: tl.constexpr, HAS_H0: tl.constexpr):
+    """Input at token p (p >= bos - (W-1)) for channels o_d as fp32 [BD]: x when p >= bos, else
+    history slot p - bos + W-1 of row i_n of h0 ([N, W-1, D]; zeros without history).
+    x_row0 points at token 0 of the batch row."""
+    b_x = tl.load(x_row0 + p.to(tl.int64) * stride_xt + o_d, mask=m_d & (p >= bos), other=0.).to(tl.float32)
+    if HAS_H0:
+        p_h = h0 + (i_n.to(tl.int64) * (W - 1) + (p - bos + (W - 1))) * D + o_d
+        b_x += tl.load(p_h, mask=m_d & (p < bos), other=0.).to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def _tap(weight, o_d, m_d, j, W: tl.constexpr):
+    return tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x, weight, bias, h0, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens, chunk_indices,
     T, D, NT, stride_xb, stride_xt,
-    W: tl.constexpr, BT: tl.constexpr, NSUB: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-    BW: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr,
+    W: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dx, d initial_state and this program's partial sums of dweight / dbias over its tokens.
 
+    With dpre the gradient at the SiLU input (the pre-activation recomputed from the inputs):
     dx[s] = sum_j w[j] dpre[s + W-1 - j]  (+ d final_state where s is among the last W-1 inputs)
     dw[j] = sum_t dpre[t] in[t - (W-1) + j],  db = sum_t dpre[t]
 
-    A program owns NSUB spans of BT - (W-1) tokens. Each span's tile holds BT tokens, its last
-    W-1 the look-ahead dx needs; dpre is computed once per tile (the SiLU pre-activation
-    recomputed from the inputs) and its shifted rows are read with tl.gather.
-    h0, dht and dh0 are [N, W-1, D].
+    A program owns L tokens [t0, t_end) of one sequence and BD channels. It walks the tokens
+    once in order, t = t0 .. t_end + W-2, keeping a sliding window of the last W inputs
+    (xl_k = in[t - k]) and of the last W dpre rows (pl_k = dpre[t - k]) in registers: one SiLU
+    per token, and dx[t - (W-1)] is complete at step t. Blocks of R tokens are loaded as
+    [R, BD] tiles (one memory latency per block) and split into rows by selects on the
+    in-thread row axis. Window slots k >= W stay unused (W <= 8). Rows before t0 come from x
+    or the history; at a sequence start, the outputs at s < bos are the history slots, i.e.
+    d initial_state. h0, dht and dh0 are [N, W-1, D].
     """
-    OWN: tl.constexpr = BT - (W - 1)
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_tc, bos, eos = _sequence_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, IS_VARLEN)
     i_p = i_b.to(tl.int64) * NT + i_t
-    o_r = tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    o_w = tl.arange(0, BW)
+    t0 = bos + i_tc * L
+    t_end = tl.minimum(t0 + L, eos)
+    o_r = tl.arange(0, R)
+    # contiguity capped at 2 channels: the compiler then vectorises by 2 along D and keeps the
+    # R rows of a tile inside each thread (by 8 bf16 it would spread the rows over the warps)
+    o_d = tl.max_contiguous(i_d * BD + tl.arange(0, BD), 2)
     m_d = o_d < D
-    zeros_i = tl.zeros([BT, BD], dtype=tl.int32)
+    x_row0 = x + i_b.to(tl.int64) * stride_xb
+    dy_row0 = dy + i_b.to(tl.int64) * T * D
+    dx_row0 = dx + i_b.to(tl.int64) * T * D
+
+    # taps by lag (wl_k multiplies in[t - k]) and by index (wi_j = weight[:, j])
+    zero = tl.zeros([BD], dtype=tl.float32)
+    wl0, wl1, wl2, wl3, wl4, wl5, wl6, wl7 = zero, zero, zero, zero, zero, zero, zero, zero
+    wi0, wi1, wi2, wi3, wi4, wi5, wi6, wi7 = zero, zero, zero, zero, zero, zero, zero, zero
+    xl1, xl2, xl3, xl4, xl5, xl6, xl7 = zero, zero, zero, zero, zero, zero, zero
+    pl1, pl2, pl3, pl4, pl5, pl6, pl7 = zero, zero, zero, zero, zero, zero, zero
+    dwl0, dwl1, dwl2, dwl3, dwl4, dwl5, dwl6, dwl7 = zero, zero, zero, zero, zero, zero, zero, zero
+    b_db = zero
+    wl0 = _tap(weight, o_d, m_d, W - 1, W)
+    wl1 = _tap(weight, o_d, m_d, W - 2, W)
+    wi0 = _tap(weight, o_d, m_d, 0, W)
+    wi1 = _tap(weight, o_d, m_d, 1, W)
+    xl1 = _load_row(x_row0, h0, i_n, t0 - 1, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 2:
+        wl2 = _tap(weight, o_d, m_d, W - 3, W)
+        wi2 = _tap(weight, o_d, m_d, 2, W)
+        xl2 = _load_row(x_row0, h0, i_n, t0 - 2, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 3:
+        wl3 = _tap(weight, o_d, m_d, W - 4, W)
+        wi3 = _tap(weight, o_d, m_d, 3, W)
+        xl3 = _load_row(x_row0, h0, i_n, t0 - 3, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 4:
+        wl4 = _tap(weight, o_d, m_d, W - 5, W)
+        wi4 = _tap(weight, o_d, m_d, 4, W)
+        xl4 = _load_row(x_row0, h0, i_n, t0 - 4, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 5:
+        wl5 = _tap(weight, o_d, m_d, W - 6, W)
+        wi5 = _tap(weight, o_d, m_d, 5, W)
+        xl5 = _load_row(x_row0, h0, i_n, t0 - 5, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 6:
+        wl6 = _tap(weight, o_d, m_d, W - 7, W)
+        wi6 = _tap(weight, o_d, m_d, 6, W)
+        xl6 = _load_row(x_row0, h0, i_n, t0 - 6, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
+    if W > 7:
+        wl7 = _tap(weight, o_d, m_d, W - 8, W)
+        wi7 = _tap(weight, o_d, m_d, 7, W)
+        xl7 = _load_row(x_row0, h0, i_n, t0 - 7, bos, D, o_d, m_d, stride_xt, W, HAS_H0)
     if HAS_BIAS:
         b_bias = tl.load(bias + o_d, mask=m_d, other=0.).to(tl.float32)
 
-    b_dw = tl.zeros([BW, BD], dtype=tl.float32)
-    b_db = tl.zeros([BD], dtype=tl.float32)
-    for i_s in range(NSUB):
-        i_span = i_tc * NSUB + i_s
-        t0 = bos + i_span * OWN
-        lo = bos - t0
-        hi = eos - t0
-        m_r = o_r < hi
-        m_own = m_r & (o_r < OWN)
-        x_tile = x + i_b.to(tl.int64) * stride_xb + t0.to(tl.int64) * stride_xt
-        row_base = (i_b.to(tl.int64) * T + t0.to(tl.int64)) * D
-        b_dp = tl.load(dy + row_base + (o_r * D)[:, None] + o_d[None, :],
-                       mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)
-        if SILU:
-            b_pre = tl.zeros([BT, BD], dtype=tl.float32)
-            for j in tl.static_range(W):
-                b_x = _load_input(x_tile, h0, i_n, o_r - (W - 1) + j, lo, m_r, o_d, m_d, stride_xt,
-                                  (W - 1) * D, D, 1, W, HAS_H0)
-                b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
-                b_pre += b_x * b_w[None, :]
-            if HAS_BIAS:
-                b_pre += b_bias[None, :]
-            b_sig = tl.sigmoid(b_pre)
-            # d silu(p) / dp = sig(p) * (1 + p * (1 - sig(p)))
-            b_dp = b_dp * b_sig * (1. + b_pre * (1. - b_sig))
-        b_dp_own = tl.where(m_own[:, None], b_dp, 0.)
-        for j in tl.static_range(W):
-            b_x = _load_input(x_tile, h0, i_n, o_r - (W - 1) + j, lo, m_own, o_d, m_d, stride_xt,
-                              (W - 1) * D, D, 1, W, HAS_H0)
-            b_dw += tl.where(o_w[:, None] == j, tl.sum(b_dp_own * b_x, axis=0)[None, :], 0.)
-        b_db += tl.sum(b_dp_own, axis=0)
+    # steps t0 .. t_end + W-2: the last W-1 only complete dx (look-ahead, no dweight)
+    for i_blk in range(0, tl.cdiv(t_end - t0 + W - 1, R)):
+        tb = t0 + i_blk * R
+        o_t = tb + o_r
+        m_t = (o_t < eos)[:, None] & m_d[None, :]
+        b_x = tl.load(x_row0 + (o_t.to(tl.int64) * stride_xt)[:, None] + o_d[None, :], mask=m_t,
+                      other=0.).to(tl.float32)
+        b_dy = tl.load(dy_row0 + (o_t.to(tl.int64) * D)[:, None] + o_d[None, :], mask=m_t,
+                       other=0.).to(tl.float32)
+        b_dx = tl.zeros([R, BD], dtype=tl.float32)
+        for r in tl.static_range(R):
+            # row r of the tile; -0.0 is the exact additive identity, so the sum is a pick
+            xl0 = tl.sum(tl.where(o_r[:, None] == r, b_x, -0.), axis=0)
+            b_dp = tl.sum(tl.where(o_r[:, None] == r, b_dy, -0.), axis=0)
+            if SILU:
+                b_pre = wl0 * xl0 + wl1 * xl1
+                if W > 2:
+                    b_pre += wl2 * xl2
+                if W > 3:
+                    b_pre += wl3 * xl3
+                if W > 4:
+                    b_pre += wl4 * xl4
+                if W > 5:
+                    b_pre += wl5 * xl5
+                if W > 6:
+                    b_pre += wl6 * xl6
+                if W > 7:
+                    b_pre += wl7 * xl7
+                if HAS_BIAS:
+                    b_pre += b_bias
+                b_sig = tl.sigmoid(b_pre)
+                # d silu(p) / dp = sig(p) * (1 + p * (1 - sig(p)))
+                b_dp = b_dp * b_sig * (1. + b_pre * (1. - b_sig))
+            b_dpo = tl.where(tb + r < t_end, b_dp, 0.)
+            b_db += b_dpo
+            dwl0 += b_dpo * xl0
+            dwl1 += b_dpo * xl1
+            b_dxr = wi0 * b_dp + wi1 * pl1
+            if W > 2:
+                dwl2 += b_dpo * xl2
+                b_dxr += wi2 * pl2
+            if W > 3:
+                dwl3 += b_dpo * xl3
+                b_dxr += wi3 * pl3
+            if W > 4:
+                dwl4 += b_dpo * xl4
+                b_dxr += wi4 * pl4
+            if W > 5:
+                dwl5 += b_dpo * xl5
+                b_dxr += wi5 * pl5
+            if W > 6:
+                dwl6 += b_dpo * xl6
+                b_dxr += wi6 * pl6
+            if W > 7:
+                dwl7 += b_dpo * xl7
+                b_dxr += wi7 * pl7
+            b_dx = tl.where(o_r[:, None] == r, b_dxr[None, :], b_dx)
+            if W > 7:
+                xl7, pl7 = xl6, pl6
+            if W > 6:
+                xl6, pl6 = xl5, pl5
+            if W > 5:
+                xl5, pl5 = xl4, pl4
+            if W > 4:
+                xl4, pl4 = xl3, pl3
+            if W > 3:
+                xl3, pl3 = xl2, pl2
+            if W > 2:
+                xl2, pl2 = xl1, pl1
+            xl1, pl1 = xl0, b_dp
 
-        b_dx = b_dp * tl.load(weight + o_d * W + (W - 1), mask=m_d, other=0.).to(tl.float32)[None, :]
-        for j in tl.static_range(W - 1):
-            b_w = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
-            # rows past OWN are look-ahead only, so clamping their index is harmless
-            i_shift = tl.minimum(o_r + (W - 1 - j), BT - 1)[:, None] + zeros_i
-            b_dx += b_w[None, :] * tl.gather(b_dp, i_shift, axis=0)
+        # row r of b_dx is the gradient of the input at s = tb + r - (W-1)
+        o_s = o_t - (W - 1)
         if HAS_DHT:
-            # row r is slot r - (hi - (W-1)) of the final state when that is >= 0
-            k_s = o_r - (hi - (W - 1))
-            m_s = (m_own & (k_s >= 0))[:, None] & m_d[None, :]
-            p_s = dht + i_n.to(tl.int64) * (W - 1) * D + (k_s * D)[:, None] + o_d[None, :]
-            b_dx += tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
-        tl.store(dx + row_base + (o_r * D)[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty),
-                 mask=m_own[:, None] & m_d[None, :])
-
+            # slot k of the final state is the input at eos - (W-1) + k
+            k_f = o_s - (eos - (W - 1))
+            m_f = ((k_f >= 0) & (o_s < eos))[:, None] & m_d[None, :]
+            p_f = dht + (i_n.to(tl.int64) * (W - 1) + k_f)[:, None] * D + o_d[None, :]
+            b_dx += tl.load(p_f, mask=m_f, other=0.).to(tl.float32)
+        m_s = ((o_s >= t0) & (o_s < t_end))[:, None] & m_d[None, :]
+        tl.store(dx_row0 + (o_s.to(tl.int64) * D)[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+                 mask=m_s)
         if HAS_H0:
-            if i_span == 0:
-                # history slot k is the input at bos - (W-1) + k; it feeds outputs bos + k - j,
-                # rows k - j of this first tile
-                o_k = tl.arange(0, BK)
-                m_k = o_k < W - 1
-                zeros_k = tl.zeros([BK, BD], dtype=tl.int32)
-                b_dh = tl.zeros([BK, BD], dtype=tl.float32)
-                for j in tl.static_range(W):
-                    b_wh = tl.load(weight + o_d * W + j, mask=m_d, other=0.).to(tl.float32)
-                    i_row = tl.maximum(o_k - j, 0)[:, None] + zeros_k
-                    b_dh += tl.where((o_k >= j)[:, None], b_wh[None, :] * tl.gather(b_dp, i_row, axis=0), 0.)
-                if HAS_DHT:
-                    # a sequence shorter than W-1 passes history slots straight into its final state
-                    k_h = o_k - hi
-                    m_h = (m_k & (k_h >= 0))[:, None] & m_d[None, :]
-                    p_h = dht + i_n.to(tl.int64) * (W - 1) * D + (k_h * D)[:, None] + o_d[None, :]
-                    b_dh += tl.load(p_h, mask=m_h, other=0.).to(tl.float32)
-                p_dh = dh0 + i_n.to(tl.int64) * (W - 1) * D + (o_k * D)[:, None] + o_d[None, :]
-                tl.store(p_dh, b_dh, mask=m_k[:, None] & m_d[None, :])
+            # before the sequence start the outputs are the history slots (first span only)
+            k_h = o_s - (bos - (W - 1))
+            m_h = ((o_s < bos) & (i_tc == 0))[:, None] & m_d[None, :]
+            p_h = dh0 + (i_n.to(tl.int64) * (W - 1) + k_h)[:, None] * D + o_d[None, :]
+            tl.store(p_h, b_dx, mask=m_h)
 
-    p_dw = dw_part + i_p * D * W + o_d[None, :] * W + o_w[:, None]
-    tl.store(p_dw, b_dw, mask=(o_w < W)[:, None] & m_d[None, :])
+    p_dw = dw_part + i_p * D * W + o_d * W
+    tl.store(p_dw + (W - 1), dwl0, mask=m_d)
+    tl.store(p_dw + (W - 2), dwl1, mask=m_d)
+    if W > 2:
+        tl.store(p_dw + (W - 3), dwl2, mask=m_d)
+    if W > 3:
+        tl.store(p_dw + (W - 4), dwl3, mask=m_d)
+    if W > 4:
+        tl.store(p_dw + (W - 5), dwl4, mask=m_d)
+    if W > 5:
+        tl.store(p_dw + (W - 6), dwl5, mask=m_d)
+    if W > 6:
+        tl.store(p_dw + (W - 7), dwl6, mask=m_d)
+    if W > 7:
+        tl.store(p_dw + (W - 8), dwl7, mask=m_d)
     if HAS_BIAS:
         tl.store(db_part + i_p * D + o_d, b_db, mask=m_d)
 
@@ -271,12 +369,15 @@ def _conv_update_kernel(
     tl.store(p_s, b_s.to(conv_state.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])
 
 
-# Tiles small enough that ptxas keeps them in registers on sm_90 without spills (checked by
-# compiling for sm_90 at W = 4 and 8): forward (BT, BD, num_warps) = 16 tokens x 128 channels
-# (256 contiguous bytes per row in bf16); backward (BT, NSUB, BD, num_warps): tiles of 32
-# tokens, 4 spans per program, so the per-program dweight partials stay ~1/30 of x
+# Forward (BT, BD, num_warps) = 16 tokens x 128 channels (256 contiguous bytes per row in
+# bf16), no spills on sm_90. Backward (L, R, BD, num_warps): a program walks L = 128 tokens of
+# 256 channels in blocks of R = 8 rows; each of the 128 threads holds 2 channels of every row
+# of a tile (a warp reads 128 contiguous bytes per row in bf16). Compiled for sm_90: 128
+# registers at W = 4 (4 programs = 16 warps per SM), 168 at W = 8, no spills (C's tl.gather
+# version: 203 registers with 8 warps, one program per SM). The per-program dweight partials
+# [B T / L, D, W] fp32 are 1/16 of the bytes of a bf16 x at W = 4.
 FWD_CONFIG = (16, 128, 4)
-BWD_CONFIG = (32, 4, 64, 8)
+BWD_CONFIG = (128, 8, 256, 4)
 
 
 def _chunk_indices(cu_list: List[int], BT: int, device) -> torch.Tensor:
@@ -329,17 +430,16 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     """h0_nkd, dht_nkd: [N, W-1, D] or None; returns dx, dweight, dbias, d initial_state [N, D, W-1]."""
     B, T, D = x.shape
     W = weight.shape[1]
-    BT, NSUB, BD, warps = BWD_CONFIG
+    L, R, BD, warps = BWD_CONFIG
     BD = min(BD, triton.next_power_of_2(D))
-    # a tile must hold at least W-1 owned tokens besides its W-1 look-ahead rows
-    BT = max(BT, triton.next_power_of_2(2 * (W - 1)))
-    span = NSUB * (BT - (W - 1))
     varlen = cu_list is not None
-    chunk_indices = _chunk_indices(cu_list, span, x.device) if varlen else None
+    chunk_indices = _chunk_indices(cu_list, L, x.device) if varlen else None
     # never an empty grid: T == 0 launches one fully masked block, which still writes d initial_state
-    NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, span))
+    NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, L))
     n_part = NT * (1 if varlen else B)
     dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    # per-program partials, reduced below in a fixed order (deterministic): n_part * D * W fp32,
+    # 1/16 of the bytes of a bf16 x at W = 4
     dw_part = torch.empty(n_part, D, W, dtype=torch.float32, device=x.device)
     db_part = torch.empty(n_part, D, dtype=torch.float32, device=x.device) if bias is not None else None
     dh0 = torch.empty(h0_nkd.shape, dtype=torch.float32, device=x.device) if h0_nkd is not None else None
@@ -347,7 +447,7 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     _conv_bwd_kernel[grid](
         x, weight, bias, h0_nkd, dy, dht_nkd, dx, dw_part, db_part, dh0, cu_seqlens_i32, chunk_indices,
         T, D, NT, x.stride(0), x.stride(1),
-        W=W, BT=BT, NSUB=NSUB, BD=BD, BK=triton.next_power_of_2(W - 1), BW=triton.next_power_of_2(W),
+        W=W, L=L, R=R, BD=BD,
         HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_H0=h0_nkd is not None,
         HAS_DHT=dht_nkd is not None, IS_VARLEN=varlen, num_warps=warps,
     )

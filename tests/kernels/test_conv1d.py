@@ -59,7 +59,7 @@ def check_against_oracle(backend, x, weight, bias, activation, h0, final, cu_seq
 
 
 # B-T-D-W-initial_state-bias-activation-final_state; T = 150 crosses the Triton token blocks
-# (16 forward; 29-token tiles, 116 per program backward at W = 4), D = 33 / 130 leave partial
+# (16 forward, 128 per program backward), D = 33 / 130 leave partial
 # channel blocks; W = 8 is the widest kernel
 DENSE = [
     (2, 37, 20, 4, True, True, "silu", True),
@@ -298,9 +298,9 @@ ptr.update(cu_seqlens="*i32", chunk_indices="*i32")
 flags = dict(HAS_BIAS=True, SILU=True, HAS_H0=True, IS_VARLEN=True)
 BT, BD, warps = conv.FWD_CONFIG
 compile_for_hopper(conv._conv_fwd_kernel, ptr, dict(W=4, BT=BT, BD=BD, **flags), warps)
-BT, NSUB, BD, warps = conv.BWD_CONFIG
-compile_for_hopper(conv._conv_bwd_kernel, ptr,
-                   dict(W=4, BT=BT, NSUB=NSUB, BD=BD, BK=4, BW=4, HAS_DHT=True, **flags), warps)
+L, R, BD, warps = conv.BWD_CONFIG
+for W in (2, 4, 8):
+    compile_for_hopper(conv._conv_bwd_kernel, ptr, dict(W=W, L=L, R=R, BD=BD, HAS_DHT=True, **flags), warps)
 compile_for_hopper(conv._conv_final_state_kernel, ptr, dict(W=4, BK=4, BD=128, HAS_H0=True, IS_VARLEN=True), 1)
 compile_for_hopper(conv._conv_update_kernel, ptr, dict(W=4, BT=1, BD=128, BK=4, HAS_BIAS=True, SILU=True), 4)
 print("compiled")
