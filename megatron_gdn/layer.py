@@ -282,18 +282,23 @@ class GatedDeltaNet(MegatronModule):
 
         proj_bsd = proj_sbd.transpose(0, 1)
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
-        qkv_btd, z_btd, beta_logit_bth, a_bth = torch.split(
-            proj_bsd, [2 * qk + v_dim, v_dim, hv, hv], dim=-1
+        q_btd, k_btd, v_btd, z_btd, beta_logit_bth, a_bth = torch.split(
+            proj_bsd, [qk, qk, v_dim, v_dim, hv, hv], dim=-1
         )
 
-        qkv_btd, _ = conv(
-            qkv_btd, self.conv_weight, self.conv_bias, activation="silu",
-            cu_seqlens=cu_seqlens,
+        # one conv per section: each output is contiguous as the recurrence kernels take it
+        # (one conv over q|k|v would need three channel-slice copies, and its backward a cat of
+        # dq|dk|dv); the conv reads its strided slice of the projection in place
+        widths = [qk, qk, v_dim]
+        weights = torch.split(self.conv_weight, widths, dim=0)
+        biases = torch.split(self.conv_bias, widths, dim=0) if self.conv_bias is not None else (None,) * 3
+        q_btd, k_btd, v_btd = (
+            conv(x_btd, w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
+            for x_btd, w, bias in zip((q_btd, k_btd, v_btd), weights, biases)
         )
-        q_bthk, k_bthk, v_bthv = torch.split(qkv_btd, [qk, qk, v_dim], dim=-1)
-        q_bthk = q_bthk.reshape(b, s, d.num_key_heads_local_tp, d.key_head_dim)
-        k_bthk = k_bthk.reshape(b, s, d.num_key_heads_local_tp, d.key_head_dim)
-        v_bthv = v_bthv.reshape(b, s, hv, d.value_head_dim)
+        q_bthk = q_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
+        k_bthk = k_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
+        v_bthv = v_btd.view(b, s, hv, d.value_head_dim)
 
         # A_log / dt_bias enter the kernel in fp32 whatever the parameter dtype (bf16 under
         # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive to
