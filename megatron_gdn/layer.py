@@ -152,6 +152,11 @@ class GatedDeltaNet(MegatronModule):
         self.sequence_parallel = config.sequence_parallel and tp_size > 1
         d = self.dims
 
+        # Megatron's CPU initialisation draws in_proj's whole master weight and gives each rank a
+        # contiguous block of rows; our rows are sectioned per rank ([q|k|v|z|b|a] of the rank's
+        # heads), so the draw is redone below and cut by sections (TP-independent init)
+        cpu_init = config.use_cpu_initialization and config.perform_initialization and tp_size > 1
+        rng_before_in_proj = torch.get_rng_state() if cpu_init else None
         self.in_proj = build_module(
             submodules.in_proj,
             d.hidden_size,
@@ -166,6 +171,9 @@ class GatedDeltaNet(MegatronModule):
             tp_group=self.tp_group,
             name=(name + ".in_proj") if name is not None else None,
         )
+
+        if rng_before_in_proj is not None:
+            self._draw_in_proj_by_sections(rng_before_in_proj)
 
         device = _param_device(config)
         dtype = config.params_dtype
@@ -206,6 +214,24 @@ class GatedDeltaNet(MegatronModule):
     def _local_rows(self, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
         n = full.shape[0] // self.dims.tp_size
         return full[tp_rank * n:(tp_rank + 1) * n]
+
+    @torch.no_grad()
+    def _draw_in_proj_by_sections(self, rng_before: torch.Tensor) -> None:
+        """Redo Megatron's CPU draw of the global in_proj weight (same generator state, so the
+        generator ends where Megatron's draw left it) and keep this rank's rows of each section."""
+        d = self.dims
+        rng_after = torch.get_rng_state()
+        torch.set_rng_state(rng_before)
+        master = torch.empty(d.in_proj_dim, d.hidden_size, dtype=torch.float)
+        self.config.init_method(master)
+        assert torch.equal(torch.get_rng_state(), rng_after), "in_proj init drew differently"
+        master = master.to(self.config.params_dtype)
+        rank = self.tp_group.rank()
+        rows, start = [], 0
+        for local in d.in_proj_sections_local_tp:
+            rows.append(master[start + rank * local:start + (rank + 1) * local])
+            start += local * d.tp_size
+        self.in_proj.weight.copy_(torch.cat(rows))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -235,10 +235,12 @@ def _two_ranks(ckpt_dir):
         out[case + "_packed"] = _train_step(model, tokens, labels, packed=True)
         if case == "tp2":
             _save(model, ckpt_dir)
-            # per-head GDN parameters draw all heads and keep their rows: TP-independent init
+            # GDN parameters draw all heads and keep this rank's rows (in_proj by sections):
+            # TP-independent init
             fresh = _global_params(_build(_config(tp=2)))
             out["tp2_init"] = {n: t for n, t in fresh.items()
-                               if n.split(".")[-1] in ("conv_weight", "A_log", "dt_bias", "out_norm_weight")}
+                               if n.split(".")[-1] in ("conv_weight", "A_log", "dt_bias", "out_norm_weight")
+                               or n.endswith("self_attention.in_proj.weight")}
         destroy_megatron()
 
     init_megatron(pp=2)
@@ -362,7 +364,7 @@ def test_checkpoint_tp1_to_tp4(four):
 def test_per_head_init_is_tp_independent(two):
     ref_state = two[0]["ref_state"]
     fresh = two[0]["tp2_init"]
-    assert len(fresh) == 4 * LAYERS
+    assert len(fresh) == 5 * LAYERS
     for name, tensor in fresh.items():
         assert torch.equal(tensor, ref_state[name]), f"{name}: TP=2 init differs from TP=1 init"
 
