@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGATRON_GDN_VENV:-$ROOT/.venv}"
 
 find_python() {
-  for cand in python3.13 python3.12 python3; do
+  for cand in python3.12 python3.13 python3; do
     if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
       echo "$cand"; return 0
     fi
