@@ -12,9 +12,9 @@ find_python() {
       echo "$cand"; return 0
     fi
   done
-  # pyenv installations (as on the project's CPU machines)
+  # pyenv installations (as on the project's CPU machines): the oldest supported first
   if command -v pyenv >/dev/null 2>&1; then
-    for ver in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9]' | sort -V -r); do
+    for ver in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9]' | sort -V); do
       if PYENV_VERSION="$ver" pyenv which python3 >/dev/null 2>&1; then
         PYENV_VERSION="$ver" pyenv which python3; return 0
       fi
