@@ -60,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-size", type=int, default=None)
     p.add_argument("--train-iters", type=int, default=10)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--clip-grad", type=float, default=None, help="overrides gradient_clipping")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--save-interval", type=int, default=None)
     p.add_argument("--load", default=None, help="a run directory (or checkpoint folder) to resume")
@@ -91,6 +92,10 @@ def load_ds_config(args) -> dict:
         cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
     if args.lr is not None:
         cfg["optimizer"]["params"]["lr"] = args.lr
+    if args.clip_grad is not None:
+        if args.clip_grad < 0:
+            raise ValueError(f"--clip-grad must be >= 0, got {args.clip_grad}")
+        cfg["gradient_clipping"] = args.clip_grad
     cfg.pop("train_batch_size", None)
     return cfg
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_gdn.testing.dist import run_distributed
-from tolerance import FP32_REL, assert_close
+from tolerance import BF16_REL, FP32_REL, assert_close
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (optional extra: "
                     "pip install megatron-gdn[deepspeed])")
@@ -26,6 +26,7 @@ STEPS = 10
 # per data-parallel rank; the reference reads the whole global batch in one micro-batch
 MICRO_BATCH = 2
 SEQ = 32
+TIGHT_CLIP = 0.05
 
 
 def _example():
@@ -39,8 +40,10 @@ def _run(argv):
     """One training run on this rank (inside run_distributed); its per-step losses."""
     os.environ["DS_ACCELERATOR"] = "cpu" if not torch.cuda.is_available() else "cuda"
     ex = _example()
-    args = ex.parse_args(["--model-yaml", str(YAML), "--fp32", "--seq-length", str(SEQ),
-                          "--lr", "3e-3", "--log-interval", "100"] + argv)
+    fp32 = [] if "--bf16" in argv else ["--fp32"]
+    argv = [a for a in argv if a != "--bf16"]
+    args = ex.parse_args(["--model-yaml", str(YAML), "--seq-length", str(SEQ), "--lr", "3e-3",
+                          "--log-interval", "100"] + fp32 + argv)
     from megatron.core import parallel_state
 
     try:
@@ -52,19 +55,20 @@ def _run(argv):
 _reference = {}
 
 
-def _reference_losses(dp):
+def _reference_losses(dp, extra=()):
     """Megatron-only (no DeepSpeed), one rank, the global batch of `dp` ranks per step."""
-    if dp not in _reference:
+    key = (dp, tuple(extra))
+    if key not in _reference:
         (losses,) = run_distributed(_run, 1, args=(["--engine", "megatron", "--train-iters",
                                                    str(STEPS), "--micro-batch-size",
-                                                   str(MICRO_BATCH * dp)],))
-        _reference[dp] = torch.tensor(losses)
-    return _reference[dp]
+                                                   str(MICRO_BATCH * dp)] + list(extra),))
+        _reference[key] = torch.tensor(losses)
+    return _reference[key]
 
 
-def _check(per_rank, expected, name):
+def _check(per_rank, expected, name, rel=FP32_REL):
     for rank, losses in enumerate(per_rank):
-        assert_close(torch.tensor(losses), expected, FP32_REL, f"{name} rank {rank}")
+        assert_close(torch.tensor(losses), expected, rel, f"{name} rank {rank}")
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3], ids=["zero1", "zero2", "zero3"])
@@ -77,11 +81,23 @@ def test_zero_dp2_matches_megatron(stage):
 
 @pytest.mark.parametrize("stage", [1, 3], ids=["zero1", "zero3"])
 def test_zero_tp2_matches_megatron(stage):
+    # a clip far below the gradient norm (about 1 here): every step is clipped, so the norm
+    # must count each TP shard once and each replicated parameter once
+    clip = ["--clip-grad", str(TIGHT_CLIP)]
     ranks = run_distributed(_run, 2, args=(["--ds-config", f"{ROOT}/examples/deepspeed/zero{stage}.json",
                                             "--tensor-model-parallel-size", "2",
                                             "--train-iters", str(STEPS), "--micro-batch-size",
-                                            str(MICRO_BATCH)],))
-    _check(ranks, _reference_losses(1), f"zero{stage} tp2")
+                                            str(MICRO_BATCH)] + clip,))
+    _check(ranks, _reference_losses(1, clip), f"zero{stage} tp2 clipped")
+    assert not torch.allclose(_reference_losses(1, clip), _reference_losses(1), rtol=FP32_REL), \
+        "the tight clip did not change the reference run: the norm counting is not exercised"
+
+
+def test_zero3_bf16_close_to_fp32_megatron():
+    ranks = run_distributed(_run, 2, args=(["--ds-config", f"{ROOT}/examples/deepspeed/zero3.json",
+                                            "--bf16", "--train-iters", str(STEPS),
+                                            "--micro-batch-size", str(MICRO_BATCH)],))
+    _check(ranks, _reference_losses(2), "zero3 dp2 bf16", rel=BF16_REL)
 
 
 def test_zero2_cp2_matches_megatron():
