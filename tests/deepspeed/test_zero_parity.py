@@ -16,8 +16,10 @@ import torch
 from megatron_gdn.testing.dist import run_distributed
 from tolerance import BF16_REL, FP32_REL, assert_close
 
-pytest.importorskip("deepspeed", reason="deepspeed is not installed (optional extra: "
-                    "pip install megatron-gdn[deepspeed])")
+# found, not imported: the ranks import it (with DS_ACCELERATOR set), the pytest process need not
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                reason="deepspeed is not installed (optional extra: "
+                                "pip install megatron-gdn[deepspeed])")
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pretrain_gdn_deepspeed.py"
@@ -121,18 +123,3 @@ def test_zero3_resume_reproduces_losses(tmp_path):
         assert len(resumed[rank]) == STEPS - STEPS // 2
         assert_close(torch.tensor(resumed[rank]), torch.tensor(whole[rank][STEPS // 2:]),
                      FP32_REL, f"zero3 resume rank {rank}")
-
-
-def test_missing_deepspeed_message(monkeypatch):
-    import sys
-
-    ex = _example()
-    monkeypatch.setitem(sys.modules, "deepspeed", None)
-    args = ex.parse_args(["--model-yaml", str(YAML)])
-    with pytest.raises(ImportError, match="DeepSpeed is not installed"):
-        ex.train(args)
-
-
-def test_sequence_parallel_refused():
-    with pytest.raises(ValueError, match="--sequence-parallel"):
-        _example().parse_args(["--model-yaml", str(YAML), "--sequence-parallel"])
