@@ -24,8 +24,10 @@ ones once in the gradient norm. The GDN layer sums the gradient of its replicate
 `--sequence-parallel` the norms would need Megatron's `finalize_model_grads`, which this
 engine does not run, so the flag is refused.
 
-Data: `--mock-data` style tokens drawn from a generator seeded with (seed, sample index), so
-a run reads the same samples at any data-parallel size and after a resume. Checkpoints are
+Data: an indexed dataset (`--data-path PREFIX`, built by examples/data/preprocess.py; its
+documents joined and cut into consecutive samples) or, by default, mock tokens drawn from a
+generator seeded with (seed, sample index); either way sample i is fixed, so a run reads the
+same samples at any data-parallel size and after a resume. Checkpoints are
 DeepSpeed's (`--out DIR` saves to DIR/checkpoints; `--load DIR` resumes from its latest tag).
 Each iteration logs the loss and tokens/s; DIR/metrics.jsonl holds them.
 
@@ -62,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--clip-grad", type=float, default=None, help="overrides gradient_clipping")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-path", default=None,
+                   help="indexed dataset prefix (examples/data/preprocess.py); default: mock tokens")
     p.add_argument("--save-interval", type=int, default=None)
     p.add_argument("--load", default=None, help="a run directory (or checkpoint folder) to resume")
     p.add_argument("--out", default=None)
@@ -141,6 +145,38 @@ def mock_batch(seed: int, first_sample: int, count: int, seq_length: int, vocab:
         rows.append(torch.randint(0, vocab, (seq_length + 1,), generator=g))
     data = torch.stack(rows)
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+class TokenStream:
+    """Samples of an indexed dataset (examples/data/preprocess.py): its documents joined into one
+    token stream, sample i = tokens [i * s, i * s + s + 1) (wrapping around), so a sample
+    depends only on its index, as with the mock data."""
+
+    def __init__(self, prefix: str, vocab: int):
+        import numpy
+
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ValueError(f"--data-path {prefix!r}: {prefix + ext} does not exist "
+                                 "(build it with examples/data/preprocess.py)")
+        data = IndexedDataset(prefix)
+        self.tokens = torch.from_numpy(
+            numpy.concatenate([numpy.asarray(data[i], dtype=numpy.int64) for i in range(len(data))]))
+        top = int(self.tokens.max())
+        if top >= vocab:
+            raise ValueError(f"--data-path {prefix!r}: token id {top} >= the model's vocab_size "
+                             f"{vocab} (use a YAML model with a larger vocabulary)")
+
+    def batch(self, first_sample: int, count: int, seq_length: int):
+        n = self.tokens.numel()
+        if n < seq_length + 1:
+            raise ValueError(f"--data-path: {n} tokens, fewer than one sample ({seq_length + 1})")
+        rows = [torch.arange(i * seq_length, i * seq_length + seq_length + 1) % n
+                for i in range(first_sample, first_sample + count)]
+        data = self.tokens[torch.stack(rows)]
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
 def _init_distributed(engine: str, has_cuda: bool):
@@ -241,6 +277,7 @@ def train(args) -> dict:
     seq, vocab = hm.model["seq_length"], hm.model["vocab_size"]
     if seq % (2 * args.context_parallel_size) and args.context_parallel_size > 1:
         raise ValueError(f"--seq-length {seq} must be divisible by 2 x --context-parallel-size")
+    stream = TokenStream(args.data_path, vocab) if args.data_path else None
     model = build_model(hm, args)
     from megatron.core import parallel_state
 
@@ -295,7 +332,9 @@ def train(args) -> dict:
     losses, times = [], []
     for it in range(start, args.train_iters):
         t0 = time.perf_counter()
-        tokens, labels = mock_batch(args.seed, it * global_batch + dp_only_rank * mb, mb, seq, vocab)
+        first = it * global_batch + dp_only_rank * mb
+        tokens, labels = (stream.batch(first, mb, seq) if stream is not None
+                          else mock_batch(args.seed, first, mb, seq, vocab))
         tokens, labels = tokens.to(device), labels.to(device)
         if args.engine == "deepspeed":
             loss = _loss(engine, tokens, labels)

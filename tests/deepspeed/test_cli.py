@@ -50,3 +50,8 @@ def test_bad_config_path_refused(tmp_path):
     args = ex.parse_args(["--model-yaml", YAML, "--ds-config", str(tmp_path / "none.json")])
     with pytest.raises(ValueError, match="--ds-config"):
         ex.load_ds_config(args)
+
+
+def test_missing_data_path_refused(tmp_path):
+    with pytest.raises(ValueError, match="--data-path"):
+        _example().TokenStream(str(tmp_path / "nothing"), vocab=128)
