@@ -5,13 +5,15 @@ the same global weights: outputs (logits, loss) and every parameter gradient (FP
   partial RoPE, MoE): TP=2 + SP (dense rows and packed THD documents) and PP=2 (1F1B over two
   micro-batches), through Megatron's schedule, DDP and finalize_model_grads.
 - Context parallel, CP=2, zigzag layout (dense rows and packed THD): a stack of full attention
-  and SWA layers with MLPs (GDN layers under CP are pending the layer's CP integration).
+  and SWA layers with MLPs, and the tiny H1, Qwen3-Next-style and H2 presets (GDN and Mamba2
+  layers passing states between the ranks, attention gathering K/V, SWA its halo).
 
 Same global weights: the TP=1 state dict is sliced into every sharded model. Megatron's fused
 QKV is laid out per key/value group, so TP slices it as one block; SwiGLU's fc1 holds
 [gate | up] per rank and GDN's in_proj / conv hold their sections per rank: those are sliced
 section by section.
 """
+import pytest
 import torch
 
 from megatron_gdn.parallel import zigzag_shard, zigzag_unshard
@@ -281,8 +283,7 @@ def _cp_worker(spec):
     return out
 
 
-def test_cp2_attention_stack():
-    results = run_distributed(_cp_worker, world_size=2, args=(ATTENTION_ONLY,), timeout=600)
+def _check_cp(results):
     for label, cu in (("dense", None), ("packed", PACKED_CU)):
         ref_logits, ref_grads = results[0][("ref", label)]
         logits = zigzag_unshard([r[("cp2", label)][0] for r in results], 1, cu)
@@ -292,3 +293,13 @@ def test_cp2_attention_stack():
             assert set(grads) == set(ref_grads)
             for key, grad in ref_grads.items():
                 assert_close(grads[key], grad, FP32_REL, f"cp2 {label} rank {rank} grad {key}")
+
+
+def test_cp2_attention_stack():
+    _check_cp(run_distributed(_cp_worker, world_size=2, args=(ATTENTION_ONLY,), timeout=600))
+
+
+@pytest.mark.parametrize("name", ["tiny_gdn_h1", "tiny_qwen3_next", "tiny_gdn_h2"])
+def test_cp2_hybrid_presets(name):
+    """GDN (state passing), Mamba2 (state passing) and attention / SWA layers in one stack."""
+    _check_cp(run_distributed(_cp_worker, world_size=2, args=(name,), timeout=600))
