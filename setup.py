@@ -23,7 +23,7 @@ setup(
         "megatron-core>=0.19.2,<0.20",
     ],
     extras_require={
-        # deepspeed: the ZeRO parity tests run on its CPU accelerator (issue: DeepSpeed engine)
+        # deepspeed here so that CI runs the ZeRO parity tests (on its CPU accelerator)
         "dev": ["pytest>=8", "psutil", "transformers>=5", "deepspeed"],
         "bench": ["flash-linear-attention==0.6.0", "fla-core==0.6.0"],
         "deepspeed": ["deepspeed"],
