@@ -27,11 +27,12 @@ Writes results.json and results.md under --out.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+
+from bench_layer import sync, time_ms  # noqa: E402  (same folder: CUDA-event timing)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("gdn_1.3b", "gdn_h1_1.3b", "qwen3_next_style")
@@ -80,35 +81,6 @@ def init(smoke):
 
     parallel_state.initialize_model_parallel()
     model_parallel_cuda_manual_seed(1234)
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, iters, warmup):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def bench_model(name, seqs, args):

@@ -16,6 +16,8 @@ groups: key heads [r * H/tp, (r+1) * H/tp) and their value heads [r * HV/tp, (r+
 from dataclasses import dataclass
 from typing import Tuple
 
+import torch
+
 # the chunk kernel keeps a K x V block of the state on chip (kernels/gated_delta_rule)
 MAX_KEY_HEAD_DIM = 256
 MAX_VALUE_HEAD_DIM = 512
@@ -157,3 +159,11 @@ def resolve_gdn_dims(config, tp_size: int, cp_size: int = 1) -> GDNDims:
         conv_kernel_dim=conv_kernel_dim,
         tp_size=tp_size,
     )
+
+
+def param_device(config) -> torch.device:
+    """Where a mixer creates its raw parameters: the CPU with use_cpu_initialization (or
+    without a GPU), else the current GPU (as Megatron's own layers do)."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())

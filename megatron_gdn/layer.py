@@ -44,7 +44,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_gdn.checkpoint import split_sharded_tensor
-from megatron_gdn.config import CONV_SECTIONS, IN_PROJ_SECTIONS, resolve_gdn_dims
+from megatron_gdn.config import CONV_SECTIONS, IN_PROJ_SECTIONS, param_device, resolve_gdn_dims
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
@@ -59,12 +59,6 @@ class GatedDeltaNetSubmodules:
 
     in_proj: Union[ModuleSpec, type] = IdentityOp
     out_proj: Union[ModuleSpec, type] = IdentityOp
-
-
-def _param_device(config) -> torch.device:
-    if config.use_cpu_initialization or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 class GatedDeltaNet(MegatronModule):
@@ -175,7 +169,7 @@ class GatedDeltaNet(MegatronModule):
         if rng_before_in_proj is not None:
             self._draw_in_proj_by_sections(rng_before_in_proj)
 
-        device = _param_device(config)
+        device = param_device(config)
         dtype = config.params_dtype
         # the conv taps, A_log and dt_bias of this rank's channels / value heads: TP-sharded
         self.conv_weight = torch.nn.Parameter(

@@ -47,6 +47,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_gdn.checkpoint import split_sharded_tensor
+from megatron_gdn.config import param_device
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.ssd import chunk_scalar_decay
 from megatron_gdn.parallel.collectives import all_gather_start
@@ -184,12 +185,6 @@ class Mamba2MixerSubmodules:
     out_proj: Union[ModuleSpec, type] = IdentityOp
 
 
-def _param_device(config) -> torch.device:
-    if config.use_cpu_initialization or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 class Mamba2Mixer(MegatronModule):
     """Mamba2 token mixer for the self-attention slot of a TransformerLayer.
 
@@ -283,7 +278,7 @@ class Mamba2Mixer(MegatronModule):
             skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
             name=(name + ".in_proj") if name is not None else None,
         )
-        device, dtype = _param_device(config), config.params_dtype
+        device, dtype = param_device(config), config.params_dtype
         self.conv1d_weight = torch.nn.Parameter(torch.empty(conv_dim, 1, conv_kernel, device=device, dtype=dtype))
         self.conv1d_bias = torch.nn.Parameter(torch.empty(conv_dim, device=device, dtype=dtype))
         self.dt_bias = torch.nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=dtype))
