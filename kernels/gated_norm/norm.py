@@ -1,6 +1,9 @@
 """Gated RMSNorm: the output norm of Gated DeltaNet, RMSNorm(o) * SiLU(z) per head.
 
-Legend: R rows (all leading dims flattened), D normalised dim (the value head dim).
+Legend: R rows (all leading dims flattened), D normalised dim (the value head dim); the
+Triton kernels index rows as [R0, R1, R2] with a stride per dim, so the layer's [s, b, HV, V]
+views (a transposed recurrence output, the gate as a slice of the projection) are read and
+the output written in place.
 
     y = x * rsqrt(mean(x^2) + eps) * weight * silu(z)
 """
@@ -16,8 +19,18 @@ MAX_TRITON_DIM = 16384
 
 
 @triton.jit
+def _row_offsets(o_r64, R1, R2, s0, s1, s2):
+    """Element offset of the rows o_r64 of a [R0, R1, R2, D] view with row strides s0, s1, s2
+    (the row index splits as ((i0 R1) + i1) R2 + i2)."""
+    i2 = o_r64 % R2
+    i01 = o_r64 // R2
+    return (i01 // R1) * s0 + (i01 % R1) * s1 + i2 * s2
+
+
+@triton.jit
 def _gated_rmsnorm_fwd_kernel(
-    x, z, weight, y, rstd, R, D, stride_x, stride_z, eps,
+    x, z, weight, y, rstd, R, D, R1, R2,
+    sx0, sx1, sx2, sz0, sz1, sz2, sy0, sy1, sy2, eps,
     BR: tl.constexpr, BD: tl.constexpr,
 ):
     i_r = tl.program_id(0)
@@ -27,18 +40,22 @@ def _gated_rmsnorm_fwd_kernel(
     m_d = o_d < D
     m = m_r[:, None] & m_d[None, :]
     o_r64 = o_r.to(tl.int64)
-    b_x = tl.load(x + o_r64[:, None] * stride_x + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_z = tl.load(z + o_r64[:, None] * stride_z + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    p_x = _row_offsets(o_r64, R1, R2, sx0, sx1, sx2)
+    p_z = _row_offsets(o_r64, R1, R2, sz0, sz1, sz2)
+    p_y = _row_offsets(o_r64, R1, R2, sy0, sy1, sy2)
+    b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=m_d, other=0.).to(tl.float32)
     b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
     b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * tl.sigmoid(b_z))
-    tl.store(y + o_r64[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m)
+    tl.store(y + p_y[:, None] + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m)
     tl.store(rstd + o_r, b_rstd, mask=m_r)
 
 
 @triton.jit
 def _gated_rmsnorm_bwd_kernel(
-    x, z, weight, rstd, dy, dx, dz, dw_part, R, D, stride_x, stride_z,
+    x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
+    sx0, sx1, sx2, sz0, sz1, sz2, sdy0, sdy1, sdy2, sdx0, sdx1, sdx2, sdz0, sdz1, sdz2,
     BR: tl.constexpr, BD: tl.constexpr,
 ):
     """n = x rstd, s = silu(z): dz = dy n w silu'(z), dx = rstd (dn - n mean(dn n)) with
@@ -50,9 +67,14 @@ def _gated_rmsnorm_bwd_kernel(
     m_d = o_d < D
     m = m_r[:, None] & m_d[None, :]
     o_r64 = o_r.to(tl.int64)
-    b_x = tl.load(x + o_r64[:, None] * stride_x + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_z = tl.load(z + o_r64[:, None] * stride_z + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_dy = tl.load(dy + o_r64[:, None] * D + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    p_x = _row_offsets(o_r64, R1, R2, sx0, sx1, sx2)
+    p_z = _row_offsets(o_r64, R1, R2, sz0, sz1, sz2)
+    p_dy = _row_offsets(o_r64, R1, R2, sdy0, sdy1, sdy2)
+    p_dx = _row_offsets(o_r64, R1, R2, sdx0, sdx1, sdx2)
+    p_dz = _row_offsets(o_r64, R1, R2, sdz0, sdz1, sdz2)
+    b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    b_dy = tl.load(dy + p_dy[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_w = tl.load(weight + o_d, mask=m_d, other=0.).to(tl.float32)
     b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.)
     b_n = b_x * b_rstd[:, None]
@@ -61,8 +83,8 @@ def _gated_rmsnorm_bwd_kernel(
     b_dn = b_dy * b_w[None, :] * b_s
     b_dx = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
     b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
-    tl.store(dx + o_r64[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
-    tl.store(dz + o_r64[:, None] * D + o_d[None, :], b_dz.to(dz.dtype.element_ty), mask=m)
+    tl.store(dx + p_dx[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
+    tl.store(dz + p_dz[:, None] + o_d[None, :], b_dz.to(dz.dtype.element_ty), mask=m)
     tl.store(dw_part + i_r.to(tl.int64) * D + o_d, tl.sum(b_dy * b_n * b_s, axis=0), mask=m_d)
 
 
@@ -74,52 +96,87 @@ def _block_rows(D: int) -> tuple:
     return BD, BR, 8 if BD * BR >= 4096 else 4
 
 
-def _rows(t: torch.Tensor, D: int) -> torch.Tensor:
-    """[..., D] -> [R, D] with unit stride along D (a view when possible)."""
-    t2 = t.reshape(-1, D)
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+def _row_layout(shape, tensors) -> tuple:
+    """Sizes (R0, R1, R2) and each tensor's row strides (s0, s1, s2) for tensors of one shape
+    [..., D] with unit stride along D: the leading dims, dropping size-1 dims and merging
+    neighbours that are mergeable in every tensor, padded to three. None when more than three
+    remain (the caller then copies)."""
+    dims = [(n, [t.stride(i) for t in tensors]) for i, n in enumerate(shape[:-1]) if n != 1]
+    merged = []
+    for n, strides in dims:
+        if merged and all(prev == s * n for prev, s in zip(merged[-1][1], strides)):
+            merged[-1] = (merged[-1][0] * n, strides)
+        else:
+            merged.append((n, strides))
+    if len(merged) > 3:
+        return None
+    merged = [(1, [0] * len(tensors))] * (3 - len(merged)) + merged
+    sizes = tuple(n for n, _ in merged)
+    strides = [tuple(st[j] for _, st in merged) for j in range(len(tensors))]
+    return sizes, strides
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
+    """x, z, y, dy, dx, dz are read and written in place through their strides (rows over up
+    to three leading dims with any strides): no layout copy around the norm. y is [..., D]
+    contiguous in the shape given; dx follows x's memory layout when x is dense, so a
+    transposed view of a contiguous x gets a gradient its producer takes without a copy."""
 
     @staticmethod
     def forward(ctx, x, z, weight, eps):
         D = x.shape[-1]
-        x_rd, z_rd = _rows(x, D), _rows(z, D)
+        x, z = _unit_last(x), _unit_last(z)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        layout = _row_layout(x.shape, (x, z, y))
+        if layout is None:
+            x, z = x.contiguous(), z.contiguous()
+            layout = _row_layout(x.shape, (x, z, y))
+        (_, R1, R2), (sx, sz, sy) = layout
         weight = weight.contiguous()
-        R = x_rd.shape[0]
+        R = x.numel() // D
         BD, BR, warps = _block_rows(D)
-        y = torch.empty(R, D, dtype=x.dtype, device=x.device)
         rstd = torch.empty(R, dtype=torch.float32, device=x.device)
         if R > 0:
             _gated_rmsnorm_fwd_kernel[(triton.cdiv(R, BR),)](
-                x_rd, z_rd, weight, y, rstd, R, D, x_rd.stride(0), z_rd.stride(0), eps,
+                x, z, weight, y, rstd, R, D, R1, R2, *sx, *sz, *sy, eps,
                 BR=BR, BD=BD, num_warps=warps,
             )
-        ctx.save_for_backward(x_rd, z_rd, weight, rstd)
-        ctx.shape = x.shape
-        ctx.z_dtype = z.dtype
-        return y.view(x.shape)
+        ctx.save_for_backward(x, z, weight, rstd)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_rd, z_rd, weight, rstd = ctx.saved_tensors
-        R, D = x_rd.shape
+        x, z, weight, rstd = ctx.saved_tensors
+        D = x.shape[-1]
+        R = rstd.shape[0]
         BD, BR, warps = _block_rows(D)
         n_prog = triton.cdiv(R, BR)
-        dy_rd = dy.reshape(R, D).contiguous()
-        dx = torch.empty(R, D, dtype=x_rd.dtype, device=x_rd.device)
-        dz = torch.empty(R, D, dtype=ctx.z_dtype, device=x_rd.device)
-        dw_part = torch.zeros(max(n_prog, 1), D, dtype=torch.float32, device=x_rd.device)
+        dy = _unit_last(dy)
+        # empty_like keeps a dense input's strides (a transposed x gets a transposed dx)
+        dx = torch.empty_like(x)
+        dz = torch.empty_like(z)
+        tensors = (x, z, dy, dx, dz)
+        layout = _row_layout(x.shape, tensors)
+        if layout is None:
+            x, z, dy = x.contiguous(), z.contiguous(), dy.contiguous()
+            dx, dz = torch.empty_like(x), torch.empty_like(z)
+            tensors = (x, z, dy, dx, dz)
+            layout = _row_layout(x.shape, tensors)
+        (_, R1, R2), strides = layout
+        dw_part = torch.zeros(max(n_prog, 1), D, dtype=torch.float32, device=x.device)
         if R > 0:
             _gated_rmsnorm_bwd_kernel[(n_prog,)](
-                x_rd, z_rd, weight, rstd, dy_rd, dx, dz, dw_part, R, D, x_rd.stride(0), z_rd.stride(0),
+                x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
+                *(s for st in strides for s in st),
                 BR=BR, BD=BD, num_warps=warps,
             )
         dw = dw_part.sum(0).to(weight.dtype)
         # eps: not differentiable
-        return dx.view(ctx.shape), dz.view(ctx.shape), dw, None
-
+        return dx, dz, dw, None
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

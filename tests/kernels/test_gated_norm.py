@@ -67,6 +67,26 @@ def test_small_rows_are_eps_dominated(backend):
     check_against_oracle(backend, x * 1e-4, z, weight, 1e-2, FP32_REL)
 
 
+def check_views_against_oracle(backend, make_views, bases, weight, rel):
+    """make_views(*bases) -> (x, z) as views of the leaf tensors `bases`; forward and the
+    gradients of the bases and the weight against the oracle on the same views in fp64."""
+    leaves = [t.detach().clone().requires_grad_() for t in (*bases, weight)]
+    x, z = make_views(*leaves[:-1])
+    with force_backend(backend):
+        y = gated_rmsnorm(x, z, leaves[-1])
+    refs = [t.detach().double().requires_grad_() for t in (*bases, weight)]
+    x_ref, z_ref = make_views(*refs[:-1])
+    y_ref = naive_gated_rmsnorm(x_ref, z_ref, refs[-1])
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert_close(y, y_ref, rel, "y")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y * dy).sum().backward()
+    (y_ref * dy.double()).sum().backward()
+    for i, (leaf, ref) in enumerate(zip(leaves, refs)):
+        assert_close(leaf.grad, ref.grad, rel, f"grad{i}")
+    return x, y
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     """x and z as slices of wider tensors (the gate z is a section of the fused projection)."""
@@ -77,6 +97,41 @@ def test_strided_inputs(backend):
     with force_backend(backend):
         y = gated_rmsnorm(x, z, weight)
     assert_close(y, naive_gated_rmsnorm(x.double(), z.double(), weight.double()), FP32_REL, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_layout_views(backend):
+    """The layer's views in [s, b, HV, V] order: x a transposed contiguous [b, s, HV, V]
+    tensor, z a channel slice of the [s, b, width] projection; y comes out contiguous in
+    [s, b, HV, V] and, on Triton, dx in x's transposed layout (no copy either side)."""
+    s, b, hv, v = 7, 3, 2, 16
+    o_bshv, _, weight = make_inputs((b, s, hv, v), seed=12)
+    proj_sbw = torch.randn(s, b, 3 * hv * v + 5, generator=torch.Generator().manual_seed(13))
+
+    def views(o, proj):
+        return o.transpose(0, 1), proj[..., hv * v + 5:2 * hv * v + 5].view(s, b, hv, v)
+
+    x, y = check_views_against_oracle(backend, views, (o_bshv, proj_sbw), weight, FP32_REL)
+    if backend == "triton":
+        assert y.is_contiguous()
+        x = o_bshv.clone().requires_grad_().transpose(0, 1)
+        grads = []
+        x.register_hook(grads.append)
+        with force_backend(backend):
+            gated_rmsnorm(x, views(o_bshv, proj_sbw)[1], weight).sum().backward()
+        assert grads[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unmergeable_rows(backend):
+    """Four leading dims that no stride merge brings down to three: the Triton path copies."""
+    base, _, weight = make_inputs((2, 3, 4, 5, 16), seed=14)
+    gate, _, _ = make_inputs((5, 4, 3, 2, 16), seed=15)
+
+    def views(x, z):
+        return x.permute(1, 0, 3, 2, 4), z.permute(2, 3, 0, 1, 4)
+
+    check_views_against_oracle(backend, views, (base, gate), weight, FP32_REL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
