@@ -300,10 +300,12 @@ class GatedDeltaNet(MegatronModule):
         else:
             cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
 
-        proj_bsd = proj_sbd.transpose(0, 1)
+        # the layer stays in Megatron's [s, b] order; the kernels read [b, s] views through
+        # their strides, so neither the projection nor the norm output is transposed in memory
+        # and split's backward assembles the in_proj gradient directly as [s, b, D]
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
-        q_btd, k_btd, v_btd, z_btd, beta_logit_bth, a_bth = torch.split(
-            proj_bsd, [qk, qk, v_dim, v_dim, hv, hv], dim=-1
+        q_sbd, k_sbd, v_sbd, z_sbd, beta_logit_sbh, a_sbh = torch.split(
+            proj_sbd, [qk, qk, v_dim, v_dim, hv, hv], dim=-1
         )
 
         # one conv per section: each output is contiguous as the recurrence kernels take it
@@ -313,8 +315,8 @@ class GatedDeltaNet(MegatronModule):
         weights = torch.split(self.conv_weight, widths, dim=0)
         biases = torch.split(self.conv_bias, widths, dim=0) if self.conv_bias is not None else (None,) * 3
         q_btd, k_btd, v_btd = (
-            conv(x_btd, w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
-            for x_btd, w, bias in zip((q_btd, k_btd, v_btd), weights, biases)
+            conv(x_sbd.transpose(0, 1), w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
+            for x_sbd, w, bias in zip((q_sbd, k_sbd, v_sbd), weights, biases)
         )
         q_bthk = q_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
         k_bthk = k_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
@@ -324,7 +326,8 @@ class GatedDeltaNet(MegatronModule):
         # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive to
         # rounding of A_log
         o_bthv, _ = chunk(
-            q_bthk, k_bthk, v_bthv, a_bth.contiguous(), beta_logit_bth.contiguous(),
+            q_bthk, k_bthk, v_bthv, a_sbh.transpose(0, 1).contiguous(),
+            beta_logit_sbh.transpose(0, 1).contiguous(),
             scale=d.key_head_dim ** -0.5,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm=self.use_qk_l2norm,
@@ -337,10 +340,13 @@ class GatedDeltaNet(MegatronModule):
         if d.tp_size > 1:
             # identity forward, all-reduce backward: each rank holds a partial gradient
             norm_weight = tensor_parallel.copy_to_tensor_model_parallel_region(norm_weight, group=self.tp_group)
-        z_bthv = z_btd.reshape(b, s, hv, d.value_head_dim)
-        y_bthv = gated_rmsnorm(o_bthv, z_bthv, norm_weight, eps=self.config.layernorm_epsilon)
+        # [s, b, HV, V] views: o transposed, z a slice of the projection; the Triton norm
+        # writes y contiguous in this order (out_proj's input, a view) and dx back in o's layout
+        z_sbhv = z_sbd.view(s, b, hv, d.value_head_dim)
+        y_sbhv = gated_rmsnorm(o_bthv.transpose(0, 1), z_sbhv, norm_weight, eps=self.config.layernorm_epsilon)
 
-        y_sbd = y_bthv.reshape(b, s, v_dim).transpose(0, 1).contiguous()
+        # contiguous already on the Triton path (no copy); the CPU torch path may not be
+        y_sbd = y_sbhv.reshape(s, b, v_dim).contiguous()
         out_sbh, out_bias = self.out_proj(y_sbd)
         return out_sbh, out_bias
 

@@ -12,6 +12,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module, import_module
 
+from megatron_gdn.kernels.utils import force_backend
 from megatron_gdn.layer import GatedDeltaNet
 from megatron_gdn.specs import get_gdn_layer_spec, get_gdn_mixer_spec
 from layer_reference import reference_gdn_block
@@ -101,6 +102,16 @@ def test_matches_reference_batch(world1):
     layer = _build(world1)
     torch.manual_seed(1)
     _check_against_reference(layer, torch.randn(37, 2, HIDDEN))
+
+
+def test_matches_reference_triton_kernels(world1):
+    """The layer on the Triton kernels (interpreter on CPU), batch 2: the path that reads the
+    [s, b] projection through strided [b, s] views and writes the norm output in [s, b] order
+    (the torch path copies where it must, so only this test checks those strides)."""
+    layer = _build(world1)
+    torch.manual_seed(4)
+    with force_backend("triton"):
+        _check_against_reference(layer, torch.randn(21, 2, HIDDEN))
 
 
 def test_matches_reference_packed(world1):
