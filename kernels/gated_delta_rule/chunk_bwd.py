@@ -52,7 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils.triton_helpers import chunk_bounds, pick_configs, sequence_bounds
+from ..utils.triton_helpers import chunk_bounds, sequence_bounds
+from ..utils.tuning import autotune_or_fixed
 from .chunk_fwd import ChunkLayout, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
@@ -135,11 +136,9 @@ def _suffix(b_g):
 # 1. prep: Tm, w, u and the chunk-local dv = s P^T do
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
-        triton.Config({}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
+    interpret_config=triton.Config({}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
 )
 @triton.jit
@@ -213,12 +212,10 @@ def _bwd_prep_kernel(
 # 3. the reverse state pass: dh' per chunk, dv_new = dv_local + (k e^(gl - gc)) dh', dh0
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
-         for bv in (32, 64) for nw in (4, 8)],
-        triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
+             for bv in (32, 64) for nw in (4, 8)],
+    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0"],
     # dv is updated in place (dv_local -> dv_new): autotuning reruns must start from dv_local
     restore_value=["dv"],
@@ -322,12 +319,10 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 # 4. gradients of q, k, v, g, beta per (chunk, key head), looping over the group
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
-         for bv in (32, 64) for nw in (4, 8)],
-        triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
+             for bv in (32, 64) for nw in (4, 8)],
+    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
 )
 @triton.jit

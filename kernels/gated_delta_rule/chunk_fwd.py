@@ -21,10 +21,10 @@ import triton.language as tl
 
 from ..utils.triton_helpers import (
     chunk_bounds,
-    pick_configs,
     sequence_bounds,
     softplus,
 )
+from ..utils.tuning import autotune_or_fixed
 
 BT = 64
 
@@ -131,11 +131,9 @@ def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, N
                  b_y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)],
-        triton.Config({}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({}, num_warps=w, num_stages=2) for w in (4, 8)],
+    interpret_config=triton.Config({}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "GATE_MODE", "L2", "IS_VARLEN"],
 )
 @triton.jit
@@ -251,12 +249,11 @@ def chunk_wy_fwd(k, v, gc, beta, layout: ChunkLayout, k_rstd=None):
 # 2. the sequential state pass
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({"BV": bv}, num_warps=4, num_stages=s) for bv in (16, 32) for s in (2, 3)]
-        + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)],
-        triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({"BV": bv}, num_warps=4, num_stages=s)
+             for bv in (16, 32) for s in (2, 3)]
+    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)],
+    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_H0", "STORE_FINAL", "PAR_CLASS"],
 )
 @triton.jit
@@ -376,12 +373,10 @@ def chunk_affine_summary(k, w, u, gc, layout: ChunkLayout, k_rstd=None):
 # 3. the output, parallel over chunks
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(
-    configs=pick_configs(
-        [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-         triton.Config({"BV": 128}, num_warps=8, num_stages=2)],
-        triton.Config({"BV": 64}, num_warps=4, num_stages=1),
-    ),
+@autotune_or_fixed(
+    configs=[triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+             triton.Config({"BV": 128}, num_warps=8, num_stages=2)],
+    interpret_config=triton.Config({"BV": 64}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
 )
 @triton.jit

@@ -5,18 +5,8 @@ Token layout: [B, T, ...] tensors are addressed as one flat token axis of B * T 
 batch row b is b * NT_SEQ + c (NT_SEQ = ceil(T / 64)); with cu_seqlens (B == 1) the chunk
 table `chunk_indices` [NT, 2] int32 holds (sequence, chunk within the sequence).
 """
-import os
-
 import triton
 import triton.language as tl
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def pick_configs(configs, interpret_config):
-    """Several autotune configs when compiled; one under the interpreter, where autotuning
-    with several configs fails."""
-    return [interpret_config] if INTERPRET else configs
 
 
 @triton.jit
