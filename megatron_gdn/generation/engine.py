@@ -1,6 +1,6 @@
 """Text generation with a megatron-core GPTModel built from a hybrid YAML file: prefill every
-prompt (packed, one forward, chunk kernel), then one token per sequence per step (recurrent
-kernel for GDN, KV cache for attention / SWA).
+prompt (packed, one forward, chunk kernels), then one token per sequence per step (recurrent
+steps with conv and SSM state for GDN and Mamba2, KV cache for attention / SWA).
 
     from megatron_gdn.generation import generate
     result = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=16, temperature=0.8, top_p=0.9)
@@ -23,15 +23,18 @@ __all__ = ["Session", "GenerationResult", "generate", "sample", "mixer_kind"]
 
 
 def mixer_kind(layer) -> Optional[str]:
-    """'gdn', 'attention', 'swa' or None (identity) for a TransformerLayer's self_attention."""
+    """'gdn', 'mamba2', 'attention', 'swa' or None (identity) for a TransformerLayer's self_attention."""
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.identity_op import IdentityOp
 
     from megatron_gdn.layer import GatedDeltaNet
+    from megatron_gdn.mamba2 import Mamba2Mixer
 
     mixer = layer.self_attention
     if isinstance(mixer, GatedDeltaNet):
         return "gdn"
+    if isinstance(mixer, Mamba2Mixer):
+        return "mamba2"
     if isinstance(mixer, SelfAttention):
         return "swa" if getattr(mixer.core_attention, "window", None) is not None else "attention"
     if isinstance(mixer, IdentityOp):
@@ -51,7 +54,7 @@ def _check_model(model) -> None:
 
 
 class Session:
-    """Caches of one batch of sequences: per layer a GDNState, a KVCache or None.
+    """Caches of one batch of sequences: per layer a GDNState, a Mamba2State, a KVCache or None.
 
     prefill(prompts) -> logits [N, T_n, vocab] of every prompt token (list per prompt);
     step(tokens [N]) -> logits [N, vocab] of the next position."""
@@ -107,6 +110,8 @@ class Session:
                 x = layer.input_layernorm(hidden)
                 if kind == "gdn":
                     out, self.states[i] = mixers.gdn_prefill(layer.self_attention, x, cu)
+                elif kind == "mamba2":
+                    out, self.states[i] = mixers.mamba2_prefill(layer.self_attention, x, cu)
                 else:
                     out, self.states[i] = mixers.attention_prefill(self.model, layer.self_attention, x, cu,
                                                                    positions, self.capacity)
@@ -130,6 +135,8 @@ class Session:
                 x = layer.input_layernorm(hidden)
                 if kind == "gdn":
                     out = mixers.gdn_decode(layer.self_attention, x, self.states[i])
+                elif kind == "mamba2":
+                    out = mixers.mamba2_decode(layer.self_attention, x, self.states[i])
                 else:
                     out = mixers.attention_decode(self.model, layer.self_attention, x, positions, self.states[i])
                 hidden = hidden + out

@@ -2,8 +2,9 @@
 own parameters and submodules (the Megatron layers' forwards have no inference path).
 
 Legend: T packed prompt tokens (all prompts of the batch back to back), N = B sequences, h
-hidden, H / HV key / value heads, K / V head dims, D conv channels, W conv taps, np / ng query
-heads / key-value groups, d attention head dim, C cache slots.
+hidden, H / HV key / value heads, K / V head dims, D conv channels, W conv taps, NH / NG
+Mamba2 heads / B-C groups, P Mamba2 head dim, Ns SSM state dim, np / ng query heads /
+key-value groups, d attention head dim, C cache slots.
 
 Gated DeltaNet (megatron_gdn.layer.GatedDeltaNet):
     prefill  packed [T, 1, h] with cu_seqlens: causal_conv1d -> final conv state [N, D, W-1],
@@ -11,6 +12,13 @@ Gated DeltaNet (megatron_gdn.layer.GatedDeltaNet):
     decode   [1, B, h]: causal_conv1d_update (conv state in place), then
              fused_recurrent_gated_delta_rule with inplace_state (recurrent state in place)
 The state per sequence is constant in the context length: that is the point of the layer.
+
+Mamba2 (megatron_gdn.mamba2.Mamba2Mixer), the same shape with scalar decay:
+    prefill  packed [T, 1, h]: causal_conv1d over [x | B | C] -> final conv state [N, D, W-1],
+             chunk_scalar_decay (C as q, B as k, x dt as v, g = dt A) -> final SSD state
+             [N, NH, Ns, P] (fp32; Ns the SSM state dim)
+    decode   [1, B, h]: causal_conv1d_update, then scalar_decay_step (state in place; a torch
+             step on every device, there is no Triton decoding kernel for it yet)
 
 Softmax attention (Megatron SelfAttention with our SDPACoreAttention): q/k/v (+ output gate,
 q/k norms) from the layer's own get_query_key_value_tensors, RoPE at each token's position,
@@ -29,9 +37,10 @@ import torch.nn.functional as F
 from megatron_gdn.kernels.conv1d import causal_conv1d, causal_conv1d_update
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
+from megatron_gdn.kernels.ssd import chunk_scalar_decay, scalar_decay_step
 
-__all__ = ["GDNState", "KVCache", "gdn_prefill", "gdn_decode", "attention_prefill", "attention_decode",
-           "rope_table"]
+__all__ = ["GDNState", "Mamba2State", "KVCache", "gdn_prefill", "gdn_decode", "mamba2_prefill",
+           "mamba2_decode", "attention_prefill", "attention_decode", "rope_table"]
 
 
 @dataclass
@@ -43,6 +52,18 @@ class GDNState:
 
     def nbytes(self) -> int:
         return self.conv.numel() * self.conv.element_size() + self.recurrent.numel() * self.recurrent.element_size()
+
+
+@dataclass
+class Mamba2State:
+    """conv: [B, D, W-1] over the [x | B | C] channels (the conv input dtype), ssd: [B, NH, Ns, P]
+    float32."""
+
+    conv: torch.Tensor
+    ssd: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.conv.numel() * self.conv.element_size() + self.ssd.numel() * self.ssd.element_size()
 
 
 @dataclass
@@ -115,6 +136,57 @@ def gdn_decode(layer, hidden_1bh: torch.Tensor, state: GDNState) -> torch.Tensor
                                                  initial_state=state.recurrent, inplace_state=True,
                                                  **_gdn_kernel_options(layer))
     return _gdn_output(layer, o_bthv, z_btd)
+
+
+# ------------------------------------------------------------------------------------- Mamba2
+def _mamba2_project(layer, hidden_sbh):
+    """[s, b, h] -> z [b, s, d_inner], xBC [b, s, D] (before the conv), dt [b, s, NH]."""
+    proj_sbd, _ = layer.in_proj(hidden_sbh)
+    return torch.split(proj_sbd.transpose(0, 1),
+                       [layer.d_inner_local_tp, sum(layer.conv_sections_local_tp), layer.nheads_local_tp], dim=-1)
+
+
+def _mamba2_ssd_inputs(layer, xbc_btd, dt_bth):
+    """The SSD's q = C [b, s, NG, Ns], k = B, v = x dt [b, s, NH, P], g = dt A [b, s, NH] fp32,
+    and x [b, s, NH, P] for the D skip; the same fp32 math as Mamba2Mixer.forward."""
+    b, s = xbc_btd.shape[:2]
+    nh, ng, P, N = layer.nheads_local_tp, layer.ngroups_local_tp, layer.headdim, layer.d_state
+    x_btd, B_btd, C_btd = torch.split(xbc_btd, list(layer.conv_sections_local_tp), dim=-1)
+    x_bthp = x_btd.reshape(b, s, nh, P)
+    dt_bth = F.softplus(dt_bth.float() + layer.dt_bias.float())
+    g_bth = dt_bth * -torch.exp(layer.A_log.float())
+    v_bthp = (x_bthp.float() * dt_bth.unsqueeze(-1)).to(x_bthp.dtype)
+    return C_btd.reshape(b, s, ng, N), B_btd.reshape(b, s, ng, N), v_bthp, g_bth, x_bthp
+
+
+def _mamba2_output(layer, y_bthp, x_bthp, z_btd):
+    b, s, nh, P = y_bthp.shape
+    D = layer.D.float().view(nh, P) if layer.D_has_hdim else layer.D.float().view(nh, 1)
+    y_bthp = (y_bthp.float() + D * x_bthp.float()).to(x_bthp.dtype)
+    y_btd = layer.norm(y_bthp.reshape(b, s, layer.d_inner_local_tp), z_btd)
+    out_sbh, bias = layer.out_proj(y_btd.transpose(0, 1).contiguous())
+    return out_sbh if bias is None else out_sbh + bias
+
+
+def mamba2_prefill(layer, hidden_t1h: torch.Tensor, cu_seqlens: torch.Tensor):
+    """Packed prompts [T, 1, h] -> (output [T, 1, h], Mamba2State of the N sequences)."""
+    z_btd, xbc_btd, dt_bth = _mamba2_project(layer, hidden_t1h)
+    xbc_btd, conv_state = causal_conv1d(xbc_btd, layer.conv1d_weight.squeeze(1), layer.conv1d_bias,
+                                        activation="silu", output_final_state=True, cu_seqlens=cu_seqlens)
+    q, k, v, g, x_bthp = _mamba2_ssd_inputs(layer, xbc_btd, dt_bth)
+    y_bthp, ssd_state = chunk_scalar_decay(q, k, v, g, 1.0, None, True, cu_seqlens)
+    return _mamba2_output(layer, y_bthp, x_bthp, z_btd), Mamba2State(conv_state.contiguous(),
+                                                                      ssd_state.contiguous())
+
+
+def mamba2_decode(layer, hidden_1bh: torch.Tensor, state: Mamba2State) -> torch.Tensor:
+    """One token per sequence [1, B, h] -> output [1, B, h]; `state` is updated in place."""
+    z_btd, xbc_btd, dt_bth = _mamba2_project(layer, hidden_1bh)
+    xbc_bd = causal_conv1d_update(xbc_btd[:, 0].contiguous(), state.conv, layer.conv1d_weight.squeeze(1),
+                                  layer.conv1d_bias, activation="silu")
+    q, k, v, g, x_bthp = _mamba2_ssd_inputs(layer, xbc_bd[:, None], dt_bth)
+    y_bhp, _ = scalar_decay_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state.ssd, 1.0)
+    return _mamba2_output(layer, y_bhp[:, None], x_bthp, z_btd)
 
 
 # ----------------------------------------------------------------------------------- attention

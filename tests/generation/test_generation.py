@@ -1,7 +1,9 @@
 """Prefill (chunk kernel, packed prompts of different lengths) + step-by-step decoding
 (recurrent kernel, conv state, KV caches) gives the logits of one full forward over the
-generated sequences: GDN only, GDN + SWA (window 8 < the 20-token sequences: the ring buffer
-wraps), and a converted Qwen3-Next (GDN + gated attention with partial RoPE, MoE).
+generated sequences: GDN only, GDN + SWA (window 8, shorter than most sequences: the ring buffer
+wraps), Mamba2 -> GDN -> SWA (H2), and a converted Qwen3-Next (GDN + gated attention with
+partial RoPE, MoE). Prompts of 1 and 2 tokens (shorter than the conv's W-1 = 3 inputs of state)
+and one of 70 (past the chunk kernels' 64-token chunk) check the captured final states.
 Sampling: top_k=1 and a tiny top_p are greedy; a seeded generator reproduces its tokens."""
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from megatron_gdn.testing.dist import megatron_parallel, run_distributed
 from tolerance import FP32_REL, assert_close
 
-PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [5] * 12]
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7], [5] * 12, [4], [11, 12], [(7 * i) % 100 + 1 for i in range(70)]]
 NEW_TOKENS = 8
 
 
@@ -45,7 +47,7 @@ def _check_decoding(config_name, ckpt_dir=None):
         return result.tokens, result.logits, full, sampled, result.state_bytes
 
 
-@pytest.mark.parametrize("config_name", ["tiny_gdn", "tiny_gdn_h1"])
+@pytest.mark.parametrize("config_name", ["tiny_gdn", "tiny_gdn_h1", "tiny_gdn_h2"])
 def test_decoding_matches_full_forward(config_name):
     (out,) = run_distributed(_check_decoding, world_size=1, args=(config_name,))
     _assert_decoding(*out)
