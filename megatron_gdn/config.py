@@ -38,6 +38,10 @@ class GDNDims:
     value_head_dim: int
     conv_kernel_dim: int
     tp_size: int
+    # ablation options of the layer (GatedDeltaNet's keywords): without the output gate in_proj
+    # has no z rows, without the decay no `a` rows
+    use_output_gate: bool = True
+    use_decay: bool = True
 
     @property
     def num_key_heads_local_tp(self) -> int:
@@ -69,11 +73,18 @@ class GDNDims:
         return sum(self.conv_sections_local_tp)
 
     @property
+    def in_proj_section_names(self) -> Tuple[str, ...]:
+        """in_proj's sections in row order: q, k, v, z, b, a less the ablated ones."""
+        return tuple(n for n in IN_PROJ_SECTIONS
+                     if not (n == "z" and not self.use_output_gate) and not (n == "a" and not self.use_decay))
+
+    @property
     def in_proj_sections_local_tp(self) -> Tuple[int, ...]:
-        """Output widths of in_proj's q, k, v, z, b, a sections on one rank."""
+        """Output widths of in_proj's sections (in_proj_section_names) on one rank."""
         hv = self.num_value_heads_local_tp
-        return (self.qk_dim_local_tp, self.qk_dim_local_tp, self.v_dim_local_tp,
-                self.v_dim_local_tp, hv, hv)
+        widths = {"q": self.qk_dim_local_tp, "k": self.qk_dim_local_tp, "v": self.v_dim_local_tp,
+                  "z": self.v_dim_local_tp, "b": hv, "a": hv}
+        return tuple(widths[n] for n in self.in_proj_section_names)
 
     @property
     def in_proj_dim(self) -> int:

@@ -19,6 +19,10 @@ the output). The one replicated parameter, the gated norm's weight, enters the g
 an identity whose backward all-reduces over TP, so its gradient is the full one on every rank
 with or without sequence parallel (no reliance on finalize_model_grads).
 
+Ablations (constructor keywords, default on): use_output_gate=False drops z from in_proj and
+normalises without the SiLU(z) gate; use_short_conv=False drops the conv (q, k, v = SiLU of
+the projection); use_decay=False is DeltaNet (g = 0 exactly), without `a`, A_log and dt_bias.
+
 Packed sequences (THD, batch 1): `packed_seq_params.cu_seqlens_q(_padded)` resets both the conv
 and the recurrence at every boundary.
 
@@ -26,11 +30,13 @@ Context parallel (pg_collection.cp of size > 1): the input is Megatron's zigzag 
 sequences; the conv takes the halo of the preceding pieces and the recurrence the state
 passed from them (megatron_gdn.parallel), so the output is the full-sequence one.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
@@ -44,7 +50,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_gdn.checkpoint import split_sharded_tensor
-from megatron_gdn.config import CONV_SECTIONS, IN_PROJ_SECTIONS, param_device, resolve_gdn_dims
+from megatron_gdn.config import CONV_SECTIONS, param_device, resolve_gdn_dims
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
@@ -72,6 +78,11 @@ class GatedDeltaNet(MegatronModule):
         conv_bias: add a per-channel bias in the short conv.
         proj_bias: add biases in in_proj / out_proj.
         use_qk_l2norm: L2-normalise q and k per head (the paper's choice).
+        use_output_gate: gate the normalised output with SiLU(z); False: no z rows in in_proj,
+            plain per-head RMSNorm.
+        use_short_conv: the short causal conv on q, k, v; False: q, k, v = SiLU(projection),
+            no conv parameters.
+        use_decay: the gated decay; False: DeltaNet (g = 0), no `a` rows, A_log or dt_bias.
         A_init_range: A ~ U(A_init_range), A_log = log A (decay rate per value head).
         dt_init_range, dt_init_floor: dt log-uniform in dt_init_range, clamped below at the
             floor; dt_bias = softplus^-1(dt).
@@ -94,6 +105,9 @@ class GatedDeltaNet(MegatronModule):
         conv_bias: bool = False,
         proj_bias: bool = False,
         use_qk_l2norm: bool = True,
+        use_output_gate: bool = True,
+        use_short_conv: bool = True,
+        use_decay: bool = True,
         A_init_range: Tuple[float, float] = (1.0, 16.0),
         dt_init_range: Tuple[float, float] = (1e-3, 1e-1),
         dt_init_floor: float = 1e-4,
@@ -119,7 +133,17 @@ class GatedDeltaNet(MegatronModule):
                 f"context_parallel_size={config.context_parallel_size} needs pg_collection.cp"
             )
         self.cp_size = cp_size = self.cp_group.size() if self.cp_group is not None else 1
-        self.dims = resolve_gdn_dims(config, tp_size, cp_size)
+        for option, value in (("use_output_gate", use_output_gate), ("use_short_conv", use_short_conv),
+                              ("use_decay", use_decay)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{option} must be a bool, got {value!r}")
+        if conv_bias and not use_short_conv:
+            raise ValueError("conv_bias=True needs use_short_conv=True (no conv, no conv bias)")
+        self.use_output_gate = use_output_gate
+        self.use_short_conv = use_short_conv
+        self.use_decay = use_decay
+        self.dims = dataclasses.replace(resolve_gdn_dims(config, tp_size, cp_size),
+                                        use_output_gate=use_output_gate, use_decay=use_decay)
 
         if attn_mask_type not in (None, AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(
@@ -172,19 +196,25 @@ class GatedDeltaNet(MegatronModule):
         device = param_device(config)
         dtype = config.params_dtype
         # the conv taps, A_log and dt_bias of this rank's channels / value heads: TP-sharded
-        self.conv_weight = torch.nn.Parameter(
-            torch.empty(d.conv_dim_local_tp, d.conv_kernel_dim, device=device, dtype=dtype)
-        )
-        tensor_parallel.set_tensor_model_parallel_attributes(self.conv_weight, True, 0, 1)
-        if conv_bias:
+        if use_short_conv:
+            self.conv_weight = torch.nn.Parameter(
+                torch.empty(d.conv_dim_local_tp, d.conv_kernel_dim, device=device, dtype=dtype)
+            )
+            tensor_parallel.set_tensor_model_parallel_attributes(self.conv_weight, True, 0, 1)
+        else:
+            self.conv_weight = None
+        if use_short_conv and conv_bias:
             self.conv_bias = torch.nn.Parameter(torch.empty(d.conv_dim_local_tp, device=device, dtype=dtype))
             tensor_parallel.set_tensor_model_parallel_attributes(self.conv_bias, True, 0, 1)
         else:
             self.conv_bias = None
-        self.A_log = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
-        tensor_parallel.set_tensor_model_parallel_attributes(self.A_log, True, 0, 1)
-        self.dt_bias = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
-        tensor_parallel.set_tensor_model_parallel_attributes(self.dt_bias, True, 0, 1)
+        if use_decay:
+            self.A_log = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.A_log, True, 0, 1)
+            self.dt_bias = torch.nn.Parameter(torch.empty(d.num_value_heads_local_tp, device=device, dtype=dtype))
+            tensor_parallel.set_tensor_model_parallel_attributes(self.dt_bias, True, 0, 1)
+        else:
+            self.A_log = self.dt_bias = None
         # replicated over TP; its gradient is summed over TP in forward (see module docstring)
         self.out_norm_weight = torch.nn.Parameter(torch.ones(d.value_head_dim, device=device, dtype=dtype))
 
@@ -241,12 +271,15 @@ class GatedDeltaNet(MegatronModule):
         bound = 1.0 / math.sqrt(d.conv_kernel_dim)
         widths = (d.num_key_heads * d.key_head_dim, d.num_key_heads * d.key_head_dim,
                   d.num_value_heads * d.value_head_dim)
-        conv = [self._local_rows(torch.empty(w, d.conv_kernel_dim).uniform_(-bound, bound), rank)
-                for w in widths]
-        self.conv_weight.copy_(torch.cat(conv))
+        if self.conv_weight is not None:
+            conv = [self._local_rows(torch.empty(w, d.conv_kernel_dim).uniform_(-bound, bound), rank)
+                    for w in widths]
+            self.conv_weight.copy_(torch.cat(conv))
         if self.conv_bias is not None:
             bias = [self._local_rows(torch.empty(w).uniform_(-bound, bound), rank) for w in widths]
             self.conv_bias.copy_(torch.cat(bias))
+        if not self.use_decay:
+            return
         # decay rate A ~ U(A_init_range) per value head (Mamba2 parameterisation)
         A = torch.empty(d.num_value_heads, dtype=torch.float64).uniform_(*self.A_init_range)
         self.A_log.copy_(self._local_rows(torch.log(A), rank))
@@ -304,35 +337,46 @@ class GatedDeltaNet(MegatronModule):
         # their strides, so neither the projection nor the norm output is transposed in memory
         # and split's backward assembles the in_proj gradient directly as [s, b, D]
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
-        q_sbd, k_sbd, v_sbd, z_sbd, beta_logit_sbh, a_sbh = torch.split(
-            proj_sbd, [qk, qk, v_dim, v_dim, hv, hv], dim=-1
-        )
+        sections = dict(zip(d.in_proj_section_names,
+                            torch.split(proj_sbd, list(d.in_proj_sections_local_tp), dim=-1)))
+        q_sbd, k_sbd, v_sbd, beta_logit_sbh = sections["q"], sections["k"], sections["v"], sections["b"]
 
-        # one conv per section: each output is contiguous as the recurrence kernels take it
-        # (one conv over q|k|v would need three channel-slice copies, and its backward a cat of
-        # dq|dk|dv); the conv reads its strided slice of the projection in place
-        widths = [qk, qk, v_dim]
-        weights = torch.split(self.conv_weight, widths, dim=0)
-        biases = torch.split(self.conv_bias, widths, dim=0) if self.conv_bias is not None else (None,) * 3
-        q_btd, k_btd, v_btd = (
-            conv(x_sbd.transpose(0, 1), w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
-            for x_sbd, w, bias in zip((q_sbd, k_sbd, v_sbd), weights, biases)
-        )
+        if self.use_short_conv:
+            # one conv per section: each output is contiguous as the recurrence kernels take it
+            # (one conv over q|k|v would need three channel-slice copies, and its backward a cat
+            # of dq|dk|dv); the conv reads its strided slice of the projection in place
+            widths = [qk, qk, v_dim]
+            weights = torch.split(self.conv_weight, widths, dim=0)
+            biases = torch.split(self.conv_bias, widths, dim=0) if self.conv_bias is not None else (None,) * 3
+            q_btd, k_btd, v_btd = (
+                conv(x_sbd.transpose(0, 1), w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
+                for x_sbd, w, bias in zip((q_sbd, k_sbd, v_sbd), weights, biases)
+            )
+        else:
+            # pointwise, so no halo or document boundary matters (CP and packed alike)
+            q_btd, k_btd, v_btd = (F.silu(x_sbd.transpose(0, 1)).contiguous() for x_sbd in (q_sbd, k_sbd, v_sbd))
         q_bthk = q_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
         k_bthk = k_btd.view(b, s, d.num_key_heads_local_tp, d.key_head_dim)
         v_bthv = v_btd.view(b, s, hv, d.value_head_dim)
 
-        # A_log / dt_bias enter the kernel in fp32 whatever the parameter dtype (bf16 under
-        # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive to
-        # rounding of A_log
+        if self.use_decay:
+            # A_log / dt_bias enter the kernel in fp32 whatever the parameter dtype (bf16 under
+            # Megatron's Float16Module): the decay is exp(-exp(A_log) * softplus(.)), sensitive
+            # to rounding of A_log
+            g_bth = sections["a"].transpose(0, 1).contiguous()
+            A_log, dt_bias = self.A_log.float(), self.dt_bias.float()
+        else:
+            # DeltaNet: log decay 0 exactly (exp(g) = 1, the state is never decayed)
+            g_bth = torch.zeros(b, s, hv, device=proj_sbd.device, dtype=torch.float32)
+            A_log = dt_bias = None
         o_bthv, _ = chunk(
-            q_bthk, k_bthk, v_bthv, a_sbh.transpose(0, 1).contiguous(),
+            q_bthk, k_bthk, v_bthv, g_bth,
             beta_logit_sbh.transpose(0, 1).contiguous(),
             scale=d.key_head_dim ** -0.5,
             cu_seqlens=cu_seqlens,
             use_qk_l2norm=self.use_qk_l2norm,
-            A_log=self.A_log.float(),
-            dt_bias=self.dt_bias.float(),
+            A_log=A_log,
+            dt_bias=dt_bias,
             use_beta_sigmoid=True,
         )
 
@@ -342,8 +386,14 @@ class GatedDeltaNet(MegatronModule):
             norm_weight = tensor_parallel.copy_to_tensor_model_parallel_region(norm_weight, group=self.tp_group)
         # [s, b, HV, V] views: o transposed, z a slice of the projection; the Triton norm
         # writes y contiguous in this order (out_proj's input, a view) and dx back in o's layout
-        z_sbhv = z_sbd.view(s, b, hv, d.value_head_dim)
-        y_sbhv = gated_rmsnorm(o_bthv.transpose(0, 1), z_sbhv, norm_weight, eps=self.config.layernorm_epsilon)
+        eps = self.config.layernorm_epsilon
+        if self.use_output_gate:
+            z_sbhv = sections["z"].view(s, b, hv, d.value_head_dim)
+            y_sbhv = gated_rmsnorm(o_bthv.transpose(0, 1), z_sbhv, norm_weight, eps=eps)
+        else:
+            # plain per-head RMSNorm, statistics in fp32 as the gated kernel computes them
+            o_sbhv = o_bthv.transpose(0, 1)
+            y_sbhv = F.rms_norm(o_sbhv.float(), (d.value_head_dim,), norm_weight.float(), eps).to(o_sbhv.dtype)
 
         # contiguous already on the Triton path (no copy); the CPU torch path may not be
         y_sbd = y_sbhv.reshape(s, b, v_dim).contiguous()
@@ -358,15 +408,15 @@ class GatedDeltaNet(MegatronModule):
     # ---------------------------------------------------------------------- checkpoints
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """TP-size independent checkpoint: in_proj.weight is saved as sections q, k, v, z, b, a
-        and conv_weight (and conv_bias) as q, k, v, each sharded over TP along dim 0; A_log and
-        dt_bias are TP-sharded; out_norm_weight is replicated."""
+        (less z without the output gate, a without the decay) and conv_weight (and conv_bias)
+        as q, k, v, each sharded over TP along dim 0; A_log and dt_bias are TP-sharded;
+        out_norm_weight is replicated. Parameters an ablation removes are not saved."""
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         d = self.dims
         own = {}
         self._save_to_state_dict(own, "", keep_vars=True)
-        tp_axes = {"conv_weight": 0, "A_log": 0, "dt_bias": 0}
-        if self.conv_bias is not None:
-            tp_axes["conv_bias"] = 0
+        tp_axes = {name: 0 for name in ("conv_weight", "conv_bias", "A_log", "dt_bias")
+                   if getattr(self, name) is not None}
         sharded = make_sharded_tensors_for_checkpoint(
             own, prefix, tp_axes, sharded_offsets,
             tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
@@ -377,10 +427,10 @@ class GatedDeltaNet(MegatronModule):
             ))
 
         key = f"{prefix}in_proj.weight"
-        sharded[key] = split_sharded_tensor(sharded[key], IN_PROJ_SECTIONS, d.in_proj_sections_local_tp)
+        sharded[key] = split_sharded_tensor(sharded[key], d.in_proj_section_names, d.in_proj_sections_local_tp)
         key = f"{prefix}in_proj.bias"
         if key in sharded:
-            sharded[key] = split_sharded_tensor(sharded[key], IN_PROJ_SECTIONS, d.in_proj_sections_local_tp)
+            sharded[key] = split_sharded_tensor(sharded[key], d.in_proj_section_names, d.in_proj_sections_local_tp)
         for param in ("conv_weight", "conv_bias"):
             key = f"{prefix}{param}"
             if key in sharded:

@@ -10,7 +10,8 @@ The format (README: "Hybrid models from YAML"):
                 tie_embeddings, init_std}
     layers:    "12 x [gdn, mlp, swa, mlp]"        (or a list of such strings / items)
     gdn:       {num_key_heads, num_value_heads, key_head_dim, value_head_dim, conv_kernel,
-                conv_bias, qk_l2norm}
+                conv_bias, qk_l2norm, output_gate, short_conv, decay}
+               (the last three: ablations, default true; see megatron_gdn.layer)
     attention: {num_heads, num_kv_heads, head_dim, gated, qk_norm}   (attention and swa)
     swa:       {window}
     mlp:       {ffn_hidden_size, activation: swiglu|gelu}
@@ -77,6 +78,9 @@ SCHEMA: Dict[str, Dict[str, Tuple[str, Any]]] = {
         "conv_kernel": ("pos_int", 4),
         "conv_bias": ("bool", False),
         "qk_l2norm": ("bool", True),
+        "output_gate": ("bool", True),
+        "short_conv": ("bool", True),
+        "decay": ("bool", True),
     },
     "attention": {
         "num_heads": ("pos_int", REQUIRED),
@@ -359,7 +363,9 @@ def parse(raw: Any, source: str = "<yaml>") -> HybridModel:
 def _mixer_options(kind, opts, sections, i, source):
     if kind == "gdn":
         g = sections["gdn"]
-        return {"conv_bias": g["conv_bias"], "use_qk_l2norm": g["qk_l2norm"]}
+        return {"conv_bias": g["conv_bias"], "use_qk_l2norm": g["qk_l2norm"],
+                "use_output_gate": g["output_gate"], "use_short_conv": g["short_conv"],
+                "use_decay": g["decay"]}
     if kind in ("attention", "swa"):
         options = {"qk_norm": sections["attention"]["qk_norm"]}
         if kind == "swa":
@@ -380,6 +386,8 @@ def _check_sizes(model, sections, needed, items, source):
         g = sections["gdn"]
         g["num_value_heads"] = g["num_value_heads"] or g["num_key_heads"]
         g["value_head_dim"] = g["value_head_dim"] or g["key_head_dim"]
+        if g["conv_bias"] and not g["short_conv"]:
+            raise HybridConfigError(f"{source}: gdn.conv_bias: true needs gdn.short_conv: true (no conv, no bias)")
         if g["num_value_heads"] % g["num_key_heads"]:
             raise HybridConfigError(
                 f"{source}: gdn.num_value_heads: {g['num_value_heads']} is not a multiple of "
@@ -616,8 +624,10 @@ def count_parameters(hm: HybridModel) -> Dict[str, int]:
             H, HV, K, V, W = (g["num_key_heads"], g["num_value_heads"], g["key_head_dim"],
                               g["value_head_dim"], g["conv_kernel"])
             conv_dim = 2 * H * K + HV * V
-            return (h * (2 * H * K + 2 * HV * V + 2 * HV) + conv_dim * W
-                    + (conv_dim if g["conv_bias"] else 0) + 2 * HV + V + HV * V * h)
+            # in_proj rows q, k, v, b (+ z with the output gate, + a with the decay)
+            rows = 2 * H * K + HV * V + HV + (HV * V if g["output_gate"] else 0) + (HV if g["decay"] else 0)
+            conv = conv_dim * W + (conv_dim if g["conv_bias"] else 0) if g["short_conv"] else 0
+            return h * rows + conv + (2 * HV if g["decay"] else 0) + V + HV * V * h
         if kind in ("attention", "swa"):
             a = s["attention"]
             q, kv = a["num_heads"] * a["head_dim"], a["num_kv_heads"] * a["head_dim"]

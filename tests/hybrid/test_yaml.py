@@ -119,6 +119,8 @@ INVALID = [
     ((("gdn", "key_head_dim"), 512), "bad.yaml: gdn.key_head_dim: 512 > 256"),
     ((("gdn", "conv_kernel"), 1), "bad.yaml: gdn.conv_kernel: 1 outside"),
     ((("gdn", "heads"), 2), "bad.yaml: gdn.heads: unknown field"),
+    ((("gdn", "decay"), "no"), "bad.yaml: gdn.decay: must be true or false, got 'no'"),
+    ((("gdn", "output_gate"), 0), "bad.yaml: gdn.output_gate: must be true or false, got 0"),
     ((("attention", "num_kv_heads"), 3), "bad.yaml: attention.num_kv_heads: 3 does not divide attention.num_heads (4)"),
     ((("attention", "num_heads"), 6), "bad.yaml: attention.head_dim: not given and hidden_size 64 is not divisible"),
     ((("attention", "gated"), "yes"), "bad.yaml: attention.gated: must be true or false, got 'yes'"),
@@ -178,6 +180,24 @@ def test_cli_count():
     assert f"{total:,} parameters" in out.stdout
 
 
+def test_gdn_ablation_fields():
+    """gdn.output_gate / short_conv / decay reach the layer's keywords and the count drops the
+    z rows, the conv taps, the a rows with A_log / dt_bias; a conv bias without a conv fails."""
+    raw = _base()
+    raw["gdn"].update(output_gate=False, short_conv=False, decay=False)
+    hm = yl.parse(raw, "abl.yaml")
+    options = dict(hm.layers[0].options)
+    assert hm.layers[0].mixer == "gdn"
+    assert options["use_output_gate"] is options["use_short_conv"] is options["use_decay"] is False
+    full = yl.count_parameters(yl.parse(_base(), "full.yaml"))["gdn"]
+    h, H, HV, K, V, W = 64, 2, 4, 16, 16, 4
+    removed = 2 * (h * HV * V + (2 * H * K + HV * V) * W + h * HV + 2 * HV)
+    assert yl.count_parameters(hm)["gdn"] == full - removed
+    raw["gdn"]["conv_bias"] = True
+    with pytest.raises(yl.HybridConfigError, match="abl.yaml: gdn.conv_bias: true needs gdn.short_conv"):
+        yl.parse(raw, "abl.yaml")
+
+
 def _build_counts(paths):
     """Runs in one gloo process: build every tiny preset, return {name: (built, analytic)}."""
     import torch
@@ -198,12 +218,20 @@ def _build_counts(paths):
     return out
 
 
-def test_tiny_presets_build_with_the_analytic_count():
+def test_tiny_presets_build_with_the_analytic_count(tmp_path):
+    # plus tiny_gdn with every GDN ablation off (the count must follow the removed parameters)
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / "tiny_gdn.yaml").read_text())
+    raw["name"] = "tiny_gdn_ablated"
+    raw["gdn"].update(output_gate=False, short_conv=False, decay=False)
+    ablated = tmp_path / "tiny_gdn_ablated.yaml"
+    ablated.write_text(yaml.safe_dump(raw))
     tiny = sorted(str(p) for p in CONFIGS.glob("tiny_*.yaml"))
-    (out,) = run_distributed(_build_counts, world_size=1, args=(tiny,))
+    (out,) = run_distributed(_build_counts, world_size=1, args=(tiny + [str(ablated)],))
     for name, result in out.items():
         built, analytic, shape = result
         print(f"{name}: built {built:,}, analytic {analytic:,}")
         assert built == analytic, name
         assert shape == (2, 32, 128)
-    assert set(out) == {Path(p).stem for p in tiny}
+    assert set(out) == {Path(p).stem for p in tiny} | {"tiny_gdn_ablated"}

@@ -7,6 +7,9 @@ from the TP=1 (global) weights:
     q, k <- q / sqrt(|q|^2 + 1e-6);  g = -exp(A_log) softplus(a + dt_bias);  beta = sigmoid(b)
     o = recurrence(q, k, v, g, beta);  y = o rsqrt(mean(o^2) + eps) w silu(z) per head;  out = y W_out^T
 
+Ablations (the layer's keywords): output_gate=False drops z (y = o rsqrt(mean(o^2) + eps) w);
+short_conv=False drops the conv (q, k, v <- SiLU(projection)); decay=False drops a (g = 0).
+
 Legend: s tokens, b batch, h hidden, H / HV key / value heads, K / V head dims, W conv taps.
 """
 import torch
@@ -28,29 +31,41 @@ def _causal_conv_silu(x_btd, weight_dw, spans):
     return F.silu(y)
 
 
-def reference_gdn_block(x_sbh, w, H, HV, K, V, eps, cu_seqlens=None):
+def reference_gdn_block(x_sbh, w, H, HV, K, V, eps, cu_seqlens=None, *,
+                        output_gate=True, short_conv=True, decay=True):
     """x_sbh: [s, b, h]; w: dict of global float tensors in_proj, conv, A_log, dt_bias, norm,
-    out_proj. Returns [s, b, h] in float64."""
+    out_proj (conv without short_conv, A_log / dt_bias without decay left out). Returns
+    [s, b, h] in float64."""
     x = x_sbh.double().transpose(0, 1)                              # [b, s, h]
     bsz, s, _ = x.shape
     p = x @ w["in_proj"].double().T
-    q, k, v, z, beta_logit, a = torch.split(p, [H * K, H * K, HV * V, HV * V, HV, HV], dim=-1)
+    widths = {"q": H * K, "k": H * K, "v": HV * V, "z": HV * V, "b": HV, "a": HV}
+    names = [n for n in widths if (n != "z" or output_gate) and (n != "a" or decay)]
+    parts = dict(zip(names, torch.split(p, [widths[n] for n in names], dim=-1)))
+    q, k, v, beta_logit = parts["q"], parts["k"], parts["v"], parts["b"]
     if cu_seqlens is None:
         spans = [(i, 0, s) for i in range(bsz)]
     else:
         c = cu_seqlens.tolist()
         spans = [(0, c[i], c[i + 1]) for i in range(len(c) - 1)]
-    qkv = _causal_conv_silu(torch.cat([q, k, v], -1), w["conv"].double(), spans)
+    if short_conv:
+        qkv = _causal_conv_silu(torch.cat([q, k, v], -1), w["conv"].double(), spans)
+    else:
+        qkv = F.silu(torch.cat([q, k, v], -1))
     q, k, v = torch.split(qkv, [H * K, H * K, HV * V], dim=-1)
     q = q.reshape(bsz, s, H, K)
     k = k.reshape(bsz, s, H, K)
     v = v.reshape(bsz, s, HV, V)
     q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6)
     k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    g = -torch.exp(w["A_log"].double()) * F.softplus(a + w["dt_bias"].double())
+    if decay:
+        g = -torch.exp(w["A_log"].double()) * F.softplus(parts["a"] + w["dt_bias"].double())
+    else:
+        g = beta_logit.new_zeros(bsz, s, HV)
     beta = torch.sigmoid(beta_logit)
     o, _ = naive_recurrent_gated_delta_rule(q, k, v, g, beta, K ** -0.5, cu_seqlens=cu_seqlens)
-    z = z.reshape(bsz, s, HV, V)
-    y = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + eps) * w["norm"].double() * F.silu(z)
+    y = o * torch.rsqrt((o * o).mean(-1, keepdim=True) + eps) * w["norm"].double()
+    if output_gate:
+        y = y * F.silu(parts["z"].reshape(bsz, s, HV, V))
     out = y.reshape(bsz, s, HV * V) @ w["out_proj"].double().T
     return out.transpose(0, 1)

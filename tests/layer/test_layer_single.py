@@ -74,13 +74,15 @@ def _build(pg, config=None, **params):
 
 
 def _global_weights(layer):
-    return {
+    weights = {
         "in_proj": layer.in_proj.weight, "conv": layer.conv_weight, "A_log": layer.A_log,
         "dt_bias": layer.dt_bias, "norm": layer.out_norm_weight, "out_proj": layer.out_proj.weight,
     }
+    return {name: w for name, w in weights.items() if w is not None}
 
 
 def _check_against_reference(layer, x_sbh, packed_seq_params=None, cu_seqlens=None):
+    options = dict(output_gate=layer.use_output_gate, short_conv=layer.use_short_conv, decay=layer.use_decay)
     x = x_sbh.clone().requires_grad_(True)
     out, bias = layer(x, None, packed_seq_params=packed_seq_params)
     assert bias is None
@@ -89,7 +91,7 @@ def _check_against_reference(layer, x_sbh, packed_seq_params=None, cu_seqlens=No
 
     ref_w = {n: p.detach().double().clone().requires_grad_(True) for n, p in _global_weights(layer).items()}
     x_ref = x_sbh.detach().double().clone().requires_grad_(True)
-    ref = reference_gdn_block(x_ref, ref_w, H, HV, K, V, 1e-5, cu_seqlens=cu_seqlens)
+    ref = reference_gdn_block(x_ref, ref_w, H, HV, K, V, 1e-5, cu_seqlens=cu_seqlens, **options)
     (ref * dout.double()).sum().backward()
 
     assert_close(out, ref, FP32_REL, "output")
@@ -121,6 +123,51 @@ def test_matches_reference_packed(world1):
     cu = torch.tensor([0, 1, 4, 22, 45], dtype=torch.int32)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=23, max_seqlen_kv=23)
     _check_against_reference(layer, torch.randn(45, 1, HIDDEN), packed_seq_params=psp, cu_seqlens=cu)
+
+
+ABLATIONS = {"no_gate": dict(use_output_gate=False), "no_conv": dict(use_short_conv=False),
+             "no_decay": dict(use_decay=False),
+             "none": dict(use_output_gate=False, use_short_conv=False, use_decay=False)}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_ablation_options_match_reference(world1, name):
+    """Each ablation option against the float64 reference without that piece (padded batch
+    and packed sequences); the removed rows and parameters are really absent."""
+    options = ABLATIONS[name]
+    layer = _build(world1, **options)
+    rows = 2 * H * K + HV * V + HV
+    rows += HV * V if layer.use_output_gate else 0
+    rows += HV if layer.use_decay else 0
+    assert layer.in_proj.weight.shape == (rows, HIDDEN)
+    assert (layer.conv_weight is None) == (not layer.use_short_conv)
+    assert (layer.A_log is None and layer.dt_bias is None) == (not layer.use_decay)
+    names = {n for n, _ in layer.named_parameters()}
+    assert ("conv_weight" in names) == layer.use_short_conv and ("A_log" in names) == layer.use_decay
+    torch.manual_seed(5)
+    _check_against_reference(layer, torch.randn(19, 2, HIDDEN))
+    cu = torch.tensor([0, 3, 20, 33], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=17, max_seqlen_kv=17)
+    layer.zero_grad()
+    _check_against_reference(layer, torch.randn(33, 1, HIDDEN), packed_seq_params=psp, cu_seqlens=cu)
+
+
+def test_ablation_options_triton_kernels(world1):
+    """All three options off on the Triton kernels (interpreter on CPU): the SiLU-only q/k/v,
+    the zero decay and the plain norm on that path."""
+    layer = _build(world1, use_output_gate=False, use_short_conv=False, use_decay=False)
+    torch.manual_seed(6)
+    with force_backend("triton"):
+        _check_against_reference(layer, torch.randn(21, 2, HIDDEN))
+
+
+def test_ablation_option_not_bool():
+    pg = _pg(_FakeGroup(1), _FakeGroup(1))
+    with pytest.raises(TypeError, match="use_decay"):
+        GatedDeltaNet(_config(), get_gdn_mixer_spec("local").submodules, 1, pg, use_decay="no")
+    with pytest.raises(ValueError, match="conv_bias"):
+        GatedDeltaNet(_config(), get_gdn_mixer_spec("local").submodules, 1, pg, conv_bias=True,
+                      use_short_conv=False)
 
 
 def test_packed_documents_do_not_leak(world1):
