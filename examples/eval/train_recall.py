@@ -11,17 +11,11 @@ the evaluation's); the loss is cross-entropy at the answer positions only (Zoolo
 recipe). Writes DIR/metrics.jsonl (one line per logged step), DIR/model.pt, DIR/meta.json
 (the YAML text and the task) and DIR/eval.json (recall_eval's accuracy per length).
 
-Ablations: the YAML file may hold one extra top-level section that this driver reads and
-removes before the model loader sees the file:
+Ablations are fields of the YAML `gdn:` section (GatedDeltaNet's own options, default true):
 
-    ablation: {gdn_decay: false, short_conv: false}
-
-- gdn_decay: false -> DeltaNet: every GatedDeltaNet's A_log is frozen at -1e4, so
-  exp(A_log) underflows to 0 and the log decay g = -exp(A_log) softplus(a + dt_bias) is
-  exactly 0 (the state is never decayed; the `a` projection and dt_bias then get no gradient).
-- short_conv: false -> no short convolution: the conv taps are frozen at the identity (1 on the
-  current token, 0 on the earlier ones, no bias), so q, k, v = SiLU(projection), as a layer
-  built without the conv would compute.
+    gdn: {..., decay: false}          DeltaNet: g = 0 exactly, no `a` rows, A_log or dt_bias
+    gdn: {..., short_conv: false}     no short convolution: q, k, v = SiLU(projection)
+    gdn: {..., output_gate: false}    no SiLU(z) output gate: plain per-head RMSNorm, no z rows
 """
 from __future__ import annotations
 
@@ -41,58 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recall_eval import evaluate_lengths, format_table  # noqa: E402
 from recall_tasks import IGNORE, NIAH_PRESETS, TASKS, make_task  # noqa: E402
 
-__all__ = ["ABLATIONS", "split_ablation", "apply_ablations", "setup_megatron", "build_model",
-           "train_seed", "checkpoint_predictor", "main"]
-
-ABLATIONS = {"gdn_decay": True, "short_conv": True}
-# exp(-1e4) is 0 in fp32, bf16 and fp64: the decay rate vanishes exactly
-NO_DECAY_A_LOG = -1.0e4
+__all__ = ["setup_megatron", "build_model", "train_seed", "checkpoint_predictor", "main"]
 
 
 def train_seed(seed: int, step: int) -> int:
     """Even seeds for training batches (recall_eval.eval_seed uses odd ones)."""
     return 2 * (seed * 1_000_003 + step)
-
-
-def split_ablation(raw: dict, source: str):
-    """(model document without `ablation`, the ablation flags with defaults)."""
-    raw = dict(raw)
-    given = raw.pop("ablation", None) or {}
-    if not isinstance(given, dict):
-        raise ValueError(f"{source}: ablation: expected a mapping, got {given!r}")
-    flags = dict(ABLATIONS)
-    for key, value in given.items():
-        if key not in ABLATIONS:
-            raise ValueError(f"{source}: ablation.{key}: unknown (known: {', '.join(ABLATIONS)})")
-        if not isinstance(value, bool):
-            raise ValueError(f"{source}: ablation.{key}: must be true or false, got {value!r}")
-        flags[key] = value
-    return raw, flags
-
-
-@torch.no_grad()
-def apply_ablations(model: torch.nn.Module, flags: dict) -> int:
-    """Freeze the GatedDeltaNet parameters that implement the ablations; returns the number of
-    GatedDeltaNet layers changed (a requested ablation on a model without GDN is an error)."""
-    from megatron_gdn.layer import GatedDeltaNet
-
-    layers = [m for m in model.modules() if isinstance(m, GatedDeltaNet)]
-    wanted = [k for k, v in flags.items() if not v]
-    if wanted and not layers:
-        raise ValueError(f"ablation {wanted}: the model has no GatedDeltaNet layer")
-    for layer in layers:
-        if not flags["gdn_decay"]:
-            layer.A_log.fill_(NO_DECAY_A_LOG)
-            layer.A_log.requires_grad_(False)
-        if not flags["short_conv"]:
-            layer.conv_weight.zero_()
-            # the last tap multiplies the current token (causal conv: taps run oldest -> newest)
-            layer.conv_weight[:, -1] = 1.0
-            layer.conv_weight.requires_grad_(False)
-            if layer.conv_bias is not None:
-                layer.conv_bias.zero_()
-                layer.conv_bias.requires_grad_(False)
-    return len(layers) if wanted else 0
 
 
 def setup_megatron(seed: int) -> torch.device:
@@ -112,19 +60,17 @@ def setup_megatron(seed: int) -> torch.device:
 
 
 def build_model(yaml_text: str, source: str, seed: int):
-    """(model, HybridModel, ablation flags) from a YAML model document."""
+    """(model, HybridModel) from a YAML model document."""
     import yaml
 
     from megatron_gdn.hybrid import yaml_loader as yl
 
-    raw, flags = split_ablation(yaml.safe_load(yaml_text), source)
-    hm = yl.parse(raw, source)
+    hm = yl.parse(yaml.safe_load(yaml_text), source)
     device = setup_megatron(seed)
     torch.manual_seed(seed)
     config = yl.transformer_config(hm, use_cpu_initialization=device.type == "cpu")
     model = yl.build_gpt_model(hm, config).to(device)
-    apply_ablations(model, flags)
-    return model, hm, flags
+    return model, hm
 
 
 def _logits(model, tokens_nt: torch.Tensor) -> torch.Tensor:
@@ -149,7 +95,7 @@ def model_predictor(model, device, chunk: int = 64):
 def checkpoint_predictor(directory: Path):
     """(predictor, meta) for a train_recall.py --out directory."""
     meta = json.loads((Path(directory) / "meta.json").read_text())
-    model, _, _ = build_model(meta["yaml"], meta["config"], meta["seed"])
+    model, _ = build_model(meta["yaml"], meta["config"], meta["seed"])
     device = next(model.parameters()).device
     model.load_state_dict(torch.load(Path(directory) / "model.pt", map_location=device))
     return model_predictor(model, device), meta
@@ -187,7 +133,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.num_threads)
 
     yaml_text = args.config.read_text()
-    model, hm, flags = build_model(yaml_text, str(args.config), args.seed)
+    model, hm = build_model(yaml_text, str(args.config), args.seed)
     device = next(model.parameters()).device
     vocab = hm.model["vocab_size"]
     seq = args.seq_length or hm.model["seq_length"]
@@ -203,7 +149,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"name": hm.name, "config": str(args.config), "yaml": yaml_text, "task": args.task,
             "num_kv": args.num_kv if args.task == "mqar" else None, "vocab_size": vocab,
-            "seq_length": seq, "seed": args.seed, "ablation": flags, "argv": sys.argv[1:] if argv is None else argv,
+            "seq_length": seq, "seed": args.seed, "argv": sys.argv[1:] if argv is None else argv,
             "parameters": sum(p.numel() for p in model.parameters())}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     log = (args.out / "metrics.jsonl").open("w")
