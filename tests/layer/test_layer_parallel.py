@@ -12,7 +12,11 @@ Same global weights: GDN's fused in_proj holds [q_r | k_r | v_r | z_r | b_r | a_
 state dict is sliced into every sharded model that way (test-side code, independent of the
 layer's sharded_state_dict, which the checkpoint cases exercise).
 
-Launches: one of 2 processes (TP, SP, PP, DP, TP=2 -> TP=1) and one of 4 (TP=1 -> TP=4).
+Ablated layers (use_output_gate / use_short_conv / use_decay all False: in_proj [q|k|v|b], no
+conv, A_log or dt_bias): TP=2, TP=2 + SP with packed documents and a TP=2 -> TP=1 checkpoint.
+
+Launches: one of 2 processes (TP, SP, PP, DP, TP=2 -> TP=1), one of 4 (TP=1 -> TP=4) and one of
+2 (the ablated layer).
 """
 import pytest
 import torch
@@ -29,10 +33,13 @@ SECTIONS = {
     "self_attention.in_proj.weight": (H * K, H * K, HV * V, HV * V, HV, HV),
     "self_attention.conv_weight": (H * K, H * K, HV * V),
 }
+# the same with every ablation option off: no z, no a rows, no conv
+ABLATED = dict(use_output_gate=False, use_short_conv=False, use_decay=False)
+ABLATED_SECTIONS = {"self_attention.in_proj.weight": (H * K, H * K, HV * V, HV)}
 
 
-def _sections(name):
-    for suffix, widths in SECTIONS.items():
+def _sections(name, sections=None):
+    for suffix, widths in (sections or SECTIONS).items():
         if name.endswith(suffix):
             return widths
     return None
@@ -74,25 +81,25 @@ def _global_name(name):
     return name
 
 
-def _to_local(name, full, param):
+def _to_local(name, full, param, sections=None):
     """Slice a global (TP=1 layout) tensor for this TP rank."""
     tp, rank, _ = _tp()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return full
-    widths = _sections(name)
+    widths = _sections(name, sections)
     if widths is None:
         return full.chunk(tp, dim=param.partition_dim)[rank]
     return torch.cat([part.chunk(tp, dim=0)[rank] for part in full.split(widths, dim=0)])
 
 
-def _to_global(name, local, param):
+def _to_global(name, local, param, sections=None):
     """Gather the TP shards of a parameter (or its grad) into the TP=1 layout."""
     tp, _, group = _tp()
     if tp == 1 or not getattr(param, "tensor_model_parallel", False):
         return local.detach().clone()
     shards = [torch.empty_like(local) for _ in range(tp)]
     torch.distributed.all_gather(shards, local.detach().contiguous(), group=group)
-    widths = _sections(name)
+    widths = _sections(name, sections)
     if widths is None:
         return torch.cat(shards, dim=param.partition_dim)
     local_widths = [w // tp for w in widths]
@@ -100,18 +107,20 @@ def _to_global(name, local, param):
     return torch.cat([torch.cat([parts[i] for parts in per_rank]) for i in range(len(widths))])
 
 
-def _build(config, seed=SEED, global_state=None):
+def _build(config, seed=SEED, global_state=None, gdn_params=None):
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
     )
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_gdn.specs import gdn_layer_spec
+    from megatron_gdn.specs import gdn_layer_spec, get_gdn_layer_spec
 
+    spec = gdn_layer_spec if gdn_params is None else get_gdn_layer_spec("local", **gdn_params)
+    sections = None if gdn_params is None else ABLATED_SECTIONS
     torch.manual_seed(seed)
     model = GPTModel(
-        config=config, transformer_layer_spec=gdn_layer_spec, vocab_size=VOCAB,
+        config=config, transformer_layer_spec=spec, vocab_size=VOCAB,
         max_sequence_length=SEQ, parallel_output=True,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
@@ -119,13 +128,16 @@ def _build(config, seed=SEED, global_state=None):
     if global_state is not None:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(_to_local(name, global_state[_global_name(name)], param))
+                param.copy_(_to_local(name, global_state[_global_name(name)], param, sections))
     config.finalize_model_grads_func = finalize_model_grads
-    return DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+    # the section widths of this model's fused GDN tensors (test-side layout knowledge)
+    ddp.gdn_sections = sections
+    return ddp
 
 
 def _global_params(model):
-    return {_global_name(n): _to_global(n, p, p) for n, p in model.module.named_parameters()}
+    return {_global_name(n): _to_global(n, p, p, model.gdn_sections) for n, p in model.module.named_parameters()}
 
 
 def _batch():
@@ -185,7 +197,8 @@ def _train_step(model, tokens, labels, packed=False):
         forward_step_func=forward_step, data_iterator=data, model=[model],
         num_microbatches=MICRO_BATCHES, seq_length=SEQ, micro_batch_size=micro, forward_only=False,
     )
-    grads = {_global_name(n): _to_global(n, p.main_grad, p) for n, p in model.module.named_parameters()}
+    grads = {_global_name(n): _to_global(n, p.main_grad, p, model.gdn_sections)
+             for n, p in model.module.named_parameters()}
     loss = logits = None
     if parallel_state.is_pipeline_last_stage():
         loss = torch.stack([item["loss"] for item in losses]).mean()
@@ -266,6 +279,42 @@ def _two_ranks(ckpt_dir):
     return out
 
 
+def _two_ranks_ablated(ckpt_dir):
+    """The ablated layer (ABLATED): TP=1 reference, TP=2, TP=2 + SP on packed documents, and
+    the TP=2 checkpoint (sections q, k, v, b only) loaded into TP=1."""
+    tokens, labels = _batch()
+    out = {}
+    init_megatron(tp=1)
+    model = _build(_config(), gdn_params=ABLATED)
+    ref_state = _global_params(model)
+    out["ref_state"] = ref_state
+    out["ref"] = _train_step(model, tokens, labels)
+    out["ref_packed"] = _train_step(model, tokens, labels, packed=True)
+    destroy_megatron()
+
+    init_megatron(tp=2)
+    model = _build(_config(tp=2), seed=SEED + 7, global_state=ref_state, gdn_params=ABLATED)
+    out["tp2"] = _train_step(model, tokens, labels)
+    _save(model, ckpt_dir)
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+
+    out["ckpt_keys"] = sorted(k for k in load_tensors_metadata(ckpt_dir) if "self_attention" in k)
+    destroy_megatron()
+
+    init_megatron(tp=2)
+    model = _build(_config(tp=2, sp=True), seed=SEED + 7, global_state=ref_state, gdn_params=ABLATED)
+    out["tp2_sp_packed"] = _train_step(model, tokens, labels, packed=True)
+    destroy_megatron()
+
+    init_megatron(tp=1)
+    model = _build(_config(), seed=SEED + 11, gdn_params=ABLATED)
+    _load(model, ckpt_dir)
+    out["ckpt_tp2_to_tp1_state"] = _global_params(model)
+    out["ckpt_tp2_to_tp1"] = _train_step(model, tokens, labels)
+    destroy_megatron()
+    return out
+
+
 def _four_ranks(ckpt_dir):
     """TP=1 saves, TP=4 loads (into a model built from another seed) and trains one step."""
     tokens, labels = _batch()
@@ -296,6 +345,12 @@ def two(tmp_path_factory):
 def four(tmp_path_factory):
     return run_distributed(_four_ranks, world_size=4, args=(str(tmp_path_factory.mktemp("ckpt_tp1")),),
                            timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+    return run_distributed(_two_ranks_ablated, world_size=2,
+                           args=(str(tmp_path_factory.mktemp("ckpt_ablated")),), timeout=600)
 
 
 def _check_run(run, ref, label, compare_outputs=True):
@@ -378,3 +433,22 @@ def test_reference_is_not_trivial(two):
     packed_logits = two[0]["ref_packed"][1]
     dense_logits = two[0]["ref"][1]
     assert (packed_logits[0, 5:] - dense_logits[0, 5:]).abs().max() > 1e-3
+
+
+def test_ablated_layer_tensor_parallel_and_checkpoint(ablated):
+    """Every GDN ablation off: TP=2 (and TP=2 + SP, packed) equal one process, the checkpoint
+    holds in_proj sections q, k, v, b only (no z, a, conv, A_log, dt_bias) and loads into TP=1."""
+    for case, ref in (("tp2", "ref"), ("tp2_sp_packed", "ref_packed")):
+        for rank in range(2):
+            _check_run(ablated[rank][case], ablated[0][ref], f"ablated {case} rank {rank}")
+            assert set(ablated[rank][case][2]) == set(ablated[0][ref][2])
+    ref_state = ablated[0]["ref_state"]
+    assert not [n for n in ref_state if n.split(".")[-1] in ("conv_weight", "conv_bias", "A_log", "dt_bias")]
+    keys = ablated[0]["ckpt_keys"]
+    assert {k.rsplit(".", 1)[-1] for k in keys if ".in_proj.weight." in k} == {"q", "k", "v", "b"}, keys
+    assert not [k for k in keys if k.endswith((".z", ".a", "conv_weight", "A_log", "dt_bias"))], keys
+    loaded = ablated[0]["ckpt_tp2_to_tp1_state"]
+    assert set(loaded) == set(ref_state)
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, ref_state[name]), f"loaded {name} differs from the saved weights"
+    _check_run(ablated[0]["ckpt_tp2_to_tp1"], ablated[0]["ref"], "ablated tp2->tp1")
