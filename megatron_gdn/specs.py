@@ -63,7 +63,8 @@ def _provider(backend: str):
 
 def get_gdn_mixer_spec(backend: str = "local", **gdn_params) -> ModuleSpec:
     """ModuleSpec of the GatedDeltaNet mixer. `gdn_params` go to GatedDeltaNet's constructor
-    (conv_bias, proj_bias, use_qk_l2norm, A_init_range, dt_init_range, dt_init_floor). With
+    (conv_bias, proj_bias, use_qk_l2norm, use_output_gate, use_short_conv, use_decay,
+    A_init_range, dt_init_range, dt_init_floor, cp_packed_layout). With
     backend "te" the input norm is fused into in_proj: the surrounding layer must then use
     IdentityOp as its input_layernorm (get_gdn_layer_spec does)."""
     provider = _provider(backend)
