@@ -152,6 +152,10 @@ def hf_config_from_yaml(hm) -> Dict[str, Any]:
         if g["conv_bias"] or not g["qk_l2norm"]:
             raise ConversionError("Qwen3-Next's GDN has no conv bias and L2-normalises q/k "
                                   "(gdn.conv_bias must be false, gdn.qk_l2norm true)")
+        off = [name for name in ("output_gate", "short_conv", "decay") if not g[name]]
+        if off:
+            raise ConversionError(f"Qwen3-Next's GDN has an output gate, a short conv and a decay: "
+                                  f"gdn.{', gdn.'.join(off)} must be true")
         kw.update(linear_num_key_heads=g["num_key_heads"], linear_num_value_heads=g["num_value_heads"],
                   linear_key_head_dim=g["key_head_dim"], linear_value_head_dim=g["value_head_dim"],
                   linear_conv_kernel_dim=g["conv_kernel"])

@@ -82,6 +82,12 @@ class KVCache:
 
 # ------------------------------------------------------------------------------ Gated DeltaNet
 def _gdn_project(layer, hidden_sbh):
+    for option in ("use_output_gate", "use_short_conv", "use_decay"):
+        if not getattr(layer, option):
+            raise NotImplementedError(
+                f"generation: GatedDeltaNet with {option}=False (an ablation variant) has no "
+                "decoding path yet"
+            )
     d = layer.dims
     proj_sbd, _ = layer.in_proj(hidden_sbh)
     proj_bsd = proj_sbd.transpose(0, 1)

@@ -78,3 +78,16 @@ def _assert_decoding(tokens, logits, full, sampled, state_bytes):
     assert sampled["top_p_tiny"] == greedy4
     assert sampled["seed_a"] == sampled["seed_b"]
     assert state_bytes > 0
+
+
+def test_ablation_variants_have_no_decoding_path_yet():
+    """A GDN layer without decay / short conv / output gate is refused by name, not decoded wrong."""
+    from types import SimpleNamespace
+
+    from megatron_gdn.generation import mixers
+
+    for option in ("use_output_gate", "use_short_conv", "use_decay"):
+        layer = SimpleNamespace(use_output_gate=True, use_short_conv=True, use_decay=True)
+        setattr(layer, option, False)
+        with pytest.raises(NotImplementedError, match=f"{option}=False"):
+            mixers._gdn_project(layer, None)

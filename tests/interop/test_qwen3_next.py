@@ -153,6 +153,9 @@ def test_released_expert_layout_and_errors():
         qwen3_next.to_megatron(hm, extra)
     with pytest.raises(ConversionError, match="hidden_act='gelu'"):
         qwen3_next.yaml_from_hf_config(tiny_config(hidden_act="gelu"))
+    no_decay = yl.parse(dict(doc, gdn=dict(doc["gdn"], decay=False)), "deltanet.yaml")
+    with pytest.raises(ConversionError, match=r"gdn\.decay must be true"):
+        qwen3_next.hf_config_from_yaml(no_decay)
 
 
 def test_cli_import_and_export(tmp_path):
