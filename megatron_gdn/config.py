@@ -178,3 +178,23 @@ def param_device(config) -> torch.device:
     if config.use_cpu_initialization or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def packed_cu_seqlens(packed_seq_params, batch: int, tokens: int):
+    """The cu_seqlens of Megatron's packed (THD) input for a token mixer, or None for dense
+    rows; the padded boundaries when Megatron gives them."""
+    if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+        return None
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    if cu is None:
+        raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
+    if batch != 1:
+        raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
+    if int(cu[-1]) != tokens:
+        raise ValueError(
+            f"packed_seq_params.cu_seqlens_q[-1]={int(cu[-1])} does not match the {tokens} "
+            "tokens of the input"
+        )
+    return cu

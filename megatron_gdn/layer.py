@@ -50,7 +50,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_gdn.checkpoint import split_sharded_tensor
-from megatron_gdn.config import CONV_SECTIONS, param_device, resolve_gdn_dims
+from megatron_gdn.config import CONV_SECTIONS, packed_cu_seqlens, param_device, resolve_gdn_dims
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
@@ -290,23 +290,6 @@ class GatedDeltaNet(MegatronModule):
         self.dt_bias.copy_(self._local_rows(dt + torch.log(-torch.expm1(-dt)), rank))
 
     # -------------------------------------------------------------------------- forward
-    def _packed_cu_seqlens(self, packed_seq_params, batch: int, tokens: int) -> Optional[torch.Tensor]:
-        if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
-            return None
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
-        if cu is None:
-            raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
-        if batch != 1:
-            raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
-        if int(cu[-1]) != tokens:
-            raise ValueError(
-                f"packed_seq_params.cu_seqlens_q[-1]={int(cu[-1])} does not match the {tokens} "
-                "tokens of the input"
-            )
-        return cu
-
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -331,7 +314,7 @@ class GatedDeltaNet(MegatronModule):
             # Megatron's zigzag share of the sequences: halo and state passing over the CP group
             conv, chunk = cp_kernels(packed_seq_params, b, s, self.cp_group, self.cp_packed_layout)
         else:
-            cu_seqlens = self._packed_cu_seqlens(packed_seq_params, b, s)
+            cu_seqlens = packed_cu_seqlens(packed_seq_params, b, s)
 
         # the layer stays in Megatron's [s, b] order; the kernels read [b, s] views through
         # their strides, so neither the projection nor the norm output is transposed in memory

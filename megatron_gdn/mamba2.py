@@ -47,7 +47,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_gdn.checkpoint import split_sharded_tensor
-from megatron_gdn.config import param_device
+from megatron_gdn.config import packed_cu_seqlens, param_device
 from megatron_gdn.kernels.conv1d import causal_conv1d
 from megatron_gdn.kernels.ssd import chunk_scalar_decay
 from megatron_gdn.parallel.collectives import all_gather_start
@@ -325,26 +325,11 @@ class Mamba2Mixer(MegatronModule):
         A = torch.empty(self.nheads, dtype=torch.float64).uniform_(*self.A_init_range)
         self.A_log.copy_(local(torch.log(A)))
 
-    def _packed_cu_seqlens(self, packed_seq_params, batch: int, tokens: int) -> Optional[torch.Tensor]:
-        if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
-            return None
-        cu = packed_seq_params.cu_seqlens_q_padded
-        if cu is None:
-            cu = packed_seq_params.cu_seqlens_q
-        if cu is None:
-            raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
-        if batch != 1:
-            raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
-        if int(cu[-1]) != tokens:
-            raise ValueError(f"packed_seq_params.cu_seqlens_q[-1]={int(cu[-1])} does not match the "
-                             f"{tokens} tokens of the input")
-        return cu
-
     def _kernels(self, packed_seq_params, b: int, s: int):
         """(conv, ssd): the plain kernels, or both with this rank's CP layout bound in."""
         cp = self.cp_group
         if cp is None or cp.size() == 1:
-            cu = self._packed_cu_seqlens(packed_seq_params, b, s)
+            cu = packed_cu_seqlens(packed_seq_params, b, s)
 
             def conv(x, weight, bias):
                 return causal_conv1d(x, weight, bias, activation="silu", cu_seqlens=cu)[0]
