@@ -264,6 +264,8 @@ def main():
     p.add_argument("--check-fla", action="store_true", help="also fla's errors (autotunes fla)")
     p.add_argument("--diag", action="store_true", help="output-kernel diagnostics in bf16")
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--bwd-stages", action="store_true",
+                   help="also time our backward launch by launch (profile_chunk_bwd.py)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
     args = p.parse_args()
@@ -352,6 +354,14 @@ def main():
             except Exception as e:
                 row["ours_stages"] = {"error": repr(e)}
             log(sid, "ours_stages", row["ours_stages"])
+        if args.bwd_stages and not over_budget():
+            try:
+                import profile_chunk_bwd
+                row["ours_bwd_stages"] = profile_chunk_bwd.backward_stages(shape)
+            except Exception as e:
+                row["ours_bwd_stages"] = {"error": repr(e)}
+                traceback.print_exc()
+            log(sid, "ours_bwd_stages", row["ours_bwd_stages"])
         if not over_budget():
             try:
                 row["sdpa"] = time_sdpa(shape)

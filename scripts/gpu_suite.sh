@@ -20,7 +20,7 @@ step_cmd() {
   case "$1" in
     tests-kernels)  echo "MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest tests/kernels -q -p no:warnings -rf --durations=15" ;;
     tests-gpu)      echo "MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest tests/kernels tests/layer/test_layer_single.py -q -p no:warnings" ;;
-    bench-kernels)  echo "python3 benchmarks/bench_kernels.py --out $OUTDIR/kernels --shapes S1,S2,S3,S4,S5 --check --budget-s $(( $2 - 25 ))" ;;
+    bench-kernels)  echo "python3 benchmarks/bench_kernels.py --out $OUTDIR/kernels --shapes S1,S2,S3,S4,S5 --check --bwd-stages --budget-s $(( $2 - 25 ))" ;;
     bench-layer)    echo "python3 benchmarks/bench_layer.py --out $OUTDIR/layer" ;;
     bench-hybrid)   echo "python3 benchmarks/bench_hybrid.py --out $OUTDIR/hybrid" ;;
     bench-ssd)      echo "python3 benchmarks/bench_ssd.py --out $OUTDIR/ssd" ;;
