@@ -52,7 +52,9 @@ per sequence S_out = M S_in + H (M [N, HV, K, K], H [N, HV, K, V], float32) from
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from ..utils.tuning import INTERPRET
 from .chunk_fwd import (
     chunk_output_fwd,
     chunk_prepare_fwd,
@@ -163,10 +165,39 @@ def chunk_gated_delta_rule_triton(
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    K, V = q.shape[-1], v.shape[-1]
+    Kp, Vp = padded_head_dims(K, V)
+    if (Kp, Vp) != (K, V):
+        # zero key columns change no dot product and no norm; zero value columns give zero
+        # output / state columns: slicing them off is exact, and autograd slices the gradients
+        q, k = (F.pad(x, (0, Kp - K)) for x in (q, k))
+        v = F.pad(v, (0, Vp - V))
+        if initial_state is not None:
+            initial_state = F.pad(initial_state, (0, Vp - V, 0, Kp - K))
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
-    return ChunkGatedDeltaRuleFunction.apply(
+    o, final_state = ChunkGatedDeltaRuleFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, float(scale), output_final_state,
         cu_seqlens, use_qk_l2norm, use_beta_sigmoid,
     )
+    if (Kp, Vp) != (K, V):
+        o = o[..., :V]
+        if final_state is not None:
+            final_state = final_state[..., :K, :V]
+    return o, final_state
+
+
+# Compiled (not interpreted) launches take head dims of at least this size: on H200 with triton
+# 3.6, the backward at K or V in {16, 32} in bf16 gave NaN gradients and an illegal memory access
+# (GPU test log of 2026-11-27) while fp32 and the real shapes (K, V >= 128) were right. Real models
+# use K, V >= 64; smaller heads (tests, toy models) are zero-padded up to it.
+MIN_COMPILED_HEAD_DIM = 64
+
+
+def padded_head_dims(K: int, V: int) -> Tuple[int, int]:
+    """(K, V) as the compiled kernels run them: each raised to MIN_COMPILED_HEAD_DIM (under the
+    Triton interpreter, where small heads are exact, unchanged)."""
+    if INTERPRET:
+        return K, V
+    return max(K, MIN_COMPILED_HEAD_DIM), max(V, MIN_COMPILED_HEAD_DIM)

@@ -1,0 +1,54 @@
+"""The Triton entry point zero-pads small head dims (K or V below MIN_COMPILED_HEAD_DIM) on
+compiled launches. Under the interpreter the padding is off, so here it is forced on (to 32) and
+the padded run must equal the unpadded one: output, final state and every gradient."""
+import pytest
+import torch
+
+from megatron_gdn.kernels.gated_delta_rule import chunk as ch
+from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
+from megatron_gdn.kernels.utils import force_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _run(K, V, cu, l2):
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, HV = (1, 90, 1, 2) if cu else (2, 70, 1, 2)
+    N = len(cu) - 1 if cu else B
+    rand = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    q, k = rand(B, T, H, K), rand(B, T, H, K)
+    if not l2:
+        k = k / k.norm(dim=-1, keepdim=True)
+    v = rand(B, T, HV, V)
+    g = (-torch.rand(B, T, HV, generator=gen) * 0.5).to(DEVICE)
+    beta = torch.rand(B, T, HV, generator=gen).to(DEVICE)
+    h0 = rand(N, HV, K, V)
+    do, dht = rand(B, T, HV, V), rand(N, HV, K, V)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE) if cu else None
+    with force_backend("triton"):
+        o, s = chunk_gated_delta_rule(*leaves[:5], None, leaves[5], True, cu_t, use_qk_l2norm=l2)
+    ((o * do).sum() + (s * dht).sum()).backward()
+    return [o.detach(), s.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("K,V,cu,l2", [(16, 16, None, False), (16, 32, (0, 5, 70, 90), True),
+                                       (32, 16, None, True)])
+def test_padded_equals_unpadded(monkeypatch, K, V, cu, l2):
+    monkeypatch.setattr(ch, "padded_head_dims", lambda K, V: (K, V))
+    plain = _run(K, V, cu, l2)
+    monkeypatch.setattr(ch, "padded_head_dims", lambda K, V: (max(K, 32) + 16, max(V, 32) + 16))
+    padded = _run(K, V, cu, l2)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    for name, a, b in zip(names, padded, plain):
+        assert a.shape == b.shape, name
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"{name}: padded vs unpadded rel err {err:.2e}"
+
+
+def test_compiled_minimum(monkeypatch):
+    monkeypatch.setattr(ch, "INTERPRET", False)
+    assert ch.padded_head_dims(16, 32) == (ch.MIN_COMPILED_HEAD_DIM, ch.MIN_COMPILED_HEAD_DIM)
+    assert ch.padded_head_dims(128, 512) == (128, 512)
+    monkeypatch.setattr(ch, "INTERPRET", True)
+    assert ch.padded_head_dims(16, 32) == (16, 32)
