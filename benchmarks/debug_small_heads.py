@@ -145,14 +145,16 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     import test_chunk_bwd as t
     n = len(t.CASES) + len(EXTRA)
-    jobs = [(i, d, m) for i in range(n) for d in ("bf16", "fp32") for m in ("stages", "unpadded", "padded")]
+    # fp32 passed at every small case on the GPU; bf16 is the one to localise
+    jobs = [(i, "bf16", m) for i in list(range(4)) + list(range(len(t.CASES), n))
+            for m in ("stages", "padded")]
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", MEGATRON_GDN_AUTOTUNE="0")
     procs = []
     for i, d, m in jobs:
         procs.append(((i, d, m), subprocess.Popen(
             [sys.executable, __file__, "--out", args.out, "--one", str(i), d, m],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)))
-        while sum(pr.poll() is None for _, pr in procs) >= 12:
+        while sum(pr.poll() is None for _, pr in procs) >= 14:
             import time
             time.sleep(0.2)
     results = []
