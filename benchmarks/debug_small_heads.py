@@ -69,6 +69,7 @@ def one(case_index: int, dtype_name: str, mode: str):
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             q, k, w, g, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale, cu_, co, T_arg, nts,
+            cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, L2=case.l2, USE_DHT=dht is not None,
             USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen)
         finite("dh", dh, dv_buf, dh0)

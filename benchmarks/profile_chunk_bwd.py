@@ -95,7 +95,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def dh_pass():
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             q, k, w, g_act, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale,
-            cu, co, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
+            cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
+            H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
             USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
 
     def grads():

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import autotune_or_fixed
-from .chunk_fwd import ChunkLayout, chunk_state_fwd
+from .chunk_fwd import ChunkLayout, _parallelism_class, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
 
@@ -214,16 +214,19 @@ def _bwd_prep_kernel(
 
 @autotune_or_fixed(
     configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
-             for bv in (32, 64) for nw in (4, 8)],
+             for bv in (32, 64) for nw in (4, 8)]
+    + [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (1, 2)],
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0"],
+    # PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
+    # programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
     # dv is updated in place (dv_local -> dv_new): autotuning reruns must start from dv_local
     restore_value=["dv"],
 )
 @triton.jit
 def _bwd_dh_kernel(
     q, k, w, g, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale,
-    cu_seqlens, chunk_offsets, T, NT_SEQ,
+    cu_seqlens, chunk_offsets, T, NT_SEQ, PAR_CLASS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     L2: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, HAS_G: tl.constexpr,
@@ -516,7 +519,7 @@ def chunk_gated_delta_rule_bwd(
 
     _bwd_dh_kernel[grid_dh](
         q, k, w, g, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale,
-        cu, co, T_arg, nts,
+        cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
         L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, HAS_G=has_g,
         IS_VARLEN=varlen,
