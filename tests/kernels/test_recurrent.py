@@ -1,6 +1,7 @@
 """fused_recurrent_gated_delta_rule (decoding kernel) against the fp64 naive recurrence, both
-backends (torch; Triton under the interpreter on CPU), and against the chunked kernel when
-it is run one token at a time.
+backends (torch; Triton: compiled on a GPU, under the interpreter on a CPU machine), and against
+the chunked kernel when it is run one token at a time. Inputs live on tests/device.py's DEVICE;
+the argument checks (shared by both paths) run on CPU tensors everywhere.
 
 Legend: B batch, T tokens, H key heads, HV value heads, K key dim, V value dim, N state rows.
 """
@@ -9,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from device import DEVICE, HALF_DTYPES, to_device
 from tolerance import BF16_REL, FP32_REL, assert_close
 
 from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
@@ -22,9 +24,10 @@ from megatron_gdn.kernels.utils import force_backend
 BACKENDS = ["torch", "triton"]
 
 
-def make_inputs(B, T, H, HV, K, V, dtype=torch.float32, seed=0, n_states=None, gate=None):
+def make_inputs(B, T, H, HV, K, V, dtype=torch.float32, seed=0, n_states=None, gate=None, device=DEVICE):
     """Random inputs in the working ranges: unit-norm keys (the layer L2-normalises them),
-    log decays in [-1, 0), beta in (0, 1); the state is random, never zeros."""
+    log decays in [-1, 0), beta in (0, 1); the state is random, never zeros. Drawn on the CPU,
+    returned on `device`."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(B, T, H, K, generator=gen)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
@@ -35,7 +38,7 @@ def make_inputs(B, T, H, HV, K, V, dtype=torch.float32, seed=0, n_states=None, g
         g = torch.full((B, T, HV), float(gate))
     beta = torch.rand(B, T, HV, generator=gen)
     h0 = torch.randn(B if n_states is None else n_states, HV, K, V, generator=gen)
-    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta, h0
+    return tuple(x.to(device) for x in (q.to(dtype), k.to(dtype), v.to(dtype), g, beta, h0))
 
 
 def oracle(q, k, v, g, beta, scale=None, h0=None, cu_seqlens=None):
@@ -101,7 +104,7 @@ def test_triton_block_sizes(block_v):
 @pytest.mark.parametrize("with_state", [True, False], ids=["h0", "no_h0"])
 def test_packed_sequences(backend, with_state):
     """B == 1 with cu_seqlens: one state per sequence, an empty sequence keeps its state."""
-    cu = torch.tensor([0, 4, 4, 5, 11], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 4, 5, 11], dtype=torch.int32, device=DEVICE)
     q, k, v, g, beta, h0 = make_inputs(1, 11, 2, 4, 16, 24, seed=3, n_states=4)
     h0 = h0 if with_state else None
     o, ht = run(backend, q, k, v, g, beta, None, h0, True, cu)
@@ -158,6 +161,7 @@ def test_fused_options(backend, l2norm, gate, sigmoid):
     A_log = torch.log(torch.empty(HV).uniform_(1, 16, generator=gen)) - 3.0 if gate else None
     dt_bias = torch.randn(HV, generator=gen) if gate == "A_log+dt_bias" else None
     h0 = torch.randn(B, HV, K, V, generator=gen)
+    q, k, v, g_in, b, A_log, dt_bias, h0 = to_device(q, k, v, g_in, b, A_log, dt_bias, h0)
     o, ht = run(backend, q, k, v, g_in, b, None, h0, True,
                 use_qk_l2norm=l2norm, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=sigmoid)
     rq, rk, rg, rb = fused_reference_inputs(q, k, g_in, b, l2norm, A_log, dt_bias, sigmoid)
@@ -228,6 +232,7 @@ def test_fused_options_match_full_sequence(backend):
     a, b = 3.0 * torch.randn(B, T, HV, generator=gen), torch.randn(B, T, HV, generator=gen)
     A_log, dt_bias = torch.randn(HV, generator=gen) - 1.0, torch.randn(HV, generator=gen)
     h0 = torch.randn(B, HV, K, V, generator=gen)
+    q, k, v, a, b, A_log, dt_bias, h0 = to_device(q, k, v, a, b, A_log, dt_bias, h0)
     options = dict(use_qk_l2norm=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True)
     name, ref_fn = chunk_reference()
     ref_o, ref_ht = ref_fn(q, k, v, a, b, None, h0.clone(), **options)
@@ -259,13 +264,14 @@ def test_gate_extremes(backend, gate):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_half_precision_inputs(backend):
-    """fp16 q/k/v (bf16 is wrong under the Triton interpreter; the GPU run covers it): the
-    output is rounded to fp16, the state stays fp32."""
-    q, k, v, g, beta, h0 = make_inputs(2, 3, 2, 2, 32, 32, dtype=torch.float16, seed=8)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_half_precision_inputs(backend, dtype):
+    """fp16 q/k/v, and bf16 on a GPU (the Triton interpreter mishandles bf16): the output is
+    rounded to the input dtype, the state stays fp32."""
+    q, k, v, g, beta, h0 = make_inputs(2, 3, 2, 2, 32, 32, dtype=dtype, seed=8)
     o, ht = run(backend, q, k, v, g, beta, None, h0, True)
     ref_o, ref_ht = oracle(q, k, v, g, beta, None, h0)
-    assert o.dtype == torch.float16 and ht.dtype == torch.float32
+    assert o.dtype == dtype and ht.dtype == torch.float32
     assert_close(o, ref_o, BF16_REL, "o")
     assert_close(ht, ref_ht, FP32_REL, "final_state")
 
@@ -276,12 +282,12 @@ def test_non_contiguous_inputs(backend):
     layer hands them over."""
     B, T, H, HV, K, V = 2, 3, 2, 4, 16, 16
     gen = torch.Generator().manual_seed(12)
-    qkv = torch.randn(B, T, 2 * H * K + HV * V, generator=gen)
+    qkv = torch.randn(B, T, 2 * H * K + HV * V, generator=gen).to(DEVICE)
     q = qkv[..., : H * K].view(B, T, H, K)
     k = F.normalize(qkv[..., H * K: 2 * H * K].view(B, T, H, K), dim=-1)
     v = qkv[..., 2 * H * K:].view(B, T, HV, V)
-    g, beta = -torch.rand(B, T, HV, generator=gen), torch.rand(B, T, HV, generator=gen)
-    h0 = torch.randn(B, HV, V, K, generator=gen).transpose(2, 3)
+    g, beta = to_device(-torch.rand(B, T, HV, generator=gen), torch.rand(B, T, HV, generator=gen))
+    h0 = torch.randn(B, HV, V, K, generator=gen).to(DEVICE).transpose(2, 3)
     assert not (q.is_contiguous() or v.is_contiguous() or h0.is_contiguous())
     o, ht = run(backend, q, k, v, g, beta, None, h0, True)
     ref_o, ref_ht = oracle(q, k, v, g, beta, None, h0)
@@ -291,8 +297,8 @@ def test_non_contiguous_inputs(backend):
 
 def test_packed_under_graph_capture(monkeypatch):
     """Inside a CUDA graph capture the Triton path must not read cu_seqlens on the host; it
-    still checks what needs no host copy. (Capture simulated: this machine has no GPU.)"""
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    still checks what needs no host copy. (Capture simulated, on any machine.)"""
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
     q, k, v, g, beta, h0 = make_inputs(1, 5, 2, 2, 16, 16, seed=13, n_states=2)
     monkeypatch.setattr(recurrent, "_capturing", lambda x: True)
 
@@ -310,7 +316,8 @@ def test_packed_under_graph_capture(monkeypatch):
 
 
 def bad_inputs():
-    q, k, v, g, beta, h0 = make_inputs(2, 1, 2, 4, 16, 16, seed=9)
+    # CPU tensors (the torch path) on every machine: the argument checks are shared by both paths
+    q, k, v, g, beta, h0 = make_inputs(2, 1, 2, 4, 16, 16, seed=9, device="cpu")
     cases = {
         "k-shape": (dict(k=k[:, :, :1]), ValueError, "k must have"),
         "v-batch": (dict(v=v[:1]), ValueError, "v must be"),
