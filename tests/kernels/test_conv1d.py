@@ -1,6 +1,8 @@
 """causal_conv1d / causal_conv1d_update against the fp64 naive oracle, both backends (torch;
-Triton under the interpreter on CPU): forward, final state and every gradient; the decode
-update against the full convolution token by token; argument errors.
+Triton: compiled on a GPU, under the interpreter on a CPU machine): forward, final state and
+every gradient; the decode update against the full convolution token by token; argument errors.
+Inputs live on tests/device.py's DEVICE; the argument checks and the oracle's own check run on
+the CPU everywhere.
 
 Legend: B batch, T tokens, D channels, W kernel width, N sequences (state rows).
 """
@@ -11,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from device import DEVICE, HALF_DTYPES
 from tolerance import BF16_REL, FP32_REL, assert_close
 
 from megatron_gdn.kernels.conv1d import causal_conv1d, causal_conv1d_update, naive_causal_conv1d
@@ -20,7 +23,7 @@ from megatron_gdn.kernels.utils import force_backend
 BACKENDS = ["torch", "triton"]
 
 
-def make_inputs(B, T, D, W, N, dtype=torch.float32, seed=0, device="cpu"):
+def make_inputs(B, T, D, W, N, dtype=torch.float32, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, D, generator=gen)
     weight = torch.randn(D, W, generator=gen) / W ** 0.5
@@ -98,7 +101,7 @@ PACKED = [
                          ids=[f"L{'_'.join(map(str, c[0]))}-W{c[1]}-h0{int(c[2])}-{c[3]}" for c in PACKED])
 def test_packed(backend, lengths, W, use_h0, activation):
     D = 24
-    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     x, weight, bias, h0 = make_inputs(1, int(cu[-1]), D, W, len(lengths), seed=3)
     check_against_oracle(backend, x, weight, bias, activation, h0 if use_h0 else None, True, cu, FP32_REL)
 
@@ -107,7 +110,7 @@ def test_packed(backend, lengths, W, use_h0, activation):
 def test_packed_equals_separate_calls(backend):
     """No leak across boundaries: each packed sequence equals its own dense call."""
     lengths, D, W = [5, 1, 9], 16, 4
-    cu = torch.tensor([0, 5, 6, 15])
+    cu = torch.tensor([0, 5, 6, 15], device=DEVICE)
     x, weight, bias, h0 = make_inputs(1, 15, D, W, 3, seed=5)
     with force_backend(backend):
         y, ht = causal_conv1d(x, weight, bias, "silu", h0, True, cu)
@@ -138,7 +141,7 @@ def test_strided_x(backend, seq_first):
     y_ref, ht_ref = naive_causal_conv1d(x_ref, weight.double(), bias.double(), "silu", h0.double(), True)
     assert_close(y, y_ref, FP32_REL, "y")
     assert_close(ht, ht_ref, FP32_REL, "final_state")
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     (y * dy).sum().backward()
     (y_ref * dy.double()).sum().backward()
     grad = wide.grad.transpose(0, 1) if seq_first else wide.grad
@@ -147,17 +150,19 @@ def test_strided_x(backend, seq_first):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16(backend):
-    """Low-precision input: output and gradients in fp16, computed in fp32."""
-    x, weight, bias, h0 = make_inputs(2, 33, 16, 4, 2, dtype=torch.float16, seed=9)
-    # fp16 keeps 11 mantissa bits, more than bf16: the bf16 bound is a conservative one
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_fp16(backend, dtype):
+    """Low-precision input (fp16; bf16 on a GPU, the interpreter mishandles it): output and
+    gradients in the input dtype, computed in fp32."""
+    x, weight, bias, h0 = make_inputs(2, 33, 16, 4, 2, dtype=dtype, seed=9)
+    # fp16 keeps 11 mantissa bits, more than bf16: for it the bf16 bound is a conservative one
     check_against_oracle(backend, x, weight, bias, "silu", h0, True, None, BF16_REL)
 
 
 def test_oracle_matches_grouped_conv():
     """The oracle itself against torch's grouped conv1d over [history | tokens] (independent code)."""
     B, T, D, W = 2, 13, 6, 4
-    x, weight, bias, h0 = make_inputs(B, T, D, W, B, dtype=torch.float64, seed=11)
+    x, weight, bias, h0 = make_inputs(B, T, D, W, B, dtype=torch.float64, seed=11, device="cpu")
     y, ht = naive_causal_conv1d(x, weight, bias, "silu", h0, True)
     ext = torch.cat([h0, x.transpose(1, 2)], dim=2)
     expected = F.silu(F.conv1d(ext, weight[:, None, :], bias, groups=D)).transpose(1, 2)
@@ -167,9 +172,9 @@ def test_oracle_matches_grouped_conv():
 
 def test_short_sequence_final_state_is_history_tail_then_tokens():
     D, W = 3, 4
-    x = torch.arange(1.0, 3.0).view(1, 2, 1).expand(1, 2, D).contiguous()
-    h0 = torch.tensor([10.0, 20.0, 30.0]).view(1, 1, 3).expand(1, D, 3).contiguous()
-    weight = torch.ones(D, W)
+    x = torch.arange(1.0, 3.0, device=DEVICE).view(1, 2, 1).expand(1, 2, D).contiguous()
+    h0 = torch.tensor([10.0, 20.0, 30.0], device=DEVICE).view(1, 1, 3).expand(1, D, 3).contiguous()
+    weight = torch.ones(D, W, device=DEVICE)
     for backend in BACKENDS:
         with force_backend(backend):
             _, ht = causal_conv1d(x, weight, None, None, h0, True)
@@ -212,7 +217,8 @@ def test_update_after_prefill_without_activation(backend):
 
 
 def test_errors():
-    x, weight, bias, h0 = make_inputs(2, 8, 6, 4, 2)
+    # CPU tensors (the torch path) on every machine: the argument checks come before the dispatch
+    x, weight, bias, h0 = make_inputs(2, 8, 6, 4, 2, device="cpu")
     cu = torch.tensor([0, 3, 8])
     with pytest.raises(ValueError, match="W=9"):
         causal_conv1d(x, torch.randn(6, 9))

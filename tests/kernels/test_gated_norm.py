@@ -1,5 +1,7 @@
-"""gated_rmsnorm against the fp64 naive oracle, both backends (torch; Triton under the
-interpreter on CPU): forward and the gradients of x, z and weight; argument errors.
+"""gated_rmsnorm against the fp64 naive oracle, both backends (torch; Triton: compiled on a
+GPU, under the interpreter on a CPU machine): forward and the gradients of x, z and weight;
+argument errors. Inputs live on tests/device.py's DEVICE; the argument checks and the oracle's
+own check run on the CPU everywhere.
 
 Legend: R rows, D normalised dim.
 """
@@ -10,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from device import DEVICE, HALF_DTYPES
 from tolerance import BF16_REL, FP32_REL, assert_close
 
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm, naive_gated_rmsnorm
@@ -19,7 +22,7 @@ from megatron_gdn.kernels.utils import force_backend
 BACKENDS = ["torch", "triton"]
 
 
-def make_inputs(shape, dtype=torch.float32, seed=0, device="cpu"):
+def make_inputs(shape, dtype=torch.float32, seed=0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=gen)
     z = torch.randn(shape, generator=gen) * 2
@@ -79,7 +82,7 @@ def check_views_against_oracle(backend, make_views, bases, weight, rel):
     y_ref = naive_gated_rmsnorm(x_ref, z_ref, refs[-1])
     assert y.shape == x.shape and y.dtype == x.dtype
     assert_close(y, y_ref, rel, "y")
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.device)
     (y * dy).sum().backward()
     (y_ref * dy.double()).sum().backward()
     for i, (leaf, ref) in enumerate(zip(leaves, refs)):
@@ -106,7 +109,7 @@ def test_layer_layout_views(backend):
     [s, b, HV, V] and, on Triton, dx in x's transposed layout (no copy either side)."""
     s, b, hv, v = 7, 3, 2, 16
     o_bshv, _, weight = make_inputs((b, s, hv, v), seed=12)
-    proj_sbw = torch.randn(s, b, 3 * hv * v + 5, generator=torch.Generator().manual_seed(13))
+    proj_sbw = torch.randn(s, b, 3 * hv * v + 5, generator=torch.Generator().manual_seed(13)).to(DEVICE)
 
     def views(o, proj):
         return o.transpose(0, 1), proj[..., hv * v + 5:2 * hv * v + 5].view(s, b, hv, v)
@@ -135,20 +138,23 @@ def test_unmergeable_rows(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16(backend):
-    # fp16 keeps 11 mantissa bits, more than bf16: the bf16 bound is a conservative one
-    check_against_oracle(backend, *make_inputs((4, 9, 64), dtype=torch.float16, seed=7), 1e-6, BF16_REL)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_fp16(backend, dtype):
+    """Low-precision input (fp16; bf16 on a GPU, the interpreter mishandles it)."""
+    # fp16 keeps 11 mantissa bits, more than bf16: for it the bf16 bound is a conservative one
+    check_against_oracle(backend, *make_inputs((4, 9, 64), dtype=dtype, seed=7), 1e-6, BF16_REL)
 
 
 def test_oracle_matches_torch_rms_norm():
     """The oracle against torch's own rms_norm times silu (independent code)."""
-    x, z, weight = make_inputs((4, 3, 40), dtype=torch.float64, seed=9)
+    x, z, weight = make_inputs((4, 3, 40), dtype=torch.float64, seed=9, device="cpu")
     expected = F.rms_norm(x, (40,), weight, eps=1e-5) * F.silu(z)
     assert_close(naive_gated_rmsnorm(x, z, weight, 1e-5), expected, FP32_REL, "y")
 
 
 def test_errors():
-    x, z, weight = make_inputs((2, 3, 8))
+    # CPU tensors (the torch path) on every machine: the argument checks come before the dispatch
+    x, z, weight = make_inputs((2, 3, 8), device="cpu")
     with pytest.raises(ValueError, match="z must have"):
         gated_rmsnorm(x, z[..., :4], weight)
     with pytest.raises(ValueError, match="weight must be"):
