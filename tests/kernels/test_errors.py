@@ -6,14 +6,14 @@ from functools import partial
 
 import pytest
 import torch
+from device import DEVICE
 
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.utils import force_backend
 
 B, T, H, HV, K, V = 2, 10, 2, 4, 8, 8
 # on a GPU machine the "triton" backend needs CUDA tensors (CPU tensors would ask for the
-# interpreter), so the arguments live on the suite's device
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# interpreter), so the arguments live on the suite's device (values do not matter here)
 randn = partial(torch.randn, device=DEVICE)
 rand = partial(torch.rand, device=DEVICE)
 zeros = partial(torch.zeros, device=DEVICE)

@@ -4,7 +4,8 @@ final state and every gradient.
 Every case runs for backend "torch" (pure-torch chunked path) and "triton" (on a CPU the
 Triton interpreter, fp32 only: it mishandles bf16). With CUDA the cases also run in bf16 and
 larger "real" shapes (DESIGN section 7, reduced) are checked against the chunked torch path in
-float64, itself checked against the recurrence below.
+float64, itself checked against the recurrence below. Inputs are drawn on the CPU from seeded
+generators and live on tests/device.py's DEVICE.
 
 Legend: B batch, T tokens, H key heads, HV value heads, K key dim, V value dim, N state rows.
 """
@@ -17,14 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from device import CUDA, DEVICE
 from tolerance import BF16_REL, FP32_REL, TF32_REL, assert_close
 
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
 from megatron_gdn.kernels.utils import force_backend
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 # the float64 chunked path vs the float64 recurrence: only summation order differs
@@ -278,7 +278,9 @@ def test_torch_path_float64_is_exact():
     assert o.dtype == torch.float64
     assert_close(o, o_ref, FP64_REL, "o")
     assert_close(s, s_ref, FP64_REL, "final_state")
-    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    gen = torch.Generator(device="cpu").manual_seed(_seed("weights", "fp64"))
+    w_o = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    w_s = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     grads_ref = torch.autograd.grad((o_ref * w_o).sum() + (s_ref * w_s).sum(), list(x.values()))
     grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), list(x.values()))
     for name, gr, gr_ref in zip(x.keys(), grads, grads_ref):

@@ -3,6 +3,8 @@ state and every gradient (q, k, v, g, initial_state); the decoding step; argumen
 
 Every case runs for backend "torch" (pure-torch chunked path) and "triton" (on a CPU the
 Triton interpreter, fp32 only: it mishandles bf16). With CUDA the cases also run in bf16.
+Inputs live on tests/device.py's DEVICE; the torch-path-only checks (float64 exactness, the
+decoding step) run on the CPU everywhere.
 
 Legend: B batch, T tokens, G q/k groups, HV value heads, N state dim, P value head dim.
 """
@@ -13,13 +15,12 @@ from typing import Optional, Tuple
 import pytest
 import torch
 
+from device import CUDA, DEVICE
 from tolerance import BF16_REL, FP32_REL, TF32_REL, assert_close
 
 from megatron_gdn.kernels.ssd import chunk_scalar_decay, naive_recurrent_scalar_decay, scalar_decay_step
 from megatron_gdn.kernels.utils import force_backend
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 # the float64 chunked torch path vs the float64 recurrence: only summation order differs
 FP64_REL = 1e-10
@@ -166,19 +167,20 @@ def test_decoding_step_continues_the_chunked_state():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_errors_name_the_argument(backend):
-    q = torch.randn(1, 8, 2, 16)
-    v = torch.randn(1, 8, 3, 16)
-    g = -torch.rand(1, 8, 3)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 8, 2, 16, generator=gen).to(DEVICE)
+    v = torch.randn(1, 8, 3, 16, generator=gen).to(DEVICE)
+    g = -torch.rand(1, 8, 3, generator=gen).to(DEVICE)
     with force_backend(backend):
         with pytest.raises(ValueError, match="HV=3"):
             chunk_scalar_decay(q, q, v, g)
-        v = torch.randn(1, 8, 4, 16)
+        v = torch.randn(1, 8, 4, 16, generator=gen).to(DEVICE)
         with pytest.raises(ValueError, match="g must be"):
             chunk_scalar_decay(q, q, v, g)
-        g = -torch.rand(1, 8, 4)
+        g = -torch.rand(1, 8, 4, generator=gen).to(DEVICE)
         with pytest.raises(TypeError, match="k has dtype"):
             chunk_scalar_decay(q, q.half(), v, g)
         with pytest.raises(ValueError, match="initial_state"):
-            chunk_scalar_decay(q, q, v, g, initial_state=torch.zeros(2, 4, 16, 16))
+            chunk_scalar_decay(q, q, v, g, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
         with pytest.raises(ValueError, match="cu_seqlens must end"):
-            chunk_scalar_decay(q, q, v, g, cu_seqlens=torch.tensor([0, 5]))
+            chunk_scalar_decay(q, q, v, g, cu_seqlens=torch.tensor([0, 5], device=DEVICE))
