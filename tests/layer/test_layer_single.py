@@ -1,7 +1,13 @@
 """GatedDeltaNet in one process: against the plain float64 re-implementation
 (tests/layer/layer_reference.py), padded batch and packed sequences, forward and every gradient;
 against megatron-core's own GatedDeltaNet; init ranges; construction errors naming the field;
-the specs."""
+the specs.
+
+Devices: the layer is built on the CPU (use_cpu_initialization). The torch-path checks and the
+comparison with megatron-core's layer run on the CPU on every machine; the Triton-kernel checks
+move the layer and its input to tests/device.py's DEVICE (the GPU when there is one, else the
+CPU with the Triton interpreter); the training-builder model runs on DEVICE. The float64
+reference always runs on the CPU."""
 import math
 
 import pytest
@@ -15,10 +21,13 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module, impor
 from megatron_gdn.kernels.utils import force_backend
 from megatron_gdn.layer import GatedDeltaNet
 from megatron_gdn.specs import get_gdn_layer_spec, get_gdn_mixer_spec
+from device import CUDA, DEVICE
 from layer_reference import reference_gdn_block
-from tolerance import FP32_REL, assert_close
+from tolerance import FP32_REL, TF32_REL, assert_close
 
 HIDDEN, H, HV, K, V, W = 32, 2, 4, 16, 16, 4
+# the Triton path: the chunk kernels' dots run in tf32 on a GPU, in exact fp32 under the interpreter
+TRITON_REL = TF32_REL if CUDA else FP32_REL
 
 
 class _FakeGroup:
@@ -81,23 +90,28 @@ def _global_weights(layer):
     return {name: w for name, w in weights.items() if w is not None}
 
 
-def _check_against_reference(layer, x_sbh, packed_seq_params=None, cu_seqlens=None):
+def _check_against_reference(layer, x_sbh, packed_seq_params=None, cu_seqlens=None, rel=FP32_REL):
+    """The layer on x_sbh's device (its parameters there too) against the float64 reference on
+    the CPU: output, d hidden and every parameter gradient within `rel`."""
     options = dict(output_gate=layer.use_output_gate, short_conv=layer.use_short_conv, decay=layer.use_decay)
     x = x_sbh.clone().requires_grad_(True)
     out, bias = layer(x, None, packed_seq_params=packed_seq_params)
     assert bias is None
-    dout = torch.randn_like(out)
+    # drawn on the CPU (the same numbers on every machine), then moved to the layer's device
+    dout = torch.randn(out.shape, dtype=out.dtype).to(out.device)
     (out * dout).sum().backward()
 
-    ref_w = {n: p.detach().double().clone().requires_grad_(True) for n, p in _global_weights(layer).items()}
-    x_ref = x_sbh.detach().double().clone().requires_grad_(True)
-    ref = reference_gdn_block(x_ref, ref_w, H, HV, K, V, 1e-5, cu_seqlens=cu_seqlens, **options)
-    (ref * dout.double()).sum().backward()
+    cpu = torch.device("cpu")
+    ref_w = {n: p.detach().to(cpu, torch.float64).requires_grad_(True) for n, p in _global_weights(layer).items()}
+    x_ref = x_sbh.detach().to(cpu, torch.float64).requires_grad_(True)
+    ref_cu = None if cu_seqlens is None else cu_seqlens.to(cpu)
+    ref = reference_gdn_block(x_ref, ref_w, H, HV, K, V, 1e-5, cu_seqlens=ref_cu, **options)
+    (ref * dout.to(cpu, torch.float64)).sum().backward()
 
-    assert_close(out, ref, FP32_REL, "output")
-    assert_close(x.grad, x_ref.grad, FP32_REL, "d hidden")
+    assert_close(out, ref, rel, "output")
+    assert_close(x.grad, x_ref.grad, rel, "d hidden")
     for name, param in _global_weights(layer).items():
-        assert_close(param.grad, ref_w[name].grad, FP32_REL, f"d {name}")
+        assert_close(param.grad, ref_w[name].grad, rel, f"d {name}")
 
 
 def test_matches_reference_batch(world1):
@@ -107,13 +121,14 @@ def test_matches_reference_batch(world1):
 
 
 def test_matches_reference_triton_kernels(world1):
-    """The layer on the Triton kernels (interpreter on CPU), batch 2: the path that reads the
-    [s, b] projection through strided [b, s] views and writes the norm output in [s, b] order
-    (the torch path copies where it must, so only this test checks those strides)."""
-    layer = _build(world1)
+    """The layer on the Triton kernels (on DEVICE: compiled on a GPU, the interpreter on a CPU
+    machine), batch 2: the path that reads the [s, b] projection through strided [b, s] views
+    and writes the norm output in [s, b] order (the torch path copies where it must, so only
+    this test checks those strides)."""
+    layer = _build(world1).to(DEVICE)
     torch.manual_seed(4)
     with force_backend("triton"):
-        _check_against_reference(layer, torch.randn(21, 2, HIDDEN))
+        _check_against_reference(layer, torch.randn(21, 2, HIDDEN).to(DEVICE), rel=TRITON_REL)
 
 
 def test_matches_reference_packed(world1):
@@ -153,12 +168,12 @@ def test_ablation_options_match_reference(world1, name):
 
 
 def test_ablation_options_triton_kernels(world1):
-    """All three options off on the Triton kernels (interpreter on CPU): the SiLU-only q/k/v,
+    """All three options off on the Triton kernels (on DEVICE, as above): the SiLU-only q/k/v,
     the zero decay and the plain norm on that path."""
-    layer = _build(world1, use_output_gate=False, use_short_conv=False, use_decay=False)
+    layer = _build(world1, use_output_gate=False, use_short_conv=False, use_decay=False).to(DEVICE)
     torch.manual_seed(6)
     with force_backend("triton"):
-        _check_against_reference(layer, torch.randn(21, 2, HIDDEN))
+        _check_against_reference(layer, torch.randn(21, 2, HIDDEN).to(DEVICE), rel=TRITON_REL)
 
 
 def test_ablation_option_not_bool():
@@ -254,7 +269,12 @@ def test_specs():
 def _ours_vs_megatron_gdn():
     """Runs in a fresh process (megatron_gdn.cpu enabled): our layer and megatron-core 0.19.2's
     GatedDeltaNet with the same weights. Without fla, Megatron's layer runs its own torch
-    paths (deterministic_mode: torch conv1d and torch chunked rule) with a torch l2norm."""
+    paths (deterministic_mode: torch conv1d and torch chunked rule) with a torch l2norm.
+
+    Both layers run on the CPU on every machine (ours on its torch path): an fp32 comparison
+    of the block semantics, the same numbers with or without a GPU. Megatron's layer creates
+    its conv, A_log and dt_bias on the current CUDA device whatever use_cpu_initialization
+    says, so on a GPU machine it is moved to the CPU after the build."""
     import torch.nn.functional as F
     from megatron.core.ssm.gated_delta_net import GatedDeltaNet as MegatronGDN
     from megatron.core.ssm.gated_delta_net import GatedDeltaNetSubmodules, common
@@ -273,6 +293,8 @@ def _ours_vs_megatron_gdn():
         spec = ModuleSpec(module=MegatronGDN, submodules=GatedDeltaNetSubmodules(
             in_proj=ColumnParallelLinear, out_norm=WrappedTorchNorm, out_proj=RowParallelLinear))
         theirs = build_module(spec, config=config, layer_number=1, pg_collection=pg)
+        cpu = torch.device("cpu")
+        ours, theirs = ours.to(cpu), theirs.to(cpu)
         with torch.no_grad():
             theirs.in_proj.weight.copy_(ours.in_proj.weight)
             theirs.conv1d.weight.copy_(ours.conv_weight.unsqueeze(1))
@@ -304,7 +326,8 @@ def _ours_vs_megatron_gdn():
 
 def _spec_through_training_builder():
     """`--spec megatron_gdn.specs gdn_layer_spec` as megatron.training resolves it: the
-    attribute imported by name, handed to GPTModelBuilder as transformer_layer_spec."""
+    attribute imported by name, handed to GPTModelBuilder as transformer_layer_spec. The model
+    is built on the CPU and runs on DEVICE (a GPU machine runs Megatron's modules on CUDA)."""
     from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
     from megatron_gdn.testing.dist import destroy_megatron, init_megatron
@@ -315,9 +338,10 @@ def _spec_through_training_builder():
         model_config = GPTModelConfig(transformer=_config(num_layers=2), transformer_layer_spec=spec,
                                       vocab_size=128, seq_length=16)
         model = GPTModelBuilder(model_config).build_model(ProcessGroupCollection.use_mpu_process_groups())
+        model = model.to(DEVICE)
         mixers = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
-        tokens = torch.randint(0, 128, (2, 16))
-        logits = model(tokens, torch.arange(16).expand(2, 16), None)
+        tokens = torch.randint(0, 128, (2, 16)).to(DEVICE)
+        logits = model(tokens, torch.arange(16).expand(2, 16).to(DEVICE), None)
         return mixers, tuple(logits.shape), bool(torch.isfinite(logits).all())
     finally:
         destroy_megatron()
