@@ -80,7 +80,7 @@ def one(case_index: int, dtype_name: str, mode: str):
         cb._bwd_grad_kernel[(NT, H)](
             q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do, *outs, dg, dbeta,
             scale, cu_, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=case.l2,
-            HAS_G=True, IS_VARLEN=varlen)
+            HAS_G=True, IS_VARLEN=varlen, LOOP_G=HV // H)
         finite("grads", *outs, dg, dbeta)
         got = dict(q=outs[0], k=outs[1], v=outs[2], g=dg, beta=dbeta)
         if h0 is not None:

@@ -104,7 +104,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
             q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
             dq, dk, dv, dg, dbeta, scale, cu, ci, T_arg, nts,
             H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
-            IS_VARLEN=varlen)
+            IS_VARLEN=varlen, LOOP_G=HV // H)
 
     def whole():
         cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,

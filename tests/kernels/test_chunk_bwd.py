@@ -126,7 +126,7 @@ def chunk_cumsum(g: torch.Tensor, layout) -> torch.Tensor:
 
 
 def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
-                 scale: Optional[float] = None):
+                 scale: Optional[float] = None, split_group: bool = True):
     B, T = case.B, case.T
     cu = torch.tensor(case.cu, dtype=torch.int32, device=DEVICE) if case.cu else None
     layout = chunk_fwd.make_chunk_layout(cu, B, T)
@@ -141,7 +141,7 @@ def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, case.K ** -0.5 if scale is None else scale, dev(x["h0"], torch.float32), do,
         dev(x["dht"], torch.float32), layout, q_rstd=q_rstd, k_rstd=k_rstd,
-        g=dev(x["g"], torch.float32) if pass_g else None,
+        g=dev(x["g"], torch.float32) if pass_g else None, split_group=split_group,
     )
     out = dict(q=dq, k=dk, v=dv, g=dg, beta=dbeta)
     if x["h0"] is not None:
@@ -158,6 +158,20 @@ def test_chunk_bwd_vs_recurrence(case):
     actual = run_backward(x, case, torch.float32)
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     assert set(actual) == set(expected)
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
+def test_chunk_bwd_group_loop(case):
+    """The gradient kernel's two GVA modes: the default runs one program per value head and
+    sums dq / dk over the group afterwards; split_group=False loops over the group inside one
+    program per key head."""
+    assert case.HV > case.H
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32, split_group=False)
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
@@ -278,7 +292,7 @@ common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
-    (cb._bwd_grad_kernel, dict(BK=256, BKC=64)),
+    (cb._bwd_grad_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
 ]
 for fn, fixed in kernels:
     cfg = max(fn.configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))
