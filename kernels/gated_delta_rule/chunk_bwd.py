@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
-from ..utils.tuning import autotune_or_fixed
+from ..utils.tuning import autotune_or_fixed, by_parallelism
 from .chunk_fwd import ChunkLayout, _parallelism_class, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
@@ -136,8 +136,9 @@ def _suffix(b_g):
 # 1. prep: Tm, w, u and the chunk-local dv = s P^T do
 # ---------------------------------------------------------------------------------------------
 
+# one config: 4 warps won at every shape S1-S5 on H200 (8 warps was the other candidate)
 @autotune_or_fixed(
-    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
+    configs=[triton.Config({}, num_warps=4, num_stages=1)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
 )
@@ -212,14 +213,18 @@ def _bwd_prep_kernel(
 # 3. the reverse state pass: dh' per chunk, dv_new = dv_local + (k e^(gl - gc)) dh', dh0
 # ---------------------------------------------------------------------------------------------
 
+# PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
+# programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones (BV 64 /
+# 8 warps won at S1, S3, S5 among BV 32 / 64 x 4 / 8 warps)
+_DH_WIDE = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
+_DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 1)] + _DH_WIDE
+
+
 @autotune_or_fixed(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
-             for bv in (32, 64) for nw in (4, 8)]
-    + [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (1, 2)],
+    configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    # PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
-    # programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
+    prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE),
     # dv is updated in place (dv_local -> dv_new): autotuning reruns must start from dv_local
     restore_value=["dv"],
 )
@@ -322,11 +327,12 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 # 4. gradients of q, k, v, g, beta per (chunk, key head), looping over the group
 # ---------------------------------------------------------------------------------------------
 
+# BV 64 / 8 warps won at every shape S1-S5 on H200 (of BV 32 / 64 x 4 / 8 warps), with the
+# group loop; 4 warps kept as the candidate for one value head per program
 @autotune_or_fixed(
-    configs=[triton.Config({"BV": bv}, num_warps=nw, num_stages=1)
-             for bv in (32, 64) for nw in (4, 8)],
+    configs=[triton.Config({"BV": 64}, num_warps=nw, num_stages=1) for nw in (8, 4)],
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
 )
 @triton.jit
 def _bwd_grad_kernel(

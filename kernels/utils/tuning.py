@@ -49,3 +49,18 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
     keeps: all of them, or the single default (MEGATRON_GDN_AUTOTUNE=0 / interpreter)."""
     return triton.autotune(configs=select_configs(configs, interpret_config, default_index),
                            key=key, **autotune_kwargs)
+
+
+def by_parallelism(narrow, wide):
+    """`prune_configs_by` for the sequential passes: keep the `narrow` configs (small V blocks,
+    more programs) when the launch's PAR_CLASS argument is 0 (few sequences x heads), the
+    `wide` ones otherwise; halves what a new shape compiles and times. Configs are matched by
+    identity, so pass the same objects that make up the kernel's config list."""
+    narrow_ids, wide_ids = {id(c) for c in narrow}, {id(c) for c in wide}
+
+    def prune(configs, named_args, **kwargs):
+        keep = narrow_ids if named_args["PAR_CLASS"] == 0 else wide_ids
+        kept = [c for c in configs if id(c) in keep]
+        return kept or list(configs)
+
+    return {"early_config_prune": prune}
