@@ -79,7 +79,11 @@ def backward_stages(shape, dtype=torch.bfloat16):
     tm = torch.empty(B, T, HV, 64, dtype=torch.float32, device="cuda")
     dv_buf = torch.empty_like(v)
     dh = torch.empty_like(h)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # as chunk_gated_delta_rule_bwd runs it: with GVA one program per value head, dq / dk per
+    # value head (the group sum is a separate small launch, timed in bwd_total only)
+    loop_g = 1
+    dq = q.new_empty(B, T, HV, K)
+    dk, dv = torch.empty_like(dq), torch.empty_like(v)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device="cuda")
     dbeta = torch.empty_like(dg)
 
@@ -100,11 +104,11 @@ def backward_stages(shape, dtype=torch.bfloat16):
             USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
 
     def grads():
-        cb._bwd_grad_kernel[(NT, H)](
+        cb._bwd_grad_kernel[(NT, HV // loop_g)](
             q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
             dq, dk, dv, dg, dbeta, scale, cu, ci, T_arg, nts,
             H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
-            IS_VARLEN=varlen, LOOP_G=HV // H)
+            IS_VARLEN=varlen, LOOP_G=loop_g)
 
     def whole():
         cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,
