@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a 4-GPU machine: the kernel benchmark (next to fla), the layer benchmark (next to
-# Megatron's GDN), the GPU test suite and TP=2 parity side by side on separate GPUs, then the
-# context-parallel sweeps (CP=4 on all four GPUs; then CP=2 and CP=1 side by side).
+# One call on a 4-GPU (or 2-GPU) machine: the kernel benchmark (next to fla), the layer
+# benchmark (next to Megatron's GDN), the GPU test suite and TP=2 parity side by side on
+# separate GPUs, then with 4 GPUs the context-parallel sweeps (CP=4 on all four GPUs; then CP=2
+# and CP=1 side by side).
 #   WHEELS=path/to/wheels bash scripts/gpu_round.sh OUTDIR
 # Every job has its own time limit and log (OUTDIR/*.log); a failing job does not stop others.
 set -uo pipefail
@@ -16,6 +17,12 @@ cd "$ROOT"
 python3 -c "import fla, megatron.core; print('fla', fla.__version__, 'megatron-core', megatron.core.__version__)" >> "$OUTDIR/setup.log" 2>&1
 cat "$OUTDIR/setup.log"
 
+TESTS_CHUNK="tests/kernels/test_gated_delta_rule.py tests/kernels/test_chunk_bwd.py
+  tests/kernels/test_chunk_internals.py tests/kernels/test_head_padding.py"
+TESTS_OTHER="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
+  tests/kernels/test_ssd.py tests/kernels/test_errors.py tests/kernels/test_tuning.py
+  tests/kernels/test_naive.py tests/layer/test_layer_single.py"
+
 job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3
   local start=$(date +%s)
@@ -25,26 +32,34 @@ job() {  # job NAME SECONDS GPUS COMMAND...
 }
 
 SEQS_CP="131072 262144 524288 1048576 2097152"
-# phase 1: four independent jobs
-job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
-job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
-( job tests-chunk 200 2 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf \
-    tests/kernels/test_gated_delta_rule.py tests/kernels/test_chunk_bwd.py \
-    tests/kernels/test_chunk_internals.py tests/kernels/test_head_padding.py
-  job layer-tp2 85 2,3 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
-    --tp-parity --out "$OUTDIR/layer_tp2" ) &
-job tests-other 195 3 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf \
-    tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py \
-    tests/kernels/test_ssd.py tests/kernels/test_errors.py tests/kernels/test_tuning.py \
-    tests/kernels/test_naive.py tests/layer/test_layer_single.py &
-wait
-# phase 2: context parallelism, 1.3B dims, 2 layers, lengths up to the first out-of-memory
-job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
-    --out "$OUTDIR/cp4" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 8192 --warmup 1 --iters 3
-job cp2 110 0,1 torchrun --nproc_per_node 2 --master_port 29513 benchmarks/bench_cp.py \
-    --out "$OUTDIR/cp2" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
-job cp1 110 2 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
-    --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
-wait
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+if [ "$NGPU" -ge 4 ]; then
+  # phase 1: four independent jobs
+  job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
+  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
+  ( job tests-chunk 200 2 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_CHUNK
+    job layer-tp2 85 2,3 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
+      --tp-parity --out "$OUTDIR/layer_tp2" ) &
+  job tests-other 195 3 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_OTHER &
+  wait
+  # phase 2: context parallelism, 1.3B dims, 2 layers, lengths up to the first out-of-memory
+  job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp4" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 8192 --warmup 1 --iters 3
+  job cp2 110 0,1 torchrun --nproc_per_node 2 --master_port 29513 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp2" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
+  job cp1 110 2 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
+  wait
+else
+  # two GPUs: the benchmarks side by side, then the tests side by side, then TP=2 parity
+  job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
+  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
+  wait
+  job tests-chunk 200 0 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_CHUNK &
+  job tests-other 200 1 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_OTHER &
+  wait
+  job layer-tp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
+      --tp-parity --out "$OUTDIR/layer_tp2"
+fi
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"
 cat "$OUTDIR/summary.txt"
