@@ -394,7 +394,9 @@ def run_tp_parity(args):
         torch.manual_seed(1234)
         model = GPTModel(config=config, transformer_layer_spec=gdn_layer_spec, vocab_size=vocab,
                          max_sequence_length=seq, parallel_output=False)
-        return model.to(device), config
+        # as Megatron's Float16Module does in training: every parameter in the compute dtype
+        # (GPTModel makes its learned position embeddings float32 whatever params_dtype says)
+        return model.to(device=device, dtype=dtype), config
 
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
