@@ -9,7 +9,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="$1"
 mkdir -p "$OUTDIR"
-: "${WHEELS:?set WHEELS to the folder of wheels (megatron-core, fla) before running}"
+: "${WHEELS:=$ROOT/.whl}"
 source "$ROOT/scripts/gpu_setup.sh" > "$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
 export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

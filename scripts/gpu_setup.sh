@@ -3,10 +3,12 @@
 # from a local folder (megatron-core, fla-core for the side-by-side benchmarks) and put this
 # checkout on PYTHONPATH (megatron_gdn maps kernels/ to megatron_gdn.kernels itself), without
 # touching torch.
-#   WHEELS=path/to/wheels source scripts/gpu_setup.sh
+#   WHEELS=path/to/wheels source scripts/gpu_setup.sh      (default: ./.whl when present)
 set -eo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SITE="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}"
+# the wheel folder defaults to the checkout's .whl (git-ignored) when it exists
+if [ -z "${WHEELS:-}" ] && [ -d "$ROOT/.whl" ]; then WHEELS="$ROOT/.whl"; fi
 mkdir -p "$SITE"
 if [ -n "${WHEELS:-}" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
