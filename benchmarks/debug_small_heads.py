@@ -67,8 +67,13 @@ def one(case_index: int, dtype_name: str, mode: str):
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
+        bv_qdo = 64 if BK <= 128 else 32
+        cb._bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
+            q, gc, q_rstd, do, dh, scale, cu_, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK,
+            BV=bv_qdo, L2=case.l2, IS_VARLEN=varlen)
+        finite("qdo", dh)
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            q, k, w, g, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale, cu_, co, T_arg, nts,
+            k, w, g, gc, k_rstd, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
             cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, L2=case.l2, USE_DHT=dht is not None,
             USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen)

@@ -96,9 +96,16 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
 
+    bv_qdo = 64 if BK <= 128 else 32
+
+    def qdo():
+        cb._bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
+            q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK,
+            BV=bv_qdo, L2=True, IS_VARLEN=varlen, num_warps=4 if BK <= 128 else 8)
+
     def dh_pass():
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            q, k, w, g_act, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale,
+            k, w, g_act, gc, k_rstd, dv_buf, None, dh, None,
             cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
             USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
@@ -115,7 +122,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
                                       q_rstd=q_rstd, k_rstd=k_rstd, g=g_act)
 
     res = {}
-    for name, fn in (("prep", prep), ("state", state), ("dh", dh_pass), ("grads", grads),
+    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass), ("grads", grads),
                      ("bwd_total", whole)):
         fn()
         res[name + "_ms"] = bk.bench_ms(fn)

@@ -19,7 +19,10 @@ def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages=1, floats
     """fn: a @triton.jit function, or an @triton.autotune wrapper of one; pointers: argument
     name -> Triton pointer type ("*fp32", "*bf16", "*i32"); constexprs: name -> value;
     floats: names of float scalar arguments. Other arguments are taken as i32."""
-    fn = getattr(fn, "fn", fn)
+    while not isinstance(fn, triton.runtime.JITFunction):  # autotune wrapper(s) -> the JIT function
+        fn = fn.fn
+    # constants the kernel does not take are dropped (one dict can serve several kernels)
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -213,6 +213,41 @@ def _bwd_prep_kernel(
 # 3. the reverse state pass: dh' per chunk, dv_new = dv_local + (k e^(gl - gc)) dh', dh0
 # ---------------------------------------------------------------------------------------------
 
+@triton.jit
+def _bwd_qdo_kernel(
+    q, gc, q_rstd, do, dh, scale,
+    cu_seqlens, chunk_indices, T, NT_SEQ,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The part of each chunk's state-gradient update that does not depend on the state
+    gradient, (scale q e^gc)^T do ([K, V] per chunk and value head), written into the dh
+    buffer at that chunk's slot, in parallel over chunks: the reverse pass reads it back just
+    before it stores the chunk's dh there, so its sequential loop loads no q and makes one dot
+    fewer."""
+    i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = HV // H
+    i_h = i_hv // G
+    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
+    t_r = t0 + tl.arange(0, 64)
+    m_t = t_r < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :],
+                  mask=m_t[:, None] & m_k[None, :], other=0.0)
+    q_scale = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)) * scale
+    if L2:
+        q_scale = q_scale * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+    b_qd = (b_q * q_scale[:, None]).to(b_q.dtype)
+    b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                   mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_x = tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
+    tl.store(dh + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
+             b_x.to(dh.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+
+
 # PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
 # programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones (BV 64 /
 # 8 warps won at S1, S3, S5 among BV 32 / 64 x 4 / 8 warps)
@@ -225,12 +260,13 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
     prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE),
-    # dv is updated in place (dv_local -> dv_new): autotuning reruns must start from dv_local
-    restore_value=["dv"],
+    # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
+    # overwrites it: autotuning reruns must start from both
+    restore_value=["dv", "dh"],
 )
 @triton.jit
 def _bwd_dh_kernel(
-    q, k, w, g, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale,
+    k, w, g, gc, k_rstd, dv, dht, dh, dh0,
     cu_seqlens, chunk_offsets, T, NT_SEQ, PAR_CLASS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
@@ -259,29 +295,24 @@ def _bwd_dh_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         h_off = ((c_off + i_t) * HV + i_hv) * K * V
-        tl.store(dh + h_off + o_k[:, None] * V + o_v[None, :], b_dh.to(dh.dtype.element_ty),
-                 mask=m_kv)
-        b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
+        p_dh = dh + h_off + o_k[:, None] * V + o_v[None, :]
+        # (scale q e^gc)^T do of this chunk (_bwd_qdo_kernel), read before dh takes its slot
+        b_qdo = tl.load(p_dh, mask=m_kv, other=0.0).to(tl.float32)
+        tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_kv)
         t_last = tl.minimum(bos + i_t * 64 + 64, eos) - 1
         g_last = tl.load(gc + t_last * HV + i_hv)
         b_k = tl.load(k + (t_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_w = tl.load(w + (t_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_tv, other=0.0)
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
         k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
                            0.0)
-        q_scale = tl.exp(b_gc) * scale
         if L2:
             k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-            q_scale = q_scale * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
         b_kd = (b_k * k_scale[:, None]).to(b_k.dtype)
-        b_qd = (b_q * q_scale[:, None]).to(b_q.dtype)
         b_dv += tl.dot(b_kd, b_dh.to(b_k.dtype))
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        b_dh = (b_dh * tl.exp(g_last) + tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
-                - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype)))
+        b_dh = b_dh * tl.exp(g_last) + b_qdo - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype))
     if USE_H0:
         tl.store(dh0 + state_off + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
 
@@ -527,15 +558,21 @@ def chunk_gated_delta_rule_bwd(
     h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
     del u
 
-    # 3. reverse state pass
+    # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
+    bv_qdo = 64 if BK <= 128 else 32
+    _bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
+        q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=BK, BV=bv_qdo, L2=l2, IS_VARLEN=varlen,
+        num_warps=4 if BK <= 128 else 8,
+    )
 
     def grid_dh(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
     _bwd_dh_kernel[grid_dh](
-        q, k, w, g, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale,
+        k, w, g, gc, k_rstd, dv_buf, dht, dh, dh0,
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
         L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, HAS_G=has_g,
