@@ -240,9 +240,15 @@ def bench_layer(layer, b, s, hidden, dtype, device, iters, warmup):
 
     sync()
     t = time.perf_counter()
-    fwd_bwd()
+    layer.zero_grad(set_to_none=True)
+    out = fwd()
+    sync()
+    first_fwd_s = time.perf_counter() - t
+    out.backward(dout)
     sync()
     first_call_s = time.perf_counter() - t
+    x.grad = None
+    del out
 
     fwd_ms = time_ms(fwd, iters, warmup)
     fwd_bwd_ms = time_ms(fwd_bwd, iters, warmup)
@@ -255,7 +261,7 @@ def bench_layer(layer, b, s, hidden, dtype, device, iters, warmup):
         sync()
         peak = torch.cuda.max_memory_allocated()
         peak_gib, peak_above_gib = peak / 2**30, (peak - before) / 2**30
-    return dict(first_call_s=first_call_s, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+    return dict(first_call_s=first_call_s, first_fwd_s=first_fwd_s, fwd_ms=fwd_ms, fwd_bwd_ms=fwd_bwd_ms,
                 tokens_per_s=b * s / (fwd_bwd_ms * 1e-3), peak_gib=peak_gib, peak_above_gib=peak_above_gib)
 
 
@@ -469,6 +475,8 @@ def main():
     if not args.keep_triton_cache and not args.tp_parity:
         # first-call times must include compilation: an empty cache, set before Triton imports
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_cache_bench_layer_")
+        # where a first call's time goes: Triton logs each autotuning and how long it took
+        os.environ.setdefault("TRITON_PRINT_AUTOTUNING", "1")
     import torch
 
     init_distributed(args.smoke)
