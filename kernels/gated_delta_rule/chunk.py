@@ -117,7 +117,9 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             g_act = -torch.exp(A_log.float()) * torch.where(
                 x > 20.0, x, torch.log1p(torch.exp(torch.clamp(x, max=20.0))))
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
-            q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(), dht, ctx.layout,
+            q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(),
+            # e.g. final_state.sum().backward() hands in a stride-0 expanded tensor
+            None if dht is None else dht.float().contiguous(), ctx.layout,
             q_rstd=q_rstd, k_rstd=k_rstd, g=g_act,
         )
         dA_log = ddt_bias = None

@@ -52,3 +52,26 @@ def test_compiled_minimum(monkeypatch):
     assert ch.padded_head_dims(128, 512) == (128, 512)
     monkeypatch.setattr(ch, "INTERPRET", True)
     assert ch.padded_head_dims(16, 32) == (16, 32)
+
+
+def test_expanded_output_gradients():
+    """o.sum() + final_state.sum() hands the backward stride-0 expanded gradients: the kernels
+    must see them materialised (once read out of a one-element buffer: NaN gradients)."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, H, HV, K, V = 1, 70, 1, 2, 32, 64
+    rand = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    q, k, v, h0 = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, HV, V), rand(1, HV, K, V)
+    k = k / k.norm(dim=-1, keepdim=True)
+    g = (-torch.rand(B, T, HV, generator=gen) * 0.3).to(DEVICE)
+    beta = torch.rand(B, T, HV, generator=gen).to(DEVICE)
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+        with force_backend(backend):
+            o, s = chunk_gated_delta_rule(*leaves[:5], None, leaves[5], True)
+        (o.sum() + s.sum()).backward()
+        grads[backend] = [x.grad for x in leaves]
+    for name, a, b in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads["triton"], grads["torch"]):
+        assert torch.isfinite(a).all(), name
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 5e-3, f"{name}: {err:.2e}"
