@@ -99,7 +99,7 @@ def test_bad_argument(name, backend):
 
 @pytest.mark.parametrize(
     "k_dim, v_dim, pattern",
-    [(257, 8, r"K=257 exceeds the Triton kernels' limit 256"), (8, 513, r"V=513 exceeds the Triton kernels' limit 512")],
+    [(257, 8, r"K=257 exceeds the Triton kernels' limit 256"), (8, 1025, r"V=1025 exceeds the Triton kernels' limit 1024")],
 )
 def test_triton_head_dim_limits(k_dim, v_dim, pattern):
     args = dict(
