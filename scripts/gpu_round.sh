@@ -17,11 +17,15 @@ cd "$ROOT"
 python3 -c "import fla, megatron.core; print('fla', fla.__version__, 'megatron-core', megatron.core.__version__)" >> "$OUTDIR/setup.log" 2>&1
 cat "$OUTDIR/setup.log"
 
-TESTS_CHUNK="tests/kernels/test_gated_delta_rule.py tests/kernels/test_chunk_bwd.py
-  tests/kernels/test_chunk_internals.py tests/kernels/test_head_padding.py"
-TESTS_OTHER="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
-  tests/kernels/test_ssd.py tests/kernels/test_errors.py tests/kernels/test_tuning.py
-  tests/kernels/test_naive.py tests/layer/test_layer_single.py"
+# the GPU test suite in four groups of about equal time, two pytest processes per GPU (the
+# tests are launch-latency bound); --durations names the slow ones in the logs
+TESTS_A="tests/kernels/test_gated_delta_rule.py"
+TESTS_B="tests/kernels/test_chunk_bwd.py tests/kernels/test_chunk_internals.py
+  tests/kernels/test_head_padding.py tests/kernels/test_errors.py tests/kernels/test_tuning.py"
+TESTS_C="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
+  tests/kernels/test_naive.py"
+TESTS_D="tests/kernels/test_ssd.py tests/layer/test_layer_single.py"
+PYTEST="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf --durations=15"
 
 job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3
@@ -37,10 +41,11 @@ if [ "$NGPU" -ge 4 ]; then
   # phase 1: four independent jobs
   job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
   job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
-  ( job tests-chunk 200 2 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_CHUNK
+  ( job tests-a 200 2 $PYTEST $TESTS_A & job tests-b 200 2 $PYTEST $TESTS_B & wait
     job layer-tp2 85 2,3 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
       --tp-parity --out "$OUTDIR/layer_tp2" ) &
-  job tests-other 195 3 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_OTHER &
+  job tests-c 200 3 $PYTEST $TESTS_C &
+  job tests-d 200 3 $PYTEST $TESTS_D &
   wait
   # phase 2: context parallelism, 1.3B dims, 2 layers, lengths up to the first out-of-memory
   job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
@@ -55,8 +60,10 @@ else
   job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
   job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
   wait
-  job tests-chunk 200 0 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_CHUNK &
-  job tests-other 200 1 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -q -p no:warnings -rf $TESTS_OTHER &
+  job tests-a 200 0 $PYTEST $TESTS_A &
+  job tests-b 200 0 $PYTEST $TESTS_B &
+  job tests-c 200 1 $PYTEST $TESTS_C &
+  job tests-d 200 1 $PYTEST $TESTS_D &
   wait
   job layer-tp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
       --tp-parity --out "$OUTDIR/layer_tp2"
