@@ -1,0 +1,31 @@
+"""Run a Megatron-LM training script (e.g. its `pretrain_gpt.py`) with this package's layer
+specs, on a GPU as it is, or on a CPU with `megatron_gdn.cpu` applied first:
+
+    torchrun --nproc_per_node 1 -m megatron_gdn.run_script MEGATRON_LM/pretrain_gpt.py \\
+        --spec megatron_gdn.specs gdn_layer_spec ...
+
+The script's own folder goes first on sys.path (Megatron-LM's scripts import their neighbours,
+gpt_builders.py and model_provider.py). Nothing of Megatron-LM is shipped here.
+"""
+import os
+import runpy
+import sys
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or not argv[0].endswith(".py"):
+        raise SystemExit("usage: python -m megatron_gdn.run_script SCRIPT.py [script arguments]")
+    script = os.path.abspath(argv[0])
+    if not os.path.isfile(script):
+        raise SystemExit(f"no such script: {script}")
+    import megatron_gdn.cpu
+
+    megatron_gdn.cpu.enable()  # no-op with a CUDA device
+    sys.path.insert(0, os.path.dirname(script))
+    sys.argv = [script] + list(argv[1:])
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
