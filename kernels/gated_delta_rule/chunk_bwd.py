@@ -359,9 +359,10 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 # ---------------------------------------------------------------------------------------------
 
 # BV 64 / 8 warps won at every shape S1-S5 on H200 (of BV 32 / 64 x 4 / 8 warps), with the
-# group loop; 4 warps kept as the candidate for one value head per program
+# group loop; 16 warps is the candidate against its spills (the [64, K] fp32 accumulators take
+# ~128 registers per thread at 8 warps; 255 registers, 150 B spilled, one program per SM)
 @autotune_or_fixed(
-    configs=[triton.Config({"BV": 64}, num_warps=nw, num_stages=1) for nw in (8, 4)],
+    configs=[triton.Config({"BV": 64}, num_warps=nw, num_stages=1) for nw in (8, 16)],
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
 )
