@@ -54,52 +54,9 @@ import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import autotune_or_fixed, by_parallelism
-from .chunk_fwd import ChunkLayout, _parallelism_class, chunk_state_fwd
+from .chunk_fwd import ChunkLayout, _parallelism_class, _unit_lower_inverse, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
-
-
-@triton.jit
-def _tm_from_a(b_a, tm_h, t0, eos, stride):
-    """Tm = (I + A)^-1 for the strictly lower [64, 64] A of one chunk, using the Tm rows of
-    the chunk in global memory (tm_h, row stride `stride`) as scratch; also stores Tm there.
-
-    With D the block diagonal (16x16 blocks) of I + A and N the rest: (I + A)^-1 =
-    (I + Z)^-1 D^-1, Z = D^-1 N strictly block lower, so Z^4 = 0 and
-    (I + Z)^-1 = I - Z + Z^2 - Z^3. D^-1 by forward substitution on the four blocks at once."""
-    r = tl.arange(0, 64)
-    t_r = t0 + r
-    m_t = t_r < eos
-    p_tm = tm_h + t_r[:, None] * stride + r[None, :]
-    tl.store(p_tm, b_a.to(tm_h.dtype.element_ty), mask=m_t[:, None])
-    tl.debug_barrier()
-    o_b = tl.arange(0, 4)
-    o_r = tl.arange(0, 16)
-    rows3 = o_b[:, None, None] * 16 + o_r[None, :, None]
-    cols3 = o_b[:, None, None] * 16 + o_r[None, None, :]
-    m3 = (t0 + rows3 < eos) & (cols3 >= 0)
-    p3 = tm_h + (t0 + rows3) * stride + cols3
-    a3 = tl.load(p3, mask=m3, other=0.0).to(tl.float32)
-    x3 = tl.where(rows3 == cols3, 1.0, 0.0)
-    for i in range(1, 16):
-        sel = o_r[None, :, None] == i
-        a_i = tl.sum(tl.where(sel, a3, 0.0), 1)
-        upd = tl.sum(a_i[:, :, None] * x3, 1)
-        x3 = tl.where(sel, x3 - upd[:, None, :], x3)
-    tl.debug_barrier()
-    tl.store(p3, x3.to(tm_h.dtype.element_ty), mask=m3)
-    tl.debug_barrier()
-    same = (r[:, None] // 16) == (r[None, :] // 16)
-    d_inv = tl.load(p_tm, mask=m_t[:, None] & same, other=0.0).to(tl.float32)
-    d_inv = tl.where(same & (r[:, None] == r[None, :]), 1.0, d_inv)
-    b_n = tl.where((r[:, None] // 16) > (r[None, :] // 16), b_a, 0.0)
-    z = tl.dot(d_inv, b_n)
-    z2 = tl.dot(z, z)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-    b_tm = tl.dot(eye - z + z2 - tl.dot(z2, z), d_inv)
-    tl.debug_barrier()
-    tl.store(p_tm, b_tm.to(tm_h.dtype.element_ty), mask=m_t[:, None])
-    return b_tm
 
 
 @triton.jit
@@ -184,7 +141,11 @@ def _bwd_prep_kernel(
         # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
         e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
         b_a = tl.where(lower, b_kk * e_seg, 0.0) * b_beta[:, None]
-        b_tm = _tm_from_a(b_a, tm + i_hv * 64, t0, eos, HV * 64).to(k.dtype.element_ty)
+        # Tm = (I + A)^-1 in registers as the forward computes it, stored for the gradient
+        # kernel (which reads its lower triangle)
+        b_tm_f = _unit_lower_inverse(b_a)
+        tl.store(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :], b_tm_f, mask=m_t[:, None])
+        b_tm = b_tm_f.to(k.dtype.element_ty)
 
         kb_scale = b_beta * tl.exp(b_gc) * rk
         for i_k in range(0, tl.cdiv(K, BK)):
