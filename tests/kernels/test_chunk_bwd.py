@@ -162,27 +162,19 @@ def test_chunk_bwd_vs_recurrence(case):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
-def test_chunk_bwd_group_loop(case):
-    """The gradient kernel's two GVA modes: the default runs one program per value head and
-    sums dq / dk over the group afterwards; split_group=False loops over the group inside one
-    program per key head."""
-    assert case.HV > case.H
+# variants of the backward against the same reference:
+# - pass_g=False: without the exact g the kernels recover it from differences of gc (same
+#   results up to the rounding of gc, which these moderate gates keep small);
+# - split_group=False: the gradient kernel loops over the GVA group inside one program per key
+#   head (the default runs one program per value head and sums dq / dk afterwards)
+@pytest.mark.parametrize("case, variant", [
+    (CASES[1], dict(pass_g=False)), (CASES[3], dict(pass_g=False)),
+    (CASES[2], dict(split_group=False)), (CASES[3], dict(split_group=False)),
+], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x))
+def test_chunk_bwd_variants(case, variant):
     x = make_inputs(case)
     expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, split_group=False)
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
-
-
-@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=lambda c: c.id)
-def test_chunk_bwd_without_g(case):
-    """Without the exact g the kernels recover it from differences of gc (same results up to
-    the rounding of gc, which these moderate gates keep small)."""
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, pass_g=False)
+    actual = run_backward(x, case, torch.float32, **variant)
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
