@@ -27,9 +27,9 @@ step_cmd() {
     bench-generate) echo "python3 benchmarks/bench_generate.py --out $OUTDIR/generate" ;;
     train-1gpu)     echo "bash examples/launch/gpu_throughput.sh $OUTDIR/train" ;;
     layer-tp2)      echo "torchrun --nproc_per_node 2 benchmarks/bench_layer.py --tp-parity --out $OUTDIR/layer_tp2" ;;
-    cp-parity)      echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --parity --out $OUTDIR/cp_parity" ;;
-    bench-cp)       echo "bash benchmarks/run_cp_sweep.sh $OUTDIR/cp" ;;
-    train-multi)    echo "bash examples/launch/gpu_multi_smoke.sh $OUTDIR/train_multi" ;;
+    cp-parity)      echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --parity-tokens 8192 --seq 32768 --layers 2 --impl ours --warmup 1 --iters 3 --out $OUTDIR/cp_parity" ;;
+    bench-cp)       echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --out $OUTDIR/cp$NGPU --seq 131072 262144 524288 1048576 2097152 --layers 2 --impl ours --warmup 1 --iters 3" ;;
+    train-multi)    echo "NPROC=$NGPU bash examples/launch/single_node.sh --model-yaml examples/configs/gdn_1.3b.yaml --bf16 --mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --seq-length 32768 --max-position-embeddings 32768 --context-parallel-size $NGPU --micro-batch-size 1 --global-batch-size 1 --train-iters 20 --lr 3e-4 --lr-warmup-iters 2 --log-interval 1 --eval-iters 0 --eval-interval 1000000 --no-save --out $OUTDIR/train_cp$NGPU" ;;
     *) return 1 ;;
   esac
 }
