@@ -354,12 +354,15 @@ def train(args) -> dict:
         losses.append(report)
         times.append(dt)
         tps = global_batch * seq / dt
+        # rank 0's peak since the start (parameters, ZeRO shards of the optimizer state, activations)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         if rank0 and (it + 1) % args.log_interval == 0:
             print(f"[gdn-ds] iteration {it + 1}/{args.train_iters} | loss {report:.6f} | "
-                  f"{tps:.0f} tokens/s | {dt * 1e3:.0f} ms", flush=True)
+                  f"{tps:.0f} tokens/s | {dt * 1e3:.0f} ms"
+                  + (f" | peak {peak:.2f} GiB" if peak is not None else ""), flush=True)
         if metrics is not None:
             metrics.write(json.dumps({"iteration": it + 1, "loss": report, "tokens_per_s": tps,
-                                      "dtype": str(dtype)}) + "\n")
+                                      "peak_mem_gib": peak, "dtype": str(dtype)}) + "\n")
             metrics.flush()
         done = it + 1
         if ckpt_dir and args.engine == "deepspeed" and (

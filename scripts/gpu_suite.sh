@@ -5,7 +5,7 @@
 # With ARCHIVE set, OUTDIR is packed into that file after every step (a run cut short by an
 # outer time limit still leaves the finished steps' logs).
 # Steps: tests-kernels tests-gpu bench-kernels bench-layer bench-hybrid bench-ssd bench-generate
-#        train-1gpu layer-tp2 cp-parity bench-cp train-multi
+#        train-1gpu layer-tp2 cp-parity bench-cp train-multi deepspeed
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="$1"; shift
@@ -30,6 +30,7 @@ step_cmd() {
     cp-parity)      echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --parity-tokens 8192 --seq 32768 --layers 2 --impl ours --warmup 1 --iters 3 --out $OUTDIR/cp_parity" ;;
     bench-cp)       echo "torchrun --nproc_per_node $NGPU benchmarks/bench_cp.py --out $OUTDIR/cp$NGPU --seq 131072 262144 524288 1048576 2097152 --layers 2 --impl ours --warmup 1 --iters 3" ;;
     train-multi)    echo "NPROC=$NGPU bash examples/launch/single_node.sh --model-yaml examples/configs/gdn_1.3b.yaml --bf16 --mock-data --tokenizer-type NullTokenizer --vocab-size 32000 --seq-length 32768 --max-position-embeddings 32768 --context-parallel-size $NGPU --micro-batch-size 1 --global-batch-size 1 --train-iters 20 --lr 3e-4 --lr-warmup-iters 2 --log-interval 1 --eval-iters 0 --eval-interval 1000000 --no-save --out $OUTDIR/train_cp$NGPU" ;;
+    deepspeed)      echo "python3 -m pip install -q --no-index --no-deps --no-compile --target ${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site} $ROOT/.whl/deepspeed/*.whl && bash examples/launch/gpu_deepspeed_compare.sh $OUTDIR/deepspeed" ;;
     *) return 1 ;;
   esac
 }

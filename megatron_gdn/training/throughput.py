@@ -179,6 +179,9 @@ class IterationMeter:
                "lm_loss": None if loss is None else float(loss),
                "lr": None if learning_rate is None else float(learning_rate),
                "iter_time_s": seconds}
+        if torch.cuda.is_available():
+            # this (logging) rank's peak since the start: parameters, optimizer state, activations
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if seconds:
             tps = self.tokens_per_iter / seconds
             rec["tokens_per_s"] = tps
@@ -205,6 +208,8 @@ class IterationMeter:
             parts.append(f"eta {eta:.0f}s")
         if rec.get("mfu") is not None:
             parts.append(f"MFU {100 * rec['mfu']:.1f}%")
+        if rec.get("peak_mem_gib") is not None:
+            parts.append(f"peak {rec['peak_mem_gib']:.2f} GiB")
         print(" | ".join(parts), flush=True)
 
     def summary(self) -> Optional[Dict]:
