@@ -72,7 +72,8 @@ def chunk_gated_delta_rule(
         use_beta_sigmoid: beta = sigmoid(beta argument).
     Returns:
         o: [B, T, HV, V] in v's dtype; final_state: [N, HV, K, V] float32, or None.
-    Limits on the Triton path (CUDA tensors): K <= 256, V <= 1024.
+    Limits on the Triton path (CUDA tensors): K <= 256, V <= 1024; head dims below 64 run
+    zero-padded to 64 (exact; see chunk.padded_head_dims).
     Gradients: q, k, v, g (or a, A_log, dt_bias), beta (or its logits), initial_state.
     """
     check_tensor("q", q, 4)
