@@ -46,11 +46,11 @@ def collect(root: Path, models: Optional[List[str]] = None, eval_subdir: str = "
     """eval_subdir: read each run's evaluation from RUN/eval_subdir/eval.json (a recall_eval.py
     --checkpoint RUN --out RUN/eval_subdir re-scoring, e.g. on more pairs)."""
     root = Path(root)
-    names = models or sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("s*")))
+    names = models or sorted(p.name for p in root.iterdir() if p.is_dir() and any(d.is_dir() for d in p.glob("s*")))
     out, incomplete = {}, []
     for name in names:
         runs = []
-        for d in sorted((root / name).glob("s*")):
+        for d in sorted(d for d in (root / name).glob("s*") if d.is_dir()):
             run = _run(d, eval_subdir)
             if run is None:
                 incomplete.append(str(d.relative_to(root)))

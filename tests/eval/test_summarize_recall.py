@@ -22,6 +22,7 @@ def test_collect_means_and_table(tmp_path):
     _fake_run(tmp_path / "gdn" / "s0", 0, {64: 1.0, 128: 0.5}, [3.0, 2.0, 1.0])
     _fake_run(tmp_path / "gdn" / "s1", 1, {64: 0.5, 128: 0.25}, [3.0, 1.0])
     (tmp_path / "gdn" / "s2").mkdir()  # unfinished: no eval.json
+    (tmp_path / "gdn" / "s0.log").write_text("a log next to the run folders is not a run\n")
     s = collect(tmp_path)
     g = s["models"]["gdn"]
     assert g["seeds"] == [0, 1] and s["incomplete"] == ["gdn/s2"]
