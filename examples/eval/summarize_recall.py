@@ -3,7 +3,8 @@
     python examples/eval/summarize_recall.py runs/cpu_mqar --out benchmarks/logs/quality_cpu/summary.json
 
 Per model: parameter count, and per seed the final training loss (last logged step and the mean
-of the last 5 logged steps), the steps and wall time, and the evaluation (token accuracy, exact
+of the last 5 logged steps), the steps and wall time, the first logged step with 90% training
+accuracy, and the evaluation (token accuracy, exact
 match per length); then the mean over the seeds that finished. Runs without eval.json are
 skipped (listed under "incomplete").
 """
@@ -30,6 +31,8 @@ def _run(directory: Path, eval_subdir: str = "") -> Optional[dict]:
         "argv": meta["argv"], "steps": log[-1]["step"] + 1, "train_s": log[-1]["elapsed_s"],
         "final_loss": log[-1]["loss"], "final_loss_mean5": sum(r["loss"] for r in tail) / len(tail),
         "final_train_acc_mean5": sum(r["acc"] for r in tail) / len(tail),
+        # first logged step whose batch accuracy at the answers reached 90% (None: never)
+        "first_step_train_acc90": next((r["step"] for r in log if r["acc"] >= 0.9), None),
         "eval": {int(k): {"token_acc": v["token_acc"], "exact_match": v["exact_match"],
                           "chance": v["chance"], "samples": v["samples"]} for k, v in results.items()},
     }

@@ -28,7 +28,7 @@ def test_collect_means_and_table(tmp_path):
     assert g["seeds"] == [0, 1] and s["incomplete"] == ["gdn/s2"]
     assert g["mean"][64] == {"token_acc": 0.75, "exact_match": 0.375}
     assert g["runs"][0]["final_loss"] == 1.0 and g["runs"][0]["final_loss_mean5"] == 2.0
-    assert g["runs"][0]["steps"] == 21
+    assert g["runs"][0]["steps"] == 21 and g["runs"][0]["first_step_train_acc90"] is None
     table = markdown(s, "token_acc")
     assert "| gdn | 1,234 | 2 | 2.000 | **75.0** (100.0/50.0) | **37.5** (50.0/25.0) |" in table
     json.dumps(s)  # serialisable
