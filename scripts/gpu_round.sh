@@ -40,13 +40,13 @@ NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 if [ "$NGPU" -ge 4 ]; then
   # phase 1: four independent jobs
   job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
-  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
-  ( job tests-a 200 2 $PYTEST $TESTS_A & job tests-b 200 2 $PYTEST $TESTS_B & wait
-    job layer-tp2 85 2,3 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
-      --tp-parity --out "$OUTDIR/layer_tp2" ) &
-  job tests-c 200 3 $PYTEST $TESTS_C &
-  job tests-d 200 3 $PYTEST $TESTS_D &
+  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
+  job layer-1.3b 290 3 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
+  ( job tests-a 200 2 $PYTEST $TESTS_A & job tests-b 200 2 $PYTEST $TESTS_B &
+    job tests-c 200 2 $PYTEST $TESTS_C & job tests-d 200 2 $PYTEST $TESTS_D & wait ) &
   wait
+  job layer-tp2 85 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
+    --tp-parity --out "$OUTDIR/layer_tp2"
   # phase 2: context parallelism, 1.3B dims, 2 layers, lengths up to the first out-of-memory
   job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
       --out "$OUTDIR/cp4" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 8192 --warmup 1 --iters 3
@@ -58,12 +58,13 @@ if [ "$NGPU" -ge 4 ]; then
 else
   # two GPUs: the benchmarks side by side, then the tests side by side, then TP=2 parity
   job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
-  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --iters 10 --warmup 3 &
+  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
   wait
   job tests-a 200 0 $PYTEST $TESTS_A &
   job tests-b 200 0 $PYTEST $TESTS_B &
-  job tests-c 200 1 $PYTEST $TESTS_C &
-  job tests-d 200 1 $PYTEST $TESTS_D &
+  job tests-c 200 0 $PYTEST $TESTS_C &
+  job tests-d 200 0 $PYTEST $TESTS_D &
+  job layer-1.3b 200 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
   wait
   job layer-tp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
       --tp-parity --out "$OUTDIR/layer_tp2"
