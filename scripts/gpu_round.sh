@@ -38,23 +38,24 @@ job() {  # job NAME SECONDS GPUS COMMAND...
 SEQS_CP="131072 262144 524288 1048576 2097152"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 if [ "$NGPU" -ge 4 ]; then
-  # phase 1: four independent jobs
-  job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
-  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
-  job layer-1.3b 290 3 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
-  ( job tests-a 200 2 $PYTEST $TESTS_A & job tests-b 200 2 $PYTEST $TESTS_B &
-    job tests-c 200 2 $PYTEST $TESTS_C & job tests-d 200 2 $PYTEST $TESTS_D & wait ) &
+  # phase 1 (<= 260 s): four independent jobs, one GPU each
+  job kernels 260 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 235 &
+  job layer 240 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
+  job layer-1.3b 240 2 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
+  ( job tests-a 200 3 $PYTEST $TESTS_A & job tests-b 200 3 $PYTEST $TESTS_B &
+    job tests-c 200 3 $PYTEST $TESTS_C & job tests-d 200 3 $PYTEST $TESTS_D & wait ) &
   wait
-  job layer-tp2 85 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
-    --tp-parity --out "$OUTDIR/layer_tp2"
-  # phase 2: context parallelism, 1.3B dims, 2 layers, lengths up to the first out-of-memory
-  job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
+  # phase 2 (<= 100 s): TP=2 parity on two GPUs; CP=1 length sweep (1.3B dims, 2 layers) on a third
+  job layer-tp2 100 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
+    --tp-parity --out "$OUTDIR/layer_tp2" &
+  job cp1 100 2 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
+    --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
+  wait
+  # phase 3 (<= 240 s): CP=4 with the bf16 parity check, then CP=2, lengths up to the first OOM
+  job cp4 140 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
       --out "$OUTDIR/cp4" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 8192 --warmup 1 --iters 3
-  job cp2 110 0,1 torchrun --nproc_per_node 2 --master_port 29513 benchmarks/bench_cp.py \
-      --out "$OUTDIR/cp2" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
-  job cp1 110 2 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
-      --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 &
-  wait
+  job cp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29513 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp2" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3
 else
   # two GPUs: the benchmarks side by side, then the tests side by side, then TP=2 parity
   job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
