@@ -180,9 +180,9 @@ def param_device(config) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def packed_cu_seqlens(packed_seq_params, batch: int, tokens: int):
-    """The cu_seqlens of Megatron's packed (THD) input for a token mixer, or None for dense
-    rows; the padded boundaries when Megatron gives them."""
+def thd_cu_seqlens(packed_seq_params, batch: int):
+    """The global cu_seqlens of Megatron's packed (THD) input (the padded boundaries when
+    Megatron gives them), or None for dense rows; packed input must have batch size 1."""
     if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
         return None
     cu = packed_seq_params.cu_seqlens_q_padded
@@ -192,6 +192,15 @@ def packed_cu_seqlens(packed_seq_params, batch: int, tokens: int):
         raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
     if batch != 1:
         raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
+    return cu
+
+
+def packed_cu_seqlens(packed_seq_params, batch: int, tokens: int):
+    """The cu_seqlens of Megatron's packed (THD) input for a token mixer without context
+    parallelism (thd_cu_seqlens, checked against the input's tokens), or None for dense rows."""
+    cu = thd_cu_seqlens(packed_seq_params, batch)
+    if cu is None:
+        return None
     if int(cu[-1]) != tokens:
         raise ValueError(
             f"packed_seq_params.cu_seqlens_q[-1]={int(cu[-1])} does not match the {tokens} "

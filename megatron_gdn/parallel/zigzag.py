@@ -33,6 +33,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_gdn.config import thd_cu_seqlens
+
 __all__ = ["CPLayout", "SubSegment", "layout_for_layer", "zigzag_indices", "zigzag_shard",
            "zigzag_unshard", "PACKED_LAYOUTS"]
 
@@ -207,15 +209,9 @@ def layout_for_layer(packed_seq_params, batch: int, local_len: int, cp_group,
     cu_seqlens_q, global as Megatron passes them; `packed_layout` as CPLayout.packed), dense
     rows otherwise."""
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
-    if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+    cu = thd_cu_seqlens(packed_seq_params, batch)
+    if cu is None:
         return CPLayout.dense(batch, local_len, cp_size, cp_rank)
-    cu = packed_seq_params.cu_seqlens_q_padded
-    if cu is None:
-        cu = packed_seq_params.cu_seqlens_q
-    if cu is None:
-        raise ValueError("packed_seq_params.cu_seqlens_q is None for qkv_format='thd'")
-    if batch != 1:
-        raise ValueError(f"packed sequences (qkv_format='thd') need batch size 1, got {batch}")
     return CPLayout.packed(cu, local_len, cp_size, cp_rank, packed_layout)
 
 
