@@ -67,10 +67,7 @@ def one(case_index: int, dtype_name: str, mode: str):
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
-        bv_qdo = 64 if BK <= 128 else 32
-        cb._bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
-            q, gc, q_rstd, do, dh, scale, cu_, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK,
-            BV=bv_qdo, L2=case.l2, IS_VARLEN=varlen)
+        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
         finite("qdo", dh)
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             k, w, g, gc, k_rstd, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,

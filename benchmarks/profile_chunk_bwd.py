@@ -96,12 +96,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
 
-    bv_qdo = 64 if BK <= 128 else 32
-
     def qdo():
-        cb._bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
-            q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK,
-            BV=bv_qdo, L2=True, IS_VARLEN=varlen, num_warps=4 if BK <= 128 else 8)
+        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
 
     def dh_pass():
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](

@@ -462,6 +462,26 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def qdo_config(K: int) -> triton.Config:
+    """The one launch config of _bwd_qdo_kernel (not autotuned): a [BK, BV] fp32 tile."""
+    return (triton.Config({"BV": 64}, num_warps=4) if _pow2(K) <= 128
+            else triton.Config({"BV": 32}, num_warps=8))
+
+
+def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout) -> None:
+    """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]): the reverse pass's
+    input (q_rstd not None: the l2-norm option is on)."""
+    _, _, H, K = q.shape
+    HV, V = do.shape[2], do.shape[3]
+    cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
+    cfg = qdo_config(K)
+    _bwd_qdo_kernel[(layout.num_chunks, HV, triton.cdiv(V, cfg.kwargs["BV"]))](
+        q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, IS_VARLEN=varlen,
+        num_warps=cfg.num_warps, **cfg.kwargs,
+    )
+
+
 def chunk_gated_delta_rule_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -523,12 +543,7 @@ def chunk_gated_delta_rule_bwd(
     # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-    bv_qdo = 64 if BK <= 128 else 32
-    _bwd_qdo_kernel[(NT, HV, triton.cdiv(V, bv_qdo))](
-        q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, BV=bv_qdo, L2=l2, IS_VARLEN=varlen,
-        num_warps=4 if BK <= 128 else 8,
-    )
+    launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
 
     def grid_dh(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)

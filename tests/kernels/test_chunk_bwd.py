@@ -272,7 +272,6 @@ def test_chunk_bwd_bf16_gpu(case):
 # One value head per key head: the group loop reuses the buffers, and compiles G times faster.
 # A child process: under TRITON_INTERPRET the kernels cannot be compiled.
 _SHARED_SCRIPT = """
-import triton
 from hopper_compile import HOPPER_MAX_SHARED, compile_for_hopper, shared_bytes
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
@@ -288,10 +287,9 @@ kernels = [
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
     (cb._bwd_grad_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
 ]
-# the one launch config of the plain (not autotuned) kernel, as chunk_gated_delta_rule_bwd sets it
-QDO_CONFIG = triton.Config({"BV": 32}, num_warps=8, num_stages=3)
 for fn, fixed in kernels:
-    configs = getattr(fn, "configs", [QDO_CONFIG])
+    # the plain (not autotuned) kernel: its one launch config
+    configs = getattr(fn, "configs", [cb.qdo_config(K)])
     cfg = max(configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))
     kernel = compile_for_hopper(fn, ptr, dict(common, **fixed, **cfg.kwargs), cfg.num_warps,
                                 cfg.num_stages, floats=("scale",))
