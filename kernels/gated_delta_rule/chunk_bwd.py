@@ -1,4 +1,4 @@
-"""Backward of the chunked gated delta rule (chunk C = 64), four launches.
+"""Backward of the chunked gated delta rule (chunk C = 64), five launches.
 
 Legend: B batch, T tokens per batch row, H key heads, HV value heads, G = HV // H, K key dim,
 V value dim, N sequences, NT chunks over all sequences; rows i, j index tokens of one chunk.
@@ -38,13 +38,15 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   that are as large as the true dg there; so seg and sfx are formed from g itself (the
   optional `g` argument; without it g is recovered as differences of gc). The pair
   decay on the diagonal (e^0) and of the last row (sfx = 0) carry no g at all.
-  The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk are summed over the G value
-  heads of a key head inside one program (no repeated q/k, no per-value-head dq/dk buffer).
+  The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk of the G value heads of a key
+  head are computed per value head into [B, T, HV, K] buffers and summed afterwards (default),
+  or summed inside one program per key head (split_group=False); no repeated q / k either way.
 
 Launches: (1) prep, per (chunk, key head): Tm (stored), w, u, dv_local = s P^T do;
-(2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) the reverse state pass,
-per (sequence, value head, V block): dh' per chunk, dv_new in place of dv_local, dh0;
-(4) grads, per (chunk, key head): dq, dk, dv, dg, dbeta.
+(2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) qdo, per (chunk, value
+head, V block): s (q e^gc)^T do into the dh buffer; (4) the reverse state pass, per (sequence,
+value head, V block): dh' per chunk (reading (3) back first), dv_new in place of dv_local, dh0;
+(5) grads, per (chunk, value head) or (chunk, key head): dq, dk, dv, dg, dbeta.
 """
 from typing import Optional
 
