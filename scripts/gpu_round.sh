@@ -21,7 +21,7 @@ cat "$OUTDIR/setup.log"
 # tests are launch-latency bound); --durations names the slow ones in the logs
 TESTS_A="tests/kernels/test_gated_delta_rule.py"
 TESTS_B="tests/kernels/test_chunk_bwd.py tests/kernels/test_chunk_internals.py
-  tests/kernels/test_head_padding.py tests/kernels/test_errors.py tests/kernels/test_tuning.py"
+  tests/kernels/test_chunk_entry.py tests/kernels/test_errors.py tests/kernels/test_tuning.py"
 TESTS_C="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
   tests/kernels/test_naive.py"
 TESTS_D="tests/kernels/test_ssd.py tests/layer/test_layer_single.py"

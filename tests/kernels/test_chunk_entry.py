@@ -1,6 +1,9 @@
-"""The Triton entry point zero-pads small head dims (K or V below MIN_COMPILED_HEAD_DIM) on
+"""What the Triton entry point (kernels/gated_delta_rule/chunk.py) does around the kernels.
+
+Padding: it zero-pads small head dims (K or V below MIN_COMPILED_HEAD_DIM) on
 compiled launches. Under the interpreter the padding is off, so here it is forced on (to 32) and
-the padded run must equal the unpadded one: output, final state and every gradient."""
+the padded run must equal the unpadded one: output, final state and every gradient.
+Output gradients: broadcast (stride-0) ones are materialised before the kernels read them."""
 import pytest
 import torch
 
