@@ -19,11 +19,18 @@ def _map_source_tree_kernels() -> None:
     is used straight from a source checkout (repository root on PYTHONPATH, no install), map it
     here the same way; an installed package finds it through its own finder first."""
     name = __name__ + ".kernels"
-    if name in _sys.modules or _importlib_util.find_spec(name) is not None:
+    if name in _sys.modules:
         return
-    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    folder = _os.path.join(root, "kernels")
     init = _os.path.join(folder, "__init__.py")
-    if not _os.path.isfile(init):
+    # a source checkout (setup.py beside kernels/) keeps its own kernels even when an editable
+    # install of another checkout (a git worktree's main tree) is on the path
+    source_checkout = _os.path.isfile(init) and _os.path.isfile(_os.path.join(root, "setup.py"))
+    if not source_checkout:
+        return
+    found = _importlib_util.find_spec(name)
+    if found is not None and found.origin and _os.path.realpath(found.origin) == _os.path.realpath(init):
         return
     spec = _importlib_util.spec_from_file_location(name, init, submodule_search_locations=[folder])
     module = _importlib_util.module_from_spec(spec)
