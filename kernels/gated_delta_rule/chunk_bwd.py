@@ -48,6 +48,7 @@ head, V block): s (q e^gc)^T do into the dh buffer; (4) the reverse state pass, 
 value head, V block): dh' per chunk (reading (3) back first), dv_new in place of dv_local, dh0;
 (5) grads, per (chunk, value head) or (chunk, key head): dq, dk, dv, dg, dbeta.
 """
+import os
 from typing import Optional
 
 import torch
@@ -460,6 +461,216 @@ def _bwd_grad_kernel(
     tl.store(dk + p_out, acc_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
+# ---------------------------------------------------------------------------------------------
+# 5'. the same gradients in two lighter launches (MEGATRON_GDN_BWD_GRADS=split, the default)
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _exclusive_cumsum(x):
+    """y_r = sum_{j < r} x_j ([64]) as a masked row sum: no "cumsum - x" difference."""
+    r = tl.arange(0, 64)
+    return tl.sum(tl.where(r[None, :] < r[:, None], x[None, :], 0.0), 1)
+
+
+# BV 64 at 4 and 8 warps; the interpreter runs BV 32 so that the tests cross V blocks
+_GRAD_SPLIT_CONFIGS = [triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+@autotune_or_fixed(
+    configs=_GRAD_SPLIT_CONFIGS,
+    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
+)
+@triton.jit
+def _bwd_grad_vq_kernel(
+    q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new, dv2, do,
+    dq, dv, pm, m2, dg, dbeta, scale,
+    cu_seqlens, chunk_indices, T, NT_SEQ,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
+):
+    """The first half of the gradients, per (chunk, value head) (LOOP_G = 1) or (chunk, key
+    head) (LOOP_G = G), everything that reduces over V through do, v_new and dvb:
+    dvb = Tm^T dv_new (dv = beta dvb), Ds_raw = do v_new^T, dA = -dvb v_new^T and dq in full
+    (s e^gc do h^T + Ds k). Stores for _bwd_grad_k_kernel the two C x C matrices dk needs,
+    pm = Ds (into `pm`) and bE + bE^T (into `m2`), both [B, T, HV, 64] in q's dtype, and writes
+    the parts of dg and dbeta that are known here (pairs X of Ds and E; a = q . dq_inter;
+    rowsum(v dvb) + rowsum(E k k^T)); the second launch adds its own."""
+    i_c, i_p = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = HV // H
+    OH: tl.constexpr = HV // LOOP_G
+    i_h = (i_p * LOOP_G) // G
+    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
+    r = tl.arange(0, 64)
+    t_r = t0 + r
+    m_t = t_r < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
+    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
+    lower = (r[:, None] > r[None, :]) & m_t[:, None]
+    acc_dq = tl.zeros([64, BK], dtype=tl.float32)
+    for i_g in tl.static_range(LOOP_G):
+        i_hv = i_p * LOOP_G + i_g
+        b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
+        b_tmt = tl.trans(tl.load(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
+                                 mask=causal, other=0.0).to(dv2.dtype.element_ty))
+        h_base = h + (i_c.to(tl.int64) * HV + i_hv) * K * V
+        b_ds = tl.zeros([64, 64], dtype=tl.float32)
+        b_da = tl.zeros([64, 64], dtype=tl.float32)
+        b_dqi = tl.zeros([64, BK], dtype=tl.float32)
+        b_db = tl.zeros([64], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv = m_t[:, None] & m_v[None, :]
+            p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0.0)
+            b_dv2 = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
+            b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
+                          mask=m_k[:, None] & m_v[None, :], other=0.0)
+            b_ds += tl.dot(b_do, tl.trans(b_vn))
+            b_dqi += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+            b_dvb = tl.dot(b_tmt, b_dv2)
+            b_da += tl.dot(b_dvb.to(b_vn.dtype), tl.trans(b_vn))
+            tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+            b_db += tl.sum(b_v.to(tl.float32) * b_dvb, 1)
+
+        b_kk, b_qk = _gram_qk(q, k, q_rstd, k_rstd, t_r * H + i_h, m_t, K, BKC, L2)
+        b_q, b_k, b_qn, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
+        # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
+        e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
+        e_gc = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0))
+        dq_hv = b_dqi * (e_gc * scale)[:, None]
+        b_a = tl.sum(b_qn * dq_hv, 1)
+        b_pm = tl.where(causal, b_ds * e_seg, 0.0) * scale
+        b_x = tl.where(lower, b_pm * b_qk, 0.0)
+        dq_hv += tl.dot(b_pm.to(b_k.dtype), b_k)
+        b_e = tl.where(lower, -b_da * e_seg, 0.0)
+        b_be = b_e * b_beta[:, None]
+        b_x += b_be * b_kk
+        b_db += tl.sum(b_e * b_kk, 1)
+        p_cc = (t_r[:, None] * HV + i_hv) * 64 + r[None, :]
+        tl.store(pm + p_cc, b_pm.to(pm.dtype.element_ty), mask=m_t[:, None])
+        tl.store(m2 + p_cc, (b_be + tl.trans(b_be)).to(m2.dtype.element_ty), mask=m_t[:, None])
+        # dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j] over this launch's terms
+        b_y = tl.cumsum(b_x, 0, reverse=True)
+        b_dg = (tl.sum(tl.where(r[None, :] < r[:, None], b_y, 0.0), 1)
+                + tl.cumsum(b_a, 0, reverse=True))
+        tl.store(dg + t_r * HV + i_hv, b_dg, mask=m_t)
+        tl.store(dbeta + t_r * HV + i_hv, b_db, mask=m_t)
+        if i_g == 0:
+            acc_dq = dq_hv
+        else:
+            acc_dq += dq_hv
+
+    if L2:
+        rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        acc_dq = rq[:, None] * (acc_dq - b_qn * tl.sum(b_qn * acc_dq, 1)[:, None])
+    tl.store(dq + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dq.to(dq.dtype.element_ty),
+             mask=m_tk)
+
+
+@autotune_or_fixed(
+    configs=_GRAD_SPLIT_CONFIGS,
+    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
+    # dg and dbeta hold _bwd_grad_vq_kernel's parts, which this launch adds to
+    restore_value=["dg", "dbeta"],
+)
+@triton.jit
+def _bwd_grad_k_kernel(
+    q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
+    dk, dg, dbeta,
+    cu_seqlens, chunk_indices, T, NT_SEQ,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
+    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
+):
+    """The second half, after _bwd_grad_vq_kernel: dk and the rest of dg, dbeta. Reduces over
+    V only v_new dh'^T and dv_new h^T; dkb = -dvb h^T = -Tm^T (dv_new h^T) takes Tm^T after
+    the loop, so dvb is neither stored nor recomputed. Adds to dg, dbeta: a = beta e^gc
+    (k . dkb) + [i = last] e^gl sum(h * dh'), the suffix-sum pairs (b_j = k_j . dk_h_j, the
+    last row of X) and e^gc (k . dkb)."""
+    i_c, i_p = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = HV // H
+    OH: tl.constexpr = HV // LOOP_G
+    i_h = (i_p * LOOP_G) // G
+    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
+    r = tl.arange(0, 64)
+    t_r = t0 + r
+    m_t = t_r < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
+    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
+    t_last = tl.minimum(t0 + 64, eos) - 1
+    acc_dk = tl.zeros([64, BK], dtype=tl.float32)
+    for i_g in tl.static_range(LOOP_G):
+        i_hv = i_p * LOOP_G + i_g
+        h_base = h + (i_c.to(tl.int64) * HV + i_hv) * K * V
+        dh_base = dh + (i_c.to(tl.int64) * HV + i_hv) * K * V
+        b_dkh = tl.zeros([64, BK], dtype=tl.float32)
+        b_y = tl.zeros([64, BK], dtype=tl.float32)
+        b_hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv = m_t[:, None] & m_v[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
+            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0.0)
+            b_dv2 = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
+            b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_dkh += tl.dot(b_vn, tl.trans(b_dh.to(b_vn.dtype)))
+            b_y += tl.dot(b_dv2, tl.trans(b_h.to(b_dv2.dtype)))
+            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
+        b_tmt = tl.trans(tl.load(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
+                                 mask=causal, other=0.0).to(dv2.dtype.element_ty))
+        # dkb = -dvb h^T, kept as +Tm^T (dv_new h^T); the sign goes into its uses
+        b_dkb = tl.dot(b_tmt, b_y.to(b_tmt.dtype))
+
+        b_q, b_k, _, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
+        b_g = _chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)
+        e_gc = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0))
+        b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
+        g_last = tl.load(gc + t_last * HV + i_hv)
+        dk_hv = b_dkh * tl.where(m_t, tl.exp(_suffix(b_g)), 0.0)[:, None]
+        b_sfx = tl.sum(b_kn * dk_hv, 1)
+        p_cc = (t_r[:, None] * HV + i_hv) * 64 + r[None, :]
+        b_pm = tl.load(pm + p_cc, mask=m_t[:, None], other=0.0)
+        b_m2 = tl.load(m2 + p_cc, mask=m_t[:, None], other=0.0)
+        dk_hv += tl.dot(tl.trans(b_pm), b_q)
+        dk_hv += tl.dot(b_m2, b_k)
+        kb_scale = b_beta * e_gc
+        k_dkb = -tl.sum(b_kn * b_dkb, 1)
+        dk_hv -= b_dkb * kb_scale[:, None]
+        b_a = kb_scale * k_dkb + tl.where(t_r == t_last, tl.exp(g_last) * tl.sum(b_hdh, 0), 0.0)
+        # masked rows have g = 0 and k = 0: b_j sits in the last row of X also in a partial
+        # chunk, and reaches dg_r for every r > j
+        b_dg = _exclusive_cumsum(b_sfx) + tl.cumsum(b_a, 0, reverse=True)
+        p_r = t_r * HV + i_hv
+        tl.store(dg + p_r, tl.load(dg + p_r, mask=m_t, other=0.0) + b_dg, mask=m_t)
+        tl.store(dbeta + p_r, tl.load(dbeta + p_r, mask=m_t, other=0.0) + e_gc * k_dkb,
+                 mask=m_t)
+        if i_g == 0:
+            acc_dk = dk_hv
+        else:
+            acc_dk += dk_hv
+
+    if L2:
+        rk = tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        acc_dk = rk[:, None] * (acc_dk - b_kn * tl.sum(b_kn * acc_dk, 1)[:, None])
+    tl.store(dk + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dk.to(dk.dtype.element_ty),
+             mask=m_tk)
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -484,6 +695,65 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout) -> None:
     )
 
 
+GRADS_ENV = "MEGATRON_GDN_BWD_GRADS"
+GRADS_VARIANTS = ("split", "fused")
+
+
+def grads_variant(grads: Optional[str] = None) -> str:
+    """The gradient stage to run: `grads` if given, else $MEGATRON_GDN_BWD_GRADS, else split."""
+    value = grads if grads is not None else os.environ.get(GRADS_ENV, "split")
+    if value not in GRADS_VARIANTS:
+        name = "grads" if grads is not None else GRADS_ENV
+        raise ValueError(f"{name}={value!r}: expected one of {GRADS_VARIANTS}")
+    return value
+
+
+def launch_grads(variant, q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
+                 scale, layout: ChunkLayout, loop_g: int):
+    """The gradient stage: dq, dk ([B, T, HV // loop_g, K], q's dtype; per value head when
+    loop_g < G, for the caller to sum over the group), dv, dg, dbeta. variant "fused": one
+    launch of _bwd_grad_kernel; "split": _bwd_grad_vq_kernel then _bwd_grad_k_kernel, with
+    two [B, T, HV, 64] scratch matrices in q's dtype between them."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
+    NT = layout.num_chunks
+    BK = _pow2(K)
+    l2 = q_rstd is not None
+    has_g = g is not None
+    dq = q.new_empty(B, T, HV // loop_g, K)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty_like(dg)
+    grid = (NT, HV // loop_g)
+    if variant == "fused":
+        _bwd_grad_kernel[grid](
+            q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
+            dq, dk, dv, dg, dbeta, scale,
+            cu, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
+            IS_VARLEN=varlen, LOOP_G=loop_g,
+        )
+        return dq, dk, dv, dg, dbeta
+    pm = q.new_empty(B, T, HV, 64)
+    m2 = torch.empty_like(pm)
+    _bwd_grad_vq_kernel[grid](
+        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new, dv2, do,
+        dq, dv, pm, m2, dg, dbeta, scale,
+        cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
+        IS_VARLEN=varlen, LOOP_G=loop_g,
+    )
+    _bwd_grad_k_kernel[grid](
+        q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
+        dk, dg, dbeta,
+        cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=BK, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
+    )
+    return dq, dk, dv, dg, dbeta
+
+
 def chunk_gated_delta_rule_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -499,6 +769,7 @@ def chunk_gated_delta_rule_bwd(
     k_rstd: Optional[torch.Tensor] = None,
     g: Optional[torch.Tensor] = None,
     split_group: bool = True,
+    grads: Optional[str] = None,
 ):
     """Gradients of the chunked gated delta rule (interface fixed in chunk.py).
 
@@ -516,7 +787,10 @@ def chunk_gated_delta_rule_bwd(
     split_group: with G = HV // H > 1, run the gradient kernel per value head and sum dq / dk
         over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype) instead of
         looping over the group inside one program per key head.
+    grads: "split" (two launches) or "fused" (one launch) for the gradient stage; None reads
+        MEGATRON_GDN_BWD_GRADS (default "split").
     """
+    variant = grads_variant(grads)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
@@ -559,21 +833,12 @@ def chunk_gated_delta_rule_bwd(
     )
     del w
 
-    # 4. gradients
+    # 5. gradients
     G = HV // H
     loop_g = G if G == 1 or not split_group else 1
-    dq = q.new_empty(B, T, HV // loop_g, K)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(v)
-    dg = torch.empty(B, T, HV, dtype=torch.float32, device=dev)
-    dbeta = torch.empty(B, T, HV, dtype=torch.float32, device=dev)
-    _bwd_grad_kernel[(NT, HV // loop_g)](
-        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
-        dq, dk, dv, dg, dbeta, scale,
-        cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g, IS_VARLEN=varlen,
-        LOOP_G=loop_g,
-    )
+    dq, dk, dv, dg, dbeta = launch_grads(
+        variant, q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
+        do, scale, layout, loop_g)
     if loop_g != G:
         # per value head -> per key head (value head i reads key head i // G)
         dq = dq.view(B, T, H, G, K).sum(3, dtype=torch.float32).to(q.dtype)
