@@ -265,7 +265,8 @@ def main():
     p.add_argument("--diag", action="store_true", help="output-kernel diagnostics in bf16")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--bwd-stages", action="store_true",
-                   help="also time our backward launch by launch (profile_chunk_bwd.py)")
+                   help="also time our backward launch by launch (profile_chunk_bwd.py), the "
+                        "gradient stage both fused and split")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
     args = p.parse_args()
@@ -399,6 +400,16 @@ def main():
         if "ours" in row and "fla" in row and "fwd_ms" in row["ours"] and "fwd_ms" in row["fla"]:
             lines.append(f"| {sid} | ours/fla | {row['ours']['fwd_ms'] / row['fla']['fwd_ms']:.2f} | "
                          f"{row['ours']['fwd_bwd_ms'] / row['fla']['fwd_bwd_ms']:.2f} | | |")
+    stages = {sid: row["ours_bwd_stages"] for sid, row in results["timings"].items()
+              if "grads_fused_ms" in row.get("ours_bwd_stages", {})}
+    if stages:
+        # --bwd-stages: the gradient stage both ways (MEGATRON_GDN_BWD_GRADS), same run and card
+        lines += ["", "| shape | grads fused ms | grads split ms (vq + k) | bwd fused ms | "
+                  "bwd split ms |", "|---|---|---|---|---|"]
+        for sid, st in stages.items():
+            lines.append(f"| {sid} | {fmt(st['grads_fused_ms'])} | {fmt(st['grads_split_ms'])} "
+                         f"({fmt(st['grads_vq_ms'])} + {fmt(st['grads_k_ms'])}) | "
+                         f"{fmt(st['bwd_total_fused_ms'])} | {fmt(st['bwd_total_split_ms'])} |")
     text = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -5,8 +5,11 @@ shapes (timings first: the float64 reference is slow).
     python benchmarks/profile_chunk_bwd.py --out benchmarks/logs/bwd
 
 Correctness of what is timed: tests/kernels/test_chunk_bwd.py (fp64 recurrence, CPU
-interpreter and GPU) and the check below (every gradient against the pure-torch chunked path
-in float64 on the same GPU, bf16 and fp32 inputs, dense and packed, GVA, K = 256 / V = 512).
+interpreter and GPU, both gradient stages) and the check below (every gradient against the
+pure-torch chunked path in float64 on the same GPU, bf16 and fp32 inputs, dense and packed,
+GVA, K = 256 / V = 512, with MEGATRON_GDN_BWD_GRADS=split and =fused). The stages report the
+gradient stage both ways in one run: grads_fused_ms, grads_split_ms (= grads_vq_ms +
+grads_k_ms) and the whole backward with each, bwd_total_fused_ms / bwd_total_split_ms.
 Workload as in bench_kernels.py: fused l2-norm, g = logsigmoid, beta = sigmoid, scale K^-0.5.
 fla refuses its backward on Hopper with triton < 3.7.1; this script sets
 fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True to time it.
@@ -82,10 +85,6 @@ def backward_stages(shape, dtype=torch.bfloat16):
     # as chunk_gated_delta_rule_bwd runs it: with GVA one program per value head, dq / dk per
     # value head (the group sum is a separate small launch, timed in bwd_total only)
     loop_g = 1
-    dq = q.new_empty(B, T, HV, K)
-    dk, dv = torch.empty_like(dq), torch.empty_like(v)
-    dg = torch.empty(B, T, HV, dtype=torch.float32, device="cuda")
-    dbeta = torch.empty_like(dg)
 
     def prep():
         cb._bwd_prep_kernel[(NT, H)](
@@ -106,25 +105,50 @@ def backward_stages(shape, dtype=torch.bfloat16):
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
             USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
 
-    def grads():
-        cb._bwd_grad_kernel[(NT, HV // loop_g)](
-            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do,
-            dq, dk, dv, dg, dbeta, scale, cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
-            IS_VARLEN=varlen, LOOP_G=loop_g)
+    def grads(variant):
+        return lambda: cb.launch_grads(variant, q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm,
+                                       h, dh, v_new, dv_buf, do, scale, layout, loop_g)
 
-    def whole():
-        cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,
-                                      q_rstd=q_rstd, k_rstd=k_rstd, g=g_act)
+    def whole(variant):
+        return lambda: cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None,
+                                                     layout, q_rstd=q_rstd, k_rstd=k_rstd,
+                                                     g=g_act, grads=variant)
 
     res = {}
-    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass), ("grads", grads),
-                     ("bwd_total", whole)):
+    # the gradient stage both ways (MEGATRON_GDN_BWD_GRADS): grads_fused_ms is the one-launch
+    # _bwd_grad_kernel, grads_split_ms the two launches _bwd_grad_vq_kernel + _bwd_grad_k_kernel
+    # (each also timed alone: grads_vq_ms, grads_k_ms); bwd_total_* is the whole backward
+    pm = q.new_empty(B, T, HV, 64)
+    m2 = torch.empty_like(pm)
+    dq = q.new_empty(B, T, HV, K)
+    dk, dv = torch.empty_like(dq), torch.empty_like(v)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device="cuda")
+    dbeta = torch.empty_like(dg)
+
+    def grads_vq():
+        cb._bwd_grad_vq_kernel[(NT, HV)](
+            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, v_new, dv_buf, do,
+            dq, dv, pm, m2, dg, dbeta, scale, cu, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
+            IS_VARLEN=varlen, LOOP_G=1)
+
+    def grads_k():
+        cb._bwd_grad_k_kernel[(NT, HV)](
+            q, k, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, pm, m2,
+            dk, dg, dbeta, cu, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=BK, L2=True, HAS_G=True, IS_VARLEN=varlen, LOOP_G=1)
+
+    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass),
+                     ("grads_fused", grads("fused")), ("grads_split", grads("split")),
+                     ("grads_vq", grads_vq), ("grads_k", grads_k),
+                     ("bwd_total_fused", whole("fused")), ("bwd_total_split", whole("split"))):
         fn()
         res[name + "_ms"] = bk.bench_ms(fn)
-    for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel"):
+    kernels = ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel", "_bwd_grad_vq_kernel",
+               "_bwd_grad_k_kernel")
+    for name in kernels:
         res[name] = str(getattr(getattr(cb, name), "best_config", None))
-    for name in ("_bwd_grad_kernel", "_bwd_dh_kernel", "_bwd_prep_kernel"):
+    for name in kernels:
         try:
             for caches in getattr(cb, name).fn.device_caches.values():
                 for ck in caches[0].values():
@@ -164,13 +188,17 @@ def main():
     if not args.no_check:
         for shape, cu in CHECKS:
             for dtype in (torch.bfloat16, torch.float32):
-                try:
-                    r = check(shape, cu, dtype)
-                except Exception as e:  # report and go on with the other checks
-                    r = {"shape": list(shape), "dtype": str(dtype), "error": repr(e)}
-                bk.log("check", r)
-                results["checks"].append(r)
-                save()
+                for variant in cb.GRADS_VARIANTS:
+                    os.environ[cb.GRADS_ENV] = variant
+                    try:
+                        r = check(shape, cu, dtype)
+                    except Exception as e:  # report and go on with the other checks
+                        r = {"shape": list(shape), "dtype": str(dtype), "error": repr(e)}
+                    r["grads"] = variant
+                    bk.log("check", r)
+                    results["checks"].append(r)
+                    save()
+        os.environ.pop(cb.GRADS_ENV)
 
 if __name__ == "__main__":
     main()
