@@ -1,4 +1,5 @@
-"""Backward of the chunked gated delta rule (chunk C = 64), five launches.
+"""Backward of the chunked gated delta rule (chunk C = 64), six launches (five with the fused
+gradient kernel).
 
 Legend: B batch, T tokens per batch row, H key heads, HV value heads, G = HV // H, K key dim,
 V value dim, N sequences, NT chunks over all sequences; rows i, j index tokens of one chunk.
@@ -46,7 +47,12 @@ Launches: (1) prep, per (chunk, key head): Tm (stored), w, u, dv_local = s P^T d
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer; (4) the reverse state pass, per (sequence,
 value head, V block): dh' per chunk (reading (3) back first), dv_new in place of dv_local, dh0;
-(5) grads, per (chunk, value head) or (chunk, key head): dq, dk, dv, dg, dbeta.
+(5) grads, per (chunk, value head) or (chunk, key head), MEGATRON_GDN_BWD_GRADS picks one of:
+  split (default), two launches: (5a) vq: dvb = Tm^T dv_new, dv, Ds_raw, dA and dq, storing
+  Ds and bE + bE^T ([B, T, HV, 64] each, q's dtype) and writing dg, dbeta of those terms;
+  (5b) k: dk, with dkb = -Tm^T (dv_new h^T) (dvb itself is not needed), adding the rest of
+  dg, dbeta. Each keeps at most three fp32 tiles live through its V loop;
+  fused, one launch: dq, dk, dv, dg, dbeta together (five live fp32 tiles: spills on sm_90).
 """
 import os
 from typing import Optional
@@ -319,7 +325,7 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. gradients of q, k, v, g, beta per (chunk, key head), looping over the group
+# 5. gradients of q, k, v, g, beta in one launch (MEGATRON_GDN_BWD_GRADS=fused)
 # ---------------------------------------------------------------------------------------------
 
 # one config: BV 64 / 8 warps won at every shape S1-S5 on H200 (of BV 32 / 64 x 4 / 8 warps).
@@ -462,7 +468,7 @@ def _bwd_grad_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# 5'. the same gradients in two lighter launches (MEGATRON_GDN_BWD_GRADS=split, the default)
+# 5a, 5b. the same gradients in two lighter launches (MEGATRON_GDN_BWD_GRADS=split, default)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
