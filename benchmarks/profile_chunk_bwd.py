@@ -79,7 +79,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
     cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
     NT = layout.num_chunks
     BK = cb._pow2(K)
-    tm = torch.empty(B, T, HV, 64, dtype=torch.float32, device="cuda")
+    tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device="cuda")
     dv_buf = torch.empty_like(v)
     dh = torch.empty_like(h)
     # as chunk_gated_delta_rule_bwd runs it: with GVA one program per value head, dq / dk per

@@ -43,7 +43,7 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   head are computed per value head into [B, T, HV, K] buffers and summed afterwards (default),
   or summed inside one program per key head (split_group=False); no repeated q / k either way.
 
-Launches: (1) prep, per (chunk, key head): Tm (stored), w, u, dv_local = s P^T do;
+Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer; (4) the reverse state pass, per (sequence,
 value head, V block): dh' per chunk (reading (3) back first), dv_new in place of dv_local, dh0;
@@ -151,9 +151,10 @@ def _bwd_prep_kernel(
         e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
         b_a = tl.where(lower, b_kk * e_seg, 0.0) * b_beta[:, None]
         # Tm = (I + A)^-1 in registers as the forward computes it, stored for the gradient
-        # kernel (which reads its lower triangle)
+        # kernels (which read its lower triangle) in v's dtype, the dtype their dots take it in
         b_tm_f = _unit_lower_inverse(b_a)
-        tl.store(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :], b_tm_f, mask=m_t[:, None])
+        tl.store(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
+                 b_tm_f.to(tm.dtype.element_ty), mask=m_t[:, None])
         b_tm = b_tm_f.to(k.dtype.element_ty)
 
         kb_scale = b_beta * tl.exp(b_gc) * rk
@@ -810,7 +811,7 @@ def chunk_gated_delta_rule_bwd(
     BK = _pow2(K)
 
     # 1. Tm, w, u, dv_local
-    tm = torch.empty(B, T, HV, 64, dtype=torch.float32, device=dev)
+    tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=dev)
     w = torch.empty(B, T, HV, K, dtype=k.dtype, device=dev)
     u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
