@@ -54,7 +54,7 @@ def one(case_index: int, dtype_name: str, mode: str):
         cu_, ci, co, T_arg, nts, varlen = layout.kernel_args()
         NT, BK = layout.num_chunks, cb._pow2(K)
         scale = K ** -0.5
-        tm = torch.full((B, T, HV, 64), float("nan"), dtype=torch.float32, device="cuda")
+        tm = torch.full((B, T, HV, 64), float("nan"), dtype=v.dtype, device="cuda")
         w = torch.full((B, T, HV, K), float("nan"), dtype=k.dtype, device="cuda")
         u = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
         dv_buf = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
@@ -67,27 +67,26 @@ def one(case_index: int, dtype_name: str, mode: str):
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
-        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
-        finite("qdo", dh)
+        kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
+        finite("qdo", dh, kscale)
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            k, w, g, gc, k_rstd, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
+            k, w, g, gc, k_rstd, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
             cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, L2=case.l2, USE_DHT=dht is not None,
-            USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen)
+            USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen, KSCALE=True)
         finite("dh", dh, dv_buf, dh0)
-        outs = [torch.full_like(q, float("nan")), torch.full_like(k, float("nan")),
-                torch.full_like(v, float("nan"))]
-        dg = torch.full((B, T, HV), float("nan"), dtype=torch.float32, device="cuda")
-        dbeta = torch.full_like(dg, float("nan"))
-        cb._bwd_grad_kernel[(NT, H)](
-            q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, do, *outs, dg, dbeta,
-            scale, cu_, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=case.l2,
-            HAS_G=True, IS_VARLEN=varlen, LOOP_G=HV // H)
+        # the gradient stage as the backward runs it (MEGATRON_GDN_BWD_GRADS picks the variant),
+        # one program per key head (dq / dk summed over the group inside)
+        dq, dk, dv, dg, dbeta = cb.launch_grads(
+            cb.grads_variant(), q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
+            do, scale, layout, HV // H)
+        outs = [dq, dk, dv]
         finite("grads", *outs, dg, dbeta)
         got = dict(q=outs[0], k=outs[1], v=outs[2], g=dg, beta=dbeta)
         if h0 is not None:
             got["h0"] = dh0
-        for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel"):
+        for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel",
+                     "_bwd_grad_vq_kernel", "_bwd_grad_k_kernel"):
             res[name] = str(getattr(getattr(cb, name), "best_config", None))
     else:
         if mode == "unpadded":

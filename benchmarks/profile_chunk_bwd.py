@@ -95,15 +95,18 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
 
-    def qdo():
-        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
+    kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
-    def dh_pass():
-        cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            k, w, g_act, gc, k_rstd, dv_buf, None, dh, None,
+    def qdo():
+        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
+
+    def dh_pass(read_kscale=True):
+        # read_kscale False: the earlier pass that formed the key decay from g at every chunk
+        return lambda: cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
+            k, w, g_act, gc, k_rstd, kscale, dv_buf, None, dh, None,
             cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
-            USE_H0=False, HAS_G=True, IS_VARLEN=varlen)
+            USE_H0=False, HAS_G=True, IS_VARLEN=varlen, KSCALE=read_kscale)
 
     def grads(variant):
         return lambda: cb.launch_grads(variant, q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm,
@@ -138,7 +141,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
             dk, dg, dbeta, cu, ci, T_arg, nts,
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, HAS_G=True, IS_VARLEN=varlen, LOOP_G=1)
 
-    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass),
+    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass()),
+                     ("dh_inline_decay", dh_pass(False)),
                      ("grads_fused", grads("fused")), ("grads_split", grads("split")),
                      ("grads_vq", grads_vq), ("grads_k", grads_k),
                      ("bwd_total_fused", whole("fused")), ("bwd_total_split", whole("split"))):

@@ -45,8 +45,9 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
 
 Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) qdo, per (chunk, value
-head, V block): s (q e^gc)^T do into the dh buffer; (4) the reverse state pass, per (sequence,
-value head, V block): dh' per chunk (reading (3) back first), dv_new in place of dv_local, dh0;
+head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
+(4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
+back first), dv_new in place of dv_local, dh0;
 (5) grads, per (chunk, value head) or (chunk, key head), MEGATRON_GDN_BWD_GRADS picks one of:
   split (default), two launches: (5a) vq: dvb = Tm^T dv_new, dv, Ds_raw, dA and dq, storing
   Ds and bE + bE^T ([B, T, HV, 64] each, q's dtype) and writing dg, dbeta of those terms;
@@ -186,16 +187,19 @@ def _bwd_prep_kernel(
 
 @triton.jit
 def _bwd_qdo_kernel(
-    q, gc, q_rstd, do, dh, scale,
+    q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """The part of each chunk's state-gradient update that does not depend on the state
     gradient, (scale q e^gc)^T do ([K, V] per chunk and value head), written into the dh
     buffer at that chunk's slot, in parallel over chunks: the reverse pass reads it back just
     before it stores the chunk's dh there, so its sequential loop loads no q and makes one dot
-    fewer."""
+    fewer. The V-block-0 programs also store the key decay of the pass, kscale = e^(gl - gc)
+    (times k's rstd with the l2-norm): its suffix sum is a cross-warp reduction that the
+    sequential loop would otherwise wait on at every chunk."""
     i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
     i_h = i_hv // G
@@ -217,6 +221,12 @@ def _bwd_qdo_kernel(
     b_x = tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
     tl.store(dh + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
              b_x.to(dh.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+    if i_v == 0:
+        k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
+                           0.0)
+        if L2:
+            k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        tl.store(kscale + t_r * HV + i_hv, k_scale, mask=m_t)
 
 
 # PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
@@ -229,7 +239,7 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
 @autotune_or_fixed(
     configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS", "KSCALE"],
     prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE),
     # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
     # overwrites it: autotuning reruns must start from both
@@ -237,13 +247,15 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
 )
 @triton.jit
 def _bwd_dh_kernel(
-    k, w, g, gc, k_rstd, dv, dht, dh, dh0,
+    k, w, g, gc, k_rstd, kscale, dv, dht, dh, dh0,
     cu_seqlens, chunk_offsets, T, NT_SEQ, PAR_CLASS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     L2: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, KSCALE: tl.constexpr,
 ):
+    # KSCALE: read the key decay e^(gl - gc) (rstd included) that _bwd_qdo_kernel stored;
+    # off, it is formed here from g at every chunk (the earlier pass, kept for timing it)
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
     i_h = i_hv // G
@@ -276,10 +288,13 @@ def _bwd_dh_kernel(
         b_w = tl.load(w + (t_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
-        k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
-                           0.0)
-        if L2:
-            k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        if KSCALE:
+            k_scale = tl.load(kscale + t_r * HV + i_hv, mask=m_t, other=0.0)
+        else:
+            k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV,
+                                                            HAS_G))), 0.0)
+            if L2:
+                k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
         b_kd = (b_k * k_scale[:, None]).to(b_k.dtype)
         b_dv += tl.dot(b_kd, b_dh.to(b_k.dtype))
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
@@ -691,18 +706,22 @@ def qdo_config(K: int) -> triton.Config:
             else triton.Config({"BV": 32}, num_warps=8))
 
 
-def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout) -> None:
-    """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]): the reverse pass's
-    input (q_rstd not None: the l2-norm option is on)."""
+def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None):
+    """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]), the reverse pass's
+    input (q_rstd, k_rstd not None: the l2-norm option is on), and return the pass's key decay
+    kscale = e^(gl - gc) (times k's rstd), [B, T, HV] float32 (g: as in
+    chunk_gated_delta_rule_bwd)."""
     _, _, H, K = q.shape
     HV, V = do.shape[2], do.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     cfg = qdo_config(K)
+    kscale = torch.empty_like(gc)
     _bwd_qdo_kernel[(layout.num_chunks, HV, triton.cdiv(V, cfg.kwargs["BV"]))](
-        q, gc, q_rstd, do, dh, scale, cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, IS_VARLEN=varlen,
-        num_warps=cfg.num_warps, **cfg.kwargs,
+        q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, HAS_G=g is not None,
+        IS_VARLEN=varlen, num_warps=cfg.num_warps, **cfg.kwargs,
     )
+    return kscale
 
 
 GRADS_ENV = "MEGATRON_GDN_BWD_GRADS"
@@ -829,18 +848,19 @@ def chunk_gated_delta_rule_bwd(
     # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-    launch_qdo(q, gc, q_rstd, do, dh, scale, layout)
+    kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
 
     def grid_dh(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
     _bwd_dh_kernel[grid_dh](
-        k, w, g, gc, k_rstd, dv_buf, dht, dh, dh0,
+        k, w, g, gc, k_rstd, kscale, dv_buf, dht, dh, dh0,
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
         L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, HAS_G=has_g,
-        IS_VARLEN=varlen,
+        IS_VARLEN=varlen, KSCALE=True,
     )
+    del kscale
     del w
 
     # 5. gradients

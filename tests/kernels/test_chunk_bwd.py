@@ -285,13 +285,13 @@ from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 K, V = 256, 512
 ptr = {n: "*fp32" for n in ("q", "k", "v", "do", "w", "u", "dv", "h", "dh", "v_new", "dv2", "dq",
                             "dk", "gc", "g", "beta", "q_rstd", "k_rstd", "tm", "dht", "dh0", "dg",
-                            "dbeta", "pm", "m2")}
+                            "dbeta", "pm", "m2", "kscale")}
 ptr.update(cu_seqlens="*i32", chunk_indices="*i32", chunk_offsets="*i32")
 common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
-    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
+    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True, KSCALE=True)),
     (cb._bwd_grad_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(BK=256, LOOP_G=1)),
