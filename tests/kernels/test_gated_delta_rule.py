@@ -242,14 +242,42 @@ def check_case(case: Case, backend: str, dtype: torch.dtype, reference: str = "n
     grads_ref = torch.autograd.grad(loss_ref, list(ref_in.values()))
     with force_backend(backend):
         grads = torch.autograd.grad(loss_of(o, s, weights), list(x.values()), allow_unused=True)
+    ref_grads = dict(zip(x.keys(), grads_ref))
     for name, gr, gr_ref in zip(x.keys(), grads, grads_ref):
         if gr is None:
             failures.append(f"d{name}: no gradient")
             continue
         if gr.dtype != x[name].dtype:
             failures.append(f"d{name} has dtype {gr.dtype}, expected {x[name].dtype}")
-        check(gr, gr_ref, f"d{name}")
+        if name in ("A_log", "dt_bias") and dtype != torch.float32:
+            check_summed(gr, gr_ref, summed_terms(name, ref_in, ref_grads), rel, f"d{name}",
+                         failures)
+        else:
+            check(gr, gr_ref, f"d{name}")
     assert not failures, "\n".join(failures)
+
+
+def summed_terms(name, ref_in, ref_grads):
+    """The per-token terms whose sum over all tokens is dA_log or ddt_bias ([B, T, HV] float64,
+    from the reference): with x = a + dt_bias, g = -e^A_log softplus(x), da = dL/dg * dg/dx,
+    ddt_bias = sum da and dA_log = sum dL/dg * g = sum da * softplus(x) / sigmoid(x)."""
+    da = ref_grads["g"].detach()
+    if name == "dt_bias":
+        return da
+    x = ref_in["g"].detach() + (ref_in["dt_bias"].detach() if "dt_bias" in ref_in else 0.0)
+    return da * torch.nn.functional.softplus(x) / torch.sigmoid(x)
+
+
+def check_summed(actual, expected, terms, rel, name, failures):
+    """A per-head sum over every token in half precision: each term carries the relative
+    rounding error `rel` of the half-precision inputs and upstream gradient, so the sum's error
+    scales with the norm of the terms, not with the sum, which can cancel (rel_rms of the sum
+    itself reached 2.7e-2 for bf16 on the GPU with every per-token gradient at ~2e-3)."""
+    err = (actual.double().cpu() - expected.double().cpu()).norm().item()
+    bound = rel * terms.double().cpu().norm().item()
+    print(f"{name}: abs_err={err:.3e} bound={bound:.3e} (rel {rel:.1e} x the terms' norm)")
+    if not err <= bound:
+        failures.append(f"{name}: error {err:.3e} > {rel:.1e} x terms' norm = {bound:.3e}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
