@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU (or 2-GPU) machine: the kernel benchmark (next to fla), the layer
-# benchmark (next to Megatron's GDN), the GPU test suite and TP=2 parity side by side on
-# separate GPUs, then with 4 GPUs the context-parallel sweeps (CP=4 on all four GPUs; then CP=2
+# benchmark (next to Megatron's GDN) and the GPU test suite side by side on separate GPUs; with
+# 4 GPUs also TP=2 parity and the context-parallel sweeps (CP=4 on all four GPUs; then CP=2
 # and CP=1 side by side).
 #   WHEELS=path/to/wheels bash scripts/gpu_round.sh OUTDIR
 # Every job has its own time limit and log (OUTDIR/*.log); a failing job does not stop others.
@@ -57,18 +57,16 @@ if [ "$NGPU" -ge 4 ]; then
   job cp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29513 benchmarks/bench_cp.py \
       --out "$OUTDIR/cp2" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3
 else
-  # two GPUs: the benchmarks side by side, then the tests side by side, then TP=2 parity
-  job kernels 290 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 270 &
-  job layer 290 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
+  # two GPUs: the kernel benchmark beside the whole GPU test suite (pytest-xdist, eight
+  # workers: the tests are compile- and launch-bound; -v names each failure as it happens),
+  # then the layer benchmark at both shapes side by side
+  job kernels 310 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 250 &
+  job tests 290 1 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -n 8 -v -p no:warnings -p no:cacheprovider \
+      --tb=short -rf $TESTS_A $TESTS_B $TESTS_C $TESTS_D &
   wait
-  job tests-a 200 0 $PYTEST $TESTS_A &
-  job tests-b 200 0 $PYTEST $TESTS_B &
-  job tests-c 200 0 $PYTEST $TESTS_C &
-  job tests-d 200 0 $PYTEST $TESTS_D &
-  job layer-1.3b 200 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
+  job layer 230 0 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
+  job layer-1.3b 230 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
   wait
-  job layer-tp2 80 0,1 torchrun --nproc_per_node 2 --master_port 29511 benchmarks/bench_layer.py \
-      --tp-parity --out "$OUTDIR/layer_tp2"
 fi
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"
 cat "$OUTDIR/summary.txt"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on a 2-GPU machine for the model-level figures (issues 5-8), two one-GPU lanes side
+# by side, then one two-GPU job:
+#   GPU 0: training throughput of the GDN 1.3B and H1 1.3B presets at 4K
+#          (examples/launch/gpu_throughput.sh), then the decoding benchmark (bench_generate.py);
+#   GPU 1: the hybrid models and the SWA core (bench_hybrid.py), then SSD next to mamba_ssm
+#          (bench_ssd.py);
+#   GPUs 0,1: the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
+#          (the README's CPU data, built here), loss in OUTDIR/train_h2_cp2/metrics.jsonl (not
+#          TP=2: the preset's Mamba2 layers have one B/C group, which TP cannot split).
+#   WHEELS=path/to/wheels bash scripts/gpu_round_models.sh OUTDIR
+# Every job has its own time limit and log (OUTDIR/*.log); a failing job does not stop others.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUTDIR="$1"
+mkdir -p "$OUTDIR"
+: "${WHEELS:=$ROOT/.whl}"
+source "$ROOT/scripts/gpu_setup.sh" > "$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
+export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
+cd "$ROOT"
+cat "$OUTDIR/setup.log"
+
+job() {  # job NAME SECONDS GPUS COMMAND...
+  local name="$1" secs="$2" gpus="$3"; shift 3
+  local start=$(date +%s)
+  echo "=== $name (GPUs $gpus, limit ${secs}s): $*" > "$OUTDIR/$name.log"
+  CUDA_VISIBLE_DEVICES="$gpus" timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
+  echo "$name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUTDIR/summary.txt"
+}
+
+LANE_S="${LANE_S:-300}"
+( job train-1gpu $(( LANE_S * 3 / 5 )) 0 env ITERS=20 bash examples/launch/gpu_throughput.sh \
+      "$OUTDIR/train" gdn_1.3b gdn_h1_1.3b
+  job generate $(( LANE_S * 2 / 5 )) 0 python3 benchmarks/bench_generate.py --out "$OUTDIR/generate" ) &
+( job hybrid $(( LANE_S * 3 / 5 )) 1 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/hybrid"
+  job ssd $(( LANE_S * 2 / 5 )) 1 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" ) &
+# the corpus for the two-GPU job, built on the CPU while the lanes run
+DATA="$OUTDIR/data"
+( python3 examples/data/build_corpus.py --out "$DATA" --max-mb 8 \
+  && python3 examples/data/preprocess.py --input "$DATA/stdlib.jsonl" \
+       --output-prefix "$DATA/stdlib" --tokenizer-type ByteTokenizer ) > "$OUTDIR/data.log" 2>&1 &
+wait
+job train-h2-cp2 "${H2_S:-170}" 0,1 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+  examples/pretrain_gdn.py --model-yaml examples/configs/gdn_h2_1.3b.yaml --bf16 \
+  --context-parallel-size 2 \
+  --data-path "$DATA/stdlib_text_document" --tokenizer-type ByteTokenizer --split 100,0,0 \
+  --seq-length 2048 --max-position-embeddings 2048 --micro-batch-size 4 --global-batch-size 8 \
+  --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --clip-grad 1.0 \
+  --log-interval 1 --eval-iters 0 --eval-interval 1000000 --no-save --throughput-warmup 5 \
+  --out "$OUTDIR/train_h2_cp2"
+echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"
+cat "$OUTDIR/summary.txt"
