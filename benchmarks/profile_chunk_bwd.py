@@ -86,11 +86,12 @@ def backward_stages(shape, dtype=torch.bfloat16):
     # value head (the group sum is a separate small launch, timed in bwd_total only)
     loop_g = 1
 
-    def prep():
-        cb._bwd_prep_kernel[(NT, H)](
+    def prep(has_tm=False):
+        # has_tm: Tm saved by the forward (read back from tm, which the run without fills)
+        return lambda: cb._bwd_prep_kernel[(NT, H)](
             q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
             cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
-            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen)
+            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen, HAS_TM=has_tm)
 
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
@@ -141,7 +142,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
             dk, dg, dbeta, cu, ci, T_arg, nts,
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, HAS_G=True, IS_VARLEN=varlen, LOOP_G=1)
 
-    for name, fn in (("prep", prep), ("state", state), ("qdo", qdo), ("dh", dh_pass()),
+    for name, fn in (("prep", prep()), ("prep_saved_tm", prep(True)), ("state", state),
+                     ("qdo", qdo), ("dh", dh_pass()),
                      ("dh_inline_decay", dh_pass(False)),
                      ("grads_fused", grads("fused")), ("grads_split", grads("split")),
                      ("grads_vq", grads_vq), ("grads_k", grads_k),

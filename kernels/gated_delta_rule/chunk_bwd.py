@@ -107,7 +107,7 @@ def _suffix(b_g):
 @autotune_or_fixed(
     configs=[triton.Config({}, num_warps=4, num_stages=1)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM"],
 )
 @triton.jit
 def _bwd_prep_kernel(
@@ -115,8 +115,10 @@ def _bwd_prep_kernel(
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_TM: tl.constexpr,
 ):
+    # HAS_TM: tm already holds the forward's Tm (v's dtype): read it, no k k^T and no inverse;
+    # else Tm is formed here and stored into tm for the gradient kernels
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -133,7 +135,8 @@ def _bwd_prep_kernel(
         m_tk = m_t[:, None] & (cols < K)[None, :]
         b_k = tl.load(k_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
         b_q = tl.load(q_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
-        b_kk += tl.dot(b_k, tl.trans(b_k))
+        if not HAS_TM:
+            b_kk += tl.dot(b_k, tl.trans(b_k))
         b_kq += tl.dot(b_k, tl.trans(b_q))
     rk = tl.full([64], 1.0, dtype=tl.float32)
     if L2:
@@ -150,13 +153,16 @@ def _bwd_prep_kernel(
         b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
         # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
         e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
-        b_a = tl.where(lower, b_kk * e_seg, 0.0) * b_beta[:, None]
-        # Tm = (I + A)^-1 in registers as the forward computes it, stored for the gradient
-        # kernels (which read its lower triangle) in v's dtype, the dtype their dots take it in
-        b_tm_f = _unit_lower_inverse(b_a)
-        tl.store(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
-                 b_tm_f.to(tm.dtype.element_ty), mask=m_t[:, None])
-        b_tm = b_tm_f.to(k.dtype.element_ty)
+        p_tm = tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :]
+        if HAS_TM:
+            b_tm = tl.load(p_tm, mask=m_t[:, None], other=0.0).to(k.dtype.element_ty)
+        else:
+            b_a = tl.where(lower, b_kk * e_seg, 0.0) * b_beta[:, None]
+            # Tm = (I + A)^-1 in registers as the forward computes it, stored for the gradient
+            # kernels (which read its lower triangle) in v's dtype, the dtype their dots take it
+            b_tm_f = _unit_lower_inverse(b_a)
+            tl.store(p_tm, b_tm_f.to(tm.dtype.element_ty), mask=m_t[:, None])
+            b_tm = b_tm_f.to(k.dtype.element_ty)
 
         kb_scale = b_beta * tl.exp(b_gc) * rk
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -799,6 +805,7 @@ def chunk_gated_delta_rule_bwd(
     g: Optional[torch.Tensor] = None,
     split_group: bool = True,
     grads: Optional[str] = None,
+    tm: Optional[torch.Tensor] = None,
 ):
     """Gradients of the chunked gated delta rule (interface fixed in chunk.py).
 
@@ -818,6 +825,9 @@ def chunk_gated_delta_rule_bwd(
         looping over the group inside one program per key head.
     grads: "split" (two launches) or "fused" (one launch) for the gradient stage; None reads
         MEGATRON_GDN_BWD_GRADS (default "split").
+    tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
+        its chunk's row), saved by the forward: the prep launch then reads it instead of
+        forming k k^T and inverting again. None: formed here.
     """
     variant = grads_variant(grads)
     B, T, H, K = q.shape
@@ -829,8 +839,10 @@ def chunk_gated_delta_rule_bwd(
     NT = layout.num_chunks
     BK = _pow2(K)
 
-    # 1. Tm, w, u, dv_local
-    tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=dev)
+    # 1. Tm (unless the forward saved it), w, u, dv_local
+    has_tm = tm is not None
+    if not has_tm:
+        tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=dev)
     w = torch.empty(B, T, HV, K, dtype=k.dtype, device=dev)
     u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
@@ -838,7 +850,7 @@ def chunk_gated_delta_rule_bwd(
         q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
         cu, ci, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, HAS_G=has_g,
-        IS_VARLEN=varlen,
+        IS_VARLEN=varlen, HAS_TM=has_tm,
     )
 
     # 2. states entering each chunk and v_new (the forward's state pass)
