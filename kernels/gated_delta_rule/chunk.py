@@ -8,7 +8,8 @@ Forward (kernels in chunk_fwd.py, three launches):
   1. `chunk_prepare_fwd`: per (chunk, key head), loops over the G value heads of the group:
      gate activation + chunk-local cumsum gc, beta activation, the l2-norm statistics of k,
      A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 diagonal blocks by substitution, then a
-     terminating series), w = Tm (beta e^gc k), u = Tm (beta v).
+     terminating series), w = Tm (beta e^gc k), u = Tm (beta v); Tm itself is kept for the
+     backward ([B, T, HV, 64] in v's dtype).
   2. `chunk_state_fwd`: one program per (sequence, value head, V block), the state in fp32
      registers: v_new = u - w h, h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new. Stores the
      state entering every chunk, v_new and the final state.
@@ -19,7 +20,7 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
 
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, scale, initial_state, do, dht, layout,
-        q_rstd=q_rstd, k_rstd=k_rstd, g=g)
+        q_rstd=q_rstd, k_rstd=k_rstd, g=g, tm=tm)
 
   - q, k: the raw inputs as passed by the user, [B, T, H, K], contiguous; v: [B, T, HV, V].
   - gc: [B, T, HV] float32, inclusive cumsum of the activated per-token log decay g inside
@@ -37,11 +38,13 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   None when initial_state is None.
   - g: [B, T, HV] float32, the activated per-token log decay (computed here on [B, T, HV]
     from the saved raw gate input), for an fp32-accurate dg under strong decay.
+  - tm: the forward's Tm (above), or None: the backward then forms it again.
   The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
   here, on [B, T, HV] tensors.
 
-  The backward recomputes what it needs with the forward building blocks of chunk_fwd.py:
-  `chunk_wy_fwd(k, v, gc, beta, layout, k_rstd)` -> (w, u) and
+  The backward recomputes the rest of what it needs (w, u from the saved Tm in its prep
+  launch; without Tm the forward building block `chunk_wy_fwd(k, v, gc, beta, layout, k_rstd)`
+  -> (w, u) computes the same) and
   `chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd)` -> (h, v_new, None),
   h: [NT, HV, K, V] in k's dtype, the state entering each chunk (global chunk index: for
   B > 1 without cu_seqlens, chunk c of batch row b is b * ceil(T / 64) + c).
@@ -83,9 +86,12 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 cu_seqlens, use_qk_l2norm, use_beta_sigmoid):
         B, T, H, K = q.shape
         layout = make_chunk_layout(cu_seqlens, B, T)
+        # each chunk's Tm = (I + A)^-1, kept for the backward ([B, T, HV, 64] in v's dtype, a
+        # quarter of v at V = 256, half at 128): its prep then neither forms k k^T nor inverts
+        tm = torch.empty(B, T, v.shape[2], 64, dtype=v.dtype, device=v.device)
         gc, beta_act, k_rstd, w, u = chunk_prepare_fwd(
             k, v, g, beta, layout, A_log=A_log, dt_bias=dt_bias,
-            use_beta_sigmoid=use_beta_sigmoid, use_qk_l2norm=use_qk_l2norm,
+            use_beta_sigmoid=use_beta_sigmoid, use_qk_l2norm=use_qk_l2norm, tm_out=tm,
         )
         h, v_new, final_state = chunk_state_fwd(
             k, w, u, gc, layout, initial_state, output_final_state, k_rstd=k_rstd,
@@ -96,7 +102,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         )
         del h, v_new
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-                              q_rstd, k_rstd)
+                              q_rstd, k_rstd, tm)
         ctx.layout = layout
         ctx.scale = scale
         ctx.use_beta_sigmoid = use_beta_sigmoid
@@ -107,7 +113,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         from .chunk_bwd import chunk_gated_delta_rule_bwd
 
         (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-         q_rstd, k_rstd) = ctx.saved_tensors
+         q_rstd, k_rstd, tm) = ctx.saved_tensors
         # the per-token activated decay: exact dg under strong decay (differences of gc
         # lose ~ulp(|gc|)); [B, T, HV] only
         if A_log is None:
@@ -120,7 +126,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(),
             # e.g. final_state.sum().backward() hands in a stride-0 expanded tensor
             None if dht is None else dht.float().contiguous(), ctx.layout,
-            q_rstd=q_rstd, k_rstd=k_rstd, g=g_act,
+            q_rstd=q_rstd, k_rstd=k_rstd, g=g_act, tm=tm,
         )
         dA_log = ddt_bias = None
         if A_log is not None:

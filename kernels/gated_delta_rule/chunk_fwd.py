@@ -139,15 +139,16 @@ def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, N
 )
 @triton.jit
 def _prepare_kernel(
-    k, v, g, beta, a_log, dt_bias, gc, beta_out, k_rstd, w, u,
+    k, v, g, beta, a_log, dt_bias, gc, beta_out, k_rstd, w, u, tm,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     GATE_MODE: tl.constexpr, BETA_SIGMOID: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    L2: tl.constexpr, STORE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    L2: tl.constexpr, STORE: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TM: tl.constexpr,
 ):
     """Per (chunk, key head). GATE_MODE 0: g is the log decay; 1: g is the raw gate input a
-    (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute, STORE off)."""
+    (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute, STORE off).
+    STORE_TM: also store Tm ([B, T, HV, 64] in tm's dtype) for the backward."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -193,6 +194,9 @@ def _prepare_kernel(
         b_a = tl.where(lower, b_kk * b_beta[:, None]
                        * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
         b_tm = _unit_lower_inverse(b_a)
+        if STORE_TM:
+            tl.store(tm + offs[:, None] * 64 + r[None, :], b_tm.to(tm.dtype.element_ty),
+                     mask=m_t[:, None])
         # w = Tm (beta e^gc rstd k), u = Tm (beta v)
         _store_tm_rhs(b_tm, k_h, w + i_hv * K, t_r, m_t, H * K, HV * K,
                       b_beta * tl.exp(b_gc) * rk, K, BK)
@@ -204,7 +208,7 @@ def _pow2_block(n: int, cap: int) -> int:
 
 
 def _launch_prepare(k, v, g, beta, layout, gate_mode, A_log, dt_bias, use_beta_sigmoid,
-                    use_qk_l2norm, store):
+                    use_qk_l2norm, store, tm_out=None):
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     dev = k.device
@@ -218,24 +222,25 @@ def _launch_prepare(k, v, g, beta, layout, gate_mode, A_log, dt_bias, use_beta_s
         gc, beta_out, k_rstd = g, beta, None
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     _prepare_kernel[(layout.num_chunks, H)](
-        k, v, g, beta, A_log, dt_bias, gc, beta_out, k_rstd, w, u,
+        k, v, g, beta, A_log, dt_bias, gc, beta_out, k_rstd, w, u, tm_out,
         cu, ci, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BKF=_pow2_block(K, 256), BK=_pow2_block(K, 64),
         BV=_pow2_block(V, 64),
         GATE_MODE=gate_mode, BETA_SIGMOID=use_beta_sigmoid, HAS_DT_BIAS=dt_bias is not None,
-        L2=use_qk_l2norm, STORE=store, IS_VARLEN=varlen,
+        L2=use_qk_l2norm, STORE=store, IS_VARLEN=varlen, STORE_TM=tm_out is not None,
     )
     return gc, beta_out, k_rstd, w, u
 
 
 def chunk_prepare_fwd(k, v, g, beta, layout: ChunkLayout, *, A_log=None, dt_bias=None,
-                      use_beta_sigmoid=False, use_qk_l2norm=False):
+                      use_beta_sigmoid=False, use_qk_l2norm=False, tm_out=None):
     """Gate + cumsum + beta + k l2-norm statistics + WY factors in one launch.
 
     Returns gc [B, T, HV] f32, beta [B, T, HV] f32 (activated), k_rstd [B, T, H] f32 or None,
-    w [B, T, HV, K] (k's dtype), u [B, T, HV, V] (v's dtype)."""
+    w [B, T, HV, K] (k's dtype), u [B, T, HV, V] (v's dtype). tm_out ([B, T, HV, 64], v's
+    dtype, or None): filled with each chunk's Tm = (I + A)^-1 for the backward."""
     return _launch_prepare(k, v, g, beta, layout, 1 if A_log is not None else 0, A_log, dt_bias,
-                           use_beta_sigmoid, use_qk_l2norm, True)
+                           use_beta_sigmoid, use_qk_l2norm, True, tm_out)
 
 
 def chunk_wy_fwd(k, v, gc, beta, layout: ChunkLayout, k_rstd=None):
