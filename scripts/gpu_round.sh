@@ -59,13 +59,27 @@ if [ "$NGPU" -ge 4 ]; then
 else
   # two GPUs: the kernel benchmark beside the whole GPU test suite (pytest-xdist, eight
   # workers: the tests are compile- and launch-bound; -v names each failure as it happens),
-  # then the layer benchmark at both shapes side by side
+  # then the layer benchmark beside Megatron-LM's pretrain_gpt.py with our spec
   job kernels 310 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S1,S2,S3 --bwd-stages --budget-s 250 &
   job tests 290 1 env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -n 8 -v -p no:warnings -p no:cacheprovider \
       --tb=short -rf $TESTS_A $TESTS_B $TESTS_C $TESTS_D &
   wait
   job layer 230 0 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
-  job layer-1.3b 230 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_1.3b" --shapes gdn1.3b --iters 10 --warmup 3 &
+  # Megatron-LM's own pretrain_gpt.py (tag core_v0.19.0, with its gpt_builders.py and
+  # model_provider.py, in .megatron-lm/: git-ignored, carried) with our spec, the README's
+  # 1.3B command, shortened
+  if [ -f .megatron-lm/pretrain_gpt.py ]; then
+    job pretrain-gpt 230 1 python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
+      -m megatron_gdn.run_script .megatron-lm/pretrain_gpt.py --spec megatron_gdn.specs gdn_layer_spec \
+      --num-layers 21 --hidden-size 2048 --ffn-hidden-size 5632 --swiglu --num-attention-heads 16 \
+      --linear-num-key-heads 6 --linear-num-value-heads 6 --linear-key-head-dim 256 \
+      --linear-value-head-dim 512 --normalization RMSNorm --position-embedding-type none \
+      --seq-length 4096 --max-position-embeddings 4096 --bf16 --mock-data \
+      --tokenizer-type NullTokenizer --vocab-size 32000 --micro-batch-size 2 \
+      --global-batch-size 4 --train-iters 20 --lr 3e-4 --transformer-impl local \
+      --hidden-dropout 0 --attention-dropout 0 --log-interval 1 --eval-iters 0 \
+      --eval-interval 1000000 &
+  fi
   wait
 fi
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"

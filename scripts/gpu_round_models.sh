@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One call on a 2-GPU machine for the model-level figures (issues 5-8), two one-GPU lanes side
 # by side, then one two-GPU job:
-#   GPU 0: training throughput of the GDN 1.3B and H1 1.3B presets at 4K
-#          (examples/launch/gpu_throughput.sh), then the decoding benchmark (bench_generate.py);
-#   GPU 1: the hybrid models and the SWA core (bench_hybrid.py), then SSD next to mamba_ssm
-#          (bench_ssd.py);
+#   GPU 0: training throughput of the GDN 1.3B, H1 1.3B and Qwen3-Next-style presets at 4K,
+#          27 iterations of 8 x 4096 tokens each (examples/launch/gpu_throughput.sh);
+#   GPU 1: the hybrid models and the SWA core (bench_hybrid.py), SSD next to mamba_ssm
+#          (bench_ssd.py), then the decoding benchmark (bench_generate.py);
 #   GPUs 0,1: the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
 #          (the README's CPU data, built here), loss in OUTDIR/train_h2_cp2/metrics.jsonl (not
 #          TP=2: the preset's Mamba2 layers have one B/C group, which TP cannot split).
@@ -30,14 +30,12 @@ job() {  # job NAME SECONDS GPUS COMMAND...
   echo "$name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUTDIR/summary.txt"
 }
 
-LANE_S="${LANE_S:-300}"
-( job train-1gpu $(( LANE_S * 3 / 5 )) 0 env ITERS=20 bash examples/launch/gpu_throughput.sh \
-      "$OUTDIR/train" gdn_1.3b gdn_h1_1.3b
-  job generate $(( LANE_S * 2 / 5 )) 0 python3 benchmarks/bench_generate.py --out "$OUTDIR/generate" ) &
-( job hybrid $(( LANE_S * 3 / 5 )) 1 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/hybrid"
-  job ssd $(( LANE_S * 2 / 5 )) 1 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" ) &
+( job train-1gpu 270 0 env ITERS=27 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" ) &
+( job hybrid 150 1 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/hybrid"
+  job ssd 60 1 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd"
+  job generate 60 1 python3 benchmarks/bench_generate.py --out "$OUTDIR/generate" ) &
 # the corpus for the two-GPU job, built on the CPU while the lanes run
-DATA="$OUTDIR/data"
+DATA=/tmp/gdn_stdlib_data  # outside OUTDIR: only logs come back
 ( python3 examples/data/build_corpus.py --out "$DATA" --max-mb 8 \
   && python3 examples/data/preprocess.py --input "$DATA/stdlib.jsonl" \
        --output-prefix "$DATA/stdlib" --tokenizer-type ByteTokenizer ) > "$OUTDIR/data.log" 2>&1 &
