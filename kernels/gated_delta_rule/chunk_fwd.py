@@ -9,6 +9,10 @@ Per chunk (rows i, j in 0..63), gc = inclusive chunk-local cumsum of the log dec
     o = scale ((q e^gc) h + (M (q k^T)) v_new),   M[i, j] = exp(gc_i - gc_j), j <= i
 The 64x64 inverse: the four diagonal 16x16 blocks by forward substitution (one [4, 16, 16]
 tile), the rest by the terminating series (I - Z + Z^2 - Z^3) D^-1 (four 64x64 dots).
+Two prepare kernels (MEGATRON_GDN_FWD_PREP, `prep_variant`): `_prepare_kernel` per (chunk, key
+head) looping over its value heads, and `_prepare_vhead_kernel` per (chunk, value head), whose
+substitution keeps one reduction on its dependency chain and whose Tm @ x dots take bf16 / fp16
+operands for half inputs (sm_90a: 150 registers instead of 207, three blocks per SM).
 Hopper + triton 3.6: a dot accumulated over a two-step K loop (BK = 64 < K = 128) came out
 wrong in bf16 in the output kernel, so the kernels take all of K (<= 256) in one tile.
 """
