@@ -273,9 +273,10 @@ def test_chunk_bwd_bf16_gpu(case, grads):
         assert_close(got, expected[name], BF16_REL, f"d{name}")
 
 
-# Every backward kernel at the largest head dims of the contract (K = 256, V = 512), fp32 (the
-# larger dot operands), compiled for sm_90 with the autotune config of largest BV: the shared
-# memory it reserves must fit a Hopper block (fp32 at K = 256 once needed 291 KB on an H200).
+# Every backward kernel and the forward's prepare kernels at the largest head dims of the
+# contract (K = 256, V = 512), fp32 (the larger dot operands), compiled for sm_90 with the
+# autotune config of largest BV: the shared memory it reserves must fit a Hopper block (fp32
+# at K = 256 once needed 291 KB on an H200).
 # One value head per key head: the group loop reuses the buffers, and compiles G times faster.
 # A child process: under TRITON_INTERPRET the kernels cannot be compiled.
 _SHARED_SCRIPT = """
@@ -306,6 +307,22 @@ for fn, fixed in kernels:
     need = shared_bytes(kernel)
     print(fn.fn.__name__, cfg.kwargs, cfg.num_warps, need)
     assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, cfg, need)
+
+# the forward's prepare kernels (both MEGATRON_GDN_FWD_PREP variants) with the column blocks
+# their launcher picks: fp32 as above, and bf16 for the per-value-head kernel's half dots
+from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
+prep = dict(H=1, HV=2, K=K, V=V, BKF=256, BK=64, BV=64, GATE_MODE=1, BETA_SIGMOID=True,
+            HAS_DT_BIAS=True, L2=True, STORE=True, IS_VARLEN=True, STORE_TM=True)
+ptr.update(a_log="*fp32", dt_bias="*fp32", beta_out="*fp32")
+half = dict(ptr, **{n: "*bf16" for n in ("k", "v", "w", "u", "tm")})
+for fn, pointers, fixed in [(cf._prepare_kernel, ptr, {}),
+                            (cf._prepare_vhead_kernel, ptr, dict(HALF_DOTS=False)),
+                            (cf._prepare_vhead_kernel, half, dict(HALF_DOTS=True))]:
+    cfg = fn.configs[0]
+    kernel = compile_for_hopper(fn, pointers, dict(prep, **fixed), cfg.num_warps, cfg.num_stages)
+    need = shared_bytes(kernel)
+    print(fn.fn.__name__, fixed, cfg.num_warps, need)
+    assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, fixed, need)
 print("fits")
 """
 
