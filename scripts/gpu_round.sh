@@ -57,7 +57,8 @@ pretrain_gpt() {
 SEQS_CP="131072 262144 524288 1048576 2097152"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 pack() { tar czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"; }
-TESTS_CMD="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest -n 8 -v -p no:warnings -p no:cacheprovider --tb=short -rf"
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+TESTS_CMD="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest $XDIST -v -p no:warnings -p no:cacheprovider --tb=short -rf"
 if [ "$NGPU" -ge 4 ]; then
   # phase 1 (<= 310 s): the kernel benchmark, the layer benchmark, the whole GPU test suite
   # (pytest-xdist, eight workers: compile- and launch-bound; -v names each failure as it
