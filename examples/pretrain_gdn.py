@@ -67,10 +67,11 @@ def _parse(argv):
         opts = split_argv(argv, has_cuda)
     except ValueError as exc:  # UsageError, HybridConfigError
         _fail(str(exc))
-    if not has_cuda:
-        import megatron_gdn.cpu
+    import megatron_gdn.cpu
 
+    if not has_cuda:
         megatron_gdn.cpu.enable()
+    megatron_gdn.cpu.use_shipped_dataset_helpers()
 
     from megatron.training.arguments import parse_and_validate_args
 

@@ -62,6 +62,30 @@ def enable() -> bool:
     return True
 
 
+def use_shipped_dataset_helpers() -> None:
+    """Megatron's `_compile_dependencies` runs `make -C megatron/core/datasets`, but the
+    megatron-core wheel ships the built helpers_cpp extension and no Makefile, so the make
+    fails and training stops (on a GPU as on the CPU). Compile only when the extension is
+    missing. Idempotent; needed by any Megatron training script run from the wheel."""
+    from megatron.training import initialize
+
+    if getattr(initialize._compile_dependencies, "_megatron_gdn", False):
+        return
+    orig_compile = initialize._compile_dependencies
+
+    @functools.wraps(orig_compile)
+    def _compile_dependencies():
+        try:
+            importlib.import_module("megatron.core.datasets.helpers_cpp")
+        except ImportError:
+            return orig_compile()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    _compile_dependencies._megatron_gdn = True
+    initialize._compile_dependencies = _compile_dependencies
+
+
 # --------------------------------------------------------------------------------------------
 # torch.cuda: device queries, streams, events, RNG
 # --------------------------------------------------------------------------------------------
@@ -503,19 +527,7 @@ def _patch_megatron_training():
 
     initialize._set_random_seed = _set_random_seed
 
-    # _compile_dependencies runs `make -C megatron/core/datasets`; the wheel ships the built
-    # helpers_cpp extension but no Makefile. Compile only when the extension is missing.
-    orig_compile = initialize._compile_dependencies
-
-    @functools.wraps(orig_compile)
-    def _compile_dependencies():
-        try:
-            importlib.import_module("megatron.core.datasets.helpers_cpp")
-        except ImportError:
-            return orig_compile()
-        torch.distributed.barrier()
-
-    initialize._compile_dependencies = _compile_dependencies
+    use_shipped_dataset_helpers()
 
     # set_jit_fusion_options warms up the torch.compile'd fusions on "cuda" tensors; on the CPU
     # the fused functions compile on first use (or not at all when fusions are off).

@@ -1,5 +1,7 @@
 """Run a Megatron-LM training script (e.g. its `pretrain_gpt.py`) with this package's layer
-specs, on a GPU as it is, or on a CPU with `megatron_gdn.cpu` applied first:
+specs, on a GPU (without Transformer Engine: with `training.args.gpu_fallback_flags` added, as
+examples/pretrain_gdn.py does), or on a CPU with `megatron_gdn.cpu` applied first; either way
+Megatron's dataset helpers are taken from the wheel instead of being compiled:
 
     torchrun --nproc_per_node 1 -m megatron_gdn.run_script MEGATRON_LM/pretrain_gpt.py \\
         --spec megatron_gdn.specs gdn_layer_spec ...
@@ -19,11 +21,16 @@ def main(argv=None) -> None:
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         raise SystemExit(f"no such script: {script}")
+    import torch
+
     import megatron_gdn.cpu
+    from megatron_gdn.training.args import gpu_fallback_flags
 
     megatron_gdn.cpu.enable()  # no-op with a CUDA device
+    megatron_gdn.cpu.use_shipped_dataset_helpers()
+    extra = gpu_fallback_flags(list(argv[1:])) if torch.cuda.is_available() else []
     sys.path.insert(0, os.path.dirname(script))
-    sys.argv = [script] + list(argv[1:])
+    sys.argv = [script] + list(argv[1:]) + extra
     runpy.run_path(script, run_name="__main__")
 
 

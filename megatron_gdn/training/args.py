@@ -75,7 +75,8 @@ def cpu_flags() -> List[str]:
 
 def gpu_fallback_flags(user: List[str]) -> List[str]:
     """On a GPU machine without Transformer Engine (or without the fused weight-gradient
-    extension), the flags whose defaults would need them: Megatron's local layers and no
+    extension), the flags whose defaults would need them: Megatron's local layers, no RoPE
+    fusion (Megatron's argument check asks for TE >= 1.4 even for models without RoPE) and no
     gradient-accumulation fusion. Flags the user gave are left alone."""
     import importlib.util
 
@@ -83,6 +84,8 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
     no_te = importlib.util.find_spec("transformer_engine") is None
     if no_te and not _flag_given(user, "--transformer-impl"):
         flags += ["--transformer-impl", "local"]
+    if no_te and not _flag_given(user, "--no-rope-fusion"):
+        flags += ["--no-rope-fusion"]
     if no_te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         flags += ["--no-gradient-accumulation-fusion"]
     return flags

@@ -58,3 +58,41 @@ def test_presets_are_complete_models():
     argv = PRESETS["cpu-tiny"]
     for flag in ("--num-layers", "--hidden-size", "--seq-length", "--train-iters", "--lr"):
         assert flag in argv
+
+
+def test_gpu_fallback_flags_without_transformer_engine(monkeypatch):
+    """A GPU machine without TE: local layers, no RoPE fusion (Megatron's argument check asks
+    for TE even for models without RoPE: the first GPU run of the 1.3B preset stopped there),
+    no gradient-accumulation fusion; what the user gave stays."""
+    import importlib.util
+
+    from megatron_gdn.training.args import gpu_fallback_flags
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("transformer_engine",
+                                                          "fused_weight_gradient_mlp_cuda")
+                        else real(name, *a))
+    flags = gpu_fallback_flags([])
+    assert _value(flags, "--transformer-impl") == "local"
+    assert "--no-rope-fusion" in flags and "--no-gradient-accumulation-fusion" in flags
+    flags = gpu_fallback_flags(["--transformer-impl", "transformer_engine", "--no-rope-fusion"])
+    assert "--transformer-impl" not in flags and "--no-rope-fusion" not in flags
+    # with GPU: split_argv appends them after the user's flags
+    argv = split_argv(["--model-yaml", str(ROOT / "examples/configs/gdn_1.3b.yaml")],
+                      has_cuda=True).megatron_argv
+    assert "--no-rope-fusion" in argv and "--use-cpu-initialization" not in argv
+
+
+def test_dataset_helpers_from_the_wheel():
+    """Megatron's _compile_dependencies runs `make` in the wheel's datasets folder, which has no
+    Makefile (pretrain_gpt.py stopped there on the GPU): patched to use the shipped helpers_cpp,
+    once, without a process group."""
+    import megatron_gdn.cpu
+    from megatron.training import initialize
+
+    megatron_gdn.cpu.use_shipped_dataset_helpers()
+    patched = initialize._compile_dependencies
+    megatron_gdn.cpu.use_shipped_dataset_helpers()
+    assert initialize._compile_dependencies is patched and patched._megatron_gdn
+    patched()  # helpers_cpp imports: no make, no barrier without a process group
