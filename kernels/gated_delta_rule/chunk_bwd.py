@@ -238,6 +238,16 @@ def _bwd_qdo_kernel(
 # PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
 # programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones (BV 64 /
 # 8 warps won at S1, S3, S5 among BV 32 / 64 x 4 / 8 warps)
+def _dh_shared_bytes(config, args) -> int:
+    """Shared memory of one _bwd_dh_kernel launch, estimated as for the forward state pass:
+    num_stages copies of the k and w tiles ([64, BK]), the dv tile ([64, BV]) and the qdo tile
+    ([BK, BV] in dh's dtype), plus 10%."""
+    bk, bv = args["BK"], config.kwargs["BV"]
+    tiles = (64 * bk * (args["k"].element_size() + args["w"].element_size())
+             + 64 * bv * args["dv"].element_size() + bk * bv * args["dh"].element_size())
+    return int(1.1 * config.num_stages * tiles)
+
+
 _DH_WIDE = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
 _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 1)] + _DH_WIDE
 
@@ -246,7 +256,7 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
     configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS", "KSCALE"],
-    prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE),
+    prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE, _dh_shared_bytes),
     # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
     # overwrites it: autotuning reruns must start from both
     restore_value=["dv", "dh"],

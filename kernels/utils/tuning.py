@@ -46,21 +46,41 @@ def select_configs(configs, interpret_config=None, default_index=0):
 
 def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **autotune_kwargs):
     """`triton.autotune(configs, key, **autotune_kwargs)` over the configs `select_configs`
-    keeps: all of them, or the single default (MEGATRON_GDN_AUTOTUNE=0 / interpreter)."""
-    return triton.autotune(configs=select_configs(configs, interpret_config, default_index),
-                           key=key, **autotune_kwargs)
+    keeps: all of them, or the single default (MEGATRON_GDN_AUTOTUNE=0 / interpreter). With a
+    `prune_configs_by` under MEGATRON_GDN_AUTOTUNE=0 the default is listed twice: Triton prunes
+    only lists of several configs, and the pruning (e.g. by_parallelism's shared-memory fit)
+    must still see the launch; it returns one config there, so nothing is timed."""
+    kept = select_configs(configs, interpret_config, default_index)
+    if not INTERPRET and not AUTOTUNE and "prune_configs_by" in autotune_kwargs:
+        kept = kept * 2
+    return triton.autotune(configs=kept, key=key, **autotune_kwargs)
 
 
-def by_parallelism(narrow, wide):
+# H100 / H200: shared memory per block (opt-in maximum)
+MAX_SHARED_BYTES = 227 * 1024
+
+
+def by_parallelism(narrow, wide, shared_bytes=None):
     """`prune_configs_by` for the sequential passes: keep the `narrow` configs (small V blocks,
     more programs) when the launch's PAR_CLASS argument is 0 (few sequences x heads), the
     `wide` ones otherwise; halves what a new shape compiles and times. Configs are matched by
-    identity, so pass the same objects that make up the kernel's config list."""
+    identity, so pass the same objects that make up the kernel's config list.
+
+    shared_bytes(config, named_args) -> estimated shared memory of a launch: configs above
+    MAX_SHARED_BYTES are dropped (float32 inputs at K = 256 need three times the pipelined
+    buffers of bf16 at K = 128); when none is left (also the one fixed config under
+    MEGATRON_GDN_AUTOTUNE=0), the first with num_stages = 1."""
     narrow_ids, wide_ids = {id(c) for c in narrow}, {id(c) for c in wide}
 
     def prune(configs, named_args, **kwargs):
         keep = narrow_ids if named_args["PAR_CLASS"] == 0 else wide_ids
-        kept = [c for c in configs if id(c) in keep]
-        return kept or list(configs)
+        kept = [c for c in configs if id(c) in keep] or list(configs)
+        if shared_bytes is not None:
+            args = {**named_args, **kwargs}
+            fits = [c for c in kept if shared_bytes(c, args) <= MAX_SHARED_BYTES]
+            c = kept[0]
+            kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
+        # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed
+        return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}
