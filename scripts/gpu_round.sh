@@ -6,8 +6,11 @@
 # holds the logs after every phase.
 #   WHEELS=path/to/wheels bash scripts/gpu_round.sh OUTDIR
 # Every job has its own time limit and log (OUTDIR/*.log); a failing job does not stop others.
+#   source scripts/gpu_round.sh --functions-only OUTDIR   (set up, define the jobs, run none)
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FUNCTIONS_ONLY=0
+if [ "${1:-}" = "--functions-only" ]; then FUNCTIONS_ONLY=1; shift; fi
 OUTDIR="$1"
 mkdir -p "$OUTDIR"
 : "${WHEELS:=$ROOT/.whl}"
@@ -33,7 +36,9 @@ job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3
   local start=$(date +%s)
   echo "=== $name (GPUs $gpus, limit ${secs}s): $*" > "$OUTDIR/$name.log"
-  CUDA_VISIBLE_DEVICES="$gpus" timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
+  # a session of its own: a failing torchrun (or a timeout) signals its whole process group,
+  # which without setsid is this script's, and took the other jobs' bookkeeping with it
+  CUDA_VISIBLE_DEVICES="$gpus" setsid --wait timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
   echo "$name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUTDIR/summary.txt"
 }
 
@@ -59,7 +64,9 @@ NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 pack() { tar czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"; }
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 TESTS_CMD="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest $XDIST -v -p no:warnings -p no:cacheprovider --tb=short -rf"
-if [ "$NGPU" -ge 4 ]; then
+if [ "$FUNCTIONS_ONLY" = 1 ]; then
+  return 0
+elif [ "$NGPU" -ge 4 ]; then
   # phase 1 (<= 310 s): the kernel benchmark, the layer benchmark, the whole GPU test suite
   # (pytest-xdist, eight workers: compile- and launch-bound; -v names each failure as it
   # happens), Megatron-LM's pretrain_gpt.py then the CP=1 length sweep, one GPU each

@@ -26,7 +26,9 @@ job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3
   local start=$(date +%s)
   echo "=== $name (GPUs $gpus, limit ${secs}s): $*" > "$OUTDIR/$name.log"
-  CUDA_VISIBLE_DEVICES="$gpus" timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
+  # a session of its own: a failing torchrun (or a timeout) signals its whole process group,
+  # which without setsid is this script's, and took the other jobs' bookkeeping with it
+  CUDA_VISIBLE_DEVICES="$gpus" setsid --wait timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
   echo "$name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUTDIR/summary.txt"
 }
 
