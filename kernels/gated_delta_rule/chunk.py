@@ -10,8 +10,9 @@ Forward (kernels in chunk_fwd.py, three launches):
      A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 diagonal blocks by substitution, then a
      terminating series), w = Tm (beta e^gc k), u = Tm (beta v); Tm itself is kept for the
      backward ([B, T, HV, 64] in v's dtype).
-     MEGATRON_GDN_FWD_PREP=new runs it per (chunk, value head) instead, with the Tm @ x dots
-     in bf16 / fp16 for half inputs (`prep_variant`).
+     By default (MEGATRON_GDN_FWD_PREP=new) it runs per (chunk, value head) instead, with
+     the Tm @ x dots in bf16 / fp16 for half inputs (`prep_variant`; "old" keeps the per-key-
+     head kernel).
   2. `chunk_state_fwd`: one program per (sequence, value head, V block), the state in fp32
      registers: v_new = u - w h, h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new. Stores the
      state entering every chunk, v_new and the final state.

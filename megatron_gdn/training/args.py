@@ -74,10 +74,11 @@ def cpu_flags() -> List[str]:
 
 
 def gpu_fallback_flags(user: List[str]) -> List[str]:
-    """On a GPU machine without Transformer Engine (or without the fused weight-gradient
-    extension), the flags whose defaults would need them: Megatron's local layers, no RoPE
-    fusion (Megatron's argument check asks for TE >= 1.4 even for models without RoPE) and no
-    gradient-accumulation fusion. Flags the user gave are left alone."""
+    """On a GPU machine without Transformer Engine (or without Apex, or without the fused
+    weight-gradient extension), the flags whose defaults would need them: Megatron's local
+    layers, no RoPE fusion (Megatron's argument check asks for TE >= 1.4 even for models
+    without RoPE), no persistent LayerNorm or fused masked softmax, no gradient-accumulation
+    fusion. Flags the user gave are left alone."""
     import importlib.util
 
     flags = []
@@ -86,6 +87,13 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
         flags += ["--transformer-impl", "local"]
     if no_te and not _flag_given(user, "--no-rope-fusion"):
         flags += ["--no-rope-fusion"]
+    # Apex's persistent LayerNorm and Megatron's fused masked softmax: without TE or Apex,
+    # torch's LayerNorm asserts on the first (Megatron-LM's pretrain_gpt.py stopped there)
+    no_apex = importlib.util.find_spec("apex") is None
+    if no_te and no_apex and not _flag_given(user, "--no-persist-layer-norm"):
+        flags += ["--no-persist-layer-norm"]
+    if no_te and no_apex and not _flag_given(user, "--no-masked-softmax-fusion"):
+        flags += ["--no-masked-softmax-fusion"]
     if no_te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
         flags += ["--no-gradient-accumulation-fusion"]
     return flags

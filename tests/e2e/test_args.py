@@ -70,12 +70,14 @@ def test_gpu_fallback_flags_without_transformer_engine(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("transformer_engine",
+                        lambda name, *a: None if name in ("transformer_engine", "apex",
                                                           "fused_weight_gradient_mlp_cuda")
                         else real(name, *a))
     flags = gpu_fallback_flags([])
     assert _value(flags, "--transformer-impl") == "local"
     assert "--no-rope-fusion" in flags and "--no-gradient-accumulation-fusion" in flags
+    # pretrain_gpt.py on the GPU: "persist_layer_norm not supported by torch LayerNorm"
+    assert "--no-persist-layer-norm" in flags and "--no-masked-softmax-fusion" in flags
     flags = gpu_fallback_flags(["--transformer-impl", "transformer_engine", "--no-rope-fusion"])
     assert "--transformer-impl" not in flags and "--no-rope-fusion" not in flags
     # with GPU: split_argv appends them after the user's flags

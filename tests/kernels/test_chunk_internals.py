@@ -245,10 +245,10 @@ def test_affine_summary(cu):
 def test_prep_variant_choice(monkeypatch):
     """MEGATRON_GDN_FWD_PREP picks the prepare kernel; an unknown value names the variable."""
     monkeypatch.delenv(PREP_ENV, raising=False)
-    assert prep_variant() == "old"
-    monkeypatch.setenv(PREP_ENV, "new")
     assert prep_variant() == "new"
-    assert prep_variant("old") == "old"
+    monkeypatch.setenv(PREP_ENV, "old")
+    assert prep_variant() == "old"
+    assert prep_variant("new") == "new"
     monkeypatch.setenv(PREP_ENV, "fast")
     with pytest.raises(ValueError, match=PREP_ENV):
         prep_variant()
