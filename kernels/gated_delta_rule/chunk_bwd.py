@@ -311,8 +311,10 @@ def _bwd_dh_kernel(
                                                             HAS_G))), 0.0)
             if L2:
                 k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-        b_kd = (b_k * k_scale[:, None]).to(b_k.dtype)
-        b_dv += tl.dot(b_kd, b_dh.to(b_k.dtype))
+        # the key decay scales the [64, BV] product's rows, not the [64, K] operand: k goes to
+        # the dot as loaded (no per-step rescale and re-stage of the whole k tile; the forward
+        # state pass scales v_new likewise), and the product is scaled in fp32
+        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype)) * k_scale[:, None]
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_dh = b_dh * tl.exp(g_last) + b_qdo - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype))
     if USE_H0:
