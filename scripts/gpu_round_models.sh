@@ -26,10 +26,11 @@ job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3
   local start=$(date +%s)
   echo "=== $name (GPUs $gpus, limit ${secs}s): $*" > "$OUTDIR/$name.log"
+  echo "$name: started at $(date +%T)" >> "$OUTDIR/summary.txt"
   # a session of its own: a failing torchrun (or a timeout) signals its whole process group,
   # which without setsid is this script's, and took the other jobs' bookkeeping with it
   CUDA_VISIBLE_DEVICES="$gpus" setsid --wait timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
-  echo "$name: rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUTDIR/summary.txt"
+  echo "$name: rc=$? in $(( $(date +%s) - start ))s, ended at $(date +%T)" | tee -a "$OUTDIR/summary.txt"
 }
 
 ( job train-1gpu 270 0 env ITERS=27 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" ) &
