@@ -14,24 +14,9 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="$1"
 mkdir -p "$OUTDIR"
-: "${WHEELS:=$ROOT/.whl}"
-source "$ROOT/scripts/gpu_setup.sh" > "$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR/setup.log"; exit 1; }
-export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# set-up, job() and pack() from gpu_round.sh
+source "$ROOT/scripts/gpu_round.sh" --functions-only "$OUTDIR"
 export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
-cd "$ROOT"
-cat "$OUTDIR/setup.log"
-
-job() {  # job NAME SECONDS GPUS COMMAND...
-  local name="$1" secs="$2" gpus="$3"; shift 3
-  local start=$(date +%s)
-  echo "=== $name (GPUs $gpus, limit ${secs}s): $*" > "$OUTDIR/$name.log"
-  echo "$name: started at $(date +%T)" >> "$OUTDIR/summary.txt"
-  # a session of its own: a failing torchrun (or a timeout) signals its whole process group,
-  # which without setsid is this script's, and took the other jobs' bookkeeping with it
-  CUDA_VISIBLE_DEVICES="$gpus" setsid --wait timeout --kill-after=10 "$secs" "$@" >> "$OUTDIR/$name.log" 2>&1
-  echo "$name: rc=$? in $(( $(date +%s) - start ))s, ended at $(date +%T)" | tee -a "$OUTDIR/summary.txt"
-}
 
 ( job train-1gpu 270 0 env ITERS=27 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" ) &
 ( job hybrid 150 1 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/hybrid"
@@ -51,5 +36,6 @@ job train-h2-cp2 "${H2_S:-170}" 0,1 python3 -m torch.distributed.run --standalon
   --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --clip-grad 1.0 \
   --log-interval 1 --eval-iters 0 --eval-interval 1000000 --no-save --throughput-warmup 5 \
   --out "$OUTDIR/train_h2_cp2"
+pack
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"
 cat "$OUTDIR/summary.txt"
