@@ -284,8 +284,7 @@ def main():
     p.add_argument("--diag", action="store_true", help="output-kernel diagnostics in bf16")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--bwd-stages", action="store_true",
-                   help="also time our backward launch by launch (profile_chunk_bwd.py), the "
-                        "gradient stage both fused and split")
+                   help="also time our backward launch by launch (profile_chunk_bwd.py)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
     args = p.parse_args()
@@ -439,15 +438,14 @@ def main():
                          f"{fmt(st['fwd_prep_old_ms'])} | {fmt(st['fwd_prep_new_ms'])} | "
                          f"{d['w']:.1e} / {d['u']:.1e} |")
     stages = {sid: row["ours_bwd_stages"] for sid, row in results["timings"].items()
-              if "grads_fused_ms" in row.get("ours_bwd_stages", {})}
+              if "grads_ms" in row.get("ours_bwd_stages", {})}
     if stages:
-        # --bwd-stages: the gradient stage both ways (MEGATRON_GDN_BWD_GRADS), same run and card
-        lines += ["", "| shape | grads fused ms | grads split ms (vq + k) | bwd fused ms | "
-                  "bwd split ms |", "|---|---|---|---|---|"]
+        # --bwd-stages: the backward launch by launch (profile_chunk_bwd.backward_stages)
+        names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "grads", "bwd_total")
+        lines += ["", "| shape | " + " | ".join(f"{n} ms" for n in names) + " |",
+                  "|---|" + "---|" * len(names)]
         for sid, st in stages.items():
-            lines.append(f"| {sid} | {fmt(st['grads_fused_ms'])} | {fmt(st['grads_split_ms'])} "
-                         f"({fmt(st['grads_vq_ms'])} + {fmt(st['grads_k_ms'])}) | "
-                         f"{fmt(st['bwd_total_fused_ms'])} | {fmt(st['bwd_total_split_ms'])} |")
+            lines.append(f"| {sid} | " + " | ".join(fmt(st.get(n + "_ms")) for n in names) + " |")
     text = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

@@ -75,18 +75,18 @@ def one(case_index: int, dtype_name: str, mode: str):
             H=H, HV=HV, K=K, V=V, BK=BK, L2=case.l2, USE_DHT=dht is not None,
             USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen, KSCALE=True)
         finite("dh", dh, dv_buf, dh0)
-        # the gradient stage as the backward runs it (MEGATRON_GDN_BWD_GRADS picks the variant),
-        # one program per key head (dq / dk summed over the group inside)
+        # the gradient stage as the backward runs it, one program per key head (dq / dk summed
+        # over the group inside)
         dq, dk, dv, dg, dbeta = cb.launch_grads(
-            cb.grads_variant(), q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
+            q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
             do, scale, layout, HV // H)
         outs = [dq, dk, dv]
         finite("grads", *outs, dg, dbeta)
         got = dict(q=outs[0], k=outs[1], v=outs[2], g=dg, beta=dbeta)
         if h0 is not None:
             got["h0"] = dh0
-        for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel",
-                     "_bwd_grad_vq_kernel", "_bwd_grad_k_kernel"):
+        for name in ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_vq_kernel",
+                     "_bwd_grad_k_kernel"):
             res[name] = str(getattr(getattr(cb, name), "best_config", None))
     else:
         if mode == "unpadded":

@@ -5,11 +5,12 @@ shapes (timings first: the float64 reference is slow).
     python benchmarks/profile_chunk_bwd.py --out benchmarks/logs/bwd
 
 Correctness of what is timed: tests/kernels/test_chunk_bwd.py (fp64 recurrence, CPU
-interpreter and GPU, both gradient stages) and the check below (every gradient against the
-pure-torch chunked path in float64 on the same GPU, bf16 and fp32 inputs, dense and packed,
-GVA, K = 256 / V = 512, with MEGATRON_GDN_BWD_GRADS=split and =fused). The stages report the
-gradient stage both ways in one run: grads_fused_ms, grads_split_ms (= grads_vq_ms +
-grads_k_ms) and the whole backward with each, bwd_total_fused_ms / bwd_total_split_ms.
+interpreter and GPU) and the check below (every gradient against the pure-torch chunked path in
+float64 on the same GPU, bf16 and fp32 inputs, dense and packed, GVA, K = 256 / V = 512). The
+stages: prep forming Tm or reading the forward's (prep_ms, prep_saved_tm_ms), the state
+recompute, qdo, dh (and dh_inline_decay_ms, the earlier pass), the gradient stage (grads_ms =
+its two launches, each also alone: grads_vq_ms, grads_k_ms) and the whole backward
+(bwd_total_ms, without a saved Tm).
 Workload as in bench_kernels.py: fused l2-norm, g = logsigmoid, beta = sigmoid, scale K^-0.5.
 fla refuses its backward on Hopper with triton < 3.7.1; this script sets
 fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True to time it.
@@ -109,19 +110,15 @@ def backward_stages(shape, dtype=torch.bfloat16):
             H=H, HV=HV, K=K, V=V, BK=BK, L2=True, USE_DHT=False,
             USE_H0=False, HAS_G=True, IS_VARLEN=varlen, KSCALE=read_kscale)
 
-    def grads(variant):
-        return lambda: cb.launch_grads(variant, q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm,
-                                       h, dh, v_new, dv_buf, do, scale, layout, loop_g)
+    def grads():
+        cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
+                        do, scale, layout, loop_g)
 
-    def whole(variant):
-        return lambda: cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None,
-                                                     layout, q_rstd=q_rstd, k_rstd=k_rstd,
-                                                     g=g_act, grads=variant)
+    def whole():
+        cb.chunk_gated_delta_rule_bwd(q, k, v, gc, beta_act, scale, None, do, None, layout,
+                                      q_rstd=q_rstd, k_rstd=k_rstd, g=g_act)
 
     res = {}
-    # the gradient stage both ways (MEGATRON_GDN_BWD_GRADS): grads_fused_ms is the one-launch
-    # _bwd_grad_kernel, grads_split_ms the two launches _bwd_grad_vq_kernel + _bwd_grad_k_kernel
-    # (each also timed alone: grads_vq_ms, grads_k_ms); bwd_total_* is the whole backward
     pm = q.new_empty(B, T, HV, 64)
     m2 = torch.empty_like(pm)
     dq = q.new_empty(B, T, HV, K)
@@ -145,13 +142,11 @@ def backward_stages(shape, dtype=torch.bfloat16):
     for name, fn in (("prep", prep()), ("prep_saved_tm", prep(True)), ("state", state),
                      ("qdo", qdo), ("dh", dh_pass()),
                      ("dh_inline_decay", dh_pass(False)),
-                     ("grads_fused", grads("fused")), ("grads_split", grads("split")),
-                     ("grads_vq", grads_vq), ("grads_k", grads_k),
-                     ("bwd_total_fused", whole("fused")), ("bwd_total_split", whole("split"))):
+                     ("grads", grads), ("grads_vq", grads_vq), ("grads_k", grads_k),
+                     ("bwd_total", whole)):
         fn()
         res[name + "_ms"] = bk.bench_ms(fn)
-    kernels = ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel", "_bwd_grad_vq_kernel",
-               "_bwd_grad_k_kernel")
+    kernels = ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_vq_kernel", "_bwd_grad_k_kernel")
     for name in kernels:
         res[name] = str(getattr(getattr(cb, name), "best_config", None))
     for name in kernels:
@@ -194,17 +189,13 @@ def main():
     if not args.no_check:
         for shape, cu in CHECKS:
             for dtype in (torch.bfloat16, torch.float32):
-                for variant in cb.GRADS_VARIANTS:
-                    os.environ[cb.GRADS_ENV] = variant
-                    try:
-                        r = check(shape, cu, dtype)
-                    except Exception as e:  # report and go on with the other checks
-                        r = {"shape": list(shape), "dtype": str(dtype), "error": repr(e)}
-                    r["grads"] = variant
-                    bk.log("check", r)
-                    results["checks"].append(r)
-                    save()
-        os.environ.pop(cb.GRADS_ENV)
+                try:
+                    r = check(shape, cu, dtype)
+                except Exception as e:  # report and go on with the other checks
+                    r = {"shape": list(shape), "dtype": str(dtype), "error": repr(e)}
+                bk.log("check", r)
+                results["checks"].append(r)
+                save()
 
 if __name__ == "__main__":
     main()

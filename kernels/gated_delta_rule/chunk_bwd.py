@@ -48,14 +48,13 @@ Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_lo
 head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
 back first), dv_new in place of dv_local, dh0;
-(5) grads, per (chunk, value head) or (chunk, key head), MEGATRON_GDN_BWD_GRADS picks one of:
-  split (default), two launches: (5a) vq: dvb = Tm^T dv_new, dv, Ds_raw, dA and dq, storing
-  Ds and bE + bE^T ([B, T, HV, 64] each, q's dtype) and writing dg, dbeta of those terms;
-  (5b) k: dk, with dkb = -Tm^T (dv_new h^T) (dvb itself is not needed), adding the rest of
-  dg, dbeta. Each keeps at most three fp32 tiles live through its V loop;
-  fused, one launch: dq, dk, dv, dg, dbeta together (five live fp32 tiles: spills on sm_90).
+(5) grads, per (chunk, value head) or (chunk, key head), two launches: (5a) vq: dvb =
+  Tm^T dv_new, dv, Ds_raw, dA and dq, storing Ds and bE + bE^T ([B, T, HV, 64] each, q's
+  dtype) and writing dg, dbeta of those terms; (5b) k: dk, with dkb = -Tm^T (dv_new h^T) (dvb
+  itself is not needed), adding the rest of dg, dbeta. Each keeps at most three fp32 tiles
+  live through its V loop (one launch for all of it kept five and spilled on sm_90; on H200
+  the two took the same time as that one at S1 / S2 and 5% less at S3, so it was removed).
 """
-import os
 from typing import Optional
 
 import torch
@@ -359,150 +358,7 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. gradients of q, k, v, g, beta in one launch (MEGATRON_GDN_BWD_GRADS=fused)
-# ---------------------------------------------------------------------------------------------
-
-# one config: BV 64 / 8 warps won at every shape S1-S5 on H200 (of BV 32 / 64 x 4 / 8 warps).
-# 16 warps is no way out of the spills: offline (ptxas -v, sm_90a, K = V = 128) it is capped at
-# 128 registers and spills 1056 B per thread against 800 B at 8 warps (255 registers)
-@autotune_or_fixed(
-    configs=[triton.Config({"BV": 64}, num_warps=8, num_stages=1)],
-    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
-)
-@triton.jit
-def _bwd_grad_kernel(
-    q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
-    dq, dk, dv, dg, dbeta, scale,
-    cu_seqlens, chunk_indices, T, NT_SEQ,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
-    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
-):
-    # LOOP_G value heads per program: G (one program per chunk and key head, dq / dk summed
-    # over the group here) or 1 (one per chunk and value head, dq / dk of each value head
-    # stored in [B, T, HV, K] for the caller to sum: fewer live accumulators, where the group
-    # loop spilled 0.4-1.1 KB per thread at G = 2 on sm_90)
-    i_c, i_p = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = HV // H
-    OH: tl.constexpr = HV // LOOP_G
-    i_h = (i_p * LOOP_G) // G
-    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
-    r = tl.arange(0, 64)
-    t_r = t0 + r
-    m_t = t_r < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
-    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
-    lower = (r[:, None] > r[None, :]) & m_t[:, None]
-    t_last = tl.minimum(t0 + 64, eos) - 1
-    acc_dq = tl.zeros([64, BK], dtype=tl.float32)
-    acc_dk = acc_dq
-    for i_g in tl.static_range(LOOP_G):
-        i_hv = i_p * LOOP_G + i_g
-        b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
-        g_last = tl.load(gc + t_last * HV + i_hv)
-        b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
-        # Tm^T in the dot dtype, converted once for the whole V loop
-        b_tmt = tl.trans(tl.load(tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :],
-                                 mask=causal, other=0.0).to(dv2.dtype.element_ty))
-        h_base = h + (i_c.to(tl.int64) * HV + i_hv) * K * V
-        dh_base = dh + (i_c.to(tl.int64) * HV + i_hv) * K * V
-        b_ds = tl.zeros([64, 64], dtype=tl.float32)
-        b_da = tl.zeros([64, 64], dtype=tl.float32)
-        b_dqi = tl.zeros([64, BK], dtype=tl.float32)
-        b_dkh = tl.zeros([64, BK], dtype=tl.float32)
-        b_dkb = tl.zeros([64, BK], dtype=tl.float32)
-        b_db = tl.zeros([64], dtype=tl.float32)
-        b_hdh = tl.zeros([BK], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            m_tv = m_t[:, None] & m_v[None, :]
-            m_kv = m_k[:, None] & m_v[None, :]
-            p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
-            b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-            b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0.0)
-            b_dv2 = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
-            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
-            b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            b_dh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            b_ht = tl.trans(b_h.to(b_do.dtype))
-            b_ds += tl.dot(b_do, tl.trans(b_vn))
-            b_dqi += tl.dot(b_do, b_ht)
-            b_dkh += tl.dot(b_vn, tl.trans(b_dh.to(b_vn.dtype)))
-            b_dvb = tl.dot(b_tmt, b_dv2)
-            b_dvbd = b_dvb.to(b_vn.dtype)
-            b_da += tl.dot(b_dvbd, tl.trans(b_vn))
-            b_dkb += tl.dot(b_dvbd, b_ht)
-            tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-            b_db += tl.sum(b_v.to(tl.float32) * b_dvb, 1)
-            b_hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), 1)
-
-        # dg without cancellation: g enters through the pair exponents seg[i, j] (j < i,
-        # gradient X), through gc_i (the e^gc factors, gradient a) and through the suffix
-        # sums gl - gc_j = seg[last, j] (gradient b, folded into the last row of X). Then
-        # dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j]: every term is summed once,
-        # where the +x / -x of a difference of prefix sums would leave rounding residues the
-        # size of the true dg when g << 0 (g = -22: dg ~ e^-22 beside terms of e^-22 each)
-        # q, k are loaded only now, so that they take no registers during the V loop
-        b_kk, b_qk = _gram_qk(q, k, q_rstd, k_rstd, t_r * H + i_h, m_t, K, BKC, L2)
-        b_q, b_k, b_qn, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
-        b_g = _chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)
-        # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
-        e_seg = tl.exp(_segsum(b_g))
-        e_gc = tl.exp(b_gc)
-        k_decay = tl.where(m_t, tl.exp(_suffix(b_g)), 0.0)
-        dq_hv = b_dqi * (e_gc * scale)[:, None]
-        dk_hv = b_dkh * k_decay[:, None]
-        b_sfx = tl.sum(b_kn * dk_hv, 1)
-        b_a = tl.sum(b_qn * dq_hv, 1) + tl.where(t_r == t_last,
-                                                  tl.exp(g_last) * tl.sum(b_hdh, 0), 0.0)
-        b_pm = tl.where(causal, b_ds * e_seg, 0.0) * scale
-        b_x = tl.where(lower, b_pm * b_qk, 0.0)
-        dq_hv += tl.dot(b_pm.to(b_k.dtype), b_k)
-        dk_hv += tl.dot(tl.trans(b_pm).to(b_q.dtype), b_q)
-
-        # WY part: E = dA e^(gc_i - gc_j) below the diagonal, dA = -dvb v_new^T
-        b_e = tl.where(lower, -b_da * e_seg, 0.0)
-        b_be = b_e * b_beta[:, None]
-        dk_hv += tl.dot((b_be + tl.trans(b_be)).to(b_k.dtype), b_k)
-        b_x += b_be * b_kk
-        b_db += tl.sum(b_e * b_kk, 1)
-        kb_scale = b_beta * e_gc
-        k_dkb = -tl.sum(b_kn * b_dkb, 1)
-        dk_hv -= b_dkb * kb_scale[:, None]
-        b_db += e_gc * k_dkb
-        b_a += kb_scale * k_dkb
-        # masked rows have g = 0, so gl - gc_j = seg[63, j] also in a partial chunk
-        b_x += tl.where((r[:, None] == 63) & (r[None, :] < 63), b_sfx[None, :], 0.0)
-        b_y = tl.cumsum(b_x, 0, reverse=True)
-        b_dg = (tl.sum(tl.where(r[None, :] < r[:, None], b_y, 0.0), 1)
-                + tl.cumsum(b_a, 0, reverse=True))
-        tl.store(dg + t_r * HV + i_hv, b_dg, mask=m_t)
-        tl.store(dbeta + t_r * HV + i_hv, b_db, mask=m_t)
-        # the first value head assigns: no zero-filled accumulator lives through its V loop
-        if i_g == 0:
-            acc_dq = dq_hv
-            acc_dk = dk_hv
-        else:
-            acc_dq += dq_hv
-            acc_dk += dk_hv
-
-    if L2:
-        rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-        rk = tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-        acc_dq = rq[:, None] * (acc_dq - b_qn * tl.sum(b_qn * acc_dq, 1)[:, None])
-        acc_dk = rk[:, None] * (acc_dk - b_kn * tl.sum(b_kn * acc_dk, 1)[:, None])
-    p_out = (t_r[:, None] * OH + i_p) * K + o_k[None, :]
-    tl.store(dq + p_out, acc_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + p_out, acc_dk.to(dk.dtype.element_ty), mask=m_tk)
-
-
-# ---------------------------------------------------------------------------------------------
-# 5a, 5b. the same gradients in two lighter launches (MEGATRON_GDN_BWD_GRADS=split, default)
+# 5a, 5b. gradients of q, k, v, g, beta in two launches
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -742,25 +598,11 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
     return kscale
 
 
-GRADS_ENV = "MEGATRON_GDN_BWD_GRADS"
-GRADS_VARIANTS = ("split", "fused")
-
-
-def grads_variant(grads: Optional[str] = None) -> str:
-    """The gradient stage to run: `grads` if given, else $MEGATRON_GDN_BWD_GRADS, else split."""
-    value = grads if grads is not None else os.environ.get(GRADS_ENV, "split")
-    if value not in GRADS_VARIANTS:
-        name = "grads" if grads is not None else GRADS_ENV
-        raise ValueError(f"{name}={value!r}: expected one of {GRADS_VARIANTS}")
-    return value
-
-
-def launch_grads(variant, q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
+def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
                  scale, layout: ChunkLayout, loop_g: int):
     """The gradient stage: dq, dk ([B, T, HV // loop_g, K], q's dtype; per value head when
-    loop_g < G, for the caller to sum over the group), dv, dg, dbeta. variant "fused": one
-    launch of _bwd_grad_kernel; "split": _bwd_grad_vq_kernel then _bwd_grad_k_kernel, with
-    two [B, T, HV, 64] scratch matrices in q's dtype between them."""
+    loop_g < G, for the caller to sum over the group), dv, dg, dbeta: _bwd_grad_vq_kernel then
+    _bwd_grad_k_kernel, with two [B, T, HV, 64] scratch matrices in q's dtype between them."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
@@ -774,15 +616,6 @@ def launch_grads(variant, q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     dbeta = torch.empty_like(dg)
     grid = (NT, HV // loop_g)
-    if variant == "fused":
-        _bwd_grad_kernel[grid](
-            q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
-            dq, dk, dv, dg, dbeta, scale,
-            cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
-            IS_VARLEN=varlen, LOOP_G=loop_g,
-        )
-        return dq, dk, dv, dg, dbeta
     pm = q.new_empty(B, T, HV, 64)
     m2 = torch.empty_like(pm)
     _bwd_grad_vq_kernel[grid](
@@ -816,7 +649,6 @@ def chunk_gated_delta_rule_bwd(
     k_rstd: Optional[torch.Tensor] = None,
     g: Optional[torch.Tensor] = None,
     split_group: bool = True,
-    grads: Optional[str] = None,
     tm: Optional[torch.Tensor] = None,
 ):
     """Gradients of the chunked gated delta rule (interface fixed in chunk.py).
@@ -835,13 +667,10 @@ def chunk_gated_delta_rule_bwd(
     split_group: with G = HV // H > 1, run the gradient kernel per value head and sum dq / dk
         over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype) instead of
         looping over the group inside one program per key head.
-    grads: "split" (two launches) or "fused" (one launch) for the gradient stage; None reads
-        MEGATRON_GDN_BWD_GRADS (default "split").
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
     """
-    variant = grads_variant(grads)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
@@ -891,7 +720,7 @@ def chunk_gated_delta_rule_bwd(
     G = HV // H
     loop_g = G if G == 1 or not split_group else 1
     dq, dk, dv, dg, dbeta = launch_grads(
-        variant, q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
+        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
         do, scale, layout, loop_g)
     if loop_g != G:
         # per value head -> per key head (value head i reads key head i // G)

@@ -126,7 +126,7 @@ def chunk_cumsum(g: torch.Tensor, layout) -> torch.Tensor:
 
 
 def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
-                 scale: Optional[float] = None, split_group: bool = True, grads: str = "split"):
+                 scale: Optional[float] = None, split_group: bool = True):
     B, T = case.B, case.T
     cu = torch.tensor(case.cu, dtype=torch.int32, device=DEVICE) if case.cu else None
     layout = chunk_fwd.make_chunk_layout(cu, B, T)
@@ -141,7 +141,7 @@ def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, case.K ** -0.5 if scale is None else scale, dev(x["h0"], torch.float32), do,
         dev(x["dht"], torch.float32), layout, q_rstd=q_rstd, k_rstd=k_rstd,
-        g=dev(x["g"], torch.float32) if pass_g else None, split_group=split_group, grads=grads,
+        g=dev(x["g"], torch.float32) if pass_g else None, split_group=split_group,
     )
     out = dict(q=dq, k=dk, v=dv, g=dg, beta=dbeta)
     if x["h0"] is not None:
@@ -151,16 +151,11 @@ def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
     return out
 
 
-# both gradient stages (MEGATRON_GDN_BWD_GRADS): the two-launch default and the fused kernel
-GRADS = pytest.mark.parametrize("grads", ["split", "fused"])
-
-
-@GRADS
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_chunk_bwd_vs_recurrence(case, grads):
+def test_chunk_bwd_vs_recurrence(case):
     x = make_inputs(case)
     expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, grads=grads)
+    actual = run_backward(x, case, torch.float32)
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     assert set(actual) == set(expected)
     for name in expected:
@@ -176,11 +171,10 @@ def test_chunk_bwd_vs_recurrence(case, grads):
     (CASES[1], dict(pass_g=False)), (CASES[3], dict(pass_g=False)),
     (CASES[2], dict(split_group=False)), (CASES[3], dict(split_group=False)),
 ], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x))
-@GRADS
-def test_chunk_bwd_variants(case, variant, grads):
+def test_chunk_bwd_variants(case, variant):
     x = make_inputs(case)
     expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, grads=grads, **variant)
+    actual = run_backward(x, case, torch.float32, **variant)
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
@@ -243,9 +237,8 @@ def test_fused_options_end_to_end(case):
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="bf16 is wrong under the Triton interpreter (notes)")
-@GRADS
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: c.id)
-def test_chunk_bwd_bf16_gpu(case, grads):
+def test_chunk_bwd_bf16_gpu(case):
     """bf16 at the head dims the entry point runs compiled (small heads zero-padded up to
     MIN_COMPILED_HEAD_DIM: at K, V of 16 / 32 the compiled bf16 backward is wrong on H200 with
     triton 3.6), gradients sliced back."""
@@ -261,7 +254,7 @@ def test_chunk_bwd_bf16_gpu(case, grads):
         if x[name] is not None:
             xp[name] = pad(x[name], (0, Vp - case.V, 0, Kp - case.K))
     actual = run_backward(xp, dataclasses.replace(case, K=Kp, V=Vp), torch.bfloat16,
-                          scale=case.K ** -0.5, grads=grads)
+                          scale=case.K ** -0.5)
     for name in expected:
         got = actual[name]
         if name in ("q", "k"):
@@ -294,7 +287,6 @@ kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True, KSCALE=True)),
-    (cb._bwd_grad_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(BK=256, LOOP_G=1)),
 ]
@@ -335,19 +327,3 @@ def test_kernels_fit_hopper_shared_memory():
     result = subprocess.run([sys.executable, "-c", _SHARED_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0 and "fits" in result.stdout, (result.stdout + result.stderr)[-4000:]
-
-
-def test_grads_variant_choice(monkeypatch):
-    """MEGATRON_GDN_BWD_GRADS picks the gradient stage; an unknown value names the variable."""
-    from megatron_gdn.kernels.gated_delta_rule.chunk_bwd import GRADS_ENV, grads_variant
-
-    monkeypatch.delenv(GRADS_ENV, raising=False)
-    assert grads_variant() == "split"
-    monkeypatch.setenv(GRADS_ENV, "fused")
-    assert grads_variant() == "fused"
-    assert grads_variant("split") == "split"
-    monkeypatch.setenv(GRADS_ENV, "fast")
-    with pytest.raises(ValueError, match=GRADS_ENV):
-        grads_variant()
-    with pytest.raises(ValueError, match="grads='x'"):
-        grads_variant("x")

@@ -24,7 +24,7 @@ def toy(x, N, BV: triton.language.constexpr):
 
 kernels = dict(toy=toy, **{name: getattr(mod, name) for mod, names in (
     (chunk_fwd, ("_prepare_kernel", "_state_kernel", "_output_kernel")),
-    (chunk_bwd, ("_bwd_prep_kernel", "_bwd_dh_kernel", "_bwd_grad_kernel",
+    (chunk_bwd, ("_bwd_prep_kernel", "_bwd_dh_kernel",
                  "_bwd_grad_vq_kernel", "_bwd_grad_k_kernel"))) for name in names})
 print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
                              configs=[str(c) for c in k.configs], fn=k.fn.__name__)
@@ -32,7 +32,7 @@ print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
 """
 
 
-SINGLE_CONFIG = {"_prepare_kernel", "_output_kernel", "_bwd_prep_kernel", "_bwd_grad_kernel"}
+SINGLE_CONFIG = {"_prepare_kernel", "_output_kernel", "_bwd_prep_kernel"}
 
 
 def _kernels(tmp_path, interpret="0", autotune=None):
