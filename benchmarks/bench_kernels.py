@@ -167,40 +167,21 @@ def time_impl(fn, shape, dtype=torch.bfloat16):
 
 
 def stage_times(shape, dtype=torch.bfloat16):
-    """Our forward launch by launch (where the time goes), with the autotuner's picks; the
-    prepare stage with both kernels of MEGATRON_GDN_FWD_PREP (old: per key head, new: per value
-    head with half-precision Tm @ x), how far apart their w, u are, and the whole forward each
-    way (the variable set around the call). Correctness of both: tests/kernels/
-    test_chunk_internals.py and test_gated_delta_rule.py (parametrised over the variable)."""
+    """Our forward launch by launch (where the time goes), with the autotuner's picks."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
 
     B, T, H, HV, K, V = shape
     q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=3)
     layout = cf.make_chunk_layout(None, B, T)
-    gc, _, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True,
-                                               prep="old")
-    _, _, _, w_new, u_new = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True,
-                                                 prep="new")
+    gc, _, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)
     h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
-    res = {"default_prep": cf.prep_variant()}
-    for prep in cf.PREP_VARIANTS:
-        res[f"prepare_{prep}_ms"] = bench_ms(lambda: cf.chunk_prepare_fwd(
-            k, v, g, beta, layout, use_qk_l2norm=True, prep=prep))
-    res["prepare_new_vs_old_rel"] = {"w": rel(w_new, w), "u": rel(u_new, u)}
-    res["state_ms"] = bench_ms(lambda: cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd))
-    res["output_ms"] = bench_ms(lambda: cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout,
-                                                             k_rstd=k_rstd, use_qk_l2norm=True))
-    saved = os.environ.get(cf.PREP_ENV)
-    try:
-        for prep in cf.PREP_VARIANTS:
-            os.environ[cf.PREP_ENV] = prep
-            res[f"fwd_prep_{prep}_ms"] = bench_ms(lambda: ours(q, k, v, g, beta))
-    finally:
-        if saved is None:
-            os.environ.pop(cf.PREP_ENV, None)
-        else:
-            os.environ[cf.PREP_ENV] = saved
-    for name in ("_prepare_kernel", "_prepare_vhead_kernel", "_state_kernel", "_output_kernel"):
+    res = {
+        "prepare_ms": bench_ms(lambda: cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)),
+        "state_ms": bench_ms(lambda: cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)),
+        "output_ms": bench_ms(lambda: cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout,
+                                                           k_rstd=k_rstd, use_qk_l2norm=True)),
+    }
+    for name in ("_prepare_kernel", "_state_kernel", "_output_kernel"):
         best = getattr(getattr(cf, name), "best_config", None)
         res[name] = str(best)
     return res
@@ -425,18 +406,13 @@ def main():
             lines.append(f"| {sid} | ours/fla | {row['ours']['fwd_ms'] / row['fla']['fwd_ms']:.2f} | "
                          f"{row['ours']['fwd_bwd_ms'] / row['fla']['fwd_bwd_ms']:.2f} | | |")
     fwd = {sid: row["ours_stages"] for sid, row in results["timings"].items()
-           if "prepare_new_ms" in row.get("ours_stages", {})}
+           if "prepare_ms" in row.get("ours_stages", {})}
     if fwd:
-        # the forward stage by stage, prepare both ways (MEGATRON_GDN_FWD_PREP), same run and card
-        lines += ["", "| shape | prepare old ms | prepare new ms | state ms | output ms | "
-                  "fwd (prep old) ms | fwd (prep new) ms | new vs old rel w / u |",
-                  "|---|---|---|---|---|---|---|---|"]
+        # the forward stage by stage, same run and card
+        lines += ["", "| shape | prepare ms | state ms | output ms |", "|---|---|---|---|"]
         for sid, st in fwd.items():
-            d = st["prepare_new_vs_old_rel"]
-            lines.append(f"| {sid} | {fmt(st['prepare_old_ms'])} | {fmt(st['prepare_new_ms'])} | "
-                         f"{fmt(st['state_ms'])} | {fmt(st['output_ms'])} | "
-                         f"{fmt(st['fwd_prep_old_ms'])} | {fmt(st['fwd_prep_new_ms'])} | "
-                         f"{d['w']:.1e} / {d['u']:.1e} |")
+            lines.append(f"| {sid} | {fmt(st['prepare_ms'])} | {fmt(st['state_ms'])} | "
+                         f"{fmt(st['output_ms'])} |")
     stages = {sid: row["ours_bwd_stages"] for sid, row in results["timings"].items()
               if "grads_ms" in row.get("ours_bwd_stages", {})}
     if stages:

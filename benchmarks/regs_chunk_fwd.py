@@ -1,14 +1,14 @@
 """Registers, spills, shared memory and instruction mix of the forward's prepare kernels on
 sm_90a, offline (no GPU): each compiled for Hopper as tests/hopper_compile.py does, its PTX run
 through Triton's bundled `ptxas -v`, its SASS (cuobjdump) counted by instruction class. The
-per-key-head `_prepare_kernel` (MEGATRON_GDN_FWD_PREP=old) beside the per-value-head
-`_prepare_vhead_kernel` (new), bf16, l2-norm and the fused gate on, at K = V = 128 and
-K = 256 / V = 512, with each launcher's column blocks; the output kernel for reference.
+per-value-head `_prepare_kernel` (the per-key-head kernel it replaced took 207 registers at
+K = V = 128, two blocks per SM), bf16, l2-norm and the fused gate on, at K = V = 128 and
+K = 256 / V = 512, with its launcher's column blocks; the output kernel for reference.
 
     env -u TRITON_INTERPRET PYTHONPATH=. python benchmarks/regs_chunk_fwd.py
 
 Correctness of these kernels: tests/kernels/test_chunk_internals.py and
-tests/kernels/test_gated_delta_rule.py (both variants).
+tests/kernels/test_gated_delta_rule.py.
 """
 import collections
 import os
@@ -79,17 +79,15 @@ def usage(fn, dtype, constexprs, num_warps):
 
 
 def prepare_variants(K, V, dtype="bf16"):
-    """(label, kernel, constexprs) as each launcher sets them."""
+    """(label, kernel, constexprs) as the launcher sets them."""
     half = dtype != "fp32"
     common = dict(H=16, HV=16, K=K, V=V, BKF=cf._pow2_block(K, 256), GATE_MODE=1,
                   BETA_SIGMOID=False, HAS_DT_BIAS=True, L2=True, STORE=True, IS_VARLEN=False,
                   STORE_TM=True)
     return [
-        ("old", cf._prepare_kernel, dict(common, BK=cf._pow2_block(K, 64),
-                                         BV=cf._pow2_block(V, 64))),
-        ("new", cf._prepare_vhead_kernel, dict(common, BK=cf._pow2_block(K, 128 if half and K <= 128 else 64),
-                                               BV=cf._pow2_block(V, 128 if half and V <= 128 else 64),
-                                               HALF_DOTS=half)),
+        ("prepare", cf._prepare_kernel, dict(common, BK=cf._pow2_block(K, 128 if half and K <= 128 else 64),
+                                             BV=cf._pow2_block(V, 128 if half and V <= 128 else 64),
+                                             HALF_DOTS=half)),
     ]
 
 

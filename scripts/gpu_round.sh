@@ -20,9 +20,6 @@ source "$ROOT/scripts/gpu_setup.sh" > "$OUTDIR/setup.log" 2>&1 || { cat "$OUTDIR
 set +e
 export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-# the forward prepare kernel the round measures (kernels/gated_delta_rule/chunk_fwd.py
-# prep_variant; the benchmark's stage split times both either way; the tests run both)
-export MEGATRON_GDN_FWD_PREP="${MEGATRON_GDN_FWD_PREP:-new}"
 cd "$ROOT"
 python3 -c "import fla, megatron.core; print('fla', fla.__version__, 'megatron-core', megatron.core.__version__)" >> "$OUTDIR/setup.log" 2>&1
 cat "$OUTDIR/setup.log"

@@ -5,14 +5,11 @@ per key head), K key dim, V value dim, N state rows (sequences), C = 64 chunk si
 NT total number of chunks over all sequences.
 
 Forward (kernels in chunk_fwd.py, three launches):
-  1. `chunk_prepare_fwd`: per (chunk, key head), loops over the G value heads of the group:
-     gate activation + chunk-local cumsum gc, beta activation, the l2-norm statistics of k,
-     A = beta K K^T * decay, Tm = (I + A)^-1 (16x16 diagonal blocks by substitution, then a
-     terminating series), w = Tm (beta e^gc k), u = Tm (beta v); Tm itself is kept for the
-     backward ([B, T, HV, 64] in v's dtype).
-     By default (MEGATRON_GDN_FWD_PREP=new) it runs per (chunk, value head) instead, with
-     the Tm @ x dots in bf16 / fp16 for half inputs (`prep_variant`; "old" keeps the per-key-
-     head kernel).
+  1. `chunk_prepare_fwd`: per (chunk, value head): gate activation + chunk-local cumsum gc,
+     beta activation, the l2-norm statistics of k, A = beta K K^T * decay, Tm = (I + A)^-1
+     (16x16 diagonal blocks by substitution, then a terminating series), w = Tm (beta e^gc k),
+     u = Tm (beta v), with the Tm @ x dots in bf16 / fp16 for half inputs; Tm itself is kept
+     for the backward ([B, T, HV, 64] in v's dtype).
   2. `chunk_state_fwd`: one program per (sequence, value head, V block), the state in fp32
      registers: v_new = u - w h, h <- e^{gc_last} h + (k e^{gc_last - gc})^T v_new. Stores the
      state entering every chunk, v_new and the final state.

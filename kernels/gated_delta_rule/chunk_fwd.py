@@ -9,15 +9,13 @@ Per chunk (rows i, j in 0..63), gc = inclusive chunk-local cumsum of the log dec
     o = scale ((q e^gc) h + (M (q k^T)) v_new),   M[i, j] = exp(gc_i - gc_j), j <= i
 The 64x64 inverse: the four diagonal 16x16 blocks by forward substitution (one [4, 16, 16]
 tile), the rest by the terminating series (I - Z + Z^2 - Z^3) D^-1 (four 64x64 dots).
-Two prepare kernels (MEGATRON_GDN_FWD_PREP, `prep_variant`): `_prepare_kernel` per (chunk, key
-head) looping over its value heads, and `_prepare_vhead_kernel` per (chunk, value head), whose
-substitution keeps one reduction on its dependency chain and whose Tm @ x dots take bf16 / fp16
-operands for half inputs (sm_90a: 150 registers instead of 207, three blocks per SM); the
-second is the default ("new"), the first stays for comparison ("old").
+The prepare kernel runs per (chunk, value head); its substitution keeps one reduction on its
+dependency chain and its Tm @ x dots take bf16 / fp16 operands for half inputs (sm_90a: 150
+registers, three blocks per SM; the per-key-head kernel it replaced took 207 and twice the
+time on H200).
 Hopper + triton 3.6: a dot accumulated over a two-step K loop (BK = 64 < K = 128) came out
 wrong in bf16 in the output kernel, so the kernels take all of K (<= 256) in one tile.
 """
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -103,117 +101,7 @@ def _unit_lower_inverse(a):
 
     With D = I + (the 16x16 diagonal blocks of a) and N the rest of a, I + a = D (I + Z),
     Z = D^-1 N strictly block lower, so Z^4 = 0 and (I + a)^-1 = (I - Z + Z^2 - Z^3) D^-1.
-    D^-1: forward substitution on the four diagonal blocks at once as a [4, 16, 16] tile
-    (row i of n = D^-1 - I is -d_i - sum_j d_ij n_j over the rows j < i already done; rows
-    >= i of n still hold -d)."""
-    bi = tl.arange(0, 4)[:, None, None, None]
-    bj = tl.arange(0, 4)[None, None, :, None]
-    d = tl.sum(tl.where(bi == bj, tl.reshape(a, [4, 16, 4, 16]), 0.0), 2)
-    rows = tl.arange(0, 16)[None, :, None]
-    n = -d
-    for i in range(2, 16):
-        sel = rows == i
-        x = tl.sum(tl.where(sel, n, 0.0), 1)
-        n = tl.where(sel, (x + tl.sum(x[:, :, None] * n, 1))[:, None, :], n)
-    n = n + (rows == tl.arange(0, 16)[None, None, :]).to(tl.float32)
-    d_inv = tl.reshape(tl.where(bi == bj, n[:, :, None, :], 0.0), [64, 64])
-    r = tl.arange(0, 64)
-    z = tl.dot(d_inv, tl.where((r // 16)[:, None] > (r // 16)[None, :], a, 0.0))
-    z2 = tl.dot(z, z)
-    p = (r[:, None] == r[None, :]).to(tl.float32) - z + z2 - tl.dot(z, z2)
-    return tl.dot(p, d_inv)
-
-
-@triton.jit
-def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, NCOL,
-                  BC: tl.constexpr):
-    """out = Tm @ (row_scale * x) over column blocks of BC."""
-    for i_c in range(0, tl.cdiv(NCOL, BC)):
-        cols = i_c * BC + tl.arange(0, BC)
-        m = m_t[:, None] & (cols < NCOL)[None, :]
-        b_x = tl.load(x_ptr + t_r[:, None] * stride_x + cols[None, :], mask=m, other=0.0)
-        b_y = tl.dot(tm, b_x.to(tl.float32) * row_scale[:, None])
-        tl.store(out_ptr + t_r[:, None] * stride_o + cols[None, :],
-                 b_y.to(out_ptr.dtype.element_ty), mask=m)
-
-
-# one config: 4 warps won at every shape S1-S5 on H200 (8 warps was the other candidate)
-@autotune_or_fixed(
-    configs=[triton.Config({}, num_warps=4, num_stages=2)],
-    interpret_config=triton.Config({}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "GATE_MODE", "L2", "IS_VARLEN"],
-)
-@triton.jit
-def _prepare_kernel(
-    k, v, g, beta, a_log, dt_bias, gc, beta_out, k_rstd, w, u, tm,
-    cu_seqlens, chunk_indices, T, NT_SEQ,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BKF: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    GATE_MODE: tl.constexpr, BETA_SIGMOID: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    L2: tl.constexpr, STORE: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_TM: tl.constexpr,
-):
-    """Per (chunk, key head). GATE_MODE 0: g is the log decay; 1: g is the raw gate input a
-    (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute, STORE off).
-    STORE_TM: also store Tm ([B, T, HV, 64] in tm's dtype) for the backward."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = HV // H
-    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
-    r = tl.arange(0, 64)
-    t_r = t0 + r
-    m_t = t_r < eos
-    o_k = tl.arange(0, BKF)
-    k_h = k + i_h * K
-    # K K^T over the whole key dim in one dot (shared by the G value heads of this key head)
-    b_k = tl.load(k_h + t_r[:, None] * (H * K) + o_k[None, :],
-                  mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
-    b_kk = tl.dot(b_k, tl.trans(b_k))
-    if L2:
-        rk = tl.rsqrt(tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1) + 1e-6)
-        if STORE:
-            tl.store(k_rstd + t_r * H + i_h, rk, mask=m_t)
-        b_kk = b_kk * rk[:, None] * rk[None, :]
-    else:
-        rk = tl.full([64], 1.0, dtype=tl.float32)
-    lower = (r[:, None] > r[None, :]) & m_t[:, None] & m_t[None, :]
-
-    for i_g in range(0, G):
-        i_hv = i_h * G + i_g
-        offs = t_r * HV + i_hv
-        b_g = tl.load(g + offs, mask=m_t, other=0.0).to(tl.float32)
-        if GATE_MODE == 2:
-            b_gc = b_g
-        else:
-            if GATE_MODE == 1:
-                x = b_g
-                if HAS_DT_BIAS:
-                    x = x + tl.load(dt_bias + i_hv).to(tl.float32)
-                b_g = tl.where(m_t, -tl.exp(tl.load(a_log + i_hv).to(tl.float32)) * softplus(x),
-                               0.0)
-            b_gc = tl.cumsum(b_g, 0)
-        b_beta = tl.load(beta + offs, mask=m_t, other=0.0).to(tl.float32)
-        if BETA_SIGMOID:
-            b_beta = tl.sigmoid(b_beta)
-        if STORE:
-            tl.store(gc + offs, b_gc, mask=m_t)
-            tl.store(beta_out + offs, b_beta, mask=m_t)
-        # the decay exponent is <= 0 below the diagonal; masked first so nothing overflows
-        b_a = tl.where(lower, b_kk * b_beta[:, None]
-                       * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
-        b_tm = _unit_lower_inverse(b_a)
-        if STORE_TM:
-            tl.store(tm + offs[:, None] * 64 + r[None, :], b_tm.to(tm.dtype.element_ty),
-                     mask=m_t[:, None])
-        # w = Tm (beta e^gc rstd k), u = Tm (beta v)
-        _store_tm_rhs(b_tm, k_h, w + i_hv * K, t_r, m_t, H * K, HV * K,
-                      b_beta * tl.exp(b_gc) * rk, K, BK)
-        _store_tm_rhs(b_tm, v + i_hv * V, u + i_hv * V, t_r, m_t, HV * V, HV * V, b_beta, V, BV)
-
-
-@triton.jit
-def _unit_lower_inverse_dt(a):
-    """(I + a)^-1 as `_unit_lower_inverse`, with the substitution reading d transposed and the
-    series evaluated by Horner.
-
+    D^-1: forward substitution on the four diagonal blocks at once as a [4, 16, 16] tile.
     Row i of n = D^-1 - I is n_i - sum_j d_ij n_j (n_i still holds -d_i). The weights d_ij
     are taken from d^T as column i (a reduction along the columns, independent of n), so the
     only reduction on the dependency chain is the one over the rows j of n, and its result
@@ -243,11 +131,11 @@ def _unit_lower_inverse_dt(a):
 
 
 @triton.jit
-def _store_tm_rhs_half(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, NCOL,
+def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, NCOL,
                        BC: tl.constexpr, HALF_DOTS: tl.constexpr):
     """out = Tm @ (row_scale * x) over column blocks of BC. HALF_DOTS (x in bf16 / fp16): Tm
     and the scaled x rounded to x's dtype, float32 accumulation (half the operand bytes and
-    twice the MMA rate of tf32); otherwise float32 operands as `_store_tm_rhs`."""
+    twice the MMA rate of tf32); otherwise float32 operands."""
     if HALF_DOTS:
         tm = tm.to(x_ptr.dtype.element_ty)
     for i_c in range(0, tl.cdiv(NCOL, BC)):
@@ -262,14 +150,15 @@ def _store_tm_rhs_half(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_sca
                  b_y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# one config until timed on a GPU (4 warps, as the per-key-head kernel)
+# one config: 4 warps / 2 stages (H200, run 6: 0.19 / 0.38 / 0.38 ms at S1 / S2 / S3, against
+# 0.34 / 0.66 / 0.65 for the per-key-head kernel it replaced)
 @autotune_or_fixed(
     configs=[triton.Config({}, num_warps=4, num_stages=2)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "GATE_MODE", "L2", "IS_VARLEN", "HALF_DOTS"],
 )
 @triton.jit
-def _prepare_vhead_kernel(
+def _prepare_kernel(
     k, v, g, beta, a_log, dt_bias, gc, beta_out, k_rstd, w, u, tm,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -278,10 +167,11 @@ def _prepare_vhead_kernel(
     L2: tl.constexpr, STORE: tl.constexpr, IS_VARLEN: tl.constexpr, HALF_DOTS: tl.constexpr,
     STORE_TM: tl.constexpr,
 ):
-    """`_prepare_kernel` per (chunk, value head): G times the programs under GVA, each
-    recomputing K K^T of its key head (64 x 64 x K, cheap next to the inverse); the key head's
-    first value head stores k_rstd. Substitution by `_unit_lower_inverse_dt`, Tm @ x by
-    `_store_tm_rhs_half`."""
+    """Per (chunk, value head): gate activation and chunk cumsum, beta, A, Tm = (I + A)^-1,
+    w and u (and Tm itself with STORE_TM). G times the programs under GVA, each recomputing
+    K K^T of its key head (64 x 64 x K, cheap next to the inverse); the key head's first value
+    head stores k_rstd. GATE_MODE 0: g is the log decay; 1: g is the raw gate input a
+    (g = -exp(A_log) softplus(a + dt_bias)); 2: g already holds gc (recompute, STORE off)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     i_h = i_hv // G
@@ -323,14 +213,14 @@ def _prepare_vhead_kernel(
     # the decay exponent is <= 0 below the diagonal; masked first so nothing overflows
     b_a = tl.where(lower, b_kk * b_beta[:, None]
                    * tl.exp(tl.where(lower, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
-    b_tm = _unit_lower_inverse_dt(b_a)
+    b_tm = _unit_lower_inverse(b_a)
     if STORE_TM:
         tl.store(tm + offs[:, None] * 64 + r[None, :], b_tm.to(tm.dtype.element_ty),
                  mask=m_t[:, None])
     # w = Tm (beta e^gc rstd k), u = Tm (beta v)
-    _store_tm_rhs_half(b_tm, k_h, w + i_hv * K, t_r, m_t, H * K, HV * K,
+    _store_tm_rhs(b_tm, k_h, w + i_hv * K, t_r, m_t, H * K, HV * K,
                        b_beta * tl.exp(b_gc) * rk, K, BK, HALF_DOTS)
-    _store_tm_rhs_half(b_tm, v + i_hv * V, u + i_hv * V, t_r, m_t, HV * V, HV * V, b_beta, V,
+    _store_tm_rhs(b_tm, v + i_hv * V, u + i_hv * V, t_r, m_t, HV * V, HV * V, b_beta, V,
                        BV, HALF_DOTS)
 
 
@@ -338,24 +228,8 @@ def _pow2_block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-PREP_ENV = "MEGATRON_GDN_FWD_PREP"
-PREP_VARIANTS = ("old", "new")
-
-
-def prep_variant(prep: Optional[str] = None) -> str:
-    """The prepare kernel to run: `prep` if given, else $MEGATRON_GDN_FWD_PREP, else new.
-    old: `_prepare_kernel`, per (chunk, key head); new: `_prepare_vhead_kernel`, per (chunk,
-    value head), half-precision Tm @ x for bf16 / fp16 inputs (H200, same run: prepare 0.34 ->
-    0.19 ms at S1, 0.66 -> 0.38 ms at S2 and S3; benchmarks/RESULTS.md)."""
-    value = prep if prep is not None else os.environ.get(PREP_ENV, "new")
-    if value not in PREP_VARIANTS:
-        name = "prep" if prep is not None else PREP_ENV
-        raise ValueError(f"{name}={value!r}: expected one of {PREP_VARIANTS}")
-    return value
-
-
 def _launch_prepare(k, v, g, beta, layout, gate_mode, A_log, dt_bias, use_beta_sigmoid,
-                    use_qk_l2norm, store, prep=None, tm_out=None):
+                    use_qk_l2norm, store, tm_out=None):
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     dev = k.device
@@ -373,41 +247,35 @@ def _launch_prepare(k, v, g, beta, layout, gate_mode, A_log, dt_bias, use_beta_s
                  IS_VARLEN=varlen, STORE_TM=tm_out is not None)
     args = (k, v, g, beta, A_log, dt_bias, gc, beta_out, k_rstd, w, u, tm_out,
             cu, ci, T_arg, nts)
-    if prep_variant(prep) == "old":
-        _prepare_kernel[(layout.num_chunks, H)](
-            *args, H=H, HV=HV, K=K, V=V, BKF=_pow2_block(K, 256), BK=_pow2_block(K, 64),
-            BV=_pow2_block(V, 64), **flags)
-    else:
-        # half dots only when both right-hand sides are half (fp32 inputs keep fp32 dots);
-        # then a column block spans all of a dim up to 128, else 64 (sm_90a bf16, ptxas: 150
-        # registers at K = V = 128, 164 at K = 256 / V = 512, three blocks per SM; 64-wide
-        # blocks at K = V = 128 take 154, a 128-wide block at 256 / 512 takes 236)
-        half = k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
-        BK = _pow2_block(K, 128) if half and K <= 128 else _pow2_block(K, 64)
-        BV = _pow2_block(V, 128) if half and V <= 128 else _pow2_block(V, 64)
-        _prepare_vhead_kernel[(layout.num_chunks, HV)](
-            *args, H=H, HV=HV, K=K, V=V, BKF=_pow2_block(K, 256), BK=BK, BV=BV,
-            HALF_DOTS=half, **flags)
+    # half dots only when both right-hand sides are half (fp32 inputs keep fp32 dots); then a
+    # column block spans all of a dim up to 128, else 64 (sm_90a bf16, ptxas: 150 registers at
+    # K = V = 128, 164 at K = 256 / V = 512, three blocks per SM; 64-wide blocks at K = V = 128
+    # take 154, a 128-wide block at 256 / 512 takes 236)
+    half = k.dtype in (torch.bfloat16, torch.float16) and v.dtype == k.dtype
+    BK = _pow2_block(K, 128) if half and K <= 128 else _pow2_block(K, 64)
+    BV = _pow2_block(V, 128) if half and V <= 128 else _pow2_block(V, 64)
+    _prepare_kernel[(layout.num_chunks, HV)](
+        *args, H=H, HV=HV, K=K, V=V, BKF=_pow2_block(K, 256), BK=BK, BV=BV,
+        HALF_DOTS=half, **flags)
     return gc, beta_out, k_rstd, w, u
 
 
 def chunk_prepare_fwd(k, v, g, beta, layout: ChunkLayout, *, A_log=None, dt_bias=None,
-                      use_beta_sigmoid=False, use_qk_l2norm=False, prep=None, tm_out=None):
-    """Gate + cumsum + beta + k l2-norm statistics + WY factors in one launch (`prep_variant`
-    picks the kernel).
+                      use_beta_sigmoid=False, use_qk_l2norm=False, tm_out=None):
+    """Gate + cumsum + beta + k l2-norm statistics + WY factors in one launch.
 
     Returns gc [B, T, HV] f32, beta [B, T, HV] f32 (activated), k_rstd [B, T, H] f32 or None,
     w [B, T, HV, K] (k's dtype), u [B, T, HV, V] (v's dtype). tm_out ([B, T, HV, 64], v's
     dtype, or None): filled with each chunk's Tm = (I + A)^-1 for the backward."""
     return _launch_prepare(k, v, g, beta, layout, 1 if A_log is not None else 0, A_log, dt_bias,
-                           use_beta_sigmoid, use_qk_l2norm, True, prep, tm_out)
+                           use_beta_sigmoid, use_qk_l2norm, True, tm_out)
 
 
-def chunk_wy_fwd(k, v, gc, beta, layout: ChunkLayout, k_rstd=None, prep=None):
+def chunk_wy_fwd(k, v, gc, beta, layout: ChunkLayout, k_rstd=None):
     """Recompute w, u from the saved gc and activated beta (float32 [B, T, HV]); k_rstd not
     None means the l2-norm option is on (its statistics are recomputed in the kernel)."""
     _, _, _, w, u = _launch_prepare(k, v, gc, beta, layout, 2, None, None, False,
-                                    k_rstd is not None, False, prep)
+                                    k_rstd is not None, False)
     return w, u
 
 

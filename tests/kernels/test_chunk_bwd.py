@@ -300,16 +300,15 @@ for fn, fixed in kernels:
     print(fn.fn.__name__, cfg.kwargs, cfg.num_warps, need)
     assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, cfg, need)
 
-# the forward's prepare kernels (both MEGATRON_GDN_FWD_PREP variants) with the column blocks
-# their launcher picks: fp32 as above, and bf16 for the per-value-head kernel's half dots
+# the forward's prepare kernel with the column blocks its launcher picks: fp32 as above, and
+# bf16 with half dots
 from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
 prep = dict(H=1, HV=2, K=K, V=V, BKF=256, BK=64, BV=64, GATE_MODE=1, BETA_SIGMOID=True,
             HAS_DT_BIAS=True, L2=True, STORE=True, IS_VARLEN=True, STORE_TM=True)
 ptr.update(a_log="*fp32", dt_bias="*fp32", beta_out="*fp32")
 half = dict(ptr, **{n: "*bf16" for n in ("k", "v", "w", "u", "tm")})
-for fn, pointers, fixed in [(cf._prepare_kernel, ptr, {}),
-                            (cf._prepare_vhead_kernel, ptr, dict(HALF_DOTS=False)),
-                            (cf._prepare_vhead_kernel, half, dict(HALF_DOTS=True))]:
+for fn, pointers, fixed in [(cf._prepare_kernel, ptr, dict(HALF_DOTS=False)),
+                            (cf._prepare_kernel, half, dict(HALF_DOTS=True))]:
     cfg = fn.configs[0]
     kernel = compile_for_hopper(fn, pointers, dict(prep, **fixed), cfg.num_warps, cfg.num_stages)
     need = shared_bytes(kernel)

@@ -15,28 +15,17 @@ import torch.nn.functional as F
 from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
 from megatron_gdn.kernels.gated_delta_rule.chunk import chunk_gated_delta_rule_triton
 from megatron_gdn.kernels.gated_delta_rule.chunk_fwd import (
-    PREP_ENV,
-    PREP_VARIANTS,
     chunk_output_fwd,
     chunk_prepare_fwd,
     chunk_state_fwd,
     chunk_wy_fwd,
     make_chunk_layout,
-    prep_variant,
 )
 from device import CUDA, DEVICE as DEV
 from tolerance import FP32_REL, TF32_REL, assert_close
 
 # interpreter: exact fp32 dots; GPU: tf32 dots for fp32 inputs
 REL = TF32_REL if CUDA else 20 * FP32_REL
-
-
-@pytest.fixture(params=PREP_VARIANTS, ids=lambda p: f"prep_{p}")
-def prep(request, monkeypatch):
-    """Each forward prepare kernel (MEGATRON_GDN_FWD_PREP), for the whole test: the backward's
-    recompute of w, u reads the same variable."""
-    monkeypatch.setenv(PREP_ENV, request.param)
-    return request.param
 
 
 def _draw(*shape, seed, uniform=False, dtype=torch.float32):
@@ -83,7 +72,7 @@ def _reference_wy(k, v, g, beta, cu):
 
 
 @pytest.mark.parametrize("cu", [None, [0, 1, 65, 130, 200]], ids=["batch", "packed"])
-def test_prepare_matches_explicit_inverse(cu, prep):
+def test_prepare_matches_explicit_inverse(cu):
     B = 2 if cu is None else 1
     T = 100 if cu is None else cu[-1]
     q, k, v, g, beta = _inputs(B, T, 2, 4, 32, 16, seed=1)
@@ -100,7 +89,7 @@ def test_prepare_matches_explicit_inverse(cu, prep):
     assert torch.equal(w2, w) and torch.equal(u2, u)
 
 
-def test_inverse_with_strong_coupling(prep):
+def test_inverse_with_strong_coupling():
     """beta = 1 and identical keys inside a chunk: (I + A) far from I, the block products of
     the 64x64 inverse all matter."""
     B, T, H, K, V = 1, 64, 1, 16, 16
@@ -164,7 +153,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_naive(case, prep):
+def test_forward_matches_naive(case):
     _, B, T, H, HV, K, V, cu, use_h0, l2, gate, sig = case
     seed = zlib.crc32(case[0].encode()) % 1000
     q, k, v, g, beta = _inputs(B, T, H, HV, K, V, seed=seed)
@@ -204,7 +193,7 @@ def test_l2norm_statistics_saved():
     assert_close(q_rstd, torch.rsqrt((q.double() ** 2).sum(-1) + 1e-6), FP32_REL, "q_rstd")
 
 
-def test_forward_fp16_matches_fp32_path(prep):
+def test_forward_fp16_matches_fp32_path():
     """Half-precision inputs (bf16 is wrong under the interpreter; fp16 exercises the same
     casts): o within fp16 rounding of the float64 oracle on the fp16 values."""
     B, T, H, HV, K, V = 1, 100, 1, 2, 32, 32
@@ -240,17 +229,3 @@ def test_affine_summary(cu):
     _, h_ref = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(),
                                                 beta.double(), None, None, True, cu_t)
     assert_close(h, h_ref, REL, "H")
-
-
-def test_prep_variant_choice(monkeypatch):
-    """MEGATRON_GDN_FWD_PREP picks the prepare kernel; an unknown value names the variable."""
-    monkeypatch.delenv(PREP_ENV, raising=False)
-    assert prep_variant() == "new"
-    monkeypatch.setenv(PREP_ENV, "old")
-    assert prep_variant() == "old"
-    assert prep_variant("new") == "new"
-    monkeypatch.setenv(PREP_ENV, "fast")
-    with pytest.raises(ValueError, match=PREP_ENV):
-        prep_variant()
-    with pytest.raises(ValueError, match="prep='x'"):
-        prep_variant("x")

@@ -22,15 +22,10 @@ from device import CUDA, DEVICE
 from tolerance import BF16_REL, FP32_REL, TF32_REL, assert_close
 
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-from megatron_gdn.kernels.gated_delta_rule.chunk_fwd import PREP_ENV
 from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
 from megatron_gdn.kernels.utils import force_backend
 
 BACKENDS = ["torch", "triton"]
-# the Triton backend once per forward prepare kernel (MEGATRON_GDN_FWD_PREP); torch has none
-IMPLS = pytest.mark.parametrize("backend, prep", [("torch", None), ("triton", "old"),
-                                                  ("triton", "new")],
-                                ids=["torch", "triton-prep_old", "triton-prep_new"])
 DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
 # the float64 chunked path vs the float64 recurrence: only summation order differs
 FP64_REL = 1e-10
@@ -293,12 +288,10 @@ def check_summed(actual, expected, terms_norm, rel, name, failures):
         failures.append(f"{name}: error {err:.3e} > {rel:.1e} x terms' norm = {bound:.3e}")
 
 
-@IMPLS
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_chunk_vs_recurrence(case, dtype, backend, prep, monkeypatch):
-    if prep is not None:
-        monkeypatch.setenv(PREP_ENV, prep)
+def test_chunk_vs_recurrence(case, dtype, backend):
     check_case(case, backend, dtype)
 
 
@@ -350,12 +343,10 @@ def test_packed_equals_padded_batch():
 
 
 @pytest.mark.skipif(not CUDA, reason="GPU-only cases (the interpreter is too slow for them)")
-@IMPLS
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
-def test_chunk_vs_recurrence_gpu(case, dtype, backend, prep, monkeypatch):
-    if prep is not None:
-        monkeypatch.setenv(PREP_ENV, prep)
+def test_chunk_vs_recurrence_gpu(case, dtype, backend):
     # the float64 chunked torch path as the reference (test_torch_path_float64_is_exact ties it
     # to the recurrence): a token loop of up to 1000 steps with autograd on the GPU made these
     # 20 cases the slowest part of the GPU run (over 200 s)
@@ -376,11 +367,9 @@ REAL_CASES = [
 
 
 @pytest.mark.skipif(not CUDA, reason="GPU-only: real shapes")
-@pytest.mark.parametrize("prep", ["old", "new"], ids=lambda p: f"prep_{p}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("case", REAL_CASES, ids=lambda c: c.id)
-def test_chunk_real_shapes_gpu(case, dtype, prep, monkeypatch):
-    monkeypatch.setenv(PREP_ENV, prep)
+def test_chunk_real_shapes_gpu(case, dtype):
     check_case(case, "triton", dtype, reference="chunked_fp64")
 
 
