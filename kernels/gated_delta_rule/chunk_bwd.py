@@ -362,6 +362,26 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _grad_rows(i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H: tl.constexpr,
+               HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr,
+               LOOP_G: tl.constexpr):
+    """What both gradient launches derive from their program ids: the key head, the chunk's
+    rows (global token indices, mask, end), the key columns, q / k offsets of the rows and the
+    causal mask (j <= i, valid rows)."""
+    i_h = (i_p * LOOP_G) // (HV // H)
+    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
+    r = tl.arange(0, 64)
+    t_r = t0 + r
+    m_t = t_r < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
+    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
+    return i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal
+
+
+@triton.jit
 def _exclusive_cumsum(x):
     """y_r = sum_{j < r} x_j ([64]) as a masked row sum: no "cumsum - x" difference."""
     r = tl.arange(0, 64)
@@ -396,18 +416,9 @@ def _bwd_grad_vq_kernel(
     the parts of dg and dbeta that are known here (pairs X of Ds and E; a = q . dq_inter;
     rowsum(v dvb) + rowsum(E k k^T)); the second launch adds its own."""
     i_c, i_p = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = HV // H
     OH: tl.constexpr = HV // LOOP_G
-    i_h = (i_p * LOOP_G) // G
-    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
-    r = tl.arange(0, 64)
-    t_r = t0 + r
-    m_t = t_r < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
-    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
+    i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal = _grad_rows(
+        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G)
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     acc_dq = tl.zeros([64, BK], dtype=tl.float32)
     for i_g in tl.static_range(LOOP_G):
@@ -496,18 +507,9 @@ def _bwd_grad_k_kernel(
     (k . dkb) + [i = last] e^gl sum(h * dh'), the suffix-sum pairs (b_j = k_j . dk_h_j, the
     last row of X) and e^gc (k . dkb)."""
     i_c, i_p = tl.program_id(0), tl.program_id(1)
-    G: tl.constexpr = HV // H
     OH: tl.constexpr = HV // LOOP_G
-    i_h = (i_p * LOOP_G) // G
-    _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
-    r = tl.arange(0, 64)
-    t_r = t0 + r
-    m_t = t_r < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
-    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
+    i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal = _grad_rows(
+        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G)
     t_last = tl.minimum(t0 + 64, eos) - 1
     acc_dk = tl.zeros([64, BK], dtype=tl.float32)
     for i_g in tl.static_range(LOOP_G):
