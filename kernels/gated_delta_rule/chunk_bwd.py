@@ -382,6 +382,12 @@ def _grad_rows(i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H: tl.constexpr,
 
 
 @triton.jit
+def _l2norm_bwd(dxn, xn, rstd):
+    """The fused l2-norm's backward, rows of [64, BK]: dx = rstd (dxn - xn (xn . dxn))."""
+    return rstd[:, None] * (dxn - xn * tl.sum(xn * dxn, 1)[:, None])
+
+
+@triton.jit
 def _exclusive_cumsum(x):
     """y_r = sum_{j < r} x_j ([64]) as a masked row sum: no "cumsum - x" difference."""
     r = tl.arange(0, 64)
@@ -479,8 +485,7 @@ def _bwd_grad_vq_kernel(
             acc_dq += dq_hv
 
     if L2:
-        rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-        acc_dq = rq[:, None] * (acc_dq - b_qn * tl.sum(b_qn * acc_dq, 1)[:, None])
+        acc_dq = _l2norm_bwd(acc_dq, b_qn, tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0))
     tl.store(dq + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dq.to(dq.dtype.element_ty),
              mask=m_tk)
 
@@ -566,8 +571,7 @@ def _bwd_grad_k_kernel(
             acc_dk += dk_hv
 
     if L2:
-        rk = tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-        acc_dk = rk[:, None] * (acc_dk - b_kn * tl.sum(b_kn * acc_dk, 1)[:, None])
+        acc_dk = _l2norm_bwd(acc_dk, b_kn, tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0))
     tl.store(dk + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dk.to(dk.dtype.element_ty),
              mask=m_tk)
 
