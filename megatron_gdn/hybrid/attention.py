@@ -21,9 +21,11 @@ with (position in its sequence, document id):
   "halo": from the tails of the preceding pieces, one all-gather of per-piece tails of w-1
   tokens, independent of the sequence length) followed by the piece itself.
 
-Kernels: on the GPU plain causal attention is SDPA with is_causal (flash); everything else is
-flex attention with a block mask built from the rule above (masked-out 128 x 128 blocks are
-skipped, so SWA costs ~ T * w instead of T^2 / 2). On the CPU, SDPA with the dense boolean mask.
+Kernels: on the GPU plain causal attention is SDPA with is_causal (flash); plain SWA (one
+sequence per row, no CP, bf16 / fp16, as many kv heads as query heads) is two flash causal
+attentions per window-sized block merged by their log-sum-exps (swa_blocks.py: ~ T * w work in
+flash kernels); everything else is flex attention with a block mask built from the rule above
+(masked-out 128 x 128 blocks are skipped). On the CPU, SDPA with the dense boolean mask.
 
 Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
 W context-parallel size, N sequences, P piece length, w window.
@@ -37,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_gdn.hybrid.swa_blocks import flash_swa_supported, swa_attention
 from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
 
 __all__ = ["MaskSpec", "masked_attention", "SDPACoreAttention", "reference_attention"]
@@ -118,11 +121,13 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     """softmax(scale q k^T + mask) v per batch row and head; returns o [T, B, H, D].
 
     q [T, B, H, D]; k, v [Tk, B, G, D] with H a multiple of G (query head i reads kv head
-    i // (H // G)). backend: "auto" (GPU: SDPA is_causal for plain causal masks, else flex;
-    CPU: dense mask), "dense" (SDPA with the dense boolean mask), "flex".
+    i // (H // G)). backend: "auto" (GPU: SDPA is_causal for plain causal masks, the block
+    decomposition of swa_blocks.py for plain windows where flash takes the inputs, else flex;
+    CPU: dense mask), "dense" (SDPA with the dense boolean mask), "flex", "blocks" (plain
+    windows only; flash kernels where they take the inputs, else the same in torch).
     """
-    if backend not in ("auto", "dense", "flex"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense' or 'flex'")
+    if backend not in ("auto", "dense", "flex", "blocks"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex' or 'blocks'")
     T, B, H, D = q_tbhd.shape
     Tk, G = k_tbgd.shape[0], k_tbgd.shape[2]
     if H % G != 0:
@@ -136,6 +141,21 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
+        if (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
+                and G == H and T == Tk and flash_swa_supported(q, k)):
+            backend = "blocks"
+    if backend == "blocks":
+        if not mask.plain or mask.window is None or T != Tk:
+            raise ValueError("backend='blocks' is for sliding windows over one plain sequence "
+                             "(no packing, no context parallelism)")
+        if dropout_p > 0.0:
+            raise ValueError(f"attention_dropout={dropout_p}: backend='blocks' has no dropout")
+        if G != H:
+            k, v = (x.repeat_interleave(H // G, dim=1) for x in (k, v))
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        o = swa_attention(q, k, v, mask.window, scale,
+                          kernel="flash" if flash_swa_supported(q, k) else "math")
+        return o.permute(2, 0, 1, 3)
     if backend == "flex":
         if dropout_p > 0.0:
             raise ValueError(f"attention_dropout={dropout_p}: flex attention has no dropout; set "

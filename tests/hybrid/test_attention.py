@@ -74,6 +74,68 @@ def test_window_one_is_identity_on_values():
     assert_close(out, v, FP32_REL, "o")
 
 
+# ------------------------------------------------------- sliding window from causal blocks
+@pytest.mark.parametrize("T,H,G,window", [(37, 3, 3, 5), (64, 2, 2, 16), (65, 2, 1, 16),
+                                          (10, 2, 2, 1), (7, 2, 2, 20), (33, 4, 2, 32)],
+                         ids=lambda x: str(x))
+def test_blocks_backend_matches_loop(T, H, G, window):
+    """backend='blocks' (swa_blocks.py: two causal attentions per window-sized block, merged by
+    log-sum-exp; here its torch kernel in float64): output and dq / dk / dv against autograd
+    through the loop reference; T not a multiple of the window, window 1 and above T, GQA."""
+    torch.manual_seed(3)
+    B, D = 2, 8
+    q = torch.randn(T, B, H, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(T, B, G, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(T, B, G, D, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(T)
+    mask = MaskSpec(pos, torch.zeros_like(pos), pos, torch.zeros_like(pos), window, plain=True)
+    scale = D ** -0.5
+    out = masked_attention(q, k, v, mask, scale, backend="blocks")
+    ref = _loop_reference(q, k, v, [0, T], window, scale)
+    assert_close(out, ref, 1e-12, "o")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, 1e-12, name)
+
+
+def test_blocks_backend_rejects_what_it_cannot_do():
+    q = torch.randn(8, 1, 2, 4)
+    pos = torch.arange(8)
+    zeros = torch.zeros_like(pos)
+    with pytest.raises(ValueError, match="sliding windows over one plain sequence"):
+        masked_attention(q, q, q, MaskSpec(pos, zeros, pos, zeros, None, plain=True), 0.5,
+                         backend="blocks")
+    with pytest.raises(ValueError, match="dropout"):
+        masked_attention(q, q, q, MaskSpec(pos, zeros, pos, zeros, 3, plain=True), 0.5,
+                         dropout_p=0.1, backend="blocks")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash kernels: GPU only")
+def test_blocks_flash_bf16_matches_dense():
+    """The flash kernels of the block decomposition (torch's flash-attention ops, bf16) against
+    the dense band mask in float32, output and gradients, T not a multiple of the window."""
+    torch.manual_seed(4)
+    T, B, H, D, window = 1000, 2, 4, 64, 256
+    x = [torch.randn(T, B, H, D, device="cuda") for _ in range(3)]
+    pos = torch.arange(T, device="cuda")
+    zeros = torch.zeros_like(pos)
+    mask = MaskSpec(pos, zeros, pos, zeros, window, plain=True)
+    dout = torch.randn(T, B, H, D, device="cuda")
+
+    def run(dtype, backend):
+        leaves = [t.to(dtype).requires_grad_(True) for t in x]
+        out = masked_attention(*leaves, mask, D ** -0.5, backend=backend)
+        grads = torch.autograd.grad((out.float() * dout).sum(), leaves)
+        return [out] + list(grads)
+
+    got = run(torch.bfloat16, "blocks")
+    want = run(torch.float32, "dense")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert_close(a.float(), b, 1e-2, name)
+
+
 def _core(window, cp_group=None, head_dim=8):
     config = types.SimpleNamespace(kv_channels=head_dim, attention_dropout=0.0,
                                    apply_query_key_layer_scaling=False, softmax_type="vanilla")
