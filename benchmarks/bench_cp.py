@@ -38,6 +38,7 @@ import json
 import os
 import statistics
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -315,7 +316,11 @@ def main():
                 record["runs"].append(entry)
                 break
             except Exception as exc:  # noqa: BLE001 - keep measuring the other lengths
-                entry["error"] = f"{type(exc).__name__}: {exc}"
+                # where it was raised: a bare `assert` has no message (Megatron's all-to-all CP
+                # at CP=4 / 16 heads / 128K failed with "AssertionError: " and nothing else)
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                entry["error"] = (f"{type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}"
+                                  f":{where.lineno}: {where.line})")
                 log(f"{impl} CP={cp_size} T={T}: {entry['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
