@@ -70,10 +70,10 @@ def one(case_index: int, dtype_name: str, mode: str):
         kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
         finite("qdo", dh, kscale)
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            k, w, g, gc, k_rstd, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
+            k, w, gc, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
             cf._parallelism_class(layout.num_seqs * HV),
-            H=H, HV=HV, K=K, V=V, BK=BK, L2=case.l2, USE_DHT=dht is not None,
-            USE_H0=h0 is not None, HAS_G=True, IS_VARLEN=varlen, KSCALE=True)
+            H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=dht is not None,
+            USE_H0=h0 is not None, IS_VARLEN=varlen)
         finite("dh", dh, dv_buf, dh0)
         # the gradient stage as the backward runs it, one program per key head (dq / dk summed
         # over the group inside)

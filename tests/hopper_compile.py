@@ -11,8 +11,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-# H100 / H200: 227 KB of shared memory per block (opt-in maximum)
-HOPPER_MAX_SHARED = 227 * 1024
+# H100 / H200: 227 KB of shared memory per block (opt-in maximum), the bound the kernels'
+# config pruning uses too
+from megatron_gdn.kernels.utils.tuning import MAX_SHARED_BYTES as HOPPER_MAX_SHARED
 
 
 def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages=1, floats=()):

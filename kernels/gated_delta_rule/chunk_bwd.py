@@ -1,5 +1,4 @@
-"""Backward of the chunked gated delta rule (chunk C = 64), six launches (five with the fused
-gradient kernel).
+"""Backward of the chunked gated delta rule (chunk C = 64), six launches.
 
 Legend: B batch, T tokens per batch row, H key heads, HV value heads, G = HV // H, K key dim,
 V value dim, N sequences, NT chunks over all sequences; rows i, j index tokens of one chunk.
@@ -234,9 +233,6 @@ def _bwd_qdo_kernel(
         tl.store(kscale + t_r * HV + i_hv, k_scale, mask=m_t)
 
 
-# PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
-# programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones (BV 64 /
-# 8 warps won at S1, S3, S5 among BV 32 / 64 x 4 / 8 warps)
 def _dh_shared_bytes(config, args) -> int:
     """Shared memory of one _bwd_dh_kernel launch, estimated as for the forward state pass:
     num_stages copies of the k and w tiles ([64, BK]), the dv tile ([64, BV]) and the qdo tile
@@ -247,6 +243,9 @@ def _dh_shared_bytes(config, args) -> int:
     return int(1.1 * config.num_stages * tiles)
 
 
+# PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
+# programs at BV = 64, 2.6 ms on H200) wants narrow V blocks, large batches wide ones (BV 64 /
+# 8 warps won at S1, S3, S5 among BV 32 / 64 x 4 / 8 warps)
 _DH_WIDE = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
 _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 1)] + _DH_WIDE
 
@@ -254,7 +253,7 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
 @autotune_or_fixed(
     configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS", "KSCALE"],
+    key=["H", "HV", "K", "V", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
     prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE, _dh_shared_bytes),
     # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
     # overwrites it: autotuning reruns must start from both
@@ -262,15 +261,13 @@ _DH_NARROW = [triton.Config({"BV": 16}, num_warps=4, num_stages=s) for s in (2, 
 )
 @triton.jit
 def _bwd_dh_kernel(
-    k, w, g, gc, k_rstd, kscale, dv, dht, dh, dh0,
+    k, w, gc, kscale, dv, dht, dh, dh0,
     cu_seqlens, chunk_offsets, T, NT_SEQ, PAR_CLASS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    L2: tl.constexpr, USE_DHT: tl.constexpr, USE_H0: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr, KSCALE: tl.constexpr,
+    USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    # KSCALE: read the key decay e^(gl - gc) (rstd included) that _bwd_qdo_kernel stored;
-    # off, it is formed here from g at every chunk (the earlier pass, kept for timing it)
+    # kscale: the key decay e^(gl - gc) (k's rstd included) that _bwd_qdo_kernel stored
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
     i_h = i_hv // G
@@ -303,13 +300,7 @@ def _bwd_dh_kernel(
         b_w = tl.load(w + (t_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
-        if KSCALE:
-            k_scale = tl.load(kscale + t_r * HV + i_hv, mask=m_t, other=0.0)
-        else:
-            k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV,
-                                                            HAS_G))), 0.0)
-            if L2:
-                k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        k_scale = tl.load(kscale + t_r * HV + i_hv, mask=m_t, other=0.0)
         # the key decay scales the [64, BV] product's rows, not the [64, K] operand: k goes to
         # the dot as loaded (no per-step rescale and re-stage of the whole k tile; the forward
         # state pass scales v_new likewise), and the product is scaled in fp32
@@ -713,16 +704,15 @@ def chunk_gated_delta_rule_bwd(
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
     _bwd_dh_kernel[grid_dh](
-        k, w, g, gc, k_rstd, kscale, dv_buf, dht, dh, dh0,
+        k, w, gc, kscale, dv_buf, dht, dh, dh0,
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
-        L2=l2, USE_DHT=dht is not None, USE_H0=initial_state is not None, HAS_G=has_g,
-        IS_VARLEN=varlen, KSCALE=True,
+        USE_DHT=dht is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
     )
     del kscale
     del w
 
-    # 5. gradients
+    # 4. gradients
     G = HV // H
     loop_g = G if G == 1 or not split_group else 1
     dq, dk, dv, dg, dbeta = launch_grads(

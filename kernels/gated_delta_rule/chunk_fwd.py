@@ -132,7 +132,7 @@ def _unit_lower_inverse(a):
 
 @triton.jit
 def _store_tm_rhs(tm, x_ptr, out_ptr, t_r, m_t, stride_x, stride_o, row_scale, NCOL,
-                       BC: tl.constexpr, HALF_DOTS: tl.constexpr):
+                  BC: tl.constexpr, HALF_DOTS: tl.constexpr):
     """out = Tm @ (row_scale * x) over column blocks of BC. HALF_DOTS (x in bf16 / fp16): Tm
     and the scaled x rounded to x's dtype, float32 accumulation (half the operand bytes and
     twice the MMA rate of tf32); otherwise float32 operands."""
@@ -289,8 +289,6 @@ def chunk_wy_fwd(k, v, gc, beta, layout: ChunkLayout, k_rstd=None):
 # 2. the sequential state pass
 # ---------------------------------------------------------------------------------------------
 
-# H200 picks: BV 16 / 3 stages at S2 (16 programs per V block), BV 32 / 3 stages at S4, BV 32
-# / 2 stages at S1, S3, S5
 def _state_shared_bytes(config, args) -> int:
     """Shared memory of one _state_kernel launch, estimated: num_stages pipelined copies of the
     w and k tiles ([64, BK]) and of the u tile ([64, BV]), plus 10% for layout conversions
@@ -301,6 +299,8 @@ def _state_shared_bytes(config, args) -> int:
     return int(1.1 * config.num_stages * 64 * (bk * 2 * e + config.kwargs["BV"] * u))
 
 
+# H200 picks: BV 16 / 3 stages at S2 (16 programs per V block), BV 32 / 3 stages at S4, BV 32
+# / 2 stages at S1, S3, S5
 _STATE_NARROW = [triton.Config({"BV": bv}, num_warps=4, num_stages=3) for bv in (16, 32)]
 _STATE_WIDE = [triton.Config({"BV": bv}, num_warps=4, num_stages=2) for bv in (32, 64)]
 

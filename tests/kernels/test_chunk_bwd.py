@@ -286,7 +286,7 @@ kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False)),
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
-    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True, KSCALE=True)),
+    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(BK=256, LOOP_G=1)),
 ]
