@@ -93,6 +93,9 @@ def build_config(args, cp_size, device):
         linear_conv_kernel_dim=args.conv, normalization="RMSNorm",
         context_parallel_size=cp_size, use_cpu_initialization=device.type == "cpu",
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        # the GDN conv's activation; Megatron's GatedDeltaNet asserts silu/swish (the default
+        # gelu failed its CP=4 run with a bare assert)
+        activation_func=torch.nn.functional.silu,
         bf16=dtype == torch.bfloat16, pipeline_dtype=dtype,
     )
 

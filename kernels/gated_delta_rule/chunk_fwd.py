@@ -225,8 +225,10 @@ def _prepare_kernel(
     if STORE_TM:
         # a block pointer: the [64, 64] tile's per-element addresses cost ~34 registers
         # (sm_90a, bf16, K = V = 128: 184 against 150), a third block per SM
-        p_tm = tl.make_block_ptr(tm + i_hv * 64, (eos, 64), (HV * 64, 1), (t0, 0), (64, 64),
-                                 (1, 0))
+        # offsets must be 32-bit (Triton 3.6 asserts): the 64-bit chunk start goes into the
+        # base, the tile starts at (0, 0) of what is left of the sequence
+        p_tm = tl.make_block_ptr(tm + t0 * (HV * 64) + i_hv * 64, (eos - t0, 64), (HV * 64, 1),
+                                 (0, 0), (64, 64), (1, 0))
         tl.store(p_tm, b_tm.to(tm.dtype.element_ty), boundary_check=(0,))
 
 
