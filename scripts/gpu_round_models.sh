@@ -5,7 +5,7 @@
 #          27 iterations of 8 x 4096 tokens each (examples/launch/gpu_throughput.sh);
 #   GPU 1: the hybrid models and the SWA core (bench_hybrid.py), SSD next to mamba_ssm
 #          (bench_ssd.py), then the decoding benchmark (bench_generate.py);
-#   GPUs 0,1: the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
+#   GPUs 0,1 after both lanes (GPUs 2,3 beside them on a 4-GPU machine): the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
 #          (the README's CPU data, built here), loss in OUTDIR/train_h2_cp2/metrics.jsonl (not
 #          TP=2: the preset's Mamba2 layers have one B/C group, which TP cannot split).
 #   WHEELS=path/to/wheels bash scripts/gpu_round_models.sh OUTDIR
@@ -27,8 +27,9 @@ DATA=/tmp/gdn_stdlib_data  # outside OUTDIR: only logs come back
 ( python3 examples/data/build_corpus.py --out "$DATA" --max-mb 8 \
   && python3 examples/data/preprocess.py --input "$DATA/stdlib.jsonl" \
        --output-prefix "$DATA/stdlib" --tokenizer-type ByteTokenizer ) > "$OUTDIR/data.log" 2>&1 &
-wait
-job train-h2-cp2 "${H2_S:-170}" 0,1 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+h2() {  # h2 GPUS: the hybrid H2 1.3B at CP = 2 on the stdlib corpus
+job train-h2-cp2 "${H2_S:-170}" "$1" python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
   examples/pretrain_gdn.py --model-yaml examples/configs/gdn_h2_1.3b.yaml --bf16 \
   --context-parallel-size 2 \
   --data-path "$DATA/stdlib_text_document" --tokenizer-type ByteTokenizer --split 100,0,0 \
@@ -36,6 +37,16 @@ job train-h2-cp2 "${H2_S:-170}" 0,1 python3 -m torch.distributed.run --standalon
   --train-iters 50 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 5 --clip-grad 1.0 \
   --log-interval 1 --eval-iters 0 --eval-interval 1000000 --no-save --throughput-warmup 5 \
   --out "$OUTDIR/train_h2_cp2"
+}
+if [ "$NGPU" -ge 4 ]; then
+  # GPUs 2 and 3 are free: as soon as the corpus is built, beside the one-GPU lanes
+  ( for _ in $(seq 120); do [ -f "$DATA/stdlib_text_document.idx" ] && break; sleep 2; done
+    h2 2,3 ) &
+  wait
+else
+  wait
+  h2 0,1
+fi
 pack
 echo "=== summary ($(python3 -c 'import torch; print(torch.cuda.device_count(), torch.cuda.get_device_name(0))'))"
 cat "$OUTDIR/summary.txt"

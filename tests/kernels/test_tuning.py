@@ -86,10 +86,14 @@ def test_interpreter_keeps_its_config(tmp_path, autotune):
     assert "BV: 8" in kernels["toy"]["configs"][0], kernels["toy"]
 
 
-def test_by_parallelism_keeps_the_class_configs():
+def test_by_parallelism_keeps_the_class_configs(monkeypatch):
     import triton
 
+    from megatron_gdn.kernels.utils import tuning
     from megatron_gdn.kernels.utils.tuning import by_parallelism
+
+    # autotuning on: with MEGATRON_GDN_AUTOTUNE=0 (the GPU suite) the pruning keeps one config
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
 
     narrow = [triton.Config({"BV": 16}, num_warps=4), triton.Config({"BV": 32}, num_warps=4)]
     wide = [triton.Config({"BV": 64}, num_warps=8)]
@@ -136,8 +140,10 @@ def test_sequential_passes_fit_shared_memory(tmp_path, autotune):
     for kernel in ("state", "dh"):
         assert all(stages == 1 for _, stages in out[f"{kernel}-float32-256"]), out
         assert out[f"{kernel}-float32-256"], out
-        # bf16 at K = 128 keeps the pipelined default (first) config
-        assert out[f"{kernel}-bfloat16-128"][0][1] > 1, out
+        # bf16 at K = 128 keeps the state pass's pipelined default (first) config (the dh
+        # pass has one-stage configs only)
+        if kernel == "state":
+            assert out[f"{kernel}-bfloat16-128"][0][1] > 1, out
         if autotune == "0":
             assert all(len(v) == 1 for v in out.values()), out
         else:

@@ -1,0 +1,138 @@
+"""Which launch config of which sequential pass breaks a case: every gradient's error against the
+float64 chunked torch path, with the reverse state pass (dh) or the forward state pass pinned to
+one config at a time, each variant in its own process (an illegal address ends the CUDA context).
+
+    python benchmarks/diag_configs.py --out DIR            # all variants, spread over the GPUs
+    python benchmarks/diag_configs.py --one CASE DH STATE  # one variant (what the driver runs)
+
+CASE: a GPU test case name (small) or "S2" (B 1, T 32768, 16 heads, K = V = 128: timed shapes
+autotune, so there each variant also runs with MEGATRON_GDN_AUTOTUNE=1). DH / STATE: "auto" or
+an index into the kernel's config list.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one(case_name, dh, state):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
+    import torch
+
+    import test_gated_delta_rule as t
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_fwd
+    from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
+    from megatron_gdn.kernels.utils import force_backend
+
+    for kernel, pick in ((chunk_bwd._bwd_dh_kernel, dh), (chunk_fwd._state_kernel, state)):
+        if pick != "auto":
+            c = kernel.configs[int(pick)] if len(kernel.configs) > int(pick) else None
+            if c is None:
+                return {"error": f"config {pick} not in a list of {len(kernel.configs)}"}
+            kernel.configs = [c, c]  # two: the pruning still runs, one is kept
+    cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
+    if case_name == "S2":
+        case = t.Case(1, 32768, 16, 16, 128, 128, state="inout")
+        dtype, ref_dtype = torch.bfloat16, torch.float32
+    else:
+        name, dt = case_name.rsplit("@", 1)
+        case, dtype, ref_dtype = cases[name], getattr(torch, dt), torch.float64
+    x64 = t.make_inputs(case, t._seed(case.id, "triton", dtype))
+    x = t.cast_inputs(x64, dtype)
+    ref_in = {n: v.detach().to(ref_dtype).requires_grad_(True) for n, v in x.items()}
+    cu = None if case.cu is None else torch.tensor(case.cu, dtype=torch.int32, device="cuda")
+    o_ref, s_ref = t.implementation_forward(ref_in, case, cu, fn=chunk_gated_delta_rule_torch)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    w = {"o": torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).cuda(),
+         "state": torch.randn(s_ref.shape, generator=gen, dtype=torch.float64).cuda()}
+    g_ref = torch.autograd.grad(t.loss_of(o_ref, s_ref, w), list(ref_in.values()))
+    del o_ref
+    torch.cuda.synchronize()
+    start = time.time()
+    with force_backend("triton"):
+        o, s = t.implementation_forward(x, case, cu)
+        grads = torch.autograd.grad(t.loss_of(o, s, w), list(x.values()))
+    torch.cuda.synchronize()
+    res = {"seconds": round(time.time() - start, 1)}
+    for n, a, b in zip(x.keys(), grads, g_ref):
+        a, b = a.double(), b.double()
+        res["d" + n] = round(((a - b).norm() / b.norm().clamp_min(1e-30)).item(), 5)
+        if n == "g":  # a bias in dg shows in its sum (dA_log / ddt_bias are sums over tokens)
+            res["dg_sum_err_over_norm"] = round(((a - b).sum() / b.norm()).item(), 4)
+    for name, k in (("dh", chunk_bwd._bwd_dh_kernel), ("state", chunk_fwd._state_kernel)):
+        res[name + "_config"] = str(getattr(k, "best_config", None))
+    return res
+
+
+VARIANTS_SMALL = [
+    "B2-T37-H1-HV2-K16-V16-state_in@bfloat16",
+    "B2-T64-H1-HV2-K32-V16-state_inout@bfloat16",
+    "B1-T1000-H2-HV4-K128-V64-cu0_1_130_400_401_1000-state_inout-l2norm-A_log+dt_bias-sigmoid@float32",
+    "B1-T1000-H2-HV4-K128-V64-cu0_1_130_400_401_1000-state_inout-l2norm-A_log+dt_bias-sigmoid@bfloat16",
+]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out")
+    p.add_argument("--one", nargs=3)
+    args = p.parse_args()
+    if args.one:
+        try:
+            res = one(*args.one)
+        except Exception as e:  # noqa: BLE001 (the driver tabulates whatever broke)
+            res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    import torch
+
+    ngpu = torch.cuda.device_count()
+    jobs = []
+    for case in VARIANTS_SMALL:
+        for dh in ("0", "1", "2"):
+            jobs.append((case, dh, "auto", "0"))
+        jobs.append((case, "auto", "2", "0"))
+    for autotune in ("1", "0"):
+        for dh, state in (("auto", "auto"), ("2", "auto"), ("auto", "2"), ("1", "auto")):
+            jobs.append(("S2", dh, state, autotune))
+    os.makedirs(args.out, exist_ok=True)
+    running, results = [], []
+    queue = list(jobs)
+    free = list(range(ngpu))
+    while queue or running:
+        while queue and free:
+            case, dh, state, autotune = queue.pop(0)
+            gpu = free.pop(0)
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), MEGATRON_GDN_AUTOTUNE=autotune,
+                       CUDA_LAUNCH_BLOCKING="1", TRITON_PRINT_AUTOTUNING="1")
+            log = open(os.path.join(args.out, f"job{len(results) + len(running)}.log"), "w")
+            proc = subprocess.Popen([sys.executable, __file__, "--one", case, dh, state],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, gpu, (case, dh, state, autotune), log))
+        time.sleep(0.5)
+        for item in list(running):
+            proc, gpu, key, log = item
+            try:
+                proc.wait(timeout=0.01)
+            except subprocess.TimeoutExpired:
+                if time.time() - os.path.getmtime(log.name) > 180:
+                    proc.kill()
+                continue
+            running.remove(item)
+            free.append(gpu)
+            log.close()
+            text = open(log.name).read()
+            line = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(line[-1][7:]) if line else {"crash": text[-600:]}
+            results.append({"case": key[0], "dh": key[1], "state": key[2], "autotune": key[3], **res})
+            print(json.dumps(results[-1]), flush=True)
+    json.dump(results, open(os.path.join(args.out, "diag.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
