@@ -146,5 +146,5 @@ def test_sequential_passes_fit_shared_memory(tmp_path, autotune):
             assert out[f"{kernel}-bfloat16-128"][0][1] > 1, out
         if autotune == "0":
             assert all(len(v) == 1 for v in out.values()), out
-        else:
+        elif kernel == "state":  # the dh pass has one config (chunk_bwd._DH_WIDE)
             assert len(out[f"{kernel}-bfloat16-128"]) > 1, out
