@@ -2,12 +2,13 @@
 float64 chunked torch path, with the reverse state pass (dh) or the forward state pass pinned to
 one config at a time, each variant in its own process (an illegal address ends the CUDA context).
 
-    python benchmarks/diag_configs.py --out DIR            # all variants, spread over the GPUs
+    python benchmarks/diag_configs.py --out DIR [--dh 32:8:1,16:8:1] [--state 16:4:3]
     python benchmarks/diag_configs.py --one CASE DH STATE  # one variant (what the driver runs)
 
-CASE: a GPU test case name (small) or "S2" (B 1, T 32768, 16 heads, K = V = 128: timed shapes
-autotune, so there each variant also runs with MEGATRON_GDN_AUTOTUNE=1). DH / STATE: "auto" or
-an index into the kernel's config list.
+CASE: a GPU test case name plus "@dtype" (small) or "S2" (B 1, T 32768, 16 heads, K = V = 128).
+DH / STATE: "auto" (the kernel's own configs) or BV:num_warps:num_stages, pinned. The driver
+runs every pinned config on S2 and the small cases with MEGATRON_GDN_AUTOTUNE=0, and the
+kernels' own lists on S2 with autotuning on.
 """
 import argparse
 import json
@@ -29,11 +30,12 @@ def one(case_name, dh, state):
     from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
     from megatron_gdn.kernels.utils import force_backend
 
+    import triton
+
     for kernel, pick in ((chunk_bwd._bwd_dh_kernel, dh), (chunk_fwd._state_kernel, state)):
         if pick != "auto":
-            c = kernel.configs[int(pick)] if len(kernel.configs) > int(pick) else None
-            if c is None:
-                return {"error": f"config {pick} not in a list of {len(kernel.configs)}"}
+            bv, warps, stages = map(int, pick.split(":"))
+            c = triton.Config({"BV": bv}, num_warps=warps, num_stages=stages)
             kernel.configs = [c, c]  # two: the pruning still runs, one is kept
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
     if case_name == "S2":
@@ -47,6 +49,8 @@ def one(case_name, dh, state):
     ref_in = {n: v.detach().to(ref_dtype).requires_grad_(True) for n, v in x.items()}
     cu = None if case.cu is None else torch.tensor(case.cu, dtype=torch.int32, device="cuda")
     o_ref, s_ref = t.implementation_forward(ref_in, case, cu, fn=chunk_gated_delta_rule_torch)
+    if s_ref is None:
+        s_ref = o_ref.new_zeros(0)
     gen = torch.Generator(device="cpu").manual_seed(1)
     w = {"o": torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).cuda(),
          "state": torch.randn(s_ref.shape, generator=gen, dtype=torch.float64).cuda()}
@@ -64,6 +68,18 @@ def one(case_name, dh, state):
         res["d" + n] = round(((a - b).norm() / b.norm().clamp_min(1e-30)).item(), 5)
         if n == "g":  # a bias in dg shows in its sum (dA_log / ddt_bias are sums over tokens)
             res["dg_sum_err_over_norm"] = round(((a - b).sum() / b.norm()).item(), 4)
+    if case_name == "S2":  # fwd+bwd time with these configs (CUDA events, median of 10)
+        times = []
+        for _ in range(12):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            with force_backend("triton"):
+                o, s = t.implementation_forward(x, case, cu)
+                torch.autograd.grad(t.loss_of(o, s, w), list(x.values()))
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        res["fwd_bwd_ms_median"] = round(sorted(times[2:])[len(times[2:]) // 2], 3)
     for name, k in (("dh", chunk_bwd._bwd_dh_kernel), ("state", chunk_fwd._state_kernel)):
         res[name + "_config"] = str(getattr(k, "best_config", None))
     return res
@@ -81,6 +97,9 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--one", nargs=3)
+    p.add_argument("--dh", default="64:8:1,32:8:1,16:8:1,32:4:2",
+                   help="dh pass configs to pin, BV:warps:stages, comma-separated")
+    p.add_argument("--state", default="", help="forward state pass configs to pin, likewise")
     args = p.parse_args()
     if args.one:
         try:
@@ -92,14 +111,12 @@ def main():
     import torch
 
     ngpu = torch.cuda.device_count()
-    jobs = []
-    for case in VARIANTS_SMALL:
-        for dh in ("0", "1", "2"):
-            jobs.append((case, dh, "auto", "0"))
-        jobs.append((case, "auto", "2", "0"))
-    for autotune in ("1", "0"):
-        for dh, state in (("auto", "auto"), ("2", "auto"), ("auto", "2"), ("1", "auto")):
-            jobs.append(("S2", dh, state, autotune))
+    jobs = [("S2", "auto", "auto", "1")]
+    pins = [(c, "auto") for c in args.dh.split(",") if c] + \
+           [("auto", c) for c in args.state.split(",") if c]
+    for dh, state in pins:
+        for case in ["S2"] + VARIANTS_SMALL:
+            jobs.append((case, dh, state, "0"))
     os.makedirs(args.out, exist_ok=True)
     running, results = [], []
     queue = list(jobs)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One call on a 4-GPU (or 2-GPU) machine: the kernel benchmark (next to fla), the layer
 # benchmark (next to Megatron's GDN), the GPU test suite and Megatron-LM's pretrain_gpt.py with
-# our spec side by side on separate GPUs; with 4 GPUs also the context-parallel sweeps (CP=1,
-# then CP=4 on all four GPUs, then CP=4 next to Megatron's all-to-all CP at 128K). OUTDIR.tgz
-# holds the logs after every phase.
+# our spec side by side on separate GPUs; with 4 GPUs also the CP=1 length sweep and the dh-pass
+# config check (benchmarks/diag_configs.py). ~480 s on 4 x H200. OUTDIR.tgz holds the logs after
+# every phase.
 #   WHEELS=path/to/wheels bash scripts/gpu_round.sh OUTDIR
 # Every job has its own time limit and log (OUTDIR/*.log); a failing job does not stop others.
 #   source scripts/gpu_round.sh --functions-only OUTDIR   (set up, define the jobs, run none)
@@ -69,25 +69,22 @@ TESTS_CMD="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest $XDIST -v -p no:warning
 if [ "$FUNCTIONS_ONLY" = 1 ]; then
   return 0
 elif [ "$NGPU" -ge 4 ]; then
-  # phase 1 (<= 310 s): the kernel benchmark (S3 first: its fla column, ~100 s of fla
-  # autotuning, fell past the budget twice), the layer benchmark, the whole GPU test suite
-  # (pytest-xdist, eight workers: compile- and launch-bound; -v names each failure as it
-  # happens), Megatron-LM's pretrain_gpt.py then the CP=1 length sweep, one GPU each
-  job kernels 310 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels" --shapes S3,S2,S1 --bwd-stages --budget-s 250 &
-  job layer 230 1 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
-  job tests 290 2 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D &
-  ( pretrain_gpt 3 205
-    job cp1 95 3 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
+  # phase 1 (<= 330 s), one lane per GPU: the kernel benchmark split in two (S3 alone, then the
+  # CP=1 length sweep; S2 and S1: fla's autotuning takes ~150 s a shape, one job of three shapes
+  # ran past 310 s), the layer benchmark (Megatron's first call autotunes fla for ~180 s), the
+  # whole GPU test suite (pytest-xdist, eight workers; -v names each failure as it happens)
+  # then Megatron-LM's pretrain_gpt.py. The CP=4 sweeps are in gpu_round_models.sh.
+  ( job kernels-s3 230 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 --bwd-stages --budget-s 190
+    job cp1 95 0 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
       --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 ) &
+  job kernels-s2s1 330 1 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" --shapes S2,S1 --bwd-stages --budget-s 290 &
+  job layer 330 2 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
+  ( job tests 250 3 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D
+    pretrain_gpt 3 95 ) &
   wait; pack
-  # phase 2 (<= 140 s): CP=4 with the bf16 parity check, lengths up to the first OOM
-  job cp4 140 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
-      --out "$OUTDIR/cp4" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 8192 --warmup 1 --iters 3
-  pack
-  # phase 3 (<= 130 s): CP=4 next to Megatron's all-to-all CP at 128K, at head counts CP divides
-  job cp4-a2a 130 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29515 benchmarks/bench_cp.py \
-      --out "$OUTDIR/cp4_a2a" --seq 131072 --layers 2 --heads 16 --value-heads 16 --key-dim 128 \
-      --value-dim 128 --impl ours megatron --parity-tokens 0 --warmup 1 --iters 3
+  # phase 2 (<= 130 s): which dh-pass configs are exact on this GPU and how fast at S2, each
+  # pinned in its own process (4-warp configs read out of bounds on H200 in run 7)
+  job diag-dh 130 0,1,2,3 python3 benchmarks/diag_configs.py --out "$OUTDIR/diag_dh"
 else
   # two GPUs: the kernel benchmark beside the whole GPU test suite (pytest-xdist, eight
   # workers: the tests are compile- and launch-bound; -v names each failure as it happens),

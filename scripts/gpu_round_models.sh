@@ -5,7 +5,9 @@
 #          27 iterations of 8 x 4096 tokens each (examples/launch/gpu_throughput.sh);
 #   GPU 1: the hybrid models and the SWA core (bench_hybrid.py), SSD next to mamba_ssm
 #          (bench_ssd.py), then the decoding benchmark (bench_generate.py);
-#   GPUs 0,1 after both lanes (GPUs 2,3 beside them on a 4-GPU machine): the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
+#   GPUs 0,1 after both lanes (GPUs 2,3 beside them on a 4-GPU machine, followed there by the
+#          CP=4 length sweep with its parity check and CP=4 next to Megatron's all-to-all CP):
+#          the H2 1.3B preset trained 50 iterations under CP=2 on the stdlib text corpus
 #          (the README's CPU data, built here), loss in OUTDIR/train_h2_cp2/metrics.jsonl (not
 #          TP=2: the preset's Mamba2 layers have one B/C group, which TP cannot split).
 #   WHEELS=path/to/wheels bash scripts/gpu_round_models.sh OUTDIR
@@ -42,7 +44,17 @@ if [ "$NGPU" -ge 4 ]; then
   # GPUs 2 and 3 are free: as soon as the corpus is built, beside the one-GPU lanes
   ( for _ in $(seq 120); do [ -f "$DATA/stdlib_text_document.idx" ] && break; sleep 2; done
     h2 2,3 ) &
-  wait
+  wait; pack
+  # then on all four GPUs (gpu_round.sh has the CP=1 sweep): CP=4 with the bf16 parity check,
+  # lengths up to the first OOM; CP=4 next to Megatron's all-to-all CP at 128K, at head counts
+  # CP divides
+  job cp4 110 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp4" --seq 131072 262144 524288 1048576 2097152 --layers 2 --impl ours \
+      --parity-tokens 8192 --warmup 1 --iters 3
+  pack
+  job cp4-a2a 130 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29515 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp4_a2a" --seq 131072 --layers 2 --heads 16 --value-heads 16 --key-dim 128 \
+      --value-dim 128 --impl ours megatron --parity-tokens 0 --warmup 1 --iters 3
 else
   wait
   h2 0,1
