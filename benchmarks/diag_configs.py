@@ -6,7 +6,8 @@ one config at a time, each variant in its own process (an illegal address ends t
     python benchmarks/diag_configs.py --one CASE DH STATE  # one variant (what the driver runs)
 
 CASE: a GPU test case name plus "@dtype" (small) or "S2" (B 1, T 32768, 16 heads, K = V = 128).
-DH / STATE: "auto" (the kernel's own configs) or BV:num_warps:num_stages, pinned. The driver
+DH / STATE: "auto" (the kernel's own configs) or BV:num_warps:num_stages, pinned (the dh pass
+also takes :ROW_SCALE, 1 or 0). The driver
 runs every pinned config on S2 and the small cases with MEGATRON_GDN_AUTOTUNE=0, and the
 kernels' own lists on S2 with autotuning on.
 """
@@ -34,8 +35,11 @@ def one(case_name, dh, state):
 
     for kernel, pick in ((chunk_bwd._bwd_dh_kernel, dh), (chunk_fwd._state_kernel, state)):
         if pick != "auto":
-            bv, warps, stages = map(int, pick.split(":"))
-            c = triton.Config({"BV": bv}, num_warps=warps, num_stages=stages)
+            bv, warps, stages, *rest = map(int, pick.split(":"))
+            kwargs = {"BV": bv}
+            if rest:  # the dh pass's ROW_SCALE: key decay on the product rows (1) or on k (0)
+                kwargs["ROW_SCALE"] = bool(rest[0])
+            c = triton.Config(kwargs, num_warps=warps, num_stages=stages)
             kernel.configs = [c, c]  # two: the pruning still runs, one is kept
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
     if case_name == "S2":
@@ -97,8 +101,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--one", nargs=3)
-    p.add_argument("--dh", default="64:8:1,32:8:1,16:8:1,32:4:2",
-                   help="dh pass configs to pin, BV:warps:stages, comma-separated")
+    p.add_argument("--dh", default="16:4:2:0,16:4:1:0,32:4:1:0,64:8:1:1,32:8:1:1",
+                   help="dh pass configs to pin, BV:warps:stages:ROW_SCALE, comma-separated")
     p.add_argument("--state", default="", help="forward state pass configs to pin, likewise")
     args = p.parse_args()
     if args.one:

@@ -243,19 +243,22 @@ def _dh_shared_bytes(config, args) -> int:
     return int(1.1 * config.num_stages * tiles)
 
 
-# One config at every PAR_CLASS: BV 64 / 8 warps, exact on H200 at S2 (B 1, 16 heads) and S3.
-# Since the key decay scales the product's rows, 4-warp configs compiled by Triton 3.6 for H200
-# read out of bounds: BV 16 and BV 32 at one stage gave illegal addresses (S2, and every small
-# GPU test case at BV 32), BV 16 at two stages NaN or 2e-2 errors in dh0 at K 32 / V 16
-# (benchmarks/diag_configs.py; RESULTS "Run 7"). Narrow blocks for B = 1 with few heads are
-# open until that is understood.
-_DH_WIDE = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)]
-_DH_NARROW = _DH_WIDE
+# PAR_CLASS: as in the forward state pass, B = 1 with few heads (S2: 16 value heads, 32
+# programs at BV = 64) wants narrow V blocks, large batches wide ones (BV 64 / 8 warps won at
+# S1, S3, S5 among BV 32 / 64 x 4 / 8 warps). ROW_SCALE: where the key decay goes, on the rows
+# of the [64, BV] product (fp32, after the dot: S3 0.646 -> 0.575 ms on H200, run 7) or on the
+# [64, K] k operand before it. Row scaling compiled by Triton 3.6 with 4 warps read out of
+# bounds on H200 (BV 16 and 32: illegal addresses at S2 and in small tests, NaN in dh0; run 7,
+# benchmarks/diag_configs.py), so the 4-warp narrow configs scale the operand, as in run 6
+# (S2 dh 1.25 ms with BV 16, exact in that run's GPU tests).
+_DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=1)]
+_DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=s)
+              for s in (2, 1)] + _DH_WIDE
 
 
 @autotune_or_fixed(
     configs=_DH_NARROW,
-    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
     prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE, _dh_shared_bytes),
     # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
@@ -269,6 +272,7 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):
     # kscale: the key decay e^(gl - gc) (k's rstd included) that _bwd_qdo_kernel stored
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -304,10 +308,13 @@ def _bwd_dh_kernel(
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
         k_scale = tl.load(kscale + t_r * HV + i_hv, mask=m_t, other=0.0)
-        # the key decay scales the [64, BV] product's rows, not the [64, K] operand: k goes to
-        # the dot as loaded (no per-step rescale and re-stage of the whole k tile; the forward
-        # state pass scales v_new likewise), and the product is scaled in fp32
-        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype)) * k_scale[:, None]
+        if ROW_SCALE:
+            # on the [64, BV] product's rows, in fp32: k goes to the dot as loaded (no per-step
+            # rescale and re-stage of the whole k tile; the forward state pass scales v_new so)
+            b_dv += tl.dot(b_k, b_dh.to(b_k.dtype)) * k_scale[:, None]
+        else:
+            b_kd = (b_k * k_scale[:, None]).to(b_k.dtype)
+            b_dv += tl.dot(b_kd, b_dh.to(b_k.dtype))
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
         b_dh = b_dh * tl.exp(g_last) + b_qdo - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype))
     if USE_H0:

@@ -180,6 +180,28 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("row_scale", [False, True])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
+def test_dh_pass_key_decay_either_side(case, row_scale, monkeypatch):
+    """The dh pass with the key decay on the product's rows or on the k operand (its config's
+    ROW_SCALE: the narrow 4-warp configs scale the operand, the wide one the rows), each
+    pinned as the pass's only config."""
+    import triton
+
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    config = triton.Config({"BV": 32, "ROW_SCALE": row_scale}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(cb._bwd_dh_kernel, "configs", [config])
+    monkeypatch.setattr(cb._bwd_dh_kernel, "cache", {})
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32)
+    assert cb._bwd_dh_kernel.best_config is config
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
 def test_chunk_bwd_catches_a_wrong_gradient():
     """The comparison above must be able to fail: a 0.1% change of do moves every gradient."""
     case = CASES[0]
