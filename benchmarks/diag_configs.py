@@ -101,9 +101,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
     p.add_argument("--one", nargs=3)
-    p.add_argument("--dh", default="16:4:2:0,16:4:1:0,32:4:1:0,64:8:1:1,32:8:1:1",
+    p.add_argument("--dh", default="16:4:2:0,16:4:1:0,64:8:1:1,32:8:1:1",
                    help="dh pass configs to pin, BV:warps:stages:ROW_SCALE, comma-separated")
     p.add_argument("--state", default="", help="forward state pass configs to pin, likewise")
+    p.add_argument("--ptxas", default=os.environ.get("MEGATRON_GDN_NEW_PTXAS"),
+                   help="another ptxas (TRITON_PTXAS_PATH) for the --ptxas-pins runs")
+    p.add_argument("--ptxas-pins", default="16:4:1:1,32:4:1:1",
+                   help="dh configs run again with --ptxas: Triton 3.6 ships ptxas 12.8.93, "
+                        "which fla PR 1262 found to generate invalid shared-memory addresses")
     args = p.parse_args()
     if args.one:
         try:
@@ -121,20 +126,26 @@ def main():
     for dh, state in pins:
         for case in ["S2"] + VARIANTS_SMALL:
             jobs.append((case, dh, state, "0"))
+    if args.ptxas:
+        for dh in [c for c in args.ptxas_pins.split(",") if c]:
+            for case in ["S2"] + VARIANTS_SMALL:
+                jobs.append((case, dh, "auto", "0", args.ptxas))
     os.makedirs(args.out, exist_ok=True)
     running, results = [], []
     queue = list(jobs)
     free = list(range(ngpu))
     while queue or running:
         while queue and free:
-            case, dh, state, autotune = queue.pop(0)
+            case, dh, state, autotune, *ptxas = queue.pop(0)
             gpu = free.pop(0)
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), MEGATRON_GDN_AUTOTUNE=autotune,
                        CUDA_LAUNCH_BLOCKING="1", TRITON_PRINT_AUTOTUNING="1")
+            if ptxas:  # its own cache: compiled kernels must not be shared across assemblers
+                env.update(TRITON_PTXAS_PATH=ptxas[0], TRITON_CACHE_DIR=f"/tmp/diag_triton_{gpu}_ptxas")
             log = open(os.path.join(args.out, f"job{len(results) + len(running)}.log"), "w")
             proc = subprocess.Popen([sys.executable, __file__, "--one", case, dh, state],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, gpu, (case, dh, state, autotune), log))
+            running.append((proc, gpu, (case, dh, state, autotune, *ptxas), log))
         time.sleep(0.5)
         for item in list(running):
             proc, gpu, key, log = item
@@ -150,9 +161,11 @@ def main():
             text = open(log.name).read()
             line = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(line[-1][7:]) if line else {"crash": text[-600:]}
-            results.append({"case": key[0], "dh": key[1], "state": key[2], "autotune": key[3], **res})
+            results.append({"case": key[0], "dh": key[1], "state": key[2], "autotune": key[3],
+                            "ptxas": key[4] if len(key) > 4 else "bundled", **res})
             print(json.dumps(results[-1]), flush=True)
-    json.dump(results, open(os.path.join(args.out, "diag.json"), "w"), indent=1)
+            # after every result: a time limit on the driver keeps what finished
+            json.dump(results, open(os.path.join(args.out, "diag.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
