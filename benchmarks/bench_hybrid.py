@@ -183,6 +183,20 @@ def bench_attention(args):
         out[f"{label}_fwd_bwd_ms"] = time_ms(fwd_bwd(fn), args.iters, args.warmup)
     out["speedup_fwd"] = out["causal_sdpa_fwd_ms"] / out["swa_fwd_ms"]
     out["speedup_fwd_bwd"] = out["causal_sdpa_fwd_bwd_ms"] / out["swa_fwd_bwd_ms"]
+    # each SWA backend on its own (the "swa" row above is what "auto" picks), with its error
+    if gpu:
+        for backend in ("varlen", "blocks", "flex"):
+            core.backend = backend
+            key = f"swa_{backend}"
+            try:
+                with torch.no_grad():
+                    out[f"{key}_rel_err_vs_dense_mask"] = rel(swa_fwd(), ref)
+                    out[f"{key}_fwd_ms"] = time_ms(swa_fwd, args.iters, args.warmup)
+                out[f"{key}_fwd_bwd_ms"] = time_ms(fwd_bwd(swa_fwd), args.iters, args.warmup)
+                out[f"{key}_speedup_fwd_bwd"] = out["causal_sdpa_fwd_bwd_ms"] / out[f"{key}_fwd_bwd_ms"]
+            except Exception as e:  # noqa: BLE001 (a backend the build lacks is a row, not a crash)
+                out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        core.backend = "auto"
     log(out)
     return out
 
@@ -231,6 +245,14 @@ def markdown(payload):
                   f"({attn['speedup_fwd_bwd']:.2f}x) -> >= 4x: {verdict}",
                   f"- SWA output vs dense band-mask SDPA: rel RMS {attn['swa_rel_err_vs_dense_mask']:.2e} "
                   f"(tol {BF16_REL:.0e})"]
+        for backend in ("varlen", "blocks", "flex"):
+            key = f"swa_{backend}"
+            if f"{key}_error" in attn:
+                lines.append(f"- backend {backend}: {attn[key + '_error']}")
+            elif f"{key}_fwd_bwd_ms" in attn:
+                lines.append(f"- backend {backend}: fwd {attn[key + '_fwd_ms']:.2f} ms, fwd+bwd "
+                             f"{attn[key + '_fwd_bwd_ms']:.2f} ms ({attn[key + '_speedup_fwd_bwd']:.2f}x), "
+                             f"rel RMS {attn[key + '_rel_err_vs_dense_mask']:.2e}")
     return "\n".join(lines) + "\n"
 
 

@@ -30,7 +30,7 @@ TESTS_B="tests/kernels/test_chunk_bwd.py tests/kernels/test_chunk_internals.py
   tests/kernels/test_chunk_entry.py tests/kernels/test_errors.py tests/kernels/test_tuning.py"
 TESTS_C="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
   tests/kernels/test_naive.py"
-TESTS_D="tests/kernels/test_ssd.py tests/layer/test_layer_single.py"
+TESTS_D="tests/kernels/test_ssd.py tests/layer/test_layer_single.py tests/hybrid/test_attention.py"
 
 job() {  # job NAME SECONDS GPUS COMMAND...
   local name="$1" secs="$2" gpus="$3"; shift 3

@@ -21,11 +21,13 @@ with (position in its sequence, document id):
   "halo": from the tails of the preceding pieces, one all-gather of per-piece tails of w-1
   tokens, independent of the sequence length) followed by the piece itself.
 
-Kernels: on the GPU plain causal attention is SDPA with is_causal (flash); plain SWA (one
-sequence per row, no CP, bf16 / fp16, as many kv heads as query heads) is two flash causal
-attentions per window-sized block merged by their log-sum-exps (swa_blocks.py: ~ T * w work in
-flash kernels); everything else is flex attention with a block mask built from the rule above
-(masked-out 128 x 128 blocks are skipped). On the CPU, SDPA with the dense boolean mask.
+Kernels: on the GPU plain causal attention is SDPA with is_causal (flash); without CP, SWA
+and packed THD documents (causal or SWA) run FlashAttention-2's varlen kernels with their
+window (swa_varlen.py: one call, ~ T * w work; bf16 / fp16), where the torch build has them;
+else plain SWA is two flash causal attentions per window-sized block merged by their
+log-sum-exps (swa_blocks.py); everything else (CP) is flex attention with a block mask built
+from the rule above (masked-out 128 x 128 blocks are skipped). On the CPU, SDPA with the dense
+boolean mask.
 
 Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
 W context-parallel size, N sequences, P piece length, w window.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gdn.hybrid.swa_blocks import flash_swa_supported, swa_attention
+from megatron_gdn.hybrid.swa_varlen import varlen_causal_attention, varlen_flash_supported
 from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
 
 __all__ = ["MaskSpec", "masked_attention", "SDPACoreAttention", "reference_attention"]
@@ -53,7 +56,9 @@ class MaskSpec:
     """Positions and document ids of queries [T] and keys [Tk] (int64, on the device), the
     window (None: full causal) and `plain`: True when queries = keys = positions 0..T-1 of one
     document (the caller knows; it selects SDPA's is_causal fast path). `cache_key`: hashable
-    description of the mask for the flex block-mask cache (None: do not cache)."""
+    description of the mask for the flex block-mask cache (None: do not cache). `cu_seqlens`:
+    for packed documents without CP (queries = keys = the documents back to back, B = 1), their
+    boundaries as a tuple of ints; the varlen kernels need them."""
 
     q_pos: torch.Tensor
     q_doc: torch.Tensor
@@ -62,6 +67,7 @@ class MaskSpec:
     window: Optional[int]
     plain: bool = False
     cache_key: Optional[tuple] = None
+    cu_seqlens: Optional[tuple] = None
 
     def dense(self) -> torch.Tensor:
         """[T, Tk] boolean mask, True where attention is allowed."""
@@ -121,13 +127,16 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     """softmax(scale q k^T + mask) v per batch row and head; returns o [T, B, H, D].
 
     q [T, B, H, D]; k, v [Tk, B, G, D] with H a multiple of G (query head i reads kv head
-    i // (H // G)). backend: "auto" (GPU: SDPA is_causal for plain causal masks, the block
-    decomposition of swa_blocks.py for plain windows where flash takes the inputs, else flex;
-    CPU: dense mask), "dense" (SDPA with the dense boolean mask), "flex", "blocks" (plain
-    windows only; flash kernels where they take the inputs, else the same in torch).
+    i // (H // G)). backend: "auto" (GPU: SDPA is_causal for plain causal masks; the varlen
+    flash kernels for windows and packed documents where they take the inputs, else the block
+    decomposition of swa_blocks.py for plain windows, else flex; CPU: dense mask), "dense"
+    (SDPA with the dense boolean mask), "flex", "blocks" (plain windows only), "varlen" (plain
+    rows or packed documents, no CP); the last two run flash kernels where they take the
+    inputs, else the same attention in torch.
     """
-    if backend not in ("auto", "dense", "flex", "blocks"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex' or 'blocks'")
+    if backend not in ("auto", "dense", "flex", "blocks", "varlen"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex', 'blocks' or "
+                         "'varlen'")
     T, B, H, D = q_tbhd.shape
     Tk, G = k_tbgd.shape[0], k_tbgd.shape[2]
     if H % G != 0:
@@ -141,9 +150,25 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
-        if (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
+        varlen_layout = mask.plain or (mask.cu_seqlens is not None and B == 1)
+        if (backend == "flex" and varlen_layout and dropout_p == 0.0 and T == Tk
+                and varlen_flash_supported(q)):
+            backend = "varlen"
+        elif (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
                 and G == H and T == Tk and flash_swa_supported(q, k)):
             backend = "blocks"
+    if backend == "varlen":
+        if T != Tk or not (mask.plain or (mask.cu_seqlens is not None and B == 1)):
+            raise ValueError("backend='varlen' is for plain sequences or packed documents given "
+                             "by MaskSpec.cu_seqlens (B = 1), without context parallelism")
+        if dropout_p > 0.0:
+            raise ValueError(f"attention_dropout={dropout_p}: backend='varlen' has no dropout")
+        cu = list(mask.cu_seqlens) if not mask.plain else list(range(0, B * T + 1, T))
+        # [B, H, T, D] -> [B T, H, D]: rows back to back (a copy only for B > 1)
+        q2, k2, v2 = (x.transpose(1, 2).reshape(B * x.shape[2], x.shape[1], D) for x in (q, k, v))
+        o = varlen_causal_attention(q2, k2, v2, cu, mask.window, scale,
+                                    kernel="flash" if varlen_flash_supported(q2) else "math")
+        return o.view(B, T, H, D).transpose(0, 1)
     if backend == "blocks":
         if not mask.plain or mask.window is None or T != Tk:
             raise ValueError("backend='blocks' is for sliding windows over one plain sequence "
@@ -419,6 +444,7 @@ class SDPACoreAttention(torch.nn.Module):
 
     def _mask_and_keys(self, key, value, packed_seq_params, is_thd, batch, local_len, device):
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        cu_seqlens = None
         if cp_size > 1:
             # the batch rows of dense input share one layout (the tokens axis is dim 0 here)
             cu = None
@@ -444,6 +470,7 @@ class SDPACoreAttention(torch.nn.Module):
             k_pos, k_doc = q_pos, q_doc
             cache_key = ("thd", tuple(cu), self.window)
             plain = len(cu) == 2
+            cu_seqlens = tuple(cu)
         else:
             q_pos = torch.arange(local_len)
             q_doc = torch.zeros(local_len, dtype=torch.long)
@@ -451,7 +478,7 @@ class SDPACoreAttention(torch.nn.Module):
             cache_key = ("dense", local_len, self.window)
             plain = True
         mask = MaskSpec(q_pos.to(device), q_doc.to(device), k_pos.to(device), k_doc.to(device),
-                        self.window, plain=plain, cache_key=cache_key)
+                        self.window, plain=plain, cache_key=cache_key, cu_seqlens=cu_seqlens)
         return key, value, mask
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,

@@ -136,6 +136,111 @@ def test_blocks_flash_bf16_matches_dense():
         assert_close(a.float(), b, 1e-2, name)
 
 
+# ------------------------------------------------- varlen kernels (packed rows, with a window)
+@pytest.mark.parametrize("T,B,H,G,cu,window", [
+    (37, 2, 3, 3, None, 5), (64, 1, 2, 1, None, 16), (10, 2, 2, 2, None, 1),
+    (33, 1, 4, 2, [0, 7, 20, 33], 4), (33, 1, 2, 2, [0, 1, 1, 20, 33], None),
+    (40, 1, 2, 2, [0, 40], 50),
+], ids=lambda x: str(x))
+def test_varlen_backend_matches_loop(T, B, H, G, cu, window):
+    """backend='varlen' (swa_varlen.py; here its torch kernel in float64): rows back to back or
+    packed documents (an empty one and a one-token one included), full causal or a window
+    (1, inside, above the length), GQA: output and dq / dk / dv against the loop reference."""
+    torch.manual_seed(5)
+    D = 8
+    q = torch.randn(T, B, H, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(T, B, G, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(T, B, G, D, dtype=torch.float64, requires_grad=True)
+    plain = cu is None
+    pos, doc = _tags([0, T] if plain else cu)
+    mask = MaskSpec(pos, doc, pos, doc, window, plain=plain,
+                    cu_seqlens=None if plain else tuple(cu))
+    scale = D ** -0.5
+    out = masked_attention(q, k, v, mask, scale, backend="varlen")
+    ref = _loop_reference(q, k, v, [0, T] if plain else cu, window, scale)
+    assert_close(out, ref, 1e-12, "o")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, 1e-12, name)
+
+
+def test_varlen_backend_rejects_what_it_cannot_do():
+    from megatron_gdn.hybrid.swa_varlen import varlen_causal_attention
+
+    q = torch.randn(8, 1, 2, 4)
+    pos, doc = _tags([0, 3, 8])
+    with pytest.raises(ValueError, match="cu_seqlens"):  # packed, but no boundaries given
+        masked_attention(q, q, q, MaskSpec(pos, doc, pos, doc, 3), 0.5, backend="varlen")
+    with pytest.raises(ValueError, match="dropout"):
+        masked_attention(q, q, q, MaskSpec(pos, doc, pos, doc, 3, cu_seqlens=(0, 3, 8)), 0.5,
+                         dropout_p=0.1, backend="varlen")
+    with pytest.raises(ValueError, match="rise from 0"):
+        varlen_causal_attention(q[:, 0], q[:, 0], q[:, 0], [0, 5], 3, 0.5, kernel="math")
+    with pytest.raises(ValueError, match="window"):
+        varlen_causal_attention(q[:, 0], q[:, 0], q[:, 0], [0, 8], 0, 0.5, kernel="math")
+
+
+def test_core_thd_gives_the_varlen_backend_its_documents(monkeypatch):
+    """SDPACoreAttention on packed THD input passes the document boundaries in its MaskSpec
+    (what the varlen kernels cut at); the output equals the loop reference."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    import megatron_gdn.hybrid.attention as attn
+
+    seen = []
+    real = attn.masked_attention
+
+    def spy(q, k, v, mask, *args, **kwargs):
+        seen.append(mask.cu_seqlens)
+        return real(q, k, v, mask, *args, **dict(kwargs, backend="varlen"))
+
+    monkeypatch.setattr(attn, "masked_attention", spy)
+    torch.manual_seed(6)
+    T, H, D, cu = 21, 2, 8, [0, 9, 10, 21]
+    q, k, v = (torch.randn(T, H, D, dtype=torch.float64) for _ in range(3))
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t,
+                             max_seqlen_q=12, max_seqlen_kv=12)
+    out = _core(window=4)(q, k, v, None, packed_seq_params=params)
+    assert seen == [tuple(cu)]
+    ref = _loop_reference(q[:, None], k[:, None], v[:, None], cu, 4, D ** -0.5)
+    assert_close(out, ref.reshape(T, H * D), 1e-12, "o")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash kernels: GPU only")
+@pytest.mark.parametrize("B,G,cu,window", [(2, 4, None, 256), (1, 2, [0, 1, 300, 301, 1000], 128),
+                                           (1, 4, [0, 500, 1000], None)], ids=lambda x: str(x))
+def test_varlen_flash_bf16_matches_dense(B, G, cu, window):
+    """torch's FlashAttention-2 varlen kernels with the window (bf16) against the dense band
+    mask in float32: output and gradients; rows back to back, packed documents (one-token ones
+    included), GQA, full causal packed documents."""
+    from megatron_gdn.hybrid.swa_varlen import varlen_flash_supported
+
+    torch.manual_seed(4)
+    T, H, D = 1000, 4, 64
+    if not varlen_flash_supported(torch.empty(1, H, D, device="cuda", dtype=torch.bfloat16)):
+        pytest.fail("this torch build's flash varlen kernels do not run with a window here")
+    xs = [torch.randn(T, B, n, D, device="cuda") for n in (H, G, G)]
+    pos, doc = _tags([0, T] if cu is None else cu)
+    pos, doc = pos.cuda(), doc.cuda()
+    mask = MaskSpec(pos, doc, pos, doc, window, plain=cu is None,
+                    cu_seqlens=None if cu is None else tuple(cu))
+    dout = torch.randn(T, B, H, D, device="cuda")
+
+    def run(dtype, backend):
+        leaves = [t.to(dtype).requires_grad_(True) for t in xs]
+        out = masked_attention(*leaves, mask, D ** -0.5, backend=backend)
+        grads = torch.autograd.grad((out.float() * dout).sum(), leaves)
+        return [out] + list(grads)
+
+    got = run(torch.bfloat16, "varlen")
+    want = run(torch.float32, "dense")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert_close(a.float(), b, 1e-2, name)
+
+
 def _core(window, cp_group=None, head_dim=8):
     config = types.SimpleNamespace(kv_channels=head_dim, attention_dropout=0.0,
                                    apply_query_key_layer_scaling=False, softmax_type="vanilla")
