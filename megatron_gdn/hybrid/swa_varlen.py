@@ -59,12 +59,14 @@ def _flash_works(device_index: int, dtype: torch.dtype) -> bool:
     windowed kernels (or without flash at all) fails here once, not inside a training step."""
     try:
         dev = torch.device("cuda", device_index)
-        q = torch.randn(32, 2, 64, device=dev, dtype=dtype, requires_grad=True)
-        cu = torch.tensor([0, 20, 32], dtype=torch.int32, device=dev)
-        out = _FlashVarlen.apply(q, q, q, cu, 20, 0.125, 3)
-        out.sum().backward()
+        # the first use may come under no_grad (an evaluation): the probe needs its backward
+        with torch.enable_grad():
+            q = torch.randn(32, 2, 64, device=dev, dtype=dtype, requires_grad=True)
+            cu = torch.tensor([0, 20, 32], dtype=torch.int32, device=dev)
+            out = _FlashVarlen.apply(q, q, q, cu, 20, 0.125, 3)
+            (grad,) = torch.autograd.grad(out.float().sum(), q)
         torch.cuda.synchronize(dev)
-        return bool(torch.isfinite(q.grad).all())
+        return bool(torch.isfinite(out).all() and torch.isfinite(grad).all())
     except (RuntimeError, AttributeError, TypeError):
         return False
 
