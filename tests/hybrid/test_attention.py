@@ -74,6 +74,20 @@ def test_window_one_is_identity_on_values():
     assert_close(out, v, FP32_REL, "o")
 
 
+def _check_backend_against_loop(q, k, v, mask, cu, backend):
+    """Output and dq / dk / dv of masked_attention(backend) against autograd through the loop
+    reference (float64 leaves)."""
+    scale = q.shape[-1] ** -0.5
+    out = masked_attention(q, k, v, mask, scale, backend=backend)
+    ref = _loop_reference(q, k, v, cu, mask.window, scale)
+    assert_close(out, ref, 1e-12, "o")
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, 1e-12, name)
+
+
 # ------------------------------------------------------- sliding window from causal blocks
 @pytest.mark.parametrize("T,H,G,window", [(37, 3, 3, 5), (64, 2, 2, 16), (65, 2, 1, 16),
                                           (10, 2, 2, 1), (7, 2, 2, 20), (33, 4, 2, 32)],
@@ -89,15 +103,7 @@ def test_blocks_backend_matches_loop(T, H, G, window):
     v = torch.randn(T, B, G, D, dtype=torch.float64, requires_grad=True)
     pos = torch.arange(T)
     mask = MaskSpec(pos, torch.zeros_like(pos), pos, torch.zeros_like(pos), window, plain=True)
-    scale = D ** -0.5
-    out = masked_attention(q, k, v, mask, scale, backend="blocks")
-    ref = _loop_reference(q, k, v, [0, T], window, scale)
-    assert_close(out, ref, 1e-12, "o")
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
-    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        assert_close(a, b, 1e-12, name)
+    _check_backend_against_loop(q, k, v, mask, [0, T], "blocks")
 
 
 def test_blocks_backend_rejects_what_it_cannot_do():
@@ -155,15 +161,7 @@ def test_varlen_backend_matches_loop(T, B, H, G, cu, window):
     pos, doc = _tags([0, T] if plain else cu)
     mask = MaskSpec(pos, doc, pos, doc, window, plain=plain,
                     cu_seqlens=None if plain else tuple(cu))
-    scale = D ** -0.5
-    out = masked_attention(q, k, v, mask, scale, backend="varlen")
-    ref = _loop_reference(q, k, v, [0, T] if plain else cu, window, scale)
-    assert_close(out, ref, 1e-12, "o")
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad((out * dout).sum(), (q, k, v))
-    want = torch.autograd.grad((ref * dout).sum(), (q, k, v))
-    for name, a, b in zip(("dq", "dk", "dv"), got, want):
-        assert_close(a, b, 1e-12, name)
+    _check_backend_against_loop(q, k, v, mask, [0, T] if plain else cu, "varlen")
 
 
 def test_varlen_backend_rejects_what_it_cannot_do():
