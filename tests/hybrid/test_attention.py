@@ -128,15 +128,22 @@ def test_blocks_flash_bf16_matches_dense():
     pos = torch.arange(T, device="cuda")
     zeros = torch.zeros_like(pos)
     mask = MaskSpec(pos, zeros, pos, zeros, window, plain=True)
-    dout = torch.randn(T, B, H, D, device="cuda")
+    _check_bf16_against_dense(x, mask, "blocks")
 
-    def run(dtype, backend):
+
+def _check_bf16_against_dense(x, mask, backend):
+    """masked_attention(backend) in bf16 against the dense mask in float32 (inputs x: q, k, v
+    in float32 on the GPU): output and dq / dk / dv within the bf16 tolerance."""
+    dout = torch.randn_like(x[0])
+    scale = x[0].shape[-1] ** -0.5
+
+    def run(dtype, name):
         leaves = [t.to(dtype).requires_grad_(True) for t in x]
-        out = masked_attention(*leaves, mask, D ** -0.5, backend=backend)
+        out = masked_attention(*leaves, mask, scale, backend=name)
         grads = torch.autograd.grad((out.float() * dout).sum(), leaves)
         return [out] + list(grads)
 
-    got = run(torch.bfloat16, "blocks")
+    got = run(torch.bfloat16, backend)
     want = run(torch.float32, "dense")
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert_close(a.float(), b, 1e-2, name)
@@ -225,18 +232,7 @@ def test_varlen_flash_bf16_matches_dense(B, G, cu, window):
     pos, doc = pos.cuda(), doc.cuda()
     mask = MaskSpec(pos, doc, pos, doc, window, plain=cu is None,
                     cu_seqlens=None if cu is None else tuple(cu))
-    dout = torch.randn(T, B, H, D, device="cuda")
-
-    def run(dtype, backend):
-        leaves = [t.to(dtype).requires_grad_(True) for t in xs]
-        out = masked_attention(*leaves, mask, D ** -0.5, backend=backend)
-        grads = torch.autograd.grad((out.float() * dout).sum(), leaves)
-        return [out] + list(grads)
-
-    got = run(torch.bfloat16, "varlen")
-    want = run(torch.float32, "dense")
-    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
-        assert_close(a.float(), b, 1e-2, name)
+    _check_bf16_against_dense(xs, mask, "varlen")
 
 
 def _core(window, cp_group=None, head_dim=8):
