@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         # deepspeed here so that CI runs the ZeRO parity tests (on its CPU accelerator)
-        "dev": ["pytest>=8", "psutil", "transformers>=5", "deepspeed"],
+        # matplotlib: the recall study's plots (examples/eval/plot_recall.py)
+        "dev": ["pytest>=8", "psutil", "transformers>=5", "deepspeed", "matplotlib"],
         "bench": ["flash-linear-attention==0.6.0", "fla-core==0.6.0"],
         "deepspeed": ["deepspeed"],
         "te": ["transformer-engine[pytorch]"],
