@@ -175,6 +175,23 @@ def main(argv=None):
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             (root / f"{name}.md").write_text(res.stdout + res.stderr)
             print(res.stdout[-3000:], flush=True)
+    # the plots where matplotlib is installed (the GPU image may not have it: plot_recall.py
+    # makes them from the summaries on any machine)
+    try:
+        import matplotlib  # noqa: F401
+
+        from plot_recall import plot
+        for task in study["tasks"]:
+            names = [("summary", task)] + ([(f"summary_kv{study['rescore_kv']}",
+                                             f"{task}, {study['rescore_kv']} pairs")]
+                                           if study["rescore_kv"] else [])
+            found = [(args.out / task / f"{n}.json", title) for n, title in names
+                     if (args.out / task / f"{n}.json").exists()]
+            if found:
+                print(plot([json.loads(f.read_text()) for f, _ in found], [t for _, t in found],
+                           args.out / task / f"{task}.png"), flush=True)
+    except ImportError:
+        print("matplotlib not installed: no plots (examples/eval/plot_recall.py makes them)")
     failed = [r for r in records if r.get("rc") not in (None, 0)]
     return 1 if failed else 0
 

@@ -28,6 +28,7 @@ def test_queue_trains_scores_resumes_and_stops_at_the_budget(tmp_path):
         assert set(ev["results"]) == {"96"}
     summary = json.loads((tmp_path / "mqar" / "summary.json").read_text())
     assert "gdn" in json.dumps(summary) and "deltanet" in json.dumps(summary)
+    assert (tmp_path / "mqar" / "mqar.png").stat().st_size > 5000  # matplotlib: a dev extra
     # a second call skips both; a third with a zero budget starts nothing new
     _, again = _run(tmp_path, "--models", "gdn", "deltanet")
     assert all(r.get("skipped") == "done before" for r in again), again
