@@ -5,7 +5,8 @@ one config at a time, each variant in its own process (an illegal address ends t
     python benchmarks/diag_configs.py --out DIR [--dh 32:8:1,16:8:1] [--state 16:4:3]
     python benchmarks/diag_configs.py --one CASE DH STATE  # one variant (what the driver runs)
 
-CASE: a GPU test case name plus "@dtype" (small) or "S2" (B 1, T 32768, 16 heads, K = V = 128).
+CASE: a GPU test case name plus "@dtype" (small), "S2" (B 1, T 32768, 16 heads, K = V = 128) or
+"S3" (B 2, T 8192, 16 key / 32 value heads); GRADS pins both gradient launches (BV:warps:stages).
 DH / STATE: "auto" (the kernel's own configs) or BV:num_warps:num_stages, pinned (the dh pass
 also takes :ROW_SCALE, 1 or 0). The driver
 runs every pinned config on S2 and the small cases with MEGATRON_GDN_AUTOTUNE=0, and the
@@ -21,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one(case_name, dh, state):
+def one(case_name, dh, state, grads="auto"):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
     import torch
@@ -41,9 +42,17 @@ def one(case_name, dh, state):
                 kwargs["ROW_SCALE"] = bool(rest[0])
             c = triton.Config(kwargs, num_warps=warps, num_stages=stages)
             kernel.configs = [c, c]  # two: the pruning still runs, one is kept
+    if grads != "auto":  # both gradient launches pinned to BV:num_warps:num_stages
+        bv, warps, stages = map(int, grads.split(":"))
+        c = triton.Config({"BV": bv}, num_warps=warps, num_stages=stages)
+        for kernel in (chunk_bwd._bwd_grad_vq_kernel, chunk_bwd._bwd_grad_k_kernel):
+            kernel.configs = [c]
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
     if case_name == "S2":
         case = t.Case(1, 32768, 16, 16, 128, 128, state="inout")
+        dtype, ref_dtype = torch.bfloat16, torch.float32
+    elif case_name == "S3":
+        case = t.Case(2, 8192, 16, 32, 128, 128, state="inout")
         dtype, ref_dtype = torch.bfloat16, torch.float32
     else:
         name, dt = case_name.rsplit("@", 1)
@@ -72,7 +81,7 @@ def one(case_name, dh, state):
         res["d" + n] = round(((a - b).norm() / b.norm().clamp_min(1e-30)).item(), 5)
         if n == "g":  # a bias in dg shows in its sum (dA_log / ddt_bias are sums over tokens)
             res["dg_sum_err_over_norm"] = round(((a - b).sum() / b.norm()).item(), 4)
-    if case_name == "S2":  # fwd+bwd time with these configs (CUDA events, median of 10)
+    if case_name in ("S2", "S3"):  # fwd+bwd time with these configs (CUDA events, median of 10)
         times = []
         for _ in range(12):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -84,7 +93,8 @@ def one(case_name, dh, state):
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
         res["fwd_bwd_ms_median"] = round(sorted(times[2:])[len(times[2:]) // 2], 3)
-    for name, k in (("dh", chunk_bwd._bwd_dh_kernel), ("state", chunk_fwd._state_kernel)):
+    for name, k in (("dh", chunk_bwd._bwd_dh_kernel), ("state", chunk_fwd._state_kernel),
+                    ("grad_vq", chunk_bwd._bwd_grad_vq_kernel), ("grad_k", chunk_bwd._bwd_grad_k_kernel)):
         res[name + "_config"] = str(getattr(k, "best_config", None))
     return res
 
@@ -100,10 +110,14 @@ VARIANTS_SMALL = [
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
-    p.add_argument("--one", nargs=3)
+    p.add_argument("--one", nargs="+", help="CASE DH STATE [GRADS]")
     p.add_argument("--dh", default="16:4:2:0,16:4:1:0,64:8:1:1,32:8:1:1",
                    help="dh pass configs to pin, BV:warps:stages:ROW_SCALE, comma-separated")
     p.add_argument("--state", default="", help="forward state pass configs to pin, likewise")
+    p.add_argument("--grads", default="64:8:2,64:4:2,32:8:2",
+                   help="gradient-launch configs BV:warps:stages timed on S3 next to their own "
+                        "autotuned list (pipelined V loops: not in the kernels' list until a GPU "
+                        "run shows them exact and faster)")
     p.add_argument("--ptxas", default=os.environ.get("MEGATRON_GDN_NEW_PTXAS"),
                    help="another ptxas (TRITON_PTXAS_PATH) for the --ptxas-pins runs")
     p.add_argument("--ptxas-pins", default="16:4:1:1,32:4:1:1",
@@ -130,22 +144,30 @@ def main():
         for dh in [c for c in args.ptxas_pins.split(",") if c]:
             for case in ["S2"] + VARIANTS_SMALL:
                 jobs.append((case, dh, "auto", "0", args.ptxas))
+    # last (the least urgent): S3 with every launch autotuned as in training, then with the
+    # gradient launches pinned to each candidate (the others still autotuned)
+    jobs.append(("S3", "auto", "auto", "1"))
+    for grads in [c for c in args.grads.split(",") if c]:
+        jobs.append(("S3", "auto", "auto", "1", None, grads))
     os.makedirs(args.out, exist_ok=True)
     running, results = [], []
     queue = list(jobs)
     free = list(range(ngpu))
     while queue or running:
         while queue and free:
-            case, dh, state, autotune, *ptxas = queue.pop(0)
+            case, dh, state, autotune, *extra = queue.pop(0)
+            ptxas = [extra[0]] if extra and extra[0] else []
+            grads = extra[1] if len(extra) > 1 else "auto"
             gpu = free.pop(0)
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu), MEGATRON_GDN_AUTOTUNE=autotune,
                        CUDA_LAUNCH_BLOCKING="1", TRITON_PRINT_AUTOTUNING="1")
             if ptxas:  # its own cache: compiled kernels must not be shared across assemblers
                 env.update(TRITON_PTXAS_PATH=ptxas[0], TRITON_CACHE_DIR=f"/tmp/diag_triton_{gpu}_ptxas")
             log = open(os.path.join(args.out, f"job{len(results) + len(running)}.log"), "w")
-            proc = subprocess.Popen([sys.executable, __file__, "--one", case, dh, state],
+            proc = subprocess.Popen([sys.executable, __file__, "--one", case, dh, state, grads],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, gpu, (case, dh, state, autotune, *ptxas), log))
+            running.append((proc, gpu, (case, dh, state, autotune, ptxas[0] if ptxas else "bundled",
+                                        grads), log))
         time.sleep(0.5)
         for item in list(running):
             proc, gpu, key, log = item
@@ -162,7 +184,7 @@ def main():
             line = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
             res = json.loads(line[-1][7:]) if line else {"crash": text[-600:]}
             results.append({"case": key[0], "dh": key[1], "state": key[2], "autotune": key[3],
-                            "ptxas": key[4] if len(key) > 4 else "bundled", **res})
+                            "ptxas": key[4], "grads": key[5], **res})
             print(json.dumps(results[-1]), flush=True)
             # after every result: a time limit on the driver keeps what finished
             json.dump(results, open(os.path.join(args.out, "diag.json"), "w"), indent=1)

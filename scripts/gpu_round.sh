@@ -82,9 +82,10 @@ elif [ "$NGPU" -ge 4 ]; then
   ( job tests 250 3 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D
     pretrain_gpt 3 95 ) &
   wait; pack
-  # phase 2 (<= 170 s): which dh-pass configs are exact on this GPU and how fast at S2, each
-  # pinned in its own process (4-warp configs read out of bounds on H200 in run 7)
-  job diag-dh 170 0,1,2,3 python3 benchmarks/diag_configs.py --out "$OUTDIR/diag_dh"
+  # phase 2 (<= 190 s): which dh-pass configs are exact on this GPU and how fast at S2, each
+  # pinned in its own process (4-warp configs read out of bounds on H200 in run 7), and at S3
+  # pipelined candidates for the gradient launches
+  job diag-dh 190 0,1,2,3 python3 benchmarks/diag_configs.py --out "$OUTDIR/diag_dh"
 else
   # two GPUs: the kernel benchmark beside the whole GPU test suite (pytest-xdist, eight
   # workers: the tests are compile- and launch-bound; -v names each failure as it happens),
