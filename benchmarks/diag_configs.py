@@ -134,6 +134,8 @@ def main():
     import torch
 
     ngpu = torch.cuda.device_count()
+    if ngpu == 0:
+        raise SystemExit("diag_configs.py needs a GPU (each variant runs the compiled kernels)")
     jobs = [("S2", "auto", "auto", "1")]
     pins = [(c, "auto") for c in args.dh.split(",") if c] + \
            [("auto", c) for c in args.state.split(",") if c]
