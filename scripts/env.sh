@@ -37,18 +37,5 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
-# The GPU machines' Triton (3.6.0) beside the environment, not in it: the test suite compiles
-# every kernel for Hopper with it too (tests/kernels/test_compile_gpu_triton.py), since Triton
-# versions differ in what they accept. Without it (offline) that test variant is skipped.
-GPU_TRITON="$VENV/triton-gpu"
-if [ ! -f "$GPU_TRITON/.installed" ]; then
-  echo "[env] installing triton 3.6.0 (the GPU machines' version) into $GPU_TRITON"
-  rm -rf "$GPU_TRITON"
-  if "$VENV/bin/python" -m pip install -q --no-deps --target "$GPU_TRITON" "triton==3.6.0"; then
-    touch "$GPU_TRITON/.installed"
-  else
-    echo "[env] warning: triton 3.6.0 not installed; its compile check will be skipped" >&2
-  fi
-fi
 export PATH="$VENV/bin:$PATH"
 export PYTHON="$VENV/bin/python"

@@ -1,6 +1,6 @@
 """Every Triton kernel of the package compiles for Hopper (sm_90) without a GPU, specialised as
 its launcher specialises it, under two Triton versions: the one installed here and the GPU
-machines' (3.6.0, which scripts/env.sh installs beside the environment into
+machines' (3.6.0, which scripts/test.sh installs beside the environment into
 `<venv>/triton-gpu`). Versions differ in what they accept: 3.8 takes 64-bit block-pointer
 offsets, 3.6 asserts on them, and the forward's Tm store failed to compile on every GPU launch
 of 2026-11-27 while every CPU check passed.
@@ -111,7 +111,7 @@ def _variants():
 @pytest.mark.parametrize("triton_dir", _variants())
 def test_every_kernel_compiles_for_hopper(triton_dir):
     if triton_dir is not None and not os.path.isdir(os.path.join(triton_dir, "triton")):
-        pytest.skip(f"no Triton {GPU_TRITON_VERSION} at {triton_dir} (scripts/env.sh installs it)")
+        pytest.skip(f"no Triton {GPU_TRITON_VERSION} at {triton_dir} (scripts/test.sh installs it)")
     tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = [tests_dir, os.environ.get("PYTHONPATH", "")]
     if triton_dir is not None:
