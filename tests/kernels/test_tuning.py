@@ -32,7 +32,7 @@ print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
 """
 
 
-SINGLE_CONFIG = {"_prepare_kernel", "_output_kernel", "_bwd_prep_kernel", "_bwd_dh_kernel"}
+SINGLE_CONFIG = {"_prepare_kernel", "_output_kernel", "_bwd_prep_kernel"}
 
 
 def _kernels(tmp_path, interpret="0", autotune=None):
@@ -140,11 +140,9 @@ def test_sequential_passes_fit_shared_memory(tmp_path, autotune):
     for kernel in ("state", "dh"):
         assert all(stages == 1 for _, stages in out[f"{kernel}-float32-256"]), out
         assert out[f"{kernel}-float32-256"], out
-        # bf16 at K = 128 keeps the state pass's pipelined default (first) config (the dh
-        # pass has one-stage configs only)
-        if kernel == "state":
-            assert out[f"{kernel}-bfloat16-128"][0][1] > 1, out
+        # bf16 at K = 128 keeps the pipelined default (first) config
+        assert out[f"{kernel}-bfloat16-128"][0][1] > 1, out
         if autotune == "0":
             assert all(len(v) == 1 for v in out.values()), out
-        elif kernel == "state":  # the dh pass has one config (chunk_bwd._DH_WIDE)
+        else:
             assert len(out[f"{kernel}-bfloat16-128"]) > 1, out
