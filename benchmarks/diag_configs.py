@@ -22,37 +22,41 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def one(case_name, dh, state, grads="auto"):
+def _config(spec):
+    """BV:num_warps:num_stages[:ROW_SCALE] -> triton.Config (ROW_SCALE: the dh pass's key
+    decay on the product rows, 1, or on k, 0)."""
+    import triton
+
+    bv, warps, stages, *rest = map(int, spec.split(":"))
+    kwargs = {"BV": bv}
+    if rest:
+        kwargs["ROW_SCALE"] = bool(rest[0])
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+def one(case_name, dh, state, grad_pin="auto"):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import torch
 
     import test_gated_delta_rule as t
+    from bench_kernels import SHAPES
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_fwd
     from megatron_gdn.kernels.gated_delta_rule.torch_ref import chunk_gated_delta_rule_torch
     from megatron_gdn.kernels.utils import force_backend
 
-    import triton
-
-    for kernel, pick in ((chunk_bwd._bwd_dh_kernel, dh), (chunk_fwd._state_kernel, state)):
+    for kernels, pick, copies in (((chunk_bwd._bwd_dh_kernel,), dh, 2),
+                                  ((chunk_fwd._state_kernel,), state, 2),
+                                  ((chunk_bwd._bwd_grad_vq_kernel, chunk_bwd._bwd_grad_k_kernel),
+                                   grad_pin, 1)):
         if pick != "auto":
-            bv, warps, stages, *rest = map(int, pick.split(":"))
-            kwargs = {"BV": bv}
-            if rest:  # the dh pass's ROW_SCALE: key decay on the product rows (1) or on k (0)
-                kwargs["ROW_SCALE"] = bool(rest[0])
-            c = triton.Config(kwargs, num_warps=warps, num_stages=stages)
-            kernel.configs = [c, c]  # two: the pruning still runs, one is kept
-    if grads != "auto":  # both gradient launches pinned to BV:num_warps:num_stages
-        bv, warps, stages = map(int, grads.split(":"))
-        c = triton.Config({"BV": bv}, num_warps=warps, num_stages=stages)
-        for kernel in (chunk_bwd._bwd_grad_vq_kernel, chunk_bwd._bwd_grad_k_kernel):
-            kernel.configs = [c]
+            # the sequential passes prune: two copies, so that the pruning runs and keeps one
+            for kernel in kernels:
+                kernel.configs = [_config(pick)] * copies
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
-    if case_name == "S2":
-        case = t.Case(1, 32768, 16, 16, 128, 128, state="inout")
-        dtype, ref_dtype = torch.bfloat16, torch.float32
-    elif case_name == "S3":
-        case = t.Case(2, 8192, 16, 32, 128, 128, state="inout")
+    if case_name in ("S2", "S3"):
+        case = t.Case(*SHAPES[case_name], state="inout")
         dtype, ref_dtype = torch.bfloat16, torch.float32
     else:
         name, dt = case_name.rsplit("@", 1)
