@@ -144,21 +144,22 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     q = q_tbhd.permute(1, 2, 0, 3)
     k = k_tbgd.permute(1, 2, 0, 3)
     v = v_tbgd.permute(1, 2, 0, 3)
+    # the varlen kernels take plain rows or packed documents with their boundaries, no CP
+    varlen_layout = T == Tk and (mask.plain or (mask.cu_seqlens is not None and B == 1))
     if backend == "auto":
         backend = "dense" if q.device.type != "cuda" else "flex"
         if backend == "flex" and mask.plain and mask.window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
-        varlen_layout = mask.plain or (mask.cu_seqlens is not None and B == 1)
-        if (backend == "flex" and varlen_layout and dropout_p == 0.0 and T == Tk
+        if (backend == "flex" and varlen_layout and dropout_p == 0.0
                 and varlen_flash_supported(q)):
             backend = "varlen"
         elif (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
                 and G == H and T == Tk and flash_swa_supported(q, k)):
             backend = "blocks"
     if backend == "varlen":
-        if T != Tk or not (mask.plain or (mask.cu_seqlens is not None and B == 1)):
+        if not varlen_layout:
             raise ValueError("backend='varlen' is for plain sequences or packed documents given "
                              "by MaskSpec.cu_seqlens (B = 1), without context parallelism")
         if dropout_p > 0.0:
