@@ -60,15 +60,14 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
         for task in study["tasks"]:
             for model in models:
                 run = out / task / model / f"s{seed}"
+                task_args = ["--task", task] + (["--num-kv", str(study["num_kv"])]
+                                                 if study["num_kv"] else [])
                 train = [py, str(ROOT / "examples/eval/train_recall.py"),
-                         "--config", str(CONFIGS / f"{model}.yaml"), "--task", task,
+                         "--config", str(CONFIGS / f"{model}.yaml"), *task_args,
                          "--seq-length", str(seq), "--steps", str(steps),
                          "--batch-size", str(batch), "--lr", "1e-3", "--seed", str(seed),
                          "--log-interval", str(max(1, steps // 40)), "--eval-lengths", *lengths,
                          "--eval-samples", str(samples), "--out", str(run)]
-                if study["num_kv"]:
-                    train[train.index("--task") + 2:train.index("--task") + 2] = [
-                        "--num-kv", str(study["num_kv"])]
                 cmds = [train]
                 if rescore_lengths:
                     cmds.append([py, str(ROOT / "examples/eval/recall_eval.py"), "--checkpoint",
@@ -162,12 +161,17 @@ def main(argv=None):
     records = run_queue(jobs, slots, args.budget_s, args.grace_s, args.out)
     (args.out / "queue.json").write_text(json.dumps(records, indent=1))
     summarize = ROOT / "examples/eval/summarize_recall.py"
+    kv = study["rescore_kv"]
+    plots = []
     for task in study["tasks"]:
         root = args.out / task
         if not root.exists():
             continue
-        for sub, name in ([("", "summary")] + ([(f"kv{study['rescore_kv']}", f"summary_kv{study['rescore_kv']}")]
-                                                if study["rescore_kv"] else [])):
+        # (evaluation subfolder, summary name, plot panel title): the trained pairs, and the
+        # re-scoring with more pairs where the study has one
+        panels = [("", "summary", task)] + ([(f"kv{kv}", f"summary_kv{kv}", f"{task}, {kv} pairs")]
+                                            if kv else [])
+        for sub, name, _ in panels:
             cmd = [sys.executable, str(summarize), str(root), "--models", *models,
                    "--out", str(root / f"{name}.json")]
             if sub:
@@ -175,21 +179,19 @@ def main(argv=None):
             res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             (root / f"{name}.md").write_text(res.stdout + res.stderr)
             print(res.stdout[-3000:], flush=True)
+        found = [(root / f"{name}.json", title) for _, name, title in panels
+                 if (root / f"{name}.json").exists()]
+        if found:
+            plots.append((found, root / f"{task}.png"))
     # the plots where matplotlib is installed (the GPU image may not have it: plot_recall.py
     # makes them from the summaries on any machine)
     try:
         import matplotlib  # noqa: F401
 
         from plot_recall import plot
-        for task in study["tasks"]:
-            names = [("summary", task)] + ([(f"summary_kv{study['rescore_kv']}",
-                                             f"{task}, {study['rescore_kv']} pairs")]
-                                           if study["rescore_kv"] else [])
-            found = [(args.out / task / f"{n}.json", title) for n, title in names
-                     if (args.out / task / f"{n}.json").exists()]
-            if found:
-                print(plot([json.loads(f.read_text()) for f, _ in found], [t for _, t in found],
-                           args.out / task / f"{task}.png"), flush=True)
+        for found, png in plots:
+            print(plot([json.loads(f.read_text()) for f, _ in found], [t for _, t in found], png),
+                  flush=True)
     except ImportError:
         print("matplotlib not installed: no plots (examples/eval/plot_recall.py makes them)")
     failed = [r for r in records if r.get("rc") not in (None, 0)]
