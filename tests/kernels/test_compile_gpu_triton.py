@@ -1,5 +1,6 @@
 """Every Triton kernel of the package compiles for Hopper (sm_90) without a GPU, specialised as
-its launcher specialises it, under two Triton versions: the one installed here and the GPU
+its launcher specialises it (bf16 and fp32; conv widths 2 / 4 / 8, norm rows of 128 / 256),
+under two Triton versions: the one installed here and the GPU
 machines' (3.6.0, which scripts/test.sh installs beside the environment into
 `<venv>/triton-gpu`). Versions differ in what they accept: 3.8 takes 64-bit block-pointer
 offsets, 3.6 asserts on them, and the forward's Tm store failed to compile on every GPU launch
@@ -89,15 +90,17 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     BT, BD, warps = conv.FWD_CONFIG
     build(conv._conv_fwd_kernel, dict(W=4, BT=BT, BD=BD, **flags), dtype, warps=warps)
     L, R, BD, warps = conv.BWD_CONFIG
-    build(conv._conv_bwd_kernel, dict(W=4, L=L, R=R, BD=BD, HAS_DHT=True, **flags), dtype,
-          warps=warps)
+    for W in (2, 4, 8):
+        build(conv._conv_bwd_kernel, dict(W=W, L=L, R=R, BD=BD, HAS_DHT=True, **flags), dtype,
+              warps=warps)
     build(conv._conv_final_state_kernel, dict(W=4, BK=4, BD=128, HAS_H0=True, IS_VARLEN=True),
           dtype, warps=1)
     build(conv._conv_update_kernel, dict(W=4, BT=1, BD=128, BK=4, HAS_BIAS=True, SILU=True),
           dtype, warps=4)
-    BD, BR, warps = norm._block_rows(128)
-    for fn in (norm._gated_rmsnorm_fwd_kernel, norm._gated_rmsnorm_bwd_kernel):
-        build(fn, dict(BR=BR, BD=BD), dtype, warps=warps)
+    for D in (128, 256):
+        BD, BR, warps = norm._block_rows(D)
+        for fn in (norm._gated_rmsnorm_fwd_kernel, norm._gated_rmsnorm_bwd_kernel):
+            build(fn, dict(BR=BR, BD=BD), dtype, warps=warps)
 print("compiled", n)
 """
 
