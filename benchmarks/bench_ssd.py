@@ -114,6 +114,9 @@ def check(impls):
             errs[key] = rel(a, b)
         errs["ok"] = all(v <= BF16_REL for k, v in errs.items() if k in ("y", "dx", "ddt", "dB", "dC"))
         out[name] = errs
+        # the first call of each implementation compiles and autotunes (mamba_ssm's kernels
+        # for each chunk size): a line per implementation shows where the time goes
+        print("check", name, json.dumps(errs), flush=True)
     return out
 
 
@@ -134,6 +137,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for results.json / results.md")
     ap.add_argument("--shapes", default="4x4096,1x16384", help="comma-separated BxT")
+    ap.add_argument("--mamba-chunks", default="64,128,256",
+                    help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ssd.py needs a GPU")
@@ -141,7 +146,7 @@ def main():
     scan, why = _mamba()
     impls = {"ours": ours}
     if scan is not None:
-        for chunk in (64, 128, 256):
+        for chunk in (int(c) for c in args.mamba_chunks.split(",")):
             impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)
     res = {"device": torch.cuda.get_device_name(), "mamba_ssm": why or "importable",
            "check": check(impls), "timings_ms": {}}

@@ -396,9 +396,13 @@ def _exclusive_cumsum(x):
 
 
 # BV 64 at 8 warps first: offline (ptxas -v, sm_90a, bf16, K = V = 128) 218 / 248 registers
-# without spills, where 4 warps spill 0.3 / 0.9 KB per thread. The interpreter runs BV 32
-# so that the tests cross V blocks
-_GRAD_SPLIT_CONFIGS = [triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
+# without spills, where 4 warps spill 0.3 / 0.9 KB per thread. Yet 4 warps with two stages
+# was the fastest pin at S3 on an H200 (benchmarks/diag_configs.py, 2026-11-27 run 8: model
+# forward+backward 8.07 ms against 8.32 autotuned over the first two, 8.76 at 8 warps / two
+# stages; same errors): the spills are hidden behind the pipelined loads. The interpreter
+# runs BV 32 so that the tests cross V blocks
+_GRAD_SPLIT_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
+                       + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)])
 
 
 @autotune_or_fixed(

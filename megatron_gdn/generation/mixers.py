@@ -204,7 +204,10 @@ def rope_table(model, positions: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if model.config.rotary_interleaved:
         raise ValueError("rotary_interleaved=True is not supported by generation")
-    freqs = positions.to(torch.float32)[:, None] * rotary.inv_freq.to(torch.float32)[None]
+    # Megatron keeps inv_freq as a plain attribute: it stays where the model was built (the CPU
+    # with use_cpu_initialization) when the module moves to the GPU
+    inv_freq = rotary.inv_freq.to(device=positions.device, dtype=torch.float32)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None]
     return torch.cat([freqs, freqs], dim=-1)[:, None, None, :]
 
 
