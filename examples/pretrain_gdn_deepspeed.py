@@ -28,7 +28,8 @@ Data: an indexed dataset (`--data-path PREFIX`, built by examples/data/preproces
 documents joined and cut into consecutive samples) or, by default, mock tokens drawn from a
 generator seeded with (seed, sample index); either way sample i is fixed, so a run reads the
 same samples at any data-parallel size and after a resume. Checkpoints are
-DeepSpeed's (`--out DIR` saves to DIR/checkpoints; `--load DIR` resumes from its latest tag).
+DeepSpeed's (`--out DIR` saves to DIR/checkpoints unless `--no-save`; `--load DIR` resumes
+from its latest tag).
 Each iteration logs the loss and tokens/s; DIR/metrics.jsonl holds them.
 
 `--engine megatron` runs the same model and data without DeepSpeed (one data-parallel rank,
@@ -69,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--save-interval", type=int, default=None)
     p.add_argument("--load", default=None, help="a run directory (or checkpoint folder) to resume")
     p.add_argument("--out", default=None)
+    p.add_argument("--no-save", action="store_true",
+                   help="write no DeepSpeed checkpoint into --out (throughput runs: a 1.3B model's "
+                        "ZeRO checkpoint is ~16 GB)")
     p.add_argument("--log-interval", type=int, default=1)
     args = p.parse_args(argv)
     if args.sequence_parallel:
@@ -311,7 +315,7 @@ def train(args) -> dict:
             raise ValueError("--engine megatron runs fp32 here: pass --fp32")
 
     start = 0
-    ckpt_dir = os.path.join(args.out, "checkpoints") if args.out else None
+    ckpt_dir = os.path.join(args.out, "checkpoints") if args.out and not args.no_save else None
     if args.load is not None:
         load_dir = args.load
         if os.path.isdir(os.path.join(load_dir, "checkpoints")):

@@ -63,7 +63,9 @@ pretrain_gpt() {
 
 SEQS_CP="131072 262144 524288 1048576 2097152"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-pack() { tar czf "$OUTDIR.tgz" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"; }
+# logs and results only: a checkpoint (a 1.3B ZeRO one is ~16 GB) would outlast the call
+pack() { tar czf "$OUTDIR.tgz" --exclude=checkpoints --exclude='*.pt' --exclude='*.distcp' \
+           -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"; }
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 TESTS_CMD="env MEGATRON_GDN_AUTOTUNE=0 python3 -m pytest $XDIST -v -p no:warnings -p no:cacheprovider --tb=short -rf"
 if [ "$FUNCTIONS_ONLY" = 1 ]; then

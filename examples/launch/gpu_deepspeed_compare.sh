@@ -31,7 +31,7 @@ for tp in "${TPS[@]}"; do
     run "zero${zero}_tp${tp}" examples/pretrain_gdn_deepspeed.py --model-yaml "$YAML" \
       --ds-config "examples/deepspeed/zero${zero}.json" --tensor-model-parallel-size "$tp" \
       --seq-length 4096 --micro-batch-size "$MBS" --train-iters "$ITERS" --lr 3e-4 \
-      --out "$OUTDIR/zero${zero}_tp${tp}"
+      --no-save --out "$OUTDIR/zero${zero}_tp${tp}"
   done
   run "distopt_tp${tp}" examples/pretrain_gdn.py --model-yaml "$YAML" --bf16 --mock-data \
     --tokenizer-type NullTokenizer --vocab-size 32000 --seq-length 4096 \
