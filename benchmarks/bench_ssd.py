@@ -63,12 +63,22 @@ def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
     return x, dt, A, Bm, Cm
 
 
-def ours(x, dt, A, Bm, Cm):
+def ours(x, dt, A, Bm, Cm, heads=None):
+    """chunk_scalar_decay on the mixer's v = x dt, g = dt A. heads: up to this many value heads
+    per program of the chunk backward (kernels/ssd/chunk.py MAX_HEADS_PER_PROGRAM; None: the
+    default). It is set before the forward and left so: the backward reads it, and every
+    timed or checked call is a forward then its backward."""
+    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
+    ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
     v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
     g = dt * A
     return chunk_scalar_decay(Cm, Bm, v, g, 1.0)[0]
+
+
+def ours_heads(n):
+    return lambda *args: ours(*args, heads=n)
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -137,6 +147,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for results.json / results.md")
     ap.add_argument("--shapes", default="4x4096,1x16384", help="comma-separated BxT")
+    ap.add_argument("--heads-per-program", default="",
+                    help="also time ours with up to these many value heads per program of the "
+                         "chunk backward, e.g. 8 (comma-separated)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
     args = ap.parse_args()
@@ -145,6 +158,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     scan, why = _mamba()
     impls = {"ours": ours}
+    for n in (int(c) for c in args.heads_per_program.split(",") if c):
+        impls[f"ours_heads{n}"] = ours_heads(n)
     if scan is not None:
         for chunk in (int(c) for c in args.mamba_chunks.split(",")):
             impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)

@@ -9,21 +9,25 @@ NTC total number of chunks over all sequences (chunk table of kernels/gated_delt
 
 Forward, three launches:
   1. `_cumsum_kernel`, per (chunk, head block): gc = in-chunk inclusive cumsum of g (fp32).
-  2. `_state_fwd_kernel`, per (P block, value head, sequence), the state in fp32 registers:
+  2. `_state_fwd_kernel`, per (N x P block, value head, sequence), the state in fp32 registers
+     (blocks as small as 32 x 32 when there are few heads and sequences, `_state_blocks`):
      store h_c (state entering chunk c), h <- exp(gc_last) h + (k exp(gc_last - gc))^T v.
   3. `_output_fwd_kernel`, per (P block, value head, chunk):
      o = scale ((q exp(gc)) h_c + (exp(gc_i - gc_j) [j <= i] * q k^T) v).
 Backward, two launches (h is recomputed by 2.):
-  4. `_state_bwd_kernel`, per (P block, value head, sequence), reverse over chunks:
+  4. `_state_bwd_kernel`, per (N x P block, value head, sequence), reverse over chunks:
      store dh_c (gradient of the state LEAVING chunk c),
      dh <- exp(gc_last) dh + scale (q exp(gc))^T do; what is left at the start is dh0.
-  5. `_chunk_bwd_kernel`, per (value head, chunk), whole N and P: dq, dk (per value head, summed
-     over the R heads of a group afterwards), dv and dg, with
+  5. `_chunk_bwd_kernel`, per (block of value heads of a group, chunk; one head by default, see
+     MAX_HEADS_PER_PROGRAM), whole N and P:
+     dq, dk (summed over the block's heads in registers, over the blocks afterwards), dv and
+     dg, with
         dgc_i = q_i . dq_i - k_i . dk_i + [i = last] (exp(gc_last) <h_c, dh_c> + sum_j k_j . dk^S_j)
      (dq^S / dk^S the parts through the states) and dg = the in-chunk reverse cumsum of dgc,
      evaluated with the diagonal pair terms cancelled analytically (see the kernel).
 Exponents exp(gc_i - gc_j) only for j <= i (and gc_last - gc_j), so never above 1.
 """
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -43,7 +47,7 @@ def _cumsum_kernel(g, gc, cu_seqlens, chunk_indices, T, NT_SEQ, HV: tl.constexpr
                    BT: tl.constexpr, BH: tl.constexpr, IS_VARLEN: tl.constexpr):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
-    o_t = t0 + tl.arange(0, BT)
+    o_t = (t0 + tl.arange(0, BT)).to(tl.int64)
     o_h = i_h * BH + tl.arange(0, BH)
     m = (o_t < eos)[:, None] & (o_h < HV)[None, :]
     p = o_t[:, None] * HV + o_h[None, :]
@@ -56,10 +60,11 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                       USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_p, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_np, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_p, i_nb = i_np % tl.cdiv(P, BP), i_np // tl.cdiv(P, BP)
     i_g = i_hv // (HV // G)
     bos, eos, nt, c_off = sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT_SEQ, BT, IS_VARLEN)
-    o_n = tl.arange(0, BN)
+    o_n = i_nb * BN + tl.arange(0, BN)
     o_p = i_p * BP + tl.arange(0, BP)
     m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
     p_np = o_n[:, None] * P + o_p[None, :]
@@ -69,8 +74,8 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
         b_h += tl.load(h0 + row.to(tl.int64) * N * P + p_np, mask=m_np, other=0.)
     for i_t in range(0, nt):
         t0 = bos + i_t * BT
-        tl.store(h + ((c_off + i_t) * HV + i_hv) * N * P + p_np, b_h, mask=m_np)
-        o_t = t0 + tl.arange(0, BT)
+        tl.store(h + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np, b_h, mask=m_np)
+        o_t = (t0 + tl.arange(0, BT)).to(tl.int64)
         m_t = o_t < eos
         b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :],
                       mask=m_t[:, None] & (o_n < N)[None, :], other=0.)
@@ -92,7 +97,7 @@ def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, N
     i_g = i_hv // (HV // G)
     i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
-    o_t = t0 + o_i
+    o_t = (t0 + o_i).to(tl.int64)
     m_t = o_t < eos
     o_n = tl.arange(0, BN)
     o_p = i_p * BP + tl.arange(0, BP)
@@ -119,10 +124,11 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
                       USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_p, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_np, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_p, i_nb = i_np % tl.cdiv(P, BP), i_np // tl.cdiv(P, BP)
     i_g = i_hv // (HV // G)
     bos, eos, nt, c_off = sequence_bounds(i_n, cu_seqlens, chunk_offsets, T, NT_SEQ, BT, IS_VARLEN)
-    o_n = tl.arange(0, BN)
+    o_n = i_nb * BN + tl.arange(0, BN)
     o_p = i_p * BP + tl.arange(0, BP)
     m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
     p_np = o_n[:, None] * P + o_p[None, :]
@@ -133,8 +139,8 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
     for i_r in range(0, nt):
         i_t = nt - 1 - i_r
         t0 = bos + i_t * BT
-        tl.store(dh + ((c_off + i_t) * HV + i_hv) * N * P + p_np, b_dh, mask=m_np)
-        o_t = t0 + tl.arange(0, BT)
+        tl.store(dh + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np, b_dh, mask=m_np)
+        o_t = (t0 + tl.arange(0, BT)).to(tl.int64)
         m_t = o_t < eos
         b_q = tl.load(q + (o_t * G + i_g)[:, None] * N + o_n[None, :],
                       mask=m_t[:, None] & (o_n < N)[None, :], other=0.)
@@ -152,12 +158,19 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
 def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
                       cu_seqlens, chunk_indices, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                      BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, IS_VARLEN: tl.constexpr):
-    i_hv, i_c = tl.program_id(0), tl.program_id(1)
-    i_g = i_hv // (HV // G)
+                      BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
+    # group's, loaded and multiplied once; dq, dk accumulate over the RB heads in registers and
+    # are stored once per block ([.., G * R / RB, N] fp32), so the per-head partial sums that
+    # the launcher adds up shrink RB-fold (at the Mamba2 1.3B shape, 64 heads of one group: a
+    # [T, 64, 128] fp32 pair of 0.5 GB each at 16K tokens before)
+    i_blk, i_c = tl.program_id(0), tl.program_id(1)
+    NRB: tl.constexpr = HV // G // RB
+    i_g = i_blk // NRB
     i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
-    o_t = t0 + o_i
+    o_t = (t0 + o_i).to(tl.int64)
     m_t = o_t < eos
     o_n = tl.arange(0, BN)
     o_p = tl.arange(0, BP)
@@ -165,52 +178,59 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
     m_tp = m_t[:, None] & (o_p < P)[None, :]
     m_np = (o_n < N)[:, None] & (o_p < P)[None, :]
     p_qk = (o_t * G + i_g)[:, None] * N + o_n[None, :]
-    p_vo = (o_t * HV + i_hv)[:, None] * P + o_p[None, :]
-    p_np = (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :]
     b_q = tl.load(q + p_qk, mask=m_tn, other=0.)
     b_k = tl.load(k + p_qk, mask=m_tn, other=0.)
-    b_v = tl.load(v + p_vo, mask=m_tp, other=0.)
-    b_do = tl.load(do + p_vo, mask=m_tp, other=0.)
-    b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
-    i_last = tl.minimum(t0 + BT, eos) - 1 - t0
-    b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
-    b_h = tl.load(h + p_np, mask=m_np, other=0.)
-    b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
-
-    m_s = o_i[:, None] >= o_i[None, :]
-    b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
-    # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
-    b_s = (tl.dot(b_q, tl.trans(b_k)) * b_dec).to(b_do.dtype)
-    b_dp = (tl.dot(b_do, tl.trans(b_v)) * b_dec).to(b_q.dtype)
-    b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
-    b_kd = (b_k.to(tl.float32) * b_e_last[:, None]).to(b_do.dtype)
-    dt_ = b_do.dtype
-    b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(dt_))
-    b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
-    b_dq = tl.dot(b_dp, b_k) + b_dq_state
-    b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
-    b_dk = tl.dot(tl.trans(b_dp), b_q) + b_dk_state
-
-    # dg_t = sum_{s >= t} (q_s . dq^S_s + sum_{j < s} A_sj - sum_{i > s} A_is)
-    #        + exp(gc_last) <h, dh> + sum_{j < t} k_j . dk^S_j
-    # with A_ij = scale e^(gc_i - gc_j) (q_i . k_j)(do_i . v_j), j < i. The diagonal i = j is
-    # left out explicitly: its q_i . dq_i and k_i . dk_i parts cancel exactly, and under strong
-    # decay (where it dominates) their fp32 difference would swamp the true gradient.
-    m_strict = o_i[:, None] > o_i[None, :]
-    b_a = tl.where(m_strict, tl.dot(b_q, tl.trans(b_k)) * tl.dot(b_do, tl.trans(b_v)) * b_dec, 0.)
     b_qf = b_q.to(tl.float32)
     b_kf = b_k.to(tl.float32)
-    b_dgc = tl.sum(b_qf * b_dq_state, axis=1) + tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
-    b_dgc = tl.where(m_t, b_dgc, 0.)
-    b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
-    b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
-        + tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+    b_qk = tl.dot(b_q, tl.trans(b_k))
+    i_last = tl.minimum(t0 + BT, eos) - 1 - t0
+    m_s = o_i[:, None] >= o_i[None, :]
+    # the diagonal i = j is left out of dg explicitly (below)
+    m_strict = o_i[:, None] > o_i[None, :]
+    b_dq = tl.zeros([BT, BN], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BN], dtype=tl.float32)
+    for i_r in range(0, RB):
+        i_hv = i_blk * RB + i_r
+        p_vo = (o_t * HV + i_hv)[:, None] * P + o_p[None, :]
+        p_np = (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :]
+        b_v = tl.load(v + p_vo, mask=m_tp, other=0.)
+        b_do = tl.load(do + p_vo, mask=m_tp, other=0.)
+        b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+        b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
+        b_h = tl.load(h + p_np, mask=m_np, other=0.)
+        b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
 
-    p_hk = (o_t * HV + i_hv)[:, None] * N + o_n[None, :]
+        b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
+        # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
+        b_dov = tl.dot(b_do, tl.trans(b_v))
+        b_s = (b_qk * b_dec).to(b_do.dtype)
+        b_dp = (b_dov * b_dec).to(b_q.dtype)
+        b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
+        b_kd = (b_kf * b_e_last[:, None]).to(b_do.dtype)
+        dt_ = b_do.dtype
+        b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(dt_))
+        b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
+        b_dq += tl.dot(b_dp, b_k) + b_dq_state
+        b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
+        b_dk += tl.dot(tl.trans(b_dp), b_q) + b_dk_state
+
+        # dg_t = sum_{s >= t} (q_s . dq^S_s + sum_{j < s} A_sj - sum_{i > s} A_is)
+        #        + exp(gc_last) <h, dh> + sum_{j < t} k_j . dk^S_j
+        # with A_ij = scale e^(gc_i - gc_j) (q_i . k_j)(do_i . v_j), j < i. The diagonal i = j
+        # is left out: its q_i . dq_i and k_i . dk_i parts cancel exactly, and under strong
+        # decay (where it dominates) their fp32 difference would swamp the true gradient.
+        b_a = tl.where(m_strict, b_qk * b_dov * b_dec, 0.)
+        b_dgc = tl.sum(b_qf * b_dq_state, axis=1) + tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
+        b_dgc = tl.where(m_t, b_dgc, 0.)
+        b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
+        b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
+            + tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+        tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
+        tl.store(dg + o_t * HV + i_hv, b_dg, mask=m_t)
+
+    p_hk = (o_t * (HV // RB) + i_blk)[:, None] * N + o_n[None, :]
     tl.store(dq + p_hk, b_dq, mask=m_tn)
     tl.store(dk + p_hk, b_dk, mask=m_tn)
-    tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
-    tl.store(dg + o_t * HV + i_hv, b_dg, mask=m_t)
 
 
 def _pow2(n: int) -> int:
@@ -219,6 +239,56 @@ def _pow2(n: int) -> int:
 
 def _block_p(P: int) -> int:
     return min(64, _pow2(P))
+
+
+# the sequential state passes run one program per (state tile, value head, sequence): with
+# whole [N, P] tiles, one sequence of the Mamba2 1.3B shape (64 heads) gave 64 programs for 132
+# SMs, each stepping through every chunk alone. The update is separable over the state's rows
+# and columns (S <- e^g S + k^T v, row n reads only k[:, n]), so the tile shrinks until there
+# are enough programs, down to 32 x 32
+_STATE_PROGRAMS = 512
+
+
+def _state_blocks(N: int, P: int, HV: int, NS: int) -> Tuple[int, int]:
+    BN, BP = _pow2(N), _block_p(P)
+    while (triton.cdiv(N, BN) * triton.cdiv(P, BP) * HV * NS < _STATE_PROGRAMS
+           and max(BN, BP) > 32):
+        if BN >= BP:
+            BN //= 2
+        else:
+            BP //= 2
+    return BN, BP
+
+
+# Value heads per program of the chunk backward (at most). More than one shrinks the fp32
+# dq / dk partial sums written per chunk, but carries two [64, N] fp32 accumulators through the
+# head loop: offline (benchmarks/regs_ssd.py, sm_90a, Triton 3.6, 8 warps) N = 128 / P = 64
+# spills 0.5 KB per thread at one head and 1.9 KB at 2-8 heads (the kernel before the head
+# loop: 1.0 KB, its q k^T and do v^T products computed twice). One head until a GPU run times
+# both (benchmarks/bench_ssd.py --heads-per-program 1,8).
+DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGRAM", "1"))
+MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
+
+
+def _heads_per_program(R: int) -> int:
+    """Value heads per program of the chunk backward: the largest of 8, 4, 2, 1 that divides
+    the R = HV // G heads of a group and is at most MAX_HEADS_PER_PROGRAM."""
+    return next(rb for rb in (8, 4, 2, 1) if R % rb == 0 and rb <= max(1, MAX_HEADS_PER_PROGRAM))
+
+
+def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
+    """(kernel name, constexprs, num_warps) of every launch at this shape (dense rows of T
+    tokens), as the launchers below configure them: for benchmarks/regs_ssd.py."""
+    BN, BP = _state_blocks(N, P, HV, B)
+    state = dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP, IS_VARLEN=False)
+    return [
+        ("_state_fwd_kernel", dict(state, USE_H0=False, STORE_FINAL=False), 4),
+        ("_output_fwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_block_p(P),
+                                    IS_VARLEN=False), 4),
+        ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
+        ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
+                                   RB=_heads_per_program(HV // G), IS_VARLEN=False), 8),
+    ]
 
 
 def ssd_cumsum(g, layout):
@@ -238,11 +308,11 @@ def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state):
     NS = layout.num_seqs
     h = torch.empty(layout.num_chunks, HV, N, P, dtype=torch.float32, device=k.device)
     ht = torch.empty(NS, HV, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
-    BP = _block_p(P)
+    BN, BP = _state_blocks(N, P, HV, NS)
     cu, _, offs, T_, nts, varlen = layout.kernel_args()
-    _state_fwd_kernel[(triton.cdiv(P, BP), HV, NS)](
+    _state_fwd_kernel[(triton.cdiv(N, BN) * triton.cdiv(P, BP), HV, NS)](
         k, v, gc, h, initial_state, ht, cu, offs, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP,
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state, IS_VARLEN=varlen,
         num_warps=4)
     return h, ht
@@ -268,22 +338,24 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     h, _ = ssd_state_fwd(k, v, gc, layout, initial_state, False)
     dh = torch.empty_like(h)
     dh0 = torch.empty(NS, HV, N, P, dtype=torch.float32, device=q.device) if initial_state is not None else None
-    BP = _block_p(P)
+    BN, BP = _state_blocks(N, P, HV, NS)
     cu, idx, offs, T_, nts, varlen = layout.kernel_args()
-    _state_bwd_kernel[(triton.cdiv(P, BP), HV, NS)](
+    _state_bwd_kernel[(triton.cdiv(N, BN) * triton.cdiv(P, BP), HV, NS)](
         q, do, gc, dh, dht, dh0, scale, cu, offs, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=varlen, num_warps=4)
-    dq_h = torch.empty(B, T, HV, N, dtype=torch.float32, device=q.device)
+    RB = _heads_per_program(HV // G)
+    dq_h = torch.empty(B, T, HV // RB, N, dtype=torch.float32, device=q.device)
     dk_h = torch.empty_like(dq_h)
     dv = torch.empty_like(v)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
-    _chunk_bwd_kernel[(HV, layout.num_chunks)](
+    _chunk_bwd_kernel[(HV // RB, layout.num_chunks)](
         q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), IS_VARLEN=varlen, num_warps=8)
-    # q/k of a group are read by its HV // G value heads: sum their contributions
-    dq = dq_h.view(B, T, G, HV // G, N).sum(3).to(q.dtype)
-    dk = dk_h.view(B, T, G, HV // G, N).sum(3).to(k.dtype)
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, IS_VARLEN=varlen,
+        num_warps=8)
+    # q/k of a group are read by its HV // G value heads: sum the per-block contributions
+    dq = dq_h.view(B, T, G, HV // G // RB, N).sum(3).to(q.dtype)
+    dk = dk_h.view(B, T, G, HV // G // RB, N).sum(3).to(k.dtype)
     return dq, dk, dv, dg, dh0
 
 

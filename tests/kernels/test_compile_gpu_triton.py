@@ -82,10 +82,12 @@ for dtype, half in (("bf16", True), ("fp32", False)):
                USE_GATE_PARAMS=True, HAS_DT_BIAS=True, USE_BETA_SIGMOID=True), dtype, warps=4)
     s = dict(G=2, HV=4, N=128, P=64, BT=ssd.BT, BN=128, BP=64, IS_VARLEN=True)
     build(ssd._cumsum_kernel, dict(HV=4, BT=ssd.BT, BH=4, IS_VARLEN=True), dtype, warps=4)
-    build(ssd._state_fwd_kernel, dict(s, USE_H0=True, STORE_FINAL=True), dtype, warps=4)
+    for BN, BP in ((128, 64), (32, 32)):  # whole tiles, and the split of few heads / sequences
+        build(ssd._state_fwd_kernel, dict(s, BN=BN, BP=BP, USE_H0=True, STORE_FINAL=True), dtype, warps=4)
+        build(ssd._state_bwd_kernel, dict(s, BN=BN, BP=BP, USE_DHT=True, STORE_DH0=True), dtype, warps=4)
     build(ssd._output_fwd_kernel, s, dtype, warps=4)
-    build(ssd._state_bwd_kernel, dict(s, USE_DHT=True, STORE_DH0=True), dtype, warps=4)
-    build(ssd._chunk_bwd_kernel, s, dtype, warps=8)
+    for RB in (1, 2):  # value heads per program of the chunk backward
+        build(ssd._chunk_bwd_kernel, dict(s, RB=RB), dtype, warps=8)
     flags = dict(HAS_BIAS=True, SILU=True, HAS_H0=True, IS_VARLEN=True)
     BT, BD, warps = conv.FWD_CONFIG
     build(conv._conv_fwd_kernel, dict(W=4, BT=BT, BD=BD, **flags), dtype, warps=warps)

@@ -62,7 +62,13 @@ CASES = [
     Case(1, 96, 1, 3, 16, 16, gate="zero", state="inout", scale=0.5),
     Case(1, 150, 2, 4, 16, 16, cu=(0, 1, 70, 70, 83, 150), state="inout"),  # packed, length 1 and 0
     Case(1, 129, 1, 2, 16, 16, cu=(0, 64, 65, 129), gate="strong"),
+    # the state passes split N = 64 and P = 48 into 32 x 32 tiles (two row blocks, a partial
+    # column block)
+    Case(1, 100, 1, 2, 64, 48, state="inout"),
 ]
+# R = 12 value heads per group: with up to 8 heads per program of the chunk backward, blocks
+# of 4 (three per group); two groups of 2 heads: blocks of 2
+HEAD_BLOCK_CASES = [Case(2, 70, 1, 12, 16, 16, state="in"), CASES[4]]
 
 
 def _inputs(case: Case, dtype, device):
@@ -135,6 +141,17 @@ def test_chunk_vs_naive(case, dtype, backend):
         assert ht is None
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_ref):
         assert_close(a, b, rel, name)
+
+
+@pytest.mark.parametrize("case", HEAD_BLOCK_CASES, ids=lambda c: c.id)
+def test_chunk_backward_head_blocks(case, monkeypatch):
+    """The chunk backward with several value heads per program (dq, dk summed over the block
+    in registers) against the float64 recurrence, Triton only (fp32; bf16 too with CUDA)."""
+    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
+
+    monkeypatch.setattr(ssd_chunk, "MAX_HEADS_PER_PROGRAM", 8)
+    assert ssd_chunk._heads_per_program(case.HV // case.G) > 1
+    test_chunk_vs_naive(case, torch.float32, "triton")
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: c.id)
