@@ -64,6 +64,10 @@ def parse_args():
     p.add_argument("--impl", nargs="+", default=["ours", "megatron"], choices=["ours", "megatron"])
     p.add_argument("--parity-tokens", type=int, default=8192, help="0 skips the parity check")
     p.add_argument("--smoke", action="store_true", help="CPU, gloo, tiny dims: checks the script runs")
+    p.add_argument("--profile-seq", type=int, nargs="*", default=[],
+                   help="at these lengths, one more step under torch.profiler: rank 0 writes the "
+                        "kernels by total time to profile_cp<W>_T<T>.txt (CP=1 at T / W tokens "
+                        "against CP=W at T shows what context parallelism adds)")
     return p.parse_args()
 
 
@@ -215,6 +219,25 @@ def time_step(model, x, dy, device, warmup, iters):
     return statistics.median(times), peak
 
 
+def profile_step(model, x, dy, device, path, header, rank):
+    """One forward+backward under torch.profiler; rank 0 writes the table of kernels (CUDA time
+    on a GPU, CPU time otherwise) sorted by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    x.grad = None
+    model.zero_grad(set_to_none=True)
+    with profile(activities=activities) as prof:
+        model(x).backward(dy)
+        sync(device)
+    if rank == 0:
+        table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total",
+                                          row_limit=30, max_name_column_width=80)
+        with open(path, "w") as fh:
+            fh.write(header + "\n" + table + "\n")
+
+
 def parity(args, config, cp_pgc, single_pgc, device, log):
     """The CP stack vs the same weights without CP on the full sequence (each rank)."""
     from megatron_gdn.parallel import zigzag_shard
@@ -312,6 +335,12 @@ def main():
                 log(f"{impl} CP={cp_size} T={T}: fwd+bwd {ms:.2f} ms, peak {peak:.2f} GiB, "
                     f"{T / ms * 1e3 / 1e6:.3f} M tok/s, sent/layer fwd {fwd_b / 2**20:.2f} MiB bwd "
                     f"{bwd_b / 2**20:.2f} MiB")
+                if T in args.profile_seq:
+                    path = os.path.join(args.out, f"profile_{impl}_cp{cp_size}_T{T}.txt")
+                    profile_step(model, x, dy, device, path,
+                                 f"# {impl} CP={cp_size} T={T} ({T // cp_size} tokens per rank), one "
+                                 f"forward+backward of {args.layers} layers, rank 0, {name}", rank)
+                    log(f"{impl} CP={cp_size} T={T}: profile in {os.path.basename(path)}")
                 del x, dy
             except torch.OutOfMemoryError:
                 entry["error"] = "OOM"

@@ -77,8 +77,9 @@ elif [ "$NGPU" -ge 4 ]; then
   # whole GPU test suite (pytest-xdist, eight workers; -v names each failure as it happens)
   # then Megatron-LM's pretrain_gpt.py. The CP=4 sweeps are in gpu_round_models.sh.
   ( job kernels-s3 230 0 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 --bwd-stages --budget-s 190
-    job cp1 95 0 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
-      --out "$OUTDIR/cp1" --seq $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 --iters 3 ) &
+    job cp1 110 0 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
+      --out "$OUTDIR/cp1" --seq 32768 $SEQS_CP --layers 2 --impl ours --parity-tokens 0 --warmup 1 \
+      --iters 3 --profile-seq 32768 ) &
   job kernels-s2s1 330 1 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" --shapes S2,S1 --bwd-stages --budget-s 290 &
   job layer 330 2 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" --shapes qwen3next --iters 10 --warmup 3 &
   ( job tests 250 3 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D

@@ -46,10 +46,11 @@ if [ "$NGPU" -ge 4 ]; then
     h2 2,3 ) &
   wait; pack
   # then on all four GPUs (gpu_round.sh has the CP=1 sweep): CP=4 with the bf16 parity check,
-  # lengths up to the first OOM
+  # lengths up to the first OOM; a profile of one step at 128K (gpu_round.sh profiles CP=1 at
+  # 32K, the same tokens per rank: the difference is what context parallelism adds)
   job cp4 150 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29512 benchmarks/bench_cp.py \
       --out "$OUTDIR/cp4" --seq 131072 262144 524288 1048576 2097152 --layers 2 --impl ours \
-      --parity-tokens 8192 --warmup 1 --iters 3
+      --parity-tokens 8192 --warmup 1 --iters 3 --profile-seq 131072
 else
   wait
   h2 0,1
