@@ -197,6 +197,19 @@ def bench_attention(args):
             except Exception as e:  # noqa: BLE001 (a backend the build lacks is a row, not a crash)
                 out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         core.backend = "auto"
+        # which kernel "causal SDPA" is: each backend forced (the auto choice is not reported
+        # by torch); FlashAttention-2 causal is the same kernel family as the varlen window
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            key = f"causal_{name.split('_')[0].lower()}"
+            try:
+                with sdpa_kernel(getattr(SDPBackend, name)):
+                    with torch.no_grad():
+                        out[f"{key}_fwd_ms"] = time_ms(causal_fwd, args.iters, args.warmup)
+                    out[f"{key}_fwd_bwd_ms"] = time_ms(fwd_bwd(causal_fwd), args.iters, args.warmup)
+            except Exception as e:  # noqa: BLE001 (a backend this build or card lacks)
+                out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     log(out)
     return out
 
@@ -253,6 +266,15 @@ def markdown(payload):
                 lines.append(f"- backend {backend}: fwd {attn[key + '_fwd_ms']:.2f} ms, fwd+bwd "
                              f"{attn[key + '_fwd_bwd_ms']:.2f} ms ({attn[key + '_speedup_fwd_bwd']:.2f}x), "
                              f"rel RMS {attn[key + '_rel_err_vs_dense_mask']:.2e}")
+        for key in ("causal_flash", "causal_cudnn", "causal_efficient"):
+            if f"{key}_error" in attn:
+                lines.append(f"- {key} (forced): {attn[key + '_error']}")
+            elif f"{key}_fwd_bwd_ms" in attn:
+                lines.append(f"- {key} (forced): fwd {attn[key + '_fwd_ms']:.2f} ms, fwd+bwd "
+                             f"{attn[key + '_fwd_bwd_ms']:.2f} ms")
+        if "causal_flash_fwd_bwd_ms" in attn and "swa_varlen_fwd_bwd_ms" in attn:
+            lines.append(f"- varlen window vs FlashAttention-2 causal (same kernel family): "
+                         f"{attn['causal_flash_fwd_bwd_ms'] / attn['swa_varlen_fwd_bwd_ms']:.2f}x fwd+bwd")
     return "\n".join(lines) + "\n"
 
 
