@@ -9,19 +9,13 @@ Correctness of these kernels: tests/kernels/test_chunk_bwd.py.
 """
 import itertools
 import os
-import re
-import subprocess
 import sys
-import tempfile
-
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from hopper_compile import HOPPER_MAX_SHARED, compile_for_hopper, shared_bytes  # noqa: E402
+from hopper_compile import HOPPER_MAX_SHARED, compile_for_hopper, ptxas_usage  # noqa: E402
 
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb  # noqa: E402
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 KERNELS = ("_bwd_grad_vq_kernel", "_bwd_grad_k_kernel")
 FLOAT32 = ("gc", "g", "beta", "q_rstd", "k_rstd", "dg", "dbeta")
 
@@ -30,16 +24,7 @@ def usage(fn, constexprs, num_warps):
     ptr = {n: "*bf16" for n in ("q", "k", "v", "do", "h", "dh", "v_new", "dv2", "dq", "dk", "dv",
                                 "tm", "pm", "m2")}
     ptr.update({n: "*fp32" for n in FLOAT32}, cu_seqlens="*i32", chunk_indices="*i32")
-    kernel = compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(kernel.asm["ptx"])
-        f.flush()
-        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    stack, st, ld = map(int, re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                       r"(\d+) bytes spill loads", out).groups())
-    return dict(regs=regs, stack=stack, spill_st=st, spill_ld=ld, shared=shared_bytes(kernel))
+    return ptxas_usage(compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",)))
 
 
 def main():

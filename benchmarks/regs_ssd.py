@@ -5,19 +5,15 @@ launchers in kernels/ssd/chunk.py configure them.
     env -u TRITON_INTERPRET PYTHONPATH=<GPU triton>:. python benchmarks/regs_ssd.py
 """
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from hopper_compile import compile_for_hopper, shared_bytes  # noqa: E402
+from hopper_compile import compile_for_hopper, ptxas_usage  # noqa: E402
 
 from megatron_gdn.kernels.ssd import chunk as ssd  # noqa: E402
 
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 F32 = ("gc", "g", "h", "h0", "ht", "dh", "dht", "dh0", "dq", "dk", "dg")
 I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 SCALARS = {"T", "NT_SEQ"}
@@ -28,16 +24,7 @@ def usage(fn, constexprs, num_warps):
         fn = fn.fn
     ptr = {n: "*fp32" if n in F32 else "*i32" if n in I32 else "*bf16"
            for n in fn.arg_names if n not in SCALARS and n != "scale" and n not in constexprs}
-    kernel = compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(kernel.asm["ptx"])
-        f.flush()
-        out = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", out).group(1))
-    stack, st, ld = map(int, re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                                       r"(\d+) bytes spill loads", out).groups())
-    return dict(regs=regs, stack=stack, spill_st=st, spill_ld=ld, shared=shared_bytes(kernel))
+    return ptxas_usage(compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",)))
 
 
 def main():

@@ -14,8 +14,7 @@
 #   WHEELS=path/to/wheels bash scripts/gpu_round_followup.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUTDIR="$1"
-mkdir -p "$OUTDIR"
+OUTDIR="$1"  # gpu_round.sh creates it
 source "$ROOT/scripts/gpu_round.sh" --functions-only "$OUTDIR"
 export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
 job ssd 230 0 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --heads-per-program 8 &

@@ -41,3 +41,24 @@ def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages=1, floats
 
 def shared_bytes(kernel) -> int:
     return kernel.metadata.shared
+
+
+def ptxas_usage(kernel) -> dict:
+    """Registers, stack, spill stores / loads per thread (bytes) and shared memory of a kernel
+    compiled by compile_for_hopper, as the ptxas bundled with this Triton reports them for
+    sm_90a."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"])
+        f.flush()
+        out = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", out).group(1))
+    stack, st, ld = map(int, re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                       r"(\d+) bytes spill loads", out).groups())
+    return dict(regs=regs, stack=stack, spill_st=st, spill_ld=ld, shared=shared_bytes(kernel))
