@@ -159,7 +159,7 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
                       cu_seqlens, chunk_indices, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                      IS_VARLEN: tl.constexpr):
+                      HALF_STATE: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
     # group's, loaded and multiplied once; dq, dk accumulate over the RB heads in registers and
     # are stored once per block ([.., G * R / RB, N] fp32), so the per-head partial sums that
@@ -199,33 +199,39 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
         b_h = tl.load(h + p_np, mask=m_np, other=0.)
         b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
+        # <h, dh> in fp32 first; then (HALF_STATE) both live on as half-precision dot operands
+        # only: fewer registers, more shared memory for the conversion
+        b_hdh = tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+        if HALF_STATE:
+            b_h = b_h.to(b_do.dtype)
+            b_dh = b_dh.to(b_do.dtype)
 
         b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
         # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
         b_dov = tl.dot(b_do, tl.trans(b_v))
-        b_s = (b_qk * b_dec).to(b_do.dtype)
-        b_dp = (b_dov * b_dec).to(b_q.dtype)
-        b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
-        b_kd = (b_kf * b_e_last[:, None]).to(b_do.dtype)
-        dt_ = b_do.dtype
-        b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(dt_))
-        b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(dt_)))
-        b_dq += tl.dot(b_dp, b_k) + b_dq_state
-        b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
-        b_dk += tl.dot(tl.trans(b_dp), b_q) + b_dk_state
-
         # dg_t = sum_{s >= t} (q_s . dq^S_s + sum_{j < s} A_sj - sum_{i > s} A_is)
         #        + exp(gc_last) <h, dh> + sum_{j < t} k_j . dk^S_j
         # with A_ij = scale e^(gc_i - gc_j) (q_i . k_j)(do_i . v_j), j < i. The diagonal i = j
         # is left out: its q_i . dq_i and k_i . dk_i parts cancel exactly, and under strong
         # decay (where it dominates) their fp32 difference would swamp the true gradient.
+        # Each term is reduced as soon as its tile exists (fewer tiles live at once).
         b_a = tl.where(m_strict, b_qk * b_dov * b_dec, 0.)
-        b_dgc = tl.sum(b_qf * b_dq_state, axis=1) + tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
-        b_dgc = tl.where(m_t, b_dgc, 0.)
-        b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
-        b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
-            + tl.exp(b_glast) * tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
+        b_dgc = tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
+        b_s = (b_qk * b_dec).to(b_do.dtype)
+        b_dp = (b_dov * b_dec).to(b_q.dtype)
+        b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
+        b_kd = (b_kf * b_e_last[:, None]).to(b_do.dtype)
+        b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(b_do.dtype))
         tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
+        b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+        b_dgc += tl.sum(b_qf * b_dq_state, axis=1)
+        b_dq += tl.dot(b_dp, b_k) + b_dq_state
+        b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
+        b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
+        b_dk += tl.dot(tl.trans(b_dp), b_q) + b_dk_state
+        b_dgc = tl.where(m_t, b_dgc, 0.)
+        b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
+            + tl.exp(b_glast) * b_hdh
         tl.store(dg + o_t * HV + i_hv, b_dg, mask=m_t)
 
     p_hk = (o_t * (HV // RB) + i_blk)[:, None] * N + o_n[None, :]
@@ -263,9 +269,9 @@ def _state_blocks(N: int, P: int, HV: int, NS: int) -> Tuple[int, int]:
 # Value heads per program of the chunk backward (at most). More than one shrinks the fp32
 # dq / dk partial sums written per chunk, but carries two [64, N] fp32 accumulators through the
 # head loop: offline (benchmarks/regs_ssd.py, sm_90a, Triton 3.6, 8 warps) N = 128 / P = 64
-# spills 0.5 KB per thread at one head and 1.9 KB at 2-8 heads (the kernel before the head
-# loop: 1.0 KB, its q k^T and do v^T products computed twice). One head until a GPU run times
-# both (benchmarks/bench_ssd.py --heads-per-program 1,8).
+# spills 88 B per thread at one head and ~1 KB at 2-8 heads (the kernel before the head loop:
+# 1.0 KB, its q k^T and do v^T products computed twice, the dg terms reduced last). One head
+# until a GPU run times both (benchmarks/bench_ssd.py --heads-per-program 8).
 DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGRAM", "1"))
 MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
 
@@ -274,6 +280,14 @@ def _heads_per_program(R: int) -> int:
     """Value heads per program of the chunk backward: the largest of 8, 4, 2, 1 that divides
     the R = HV // G heads of a group and is at most MAX_HEADS_PER_PROGRAM."""
     return next(rb for rb in (8, 4, 2, 1) if R % rb == 0 and rb <= max(1, MAX_HEADS_PER_PROGRAM))
+
+
+def _half_state(N: int, P: int) -> bool:
+    """The chunk backward converts h, dh to the inputs' dtype once (not at each use): offline
+    (regs_ssd.py, 8 warps) at N = 128, P = 64 it spills 88 B per thread instead of 260, but
+    the conversion takes shared memory: 270 KB at N = 256, P = 128, over Hopper's 227 KB
+    (224 KB without it)."""
+    return _pow2(N) * _pow2(P) <= 128 * 128
 
 
 def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
@@ -287,7 +301,8 @@ def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
                                     IS_VARLEN=False), 4),
         ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
         ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
-                                   RB=_heads_per_program(HV // G), IS_VARLEN=False), 8),
+                                   RB=_heads_per_program(HV // G), HALF_STATE=_half_state(N, P),
+                                   IS_VARLEN=False), 8),
     ]
 
 
@@ -351,8 +366,8 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     _chunk_bwd_kernel[(HV // RB, layout.num_chunks)](
         q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, IS_VARLEN=varlen,
-        num_warps=8)
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB,
+        HALF_STATE=_half_state(N, P), IS_VARLEN=varlen, num_warps=8)
     # q/k of a group are read by its HV // G value heads: sum the per-block contributions
     dq = dq_h.view(B, T, G, HV // G // RB, N).sum(3).to(q.dtype)
     dk = dk_h.view(B, T, G, HV // G // RB, N).sum(3).to(k.dtype)
