@@ -31,11 +31,18 @@ def main():
     for (K, V), name, warps in itertools.product([(128, 128), (256, 512)], KERNELS, (4, 8)):
         BK = cb._pow2(K)
         constexprs = dict(H=1, HV=2, K=K, V=V, BK=BK, BKC=min(BK, 64), BV=64, L2=True,
-                          HAS_G=True, IS_VARLEN=False, LOOP_G=1)
-        u = usage(getattr(cb, name), constexprs, warps)
-        print(f"K={K} V={V} {name:20s} warps={warps} regs={u['regs']} stack={u['stack']} "
-              f"spill_st={u['spill_st']} spill_ld={u['spill_ld']} shared={u['shared']} "
-              f"(max {HOPPER_MAX_SHARED})", flush=True)
+                          HAS_G=True, IS_VARLEN=False, LOOP_G=1, SPLIT_K=False)
+        variants = [("", constexprs)]
+        if name == "_bwd_grad_k_kernel" and BK > cb.GRAD_K_COLUMNS:
+            # as launched: key-column blocks of GRAD_K_COLUMNS; the whole-K program for reference
+            variants = [(f" (K blocks of {cb.GRAD_K_COLUMNS})",
+                         dict(constexprs, BK=cb.GRAD_K_COLUMNS, SPLIT_K=True)),
+                        (" (whole K)", constexprs)]
+        for label, c in variants:
+            u = usage(getattr(cb, name), c, warps)
+            print(f"K={K} V={V} {name:20s} warps={warps} regs={u['regs']} stack={u['stack']} "
+                  f"spill_st={u['spill_st']} spill_ld={u['spill_ld']} shared={u['shared']} "
+                  f"(max {HOPPER_MAX_SHARED}){label}", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ back first), dv_new in place of dv_local, dh0;
   live through its V loop (one launch for all of it kept five and spilled on sm_90; on H200
   the two took the same time as that one at S1 / S2 and 5% less at S3, so it was removed).
 """
+import os
 from typing import Optional
 
 import torch
@@ -365,16 +366,16 @@ def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
 @triton.jit
 def _grad_rows(i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H: tl.constexpr,
                HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr,
-               LOOP_G: tl.constexpr):
+               LOOP_G: tl.constexpr, k0):
     """What both gradient launches derive from their program ids: the key head, the chunk's
-    rows (global token indices, mask, end), the key columns, q / k offsets of the rows and the
-    causal mask (j <= i, valid rows)."""
+    rows (global token indices, mask, end), the key columns k0 .. k0 + BK - 1, q / k offsets
+    of the rows and the causal mask (j <= i, valid rows)."""
     i_h = (i_p * LOOP_G) // (HV // H)
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
     r = tl.arange(0, 64)
     t_r = t0 + r
     m_t = t_r < eos
-    o_k = tl.arange(0, BK)
+    o_k = k0 + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     p_qk = (t_r[:, None] * H + i_h) * K + o_k[None, :]
@@ -394,6 +395,12 @@ def _exclusive_cumsum(x):
     r = tl.arange(0, 64)
     return tl.sum(tl.where(r[None, :] < r[:, None], x[None, :], 0.0), 1)
 
+
+# Key columns per program of _bwd_grad_k_kernel: a wider K is cut into blocks of this many,
+# one program each (offline, sm_90a, bf16, 8 warps: at K = 256 the whole-K program spills
+# 1.4 KB per thread, a 128-column block of it none, as at K = 128). Under the interpreter the
+# tests set it lower to cross blocks at small K.
+GRAD_K_COLUMNS = int(os.environ.get("MEGATRON_GDN_GRAD_K_COLUMNS", "128"))
 
 # BV 64 at 8 warps first: offline (ptxas -v, sm_90a, bf16, K = V = 128) 218 / 248 registers
 # without spills, where 4 warps spill 0.3 / 0.9 KB per thread. Yet 4 warps with two stages
@@ -429,7 +436,7 @@ def _bwd_grad_vq_kernel(
     i_c, i_p = tl.program_id(0), tl.program_id(1)
     OH: tl.constexpr = HV // LOOP_G
     i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal = _grad_rows(
-        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G)
+        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G, 0)
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     acc_dq = tl.zeros([64, BK], dtype=tl.float32)
     for i_g in tl.static_range(LOOP_G):
@@ -505,21 +512,33 @@ def _bwd_grad_vq_kernel(
 @triton.jit
 def _bwd_grad_k_kernel(
     q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
-    dk, dg, dbeta,
+    dk, dg, dbeta, part_stride,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
     HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """The second half, after _bwd_grad_vq_kernel: dk and the rest of dg, dbeta. Reduces over
     V only v_new dh'^T and dv_new h^T; dkb = -dvb h^T = -Tm^T (dv_new h^T) takes Tm^T after
     the loop, so dvb is neither stored nor recomputed. Adds to dg, dbeta: a = beta e^gc
     (k . dkb) + [i = last] e^gl sum(h * dh'), the suffix-sum pairs (b_j = k_j . dk_h_j, the
-    last row of X) and e^gc (k . dkb)."""
-    i_c, i_p = tl.program_id(0), tl.program_id(1)
+    last row of X) and e^gc (k . dkb).
+
+    SPLIT_K: the key columns are cut into blocks of BK, one program each (program id 2): at
+    K = 256 the whole-K program keeps [64, 256] fp32 tiles and spills 1.4-1.8 KB per thread
+    at 8 warps. Everything it adds to dg and dbeta is a sum over key columns, linear in the
+    block's part, so each block writes its part to its own slice of dg, dbeta
+    ([K / BK, B, T, HV], part_stride = B T HV elements apart) for the launcher to add up; and
+    dk is stored before the l2-norm's backward, which needs whole rows (the launcher applies
+    it)."""
+    i_c, i_p, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     OH: tl.constexpr = HV // LOOP_G
+    k0 = 0
+    if SPLIT_K:  # a constant 0 otherwise: no runtime offset in the column indices
+        k0 = i_kb * BK
     i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal = _grad_rows(
-        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G)
+        i_c, i_p, cu_seqlens, chunk_indices, T, NT_SEQ, H, HV, K, BK, IS_VARLEN, LOOP_G, k0)
     t_last = tl.minimum(t0 + 64, eos) - 1
     acc_dk = tl.zeros([64, BK], dtype=tl.float32)
     for i_g in tl.static_range(LOOP_G):
@@ -567,18 +586,41 @@ def _bwd_grad_k_kernel(
         # chunk, and reaches dg_r for every r > j
         b_dg = _exclusive_cumsum(b_sfx) + tl.cumsum(b_a, 0, reverse=True)
         p_r = t_r * HV + i_hv
-        tl.store(dg + p_r, tl.load(dg + p_r, mask=m_t, other=0.0) + b_dg, mask=m_t)
-        tl.store(dbeta + p_r, tl.load(dbeta + p_r, mask=m_t, other=0.0) + e_gc * k_dkb,
-                 mask=m_t)
+        if SPLIT_K:
+            p_part = i_kb.to(tl.int64) * part_stride + p_r
+            tl.store(dg + p_part, b_dg, mask=m_t)
+            tl.store(dbeta + p_part, e_gc * k_dkb, mask=m_t)
+        else:
+            tl.store(dg + p_r, tl.load(dg + p_r, mask=m_t, other=0.0) + b_dg, mask=m_t)
+            tl.store(dbeta + p_r, tl.load(dbeta + p_r, mask=m_t, other=0.0) + e_gc * k_dkb,
+                     mask=m_t)
         if i_g == 0:
             acc_dk = dk_hv
         else:
             acc_dk += dk_hv
 
-    if L2:
+    if L2 and not SPLIT_K:
         acc_dk = _l2norm_bwd(acc_dk, b_kn, tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0))
     tl.store(dk + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dk.to(dk.dtype.element_ty),
              mask=m_tk)
+
+
+@triton.jit
+def _l2norm_bwd_rows_kernel(dkn, k, k_rstd, dk, H: tl.constexpr, OH: tl.constexpr,
+                            K: tl.constexpr, BK: tl.constexpr):
+    """The fused l2-norm's backward on whole rows, after the key-column blocks of
+    _bwd_grad_k_kernel: dk = rstd (dkn - kn (kn . dkn)), kn = k rstd; one program per row of
+    dkn [B, T, OH, K] fp32 (OH heads, row head i reading key head i // (OH // H))."""
+    row = tl.program_id(0).to(tl.int64)
+    i_t, i_o = row // OH, row % OH
+    r_k = i_t * H + i_o // (OH // H)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    rstd = tl.load(k_rstd + r_k)
+    b_kn = tl.load(k + r_k * K + o_k, mask=m_k, other=0.0).to(tl.float32) * rstd
+    b_d = tl.load(dkn + row * K + o_k, mask=m_k, other=0.0)
+    b_dk = rstd * (b_d - b_kn * tl.sum(b_kn * b_d, 0))
+    tl.store(dk + row * K + o_k, b_dk.to(dk.dtype.element_ty), mask=m_k)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -636,12 +678,34 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
         H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
         IS_VARLEN=varlen, LOOP_G=loop_g,
     )
-    _bwd_grad_k_kernel[grid](
+    KB = min(BK, GRAD_K_COLUMNS)
+    NKB = triton.cdiv(BK, KB)
+    if NKB == 1:
+        _bwd_grad_k_kernel[grid](
+            q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
+            dk, dg, dbeta, 0,
+            cu, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=BK, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
+            SPLIT_K=False,
+        )
+        return dq, dk, dv, dg, dbeta
+    # key-column blocks: dg / dbeta parts per block, dk before the l2-norm's backward (fp32:
+    # that backward subtracts the row's projection on k, which would amplify a bf16 rounding)
+    parts = torch.empty(2, NKB, B, T, HV, dtype=torch.float32, device=q.device)
+    dk_raw = torch.empty(B, T, HV // loop_g, K, dtype=torch.float32, device=q.device) if l2 else dk
+    _bwd_grad_k_kernel[grid + (NKB,)](
         q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
-        dk, dg, dbeta,
+        dk_raw, parts[0], parts[1], B * T * HV,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
+        H=H, HV=HV, K=K, V=V, BK=KB, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
+        SPLIT_K=True,
     )
+    dg += parts[0].sum(0)
+    dbeta += parts[1].sum(0)
+    if l2:
+        OH = HV // loop_g
+        _l2norm_bwd_rows_kernel[(B * T * OH,)](
+            dk_raw, k, k_rstd, dk, H=H, OH=OH, K=K, BK=BK, num_warps=4 if BK <= 256 else 8)
     return dq, dk, dv, dg, dbeta
 
 

@@ -180,6 +180,24 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("case, variant", [
+    (CASES[1], {}), (CASES[6], {}), (CASES[6], dict(split_group=False)),
+], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x) or "default")
+def test_chunk_bwd_key_column_blocks(case, variant, monkeypatch):
+    """The dk launch cut into key-column blocks (at K = 256 on a GPU; here 16 columns, so
+    that K = 32 and 128 cross blocks): dg, dbeta parts per block added up and the l2-norm's
+    backward applied to whole rows afterwards, with and without the group loop."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    monkeypatch.setattr(cb, "GRAD_K_COLUMNS", 16)
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32, **variant)
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
 @pytest.mark.parametrize("row_scale", [False, True])
 @pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
 def test_dh_pass_key_decay_either_side(case, row_scale, monkeypatch):
@@ -310,7 +328,8 @@ kernels = [
     (cb._bwd_qdo_kernel, dict(BK=256)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
-    (cb._bwd_grad_k_kernel, dict(BK=256, LOOP_G=1)),
+    # as launched at K = 256: key-column blocks
+    (cb._bwd_grad_k_kernel, dict(BK=min(256, cb.GRAD_K_COLUMNS), LOOP_G=1, SPLIT_K=256 > cb.GRAD_K_COLUMNS)),
 ]
 for fn, fixed in kernels:
     # the plain (not autotuned) kernel: its one launch config
