@@ -6,7 +6,8 @@
 #   GPU 1: the decoding benchmark, GDN against attention with a KV cache (bench_generate.py),
 #          then a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py);
 #   GPU 2: the kernel benchmark at S3 (ours, its stage split, fla);
-#   GPU 3: the CP=1 sweep at 128K and 256K (GDN 1.3B dims);
+#   GPU 3: the CP=1 sweep at 128K and 256K (GDN 1.3B dims), then S4 (K 256 / V 512) with the
+#          dk launch in key-column blocks and whole (MEGATRON_GDN_GRAD_K_COLUMNS=256);
 #   then all four: CP=4 next to Megatron's all-to-all CP at 128K, at a head count CP divides
 #   (16 heads of 128; fla's first call inside Megatron's layer autotunes for ~150 s).
 # On a fresh machine the first CP call compiles and autotunes every kernel (~45 s at these
@@ -21,8 +22,12 @@ job ssd 230 0 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --heads-per-pr
 ( job generate 150 1 python3 benchmarks/bench_generate.py --out "$OUTDIR/generate"
   job fla-convert 90 1 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert" ) &
 job kernels-s3 200 2 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 --bwd-stages --budget-s 160 &
-job cp1 120 3 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
-    --out "$OUTDIR/cp1" --seq 131072 262144 --layers 2 --impl ours --warmup 1 --iters 3 --parity-tokens 0 &
+( job cp1 120 3 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
+    --out "$OUTDIR/cp1" --seq 131072 262144 --layers 2 --impl ours --warmup 1 --iters 3 --parity-tokens 0
+  # S4 (K 256, V 512: the 1.3B dims) with the dk launch in key-column blocks, then whole-K
+  job kernels-s4 60 3 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --bwd-stages --no-fla --budget-s 45
+  job kernels-s4-wholek 60 3 env MEGATRON_GDN_GRAD_K_COLUMNS=256 python3 benchmarks/bench_kernels.py \
+    --out "$OUTDIR/kernels_s4_wholek" --shapes S4 --bwd-stages --no-fla --budget-s 45 ) &
 wait; pack
 job cp4-a2a 250 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29515 benchmarks/bench_cp.py \
     --out "$OUTDIR/cp4_a2a" --seq 131072 --layers 2 --heads 16 --value-heads 16 --key-dim 128 \
