@@ -14,7 +14,7 @@ from hopper_compile import compile_for_hopper, ptxas_usage  # noqa: E402
 
 from megatron_gdn.kernels.ssd import chunk as ssd  # noqa: E402
 
-F32 = ("gc", "g", "h", "h0", "ht", "dh", "dht", "dh0", "dq", "dk", "dg")
+F32 = ("gc", "g", "h0", "ht", "dht", "dh0", "dq", "dk", "dg")  # h, dh: the inputs' dtype
 I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 SCALARS = {"T", "NT_SEQ"}
 

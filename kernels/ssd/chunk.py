@@ -74,7 +74,8 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
         b_h += tl.load(h0 + row.to(tl.int64) * N * P + p_np, mask=m_np, other=0.)
     for i_t in range(0, nt):
         t0 = bos + i_t * BT
-        tl.store(h + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np, b_h, mask=m_np)
+        tl.store(h + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np,
+                 b_h.to(h.dtype.element_ty), mask=m_np)
         o_t = (t0 + tl.arange(0, BT)).to(tl.int64)
         m_t = o_t < eos
         b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :],
@@ -139,7 +140,8 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
     for i_r in range(0, nt):
         i_t = nt - 1 - i_r
         t0 = bos + i_t * BT
-        tl.store(dh + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np, b_dh, mask=m_np)
+        tl.store(dh + ((c_off + i_t) * HV + i_hv).to(tl.int64) * N * P + p_np,
+                 b_dh.to(dh.dtype.element_ty), mask=m_np)
         o_t = (t0 + tl.arange(0, BT)).to(tl.int64)
         m_t = o_t < eos
         b_q = tl.load(q + (o_t * G + i_g)[:, None] * N + o_n[None, :],
@@ -159,7 +161,7 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
                       cu_seqlens, chunk_indices, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                      HALF_STATE: tl.constexpr, IS_VARLEN: tl.constexpr):
+                      IS_VARLEN: tl.constexpr):
     # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
     # group's, loaded and multiplied once; dq, dk accumulate over the RB heads in registers and
     # are stored once per block ([.., G * R / RB, N] fp32), so the per-head partial sums that
@@ -199,12 +201,8 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
         b_h = tl.load(h + p_np, mask=m_np, other=0.)
         b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
-        # <h, dh> in fp32 first; then (HALF_STATE) both live on as half-precision dot operands
-        # only: fewer registers, more shared memory for the conversion
-        b_hdh = tl.sum(tl.sum(b_h * b_dh, axis=1), axis=0)
-        if HALF_STATE:
-            b_h = b_h.to(b_do.dtype)
-            b_dh = b_dh.to(b_do.dtype)
+        # h, dh are stored in the inputs' dtype (the dots' operand type); <h, dh> in fp32
+        b_hdh = tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1), axis=0)
 
         b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
         # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
@@ -282,12 +280,13 @@ def _heads_per_program(R: int) -> int:
     return next(rb for rb in (8, 4, 2, 1) if R % rb == 0 and rb <= max(1, MAX_HEADS_PER_PROGRAM))
 
 
-def _half_state(N: int, P: int) -> bool:
-    """The chunk backward converts h, dh to the inputs' dtype once (not at each use): offline
-    (regs_ssd.py, 8 warps) at N = 128, P = 64 it spills 88 B per thread instead of 260, but
-    the conversion takes shared memory: 270 KB at N = 256, P = 128, over Hopper's 227 KB
-    (224 KB without it)."""
-    return _pow2(N) * _pow2(P) <= 128 * 128
+def _state_dtype(N: int, P: int, dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-chunk states h and their gradients dh: the inputs' (the dots read them
+    in it; fp32 inputs keep fp32), so half the bytes in bf16, written and read twice over;
+    fp32 for N x P above 256 x 64, where the chunk backward's dot operands of bf16 [N, P]
+    tiles need 270 KB of shared memory at 256 x 128 (Hopper has 227 KB; 224 KB with fp32
+    tiles converted at each use). <h, dh> is formed in fp32 either way."""
+    return dtype if _pow2(N) * _pow2(P) <= 256 * 64 else torch.float32
 
 
 def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
@@ -301,8 +300,7 @@ def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
                                     IS_VARLEN=False), 4),
         ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
         ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
-                                   RB=_heads_per_program(HV // G), HALF_STATE=_half_state(N, P),
-                                   IS_VARLEN=False), 8),
+                                   RB=_heads_per_program(HV // G), IS_VARLEN=False), 8),
     ]
 
 
@@ -317,11 +315,12 @@ def ssd_cumsum(g, layout):
 
 
 def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state):
-    """Returns h [NTC, HV, N, P] fp32 (state entering every chunk) and the final state or None."""
+    """Returns h [NTC, HV, N, P] (state entering every chunk; `_state_dtype`) and the final
+    state (fp32) or None."""
     B, T, G, N = k.shape
     HV, P = v.shape[2], v.shape[3]
     NS = layout.num_seqs
-    h = torch.empty(layout.num_chunks, HV, N, P, dtype=torch.float32, device=k.device)
+    h = torch.empty(layout.num_chunks, HV, N, P, dtype=_state_dtype(N, P, k.dtype), device=k.device)
     ht = torch.empty(NS, HV, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
     BN, BP = _state_blocks(N, P, HV, NS)
     cu, _, offs, T_, nts, varlen = layout.kernel_args()
@@ -366,8 +365,8 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     _chunk_bwd_kernel[(HV // RB, layout.num_chunks)](
         q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB,
-        HALF_STATE=_half_state(N, P), IS_VARLEN=varlen, num_warps=8)
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, IS_VARLEN=varlen,
+        num_warps=8)
     # q/k of a group are read by its HV // G value heads: sum the per-block contributions
     dq = dq_h.view(B, T, G, HV // G // RB, N).sum(3).to(q.dtype)
     dk = dk_h.view(B, T, G, HV // G // RB, N).sum(3).to(k.dtype)

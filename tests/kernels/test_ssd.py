@@ -154,16 +154,6 @@ def test_chunk_backward_head_blocks(case, monkeypatch):
     test_chunk_vs_naive(case, torch.float32, "triton")
 
 
-@pytest.mark.parametrize("half_state", [False, True])
-def test_chunk_backward_state_operands(half_state, monkeypatch):
-    """The chunk backward with h, dh converted once to the inputs' dtype (small states) or at
-    each use (N x P above 128 x 128, where the conversion's shared memory would not fit)."""
-    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
-
-    monkeypatch.setattr(ssd_chunk, "_half_state", lambda N, P: half_state)
-    test_chunk_vs_naive(CASES[1], torch.float32, "triton")
-
-
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: c.id)
 def test_torch_path_fp64_exact(case):
     q, k, v, g, h0, cu = _inputs(case, torch.float64, torch.device("cpu"))
