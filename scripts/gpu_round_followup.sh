@@ -18,7 +18,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUTDIR="$1"  # gpu_round.sh creates it
 source "$ROOT/scripts/gpu_round.sh" --functions-only "$OUTDIR"
 export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
-job ssd 230 0 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --heads-per-program 8 &
+job ssd 230 0 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --heads-per-program 2,8 &
 ( job generate 150 1 python3 benchmarks/bench_generate.py --out "$OUTDIR/generate"
   job fla-convert 90 1 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert" ) &
 job kernels-s3 200 2 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 --bwd-stages --budget-s 160 &

@@ -269,7 +269,7 @@ def _state_blocks(N: int, P: int, HV: int, NS: int) -> Tuple[int, int]:
 # head loop: offline (benchmarks/regs_ssd.py, sm_90a, Triton 3.6, 8 warps) N = 128 / P = 64
 # spills 88 B per thread at one head and ~1 KB at 2-8 heads (the kernel before the head loop:
 # 1.0 KB, its q k^T and do v^T products computed twice, the dg terms reduced last). One head
-# until a GPU run times both (benchmarks/bench_ssd.py --heads-per-program 8).
+# until a GPU run times both (benchmarks/bench_ssd.py --heads-per-program 2,8).
 DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGRAM", "1"))
 MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
 
