@@ -47,15 +47,24 @@ def one(case_name, dh, state, grad_pin="auto"):
     from megatron_gdn.kernels.utils import force_backend
 
     for kernels, pick, copies in (((chunk_bwd._bwd_dh_kernel,), dh, 2),
-                                  ((chunk_fwd._state_kernel,), state, 2),
-                                  ((chunk_bwd._bwd_grad_vq_kernel, chunk_bwd._bwd_grad_k_kernel),
-                                   grad_pin, 1)):
+                                  ((chunk_fwd._state_kernel,), state, 2)):
         if pick != "auto":
             # the sequential passes prune: two copies, so that the pruning runs and keeps one
             for kernel in kernels:
                 kernel.configs = [_config(pick)] * copies
+    if grad_pin != "auto":
+        # BV:warps:stages for both gradient launches, [:BK[:maxnreg]] for the dk launch's
+        # key-column block (and a register cap); two copies: the dk launch prunes
+        import triton
+
+        bv, warps, stages, *rest = map(int, grad_pin.split(":"))
+        chunk_bwd._bwd_grad_vq_kernel.configs = [triton.Config({"BV": bv}, num_warps=warps,
+                                                               num_stages=stages)]
+        k_config = triton.Config({"BV": bv, "BK": rest[0] if rest else 128}, num_warps=warps,
+                                 num_stages=stages, maxnreg=rest[1] if len(rest) > 1 else None)
+        chunk_bwd._bwd_grad_k_kernel.configs = [k_config] * 2
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
-    if case_name in ("S2", "S3"):
+    if case_name in ("S2", "S3", "S4"):
         case = t.Case(*SHAPES[case_name], state="inout")
         dtype, ref_dtype = torch.bfloat16, torch.float32
     else:
@@ -85,7 +94,7 @@ def one(case_name, dh, state, grad_pin="auto"):
         res["d" + n] = round(((a - b).norm() / b.norm().clamp_min(1e-30)).item(), 5)
         if n == "g":  # a bias in dg shows in its sum (dA_log / ddt_bias are sums over tokens)
             res["dg_sum_err_over_norm"] = round(((a - b).sum() / b.norm()).item(), 4)
-    if case_name in ("S2", "S3"):  # fwd+bwd time with these configs (CUDA events, median of 10)
+    if case_name in ("S2", "S3", "S4"):  # fwd+bwd time with these configs (CUDA events, median of 10)
         times = []
         for _ in range(12):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -118,10 +127,13 @@ def main():
     p.add_argument("--dh", default="16:4:2:0,16:4:1:0,64:8:1:1,32:8:1:1",
                    help="dh pass configs to pin, BV:warps:stages:ROW_SCALE, comma-separated")
     p.add_argument("--state", default="", help="forward state pass configs to pin, likewise")
-    p.add_argument("--grads", default="64:8:2,64:4:2,32:8:2",
-                   help="gradient-launch configs BV:warps:stages timed on S3 next to their own "
-                        "autotuned list (pipelined V loops: not in the kernels' list until a GPU "
-                        "run shows them exact and faster)")
+    p.add_argument("--grads", default="64:8:1:128,64:8:1:64,64:8:1:64:128,64:4:2:128",
+                   help="gradient-launch configs BV:warps:stages[:BK[:maxnreg]] (BK, maxnreg: "
+                        "the dk launch's key-column block and register cap) timed on "
+                        "--grads-shape next to their own autotuned list")
+    p.add_argument("--grads-shape", default="S3", choices=["S2", "S3", "S4"])
+    p.add_argument("--only-grads", action="store_true",
+                   help="only the --grads-shape jobs (autotuned, then each --grads pin)")
     p.add_argument("--ptxas", default=os.environ.get("MEGATRON_GDN_NEW_PTXAS"),
                    help="another ptxas (TRITON_PTXAS_PATH) for the --ptxas-pins runs")
     p.add_argument("--ptxas-pins", default="16:4:1:1,32:4:1:1",
@@ -140,21 +152,21 @@ def main():
     ngpu = torch.cuda.device_count()
     if ngpu == 0:
         raise SystemExit("diag_configs.py needs a GPU (each variant runs the compiled kernels)")
-    jobs = [("S2", "auto", "auto", "1")]
-    pins = [(c, "auto") for c in args.dh.split(",") if c] + \
+    jobs = [] if args.only_grads else [("S2", "auto", "auto", "1")]
+    pins = [] if args.only_grads else [(c, "auto") for c in args.dh.split(",") if c] + \
            [("auto", c) for c in args.state.split(",") if c]
     for dh, state in pins:
         for case in ["S2"] + VARIANTS_SMALL:
             jobs.append((case, dh, state, "0"))
-    if args.ptxas:
+    if args.ptxas and not args.only_grads:
         for dh in [c for c in args.ptxas_pins.split(",") if c]:
             for case in ["S2"] + VARIANTS_SMALL:
                 jobs.append((case, dh, "auto", "0", args.ptxas))
     # last (the least urgent): S3 with every launch autotuned as in training, then with the
     # gradient launches pinned to each candidate (the others still autotuned)
-    jobs.append(("S3", "auto", "auto", "1"))
+    jobs.append((args.grads_shape, "auto", "auto", "1"))
     for grads in [c for c in args.grads.split(",") if c]:
-        jobs.append(("S3", "auto", "auto", "1", None, grads))
+        jobs.append((args.grads_shape, "auto", "auto", "1", None, grads))
     os.makedirs(args.out, exist_ok=True)
     running, results = [], []
     queue = list(jobs)

@@ -17,7 +17,7 @@ from hopper_compile import HOPPER_MAX_SHARED, compile_for_hopper, ptxas_usage  #
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb  # noqa: E402
 
 KERNELS = ("_bwd_grad_vq_kernel", "_bwd_grad_k_kernel")
-FLOAT32 = ("gc", "g", "beta", "q_rstd", "k_rstd", "dg", "dbeta")
+FLOAT32 = ("gc", "g", "beta", "q_rstd", "k_rstd", "dg", "dbeta", "dk_raw", "dg_part", "dbeta_part")
 
 
 def usage(fn, constexprs, num_warps):
@@ -31,13 +31,12 @@ def main():
     for (K, V), name, warps in itertools.product([(128, 128), (256, 512)], KERNELS, (4, 8)):
         BK = cb._pow2(K)
         constexprs = dict(H=1, HV=2, K=K, V=V, BK=BK, BKC=min(BK, 64), BV=64, L2=True,
-                          HAS_G=True, IS_VARLEN=False, LOOP_G=1, SPLIT_K=False)
+                          HAS_G=True, IS_VARLEN=False, LOOP_G=1)
         variants = [("", constexprs)]
-        if name == "_bwd_grad_k_kernel" and BK > cb.GRAD_K_COLUMNS:
-            # as launched: key-column blocks of GRAD_K_COLUMNS; the whole-K program for reference
-            variants = [(f" (K blocks of {cb.GRAD_K_COLUMNS})",
-                         dict(constexprs, BK=cb.GRAD_K_COLUMNS, SPLIT_K=True)),
-                        (" (whole K)", constexprs)]
+        if name == "_bwd_grad_k_kernel":
+            # its key-column blocks (the config's BK, clamped to K); maxnreg is not applied here
+            variants = [(f" (BK {bk})", dict(constexprs, BK=bk)) for bk in sorted(
+                {c.kwargs["BK"] for c in cb._prune_grad_k(cb._GRAD_K_CONFIGS, {}, K=K)}, reverse=True)]
         for label, c in variants:
             u = usage(getattr(cb, name), c, warps)
             print(f"K={K} V={V} {name:20s} warps={warps} regs={u['regs']} stack={u['stack']} "

@@ -7,7 +7,7 @@
 #          then a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py);
 #   GPU 2: the kernel benchmark at S3 (ours, its stage split, fla);
 #   GPU 3: the CP=1 sweep at 128K and 256K (GDN 1.3B dims), then S4 (K 256 / V 512) with the
-#          dk launch in key-column blocks and whole (MEGATRON_GDN_GRAD_K_COLUMNS=256);
+#          dk launch's key-column block pinned to each candidate (benchmarks/diag_configs.py);
 #   then all four: CP=4 next to Megatron's all-to-all CP at 128K, at a head count CP divides
 #   (16 heads of 128; fla's first call inside Megatron's layer autotunes for ~150 s).
 # On a fresh machine the first CP call compiles and autotunes every kernel (~45 s at these
@@ -24,10 +24,10 @@ job ssd 230 0 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --heads-per-pr
 job kernels-s3 200 2 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 --bwd-stages --budget-s 160 &
 ( job cp1 120 3 torchrun --nproc_per_node 1 --master_port 29514 benchmarks/bench_cp.py \
     --out "$OUTDIR/cp1" --seq 131072 262144 --layers 2 --impl ours --warmup 1 --iters 3 --parity-tokens 0
-  # S4 (K 256, V 512: the 1.3B dims) with the dk launch in key-column blocks, then whole-K
-  job kernels-s4 60 3 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --bwd-stages --no-fla --budget-s 45
-  job kernels-s4-wholek 60 3 env MEGATRON_GDN_GRAD_K_COLUMNS=256 python3 benchmarks/bench_kernels.py \
-    --out "$OUTDIR/kernels_s4_wholek" --shapes S4 --bwd-stages --no-fla --budget-s 45 ) &
+  # S4 (K 256, V 512: the 1.3B dims): autotuned, then the dk launch pinned to whole K and to
+  # key-column blocks of 128 and 64 (and 64 with at most 128 registers: two programs per SM)
+  job diag-s4 130 3 python3 benchmarks/diag_configs.py --out "$OUTDIR/diag_s4" --only-grads \
+    --grads-shape S4 --grads 64:8:1:256,64:8:1:128,64:8:1:64,64:8:1:64:128 ) &
 wait; pack
 job cp4-a2a 250 0,1,2,3 torchrun --nproc_per_node 4 --master_port 29515 benchmarks/bench_cp.py \
     --out "$OUTDIR/cp4_a2a" --seq 131072 --layers 2 --heads 16 --value-heads 16 --key-dim 128 \

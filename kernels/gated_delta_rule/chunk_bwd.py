@@ -54,7 +54,6 @@ back first), dv_new in place of dv_local, dh0;
   live through its V loop (one launch for all of it kept five and spilled on sm_90; on H200
   the two took the same time as that one at S1 / S2 and 5% less at S3, so it was removed).
 """
-import os
 from typing import Optional
 
 import torch
@@ -62,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
-from ..utils.tuning import autotune_or_fixed, by_parallelism
+from ..utils.tuning import AUTOTUNE, autotune_or_fixed, by_parallelism
 from .chunk_fwd import ChunkLayout, _parallelism_class, _unit_lower_inverse, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
@@ -396,12 +395,6 @@ def _exclusive_cumsum(x):
     return tl.sum(tl.where(r[None, :] < r[:, None], x[None, :], 0.0), 1)
 
 
-# Key columns per program of _bwd_grad_k_kernel: a wider K is cut into blocks of this many,
-# one program each (offline, sm_90a, bf16, 8 warps: at K = 256 the whole-K program spills
-# 1.4 KB per thread, a 128-column block of it none, as at K = 128). Under the interpreter the
-# tests set it lower to cross blocks at small K.
-GRAD_K_COLUMNS = int(os.environ.get("MEGATRON_GDN_GRAD_K_COLUMNS", "128"))
-
 # BV 64 at 8 warps first: offline (ptxas -v, sm_90a, bf16, K = V = 128) 218 / 248 registers
 # without spills, where 4 warps spill 0.3 / 0.9 KB per thread. Yet 4 warps with two stages
 # was the fastest pin at S3 on an H200 (benchmarks/diag_configs.py, 2026-11-27 run 8: model
@@ -410,6 +403,41 @@ GRAD_K_COLUMNS = int(os.environ.get("MEGATRON_GDN_GRAD_K_COLUMNS", "128"))
 # runs BV 32 so that the tests cross V blocks
 _GRAD_SPLIT_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
                        + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)])
+
+# _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
+# in blocks, one program each; clamped to the next power of two of K by the pruning).
+# Offline (sm_90a, Triton 3.6's ptxas, bf16, 8 warps): whole K = 256 spills 1.4 KB per thread,
+# blocks of 128 none (254 registers, one program per SM); blocks of 64 take 166 registers,
+# and capped at 128 (maxnreg) spill 8-36 B, so that two programs share an SM (the stage is
+# latency-bound at one). The first config (the fixed one under MEGATRON_GDN_AUTOTUNE=0) is
+# the launch of run 8 at K <= 128.
+_GRAD_K_CONFIGS = [
+    triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1, maxnreg=128),
+    triton.Config({"BV": 64, "BK": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BV": 64, "BK": 256}, num_warps=8, num_stages=1),
+]
+
+
+def _grad_k_block(config, K: int) -> int:
+    """The key-column block a _bwd_grad_k_kernel config launches with at this K."""
+    return min(config.kwargs.get("BK", 128), _pow2(K))
+
+
+def _prune_grad_k(configs, named_args, **kwargs):
+    """Each config's BK clamped to the next power of two of K (16 at least), duplicates
+    dropped; the first only when not autotuning."""
+    K = named_args.get("K", kwargs.get("K"))
+    seen, kept = set(), []
+    for c in configs:
+        bk = _grad_k_block(c, K)
+        key = (bk, c.kwargs["BV"], c.num_warps, c.num_stages, c.maxnreg)
+        if key not in seen:
+            seen.add(key)
+            kept.append(triton.Config(dict(c.kwargs, BK=bk), num_warps=c.num_warps,
+                                      num_stages=c.num_stages, maxnreg=c.maxnreg))
+    return kept if AUTOTUNE else kept[:1]
 
 
 @autotune_or_fixed(
@@ -503,21 +531,20 @@ def _bwd_grad_vq_kernel(
 
 
 @autotune_or_fixed(
-    configs=_GRAD_SPLIT_CONFIGS,
-    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    configs=_GRAD_K_CONFIGS,
+    # 16-column blocks: the tests cross key-column blocks from K = 32 on
+    interpret_config=triton.Config({"BV": 32, "BK": 16}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
-    # dg and dbeta hold _bwd_grad_vq_kernel's parts, which this launch adds to
-    restore_value=["dg", "dbeta"],
+    prune_configs_by={"early_config_prune": _prune_grad_k},
 )
 @triton.jit
 def _bwd_grad_k_kernel(
     q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
-    dk, dg, dbeta, part_stride,
+    dk, dk_raw, dg_part, dbeta_part, part_stride,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
     HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
-    SPLIT_K: tl.constexpr,
 ):
     """The second half, after _bwd_grad_vq_kernel: dk and the rest of dg, dbeta. Reduces over
     V only v_new dh'^T and dv_new h^T; dkb = -dvb h^T = -Tm^T (dv_new h^T) takes Tm^T after
@@ -525,15 +552,15 @@ def _bwd_grad_k_kernel(
     (k . dkb) + [i = last] e^gl sum(h * dh'), the suffix-sum pairs (b_j = k_j . dk_h_j, the
     last row of X) and e^gc (k . dkb).
 
-    SPLIT_K: the key columns are cut into blocks of BK, one program each (program id 2): at
-    K = 256 the whole-K program keeps [64, 256] fp32 tiles and spills 1.4-1.8 KB per thread
-    at 8 warps. Everything it adds to dg and dbeta is a sum over key columns, linear in the
-    block's part, so each block writes its part to its own slice of dg, dbeta
-    ([K / BK, B, T, HV], part_stride = B T HV elements apart) for the launcher to add up; and
-    dk is stored before the l2-norm's backward, which needs whole rows (the launcher applies
-    it)."""
+    The key columns run in blocks of BK (the config's), one program each (program id 2).
+    Everything this launch adds to dg and dbeta is a sum over key columns, linear in a
+    block's part, so each block writes its part to its own slice of dg_part, dbeta_part
+    ([blocks, B, T, HV], part_stride = B T HV elements apart) for the launcher to add to the
+    first launch's; with several blocks (SPLIT_K) and the l2-norm, dk goes to dk_raw (fp32)
+    before the norm's backward, which needs whole rows (the launcher applies it)."""
     i_c, i_p, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     OH: tl.constexpr = HV // LOOP_G
+    SPLIT_K: tl.constexpr = BK < K
     k0 = 0
     if SPLIT_K:  # a constant 0 otherwise: no runtime offset in the column indices
         k0 = i_kb * BK
@@ -586,23 +613,22 @@ def _bwd_grad_k_kernel(
         # chunk, and reaches dg_r for every r > j
         b_dg = _exclusive_cumsum(b_sfx) + tl.cumsum(b_a, 0, reverse=True)
         p_r = t_r * HV + i_hv
-        if SPLIT_K:
-            p_part = i_kb.to(tl.int64) * part_stride + p_r
-            tl.store(dg + p_part, b_dg, mask=m_t)
-            tl.store(dbeta + p_part, e_gc * k_dkb, mask=m_t)
-        else:
-            tl.store(dg + p_r, tl.load(dg + p_r, mask=m_t, other=0.0) + b_dg, mask=m_t)
-            tl.store(dbeta + p_r, tl.load(dbeta + p_r, mask=m_t, other=0.0) + e_gc * k_dkb,
-                     mask=m_t)
+        p_part = i_kb.to(tl.int64) * part_stride + p_r
+        tl.store(dg_part + p_part, b_dg, mask=m_t)
+        tl.store(dbeta_part + p_part, e_gc * k_dkb, mask=m_t)
         if i_g == 0:
             acc_dk = dk_hv
         else:
             acc_dk += dk_hv
 
-    if L2 and not SPLIT_K:
-        acc_dk = _l2norm_bwd(acc_dk, b_kn, tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0))
-    tl.store(dk + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dk.to(dk.dtype.element_ty),
-             mask=m_tk)
+    p_dk = (t_r[:, None] * OH + i_p) * K + o_k[None, :]
+    if SPLIT_K and L2:
+        tl.store(dk_raw + p_dk, acc_dk, mask=m_tk)
+    else:
+        if L2:
+            acc_dk = _l2norm_bwd(acc_dk, b_kn,
+                                 tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0))
+        tl.store(dk + p_dk, acc_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -678,31 +704,29 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
         H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
         IS_VARLEN=varlen, LOOP_G=loop_g,
     )
-    KB = min(BK, GRAD_K_COLUMNS)
-    NKB = triton.cdiv(BK, KB)
-    if NKB == 1:
-        _bwd_grad_k_kernel[grid](
-            q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
-            dk, dg, dbeta, 0,
-            cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
-            SPLIT_K=False,
-        )
-        return dq, dk, dv, dg, dbeta
-    # key-column blocks: dg / dbeta parts per block, dk before the l2-norm's backward (fp32:
-    # that backward subtracts the row's projection on k, which would amplify a bf16 rounding)
-    parts = torch.empty(2, NKB, B, T, HV, dtype=torch.float32, device=q.device)
-    dk_raw = torch.empty(B, T, HV // loop_g, K, dtype=torch.float32, device=q.device) if l2 else dk
-    _bwd_grad_k_kernel[grid + (NKB,)](
+    # key-column blocks: the autotuner picks BK; the parts buffers and dk_raw are sized for
+    # every config it may run
+    kernel = _bwd_grad_k_kernel
+    blocks = [triton.cdiv(K, _grad_k_block(c, K)) for c in kernel.configs]
+    parts = torch.empty(2, max(blocks), B, T, HV, dtype=torch.float32, device=q.device)
+    # dk before the l2-norm's backward, fp32: that backward subtracts the row's projection on
+    # k, which would amplify a bf16 rounding
+    dk_raw = (torch.empty(B, T, HV // loop_g, K, dtype=torch.float32, device=q.device)
+              if l2 and max(blocks) > 1 else dk)
+
+    def grid_k(meta):
+        return (NT, HV // loop_g, triton.cdiv(K, meta["BK"]))
+
+    kernel[grid_k](
         q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
-        dk_raw, parts[0], parts[1], B * T * HV,
+        dk, dk_raw, parts[0], parts[1], B * T * HV,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=KB, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
-        SPLIT_K=True,
+        H=H, HV=HV, K=K, V=V, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
     )
-    dg += parts[0].sum(0)
-    dbeta += parts[1].sum(0)
-    if l2:
+    nkb = triton.cdiv(K, kernel.best_config.kwargs["BK"])
+    dg += parts[0, :nkb].sum(0)
+    dbeta += parts[1, :nkb].sum(0)
+    if l2 and nkb > 1:
         OH = HV // loop_g
         _l2norm_bwd_rows_kernel[(B * T * OH,)](
             dk_raw, k, k_rstd, dk, H=H, OH=OH, K=K, BK=BK, num_warps=4 if BK <= 256 else 8)

@@ -180,22 +180,47 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("block", [16, 64, 128])
 @pytest.mark.parametrize("case, variant", [
     (CASES[1], {}), (CASES[6], {}), (CASES[6], dict(split_group=False)),
 ], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x) or "default")
-def test_chunk_bwd_key_column_blocks(case, variant, monkeypatch):
-    """The dk launch cut into key-column blocks (at K = 256 on a GPU; here 16 columns, so
-    that K = 32 and 128 cross blocks): dg, dbeta parts per block added up and the l2-norm's
-    backward applied to whole rows afterwards, with and without the group loop."""
+def test_chunk_bwd_key_column_blocks(case, variant, block, monkeypatch):
+    """The dk launch with its key columns in blocks of 16 / 64 / 128 (its config's BK): dg,
+    dbeta parts per block added up, and with several blocks the l2-norm's backward applied to
+    whole rows afterwards; with one block (K <= BK) it stays in the kernel. With and without
+    the group loop."""
+    import triton
+
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
-    monkeypatch.setattr(cb, "GRAD_K_COLUMNS", 16)
+    config = triton.Config({"BV": 32, "BK": block}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(cb._bwd_grad_k_kernel, "configs", [config])
+    monkeypatch.setattr(cb._bwd_grad_k_kernel, "cache", {})
     x = make_inputs(case)
     expected = reference_grads(x, case)
     actual = run_backward(x, case, torch.float32, **variant)
+    assert cb._bwd_grad_k_kernel.best_config is config
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
+def test_grad_k_configs_pruned_to_k():
+    """Each dk config's column block clamped to the next power of two of K, duplicates
+    dropped; one config (the first) without autotuning."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    configs = cb._GRAD_K_CONFIGS
+    blocks = lambda kept: [(c.kwargs["BK"], c.num_warps, c.num_stages, c.maxnreg) for c in kept]
+    if cb.AUTOTUNE:
+        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [
+            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 4, 2, None), (256, 8, 1, None)]
+        assert blocks(cb._prune_grad_k(configs, {}, K=100)) == [
+            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 4, 2, None)]
+        assert blocks(cb._prune_grad_k(configs, {}, K=32)) == [
+            (32, 8, 1, None), (32, 8, 1, 128), (32, 4, 2, None)]
+    else:
+        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(128, 8, 1, None)]
 
 
 @pytest.mark.parametrize("row_scale", [False, True])
@@ -319,7 +344,7 @@ from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 K, V = 256, 512
 ptr = {n: "*fp32" for n in ("q", "k", "v", "do", "w", "u", "dv", "h", "dh", "v_new", "dv2", "dq",
                             "dk", "gc", "g", "beta", "q_rstd", "k_rstd", "tm", "dht", "dh0", "dg",
-                            "dbeta", "pm", "m2", "kscale")}
+                            "dbeta", "pm", "m2", "kscale", "dk_raw", "dg_part", "dbeta_part")}
 ptr.update(cu_seqlens="*i32", chunk_indices="*i32", chunk_offsets="*i32")
 common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
@@ -328,18 +353,21 @@ kernels = [
     (cb._bwd_qdo_kernel, dict(BK=256)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
-    # as launched at K = 256: key-column blocks
-    (cb._bwd_grad_k_kernel, dict(BK=min(256, cb.GRAD_K_COLUMNS), LOOP_G=1, SPLIT_K=256 > cb.GRAD_K_COLUMNS)),
+    (cb._bwd_grad_k_kernel, dict(LOOP_G=1)),  # BK from each config
 ]
 for fn, fixed in kernels:
     # the plain (not autotuned) kernel: its one launch config
     configs = getattr(fn, "configs", [cb.qdo_config(K)])
-    cfg = max(configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))
-    kernel = compile_for_hopper(fn, ptr, dict(common, **fixed, **cfg.kwargs), cfg.num_warps,
-                                cfg.num_stages, floats=("scale",))
-    need = shared_bytes(kernel)
-    print(fn.fn.__name__, cfg.kwargs, cfg.num_warps, need)
-    assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, cfg, need)
+    if fn is cb._bwd_grad_k_kernel:
+        chosen = cb._prune_grad_k(configs, {}, K=K)  # every config, as pruned at this K
+    else:
+        chosen = [max(configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))]
+    for cfg in chosen:
+        kernel = compile_for_hopper(fn, ptr, dict(common, **fixed, **cfg.kwargs), cfg.num_warps,
+                                    cfg.num_stages, floats=("scale",))
+        need = shared_bytes(kernel)
+        print(fn.fn.__name__, cfg.kwargs, cfg.num_warps, need)
+        assert need <= HOPPER_MAX_SHARED, (fn.fn.__name__, cfg, need)
 
 # the forward's prepare kernel with the column blocks its launcher picks: fp32 as above, and
 # bf16 with half dots

@@ -31,7 +31,7 @@ from megatron_gdn.kernels.ssd import chunk as ssd
 print("triton", triton.__version__)
 F32 = ("g", "beta", "a_log", "A_log", "dt_bias", "gc", "beta_out", "k_rstd", "q_rstd", "dg",
        "dbeta", "kscale", "h0", "ht", "dht", "dh0", "weight", "bias", "dw_part", "db_part", "rstd",
-       "dkn")
+       "dkn", "dk_raw", "dg_part", "dbeta_part")
 I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 # integer scalars (T, strides, row counts) compile as i32, floats as fp32: the rest are pointers
 SCALARS = {"D", "NT", "NT_SEQ", "PAR_CLASS", "R", "R1", "R2", "T", "part_stride"}
@@ -76,8 +76,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
           warps=cb.qdo_config(K).num_warps)
     build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
-    build(cb._bwd_grad_k_kernel, dict(base, BK=K, LOOP_G=2, SPLIT_K=False), dtype)
-    build(cb._bwd_grad_k_kernel, dict(base, BK=K // 2, LOOP_G=1, SPLIT_K=True), dtype)  # K blocks
+    for bk in (K, K // 2):  # one block; key-column blocks
+        build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
+              warps=8)
     build(cb._l2norm_bwd_rows_kernel, dict(H=2, OH=4, K=K, BK=K), dtype, warps=4)
     build(rc._fused_recurrent_gdr_fwd_kernel,
           dict(H=2, HV=4, K=K, V=V, BK=K, BV=32, EVEN_KV=True, IS_VARLEN=True,
