@@ -556,8 +556,9 @@ def _bwd_grad_k_kernel(
     Everything this launch adds to dg and dbeta is a sum over key columns, linear in a
     block's part, so each block writes its part to its own slice of dg_part, dbeta_part
     ([blocks, B, T, HV], part_stride = B T HV elements apart) for the launcher to add to the
-    first launch's; with several blocks (SPLIT_K) and the l2-norm, dk goes to dk_raw (fp32)
-    before the norm's backward, which needs whole rows (the launcher applies it)."""
+    first launch's; with several blocks (SPLIT_K) and the l2-norm, dk goes to dk_raw (fp32
+    at K > 128, else dk itself) before the norm's backward, which needs whole rows (the
+    launcher applies it)."""
     i_c, i_p, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     OH: tl.constexpr = HV // LOOP_G
     SPLIT_K: tl.constexpr = BK < K
@@ -623,7 +624,7 @@ def _bwd_grad_k_kernel(
 
     p_dk = (t_r[:, None] * OH + i_p) * K + o_k[None, :]
     if SPLIT_K and L2:
-        tl.store(dk_raw + p_dk, acc_dk, mask=m_tk)
+        tl.store(dk_raw + p_dk, acc_dk.to(dk_raw.dtype.element_ty), mask=m_tk)
     else:
         if L2:
             acc_dk = _l2norm_bwd(acc_dk, b_kn,
@@ -636,7 +637,8 @@ def _l2norm_bwd_rows_kernel(dkn, k, k_rstd, dk, H: tl.constexpr, OH: tl.constexp
                             K: tl.constexpr, BK: tl.constexpr):
     """The fused l2-norm's backward on whole rows, after the key-column blocks of
     _bwd_grad_k_kernel: dk = rstd (dkn - kn (kn . dkn)), kn = k rstd; one program per row of
-    dkn [B, T, OH, K] fp32 (OH heads, row head i reading key head i // (OH // H))."""
+    dkn [B, T, OH, K] (fp32, or dk itself: each program reads its row before writing it; OH
+    heads, row head i reading key head i // (OH // H))."""
     row = tl.program_id(0).to(tl.int64)
     i_t, i_o = row // OH, row % OH
     r_k = i_t * H + i_o // (OH // H)
@@ -644,7 +646,7 @@ def _l2norm_bwd_rows_kernel(dkn, k, k_rstd, dk, H: tl.constexpr, OH: tl.constexp
     m_k = o_k < K
     rstd = tl.load(k_rstd + r_k)
     b_kn = tl.load(k + r_k * K + o_k, mask=m_k, other=0.0).to(tl.float32) * rstd
-    b_d = tl.load(dkn + row * K + o_k, mask=m_k, other=0.0)
+    b_d = tl.load(dkn + row * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     b_dk = rstd * (b_d - b_kn * tl.sum(b_kn * b_d, 0))
     tl.store(dk + row * K + o_k, b_dk.to(dk.dtype.element_ty), mask=m_k)
 
@@ -709,10 +711,12 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
     kernel = _bwd_grad_k_kernel
     blocks = [triton.cdiv(K, _grad_k_block(c, K)) for c in kernel.configs]
     parts = torch.empty(2, max(blocks), B, T, HV, dtype=torch.float32, device=q.device)
-    # dk before the l2-norm's backward, fp32: that backward subtracts the row's projection on
-    # k, which would amplify a bf16 rounding
+    # dk before the l2-norm's backward: in dk itself (the row kernel then works in place, as
+    # fla's separate l2-norm backward does on its bf16 dk), in fp32 where K > 128 splits in
+    # every tuned config but one (that backward subtracts the row's projection on k, which
+    # amplifies a bf16 rounding; 100 MB at S4)
     dk_raw = (torch.empty(B, T, HV // loop_g, K, dtype=torch.float32, device=q.device)
-              if l2 and max(blocks) > 1 else dk)
+              if l2 and max(blocks) > 1 and K > 128 else dk)
 
     def grid_k(meta):
         return (NT, HV // loop_g, triton.cdiv(K, meta["BK"]))
