@@ -400,9 +400,12 @@ def _exclusive_cumsum(x):
 # was the fastest pin at S3 on an H200 (benchmarks/diag_configs.py, 2026-11-27 run 8: model
 # forward+backward 8.07 ms against 8.32 autotuned over the first two, 8.76 at 8 warps / two
 # stages; same errors): the spills are hidden behind the pipelined loads. The interpreter
-# runs BV 32 so that the tests cross V blocks
-_GRAD_SPLIT_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
-                       + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)])
+# runs BV 32 so that the tests cross V blocks. Last, 8 warps capped at 128 registers: two
+# programs per SM, at the price of 0.4 KB of spills per thread at K = 128 (offline; 234
+# registers uncapped, one program per SM)
+_GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
+                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+                       triton.Config({"BV": 64}, num_warps=8, num_stages=1, maxnreg=128)])
 
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
 # in blocks, one program each; clamped to the next power of two of K by the pruning).
@@ -441,7 +444,7 @@ def _prune_grad_k(configs, named_args, **kwargs):
 
 
 @autotune_or_fixed(
-    configs=_GRAD_SPLIT_CONFIGS,
+    configs=_GRAD_VQ_CONFIGS,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
 )
