@@ -22,16 +22,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(spec):
-    """BV:num_warps:num_stages[:ROW_SCALE] -> triton.Config (ROW_SCALE: the dh pass's key
-    decay on the product rows, 1, or on k, 0)."""
+def _config(spec, extra=("ROW_SCALE",)):
+    """BV:num_warps:num_stages[:X...] -> triton.Config, the trailing fields named by `extra`:
+    ROW_SCALE (the dh pass's key decay on the product rows, 1, or on k, 0), BK (the dk launch's
+    key-column block) or maxnreg (a register cap, a launch option rather than a kwarg)."""
     import triton
 
     bv, warps, stages, *rest = map(int, spec.split(":"))
     kwargs = {"BV": bv}
-    if rest:
-        kwargs["ROW_SCALE"] = bool(rest[0])
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+    maxnreg = None
+    for name, value in zip(extra, rest):
+        if name == "maxnreg":
+            maxnreg = value
+        else:
+            kwargs[name] = bool(value) if name == "ROW_SCALE" else value
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def one(case_name, dh, state, grad_pin="auto"):
@@ -54,15 +59,10 @@ def one(case_name, dh, state, grad_pin="auto"):
                 kernel.configs = [_config(pick)] * copies
     if grad_pin != "auto":
         # BV:warps:stages for both gradient launches, [:BK[:maxnreg]] for the dk launch's
-        # key-column block (and a register cap); two copies: the dk launch prunes
-        import triton
-
-        bv, warps, stages, *rest = map(int, grad_pin.split(":"))
-        chunk_bwd._bwd_grad_vq_kernel.configs = [triton.Config({"BV": bv}, num_warps=warps,
-                                                               num_stages=stages)]
-        k_config = triton.Config({"BV": bv, "BK": rest[0] if rest else 128}, num_warps=warps,
-                                 num_stages=stages, maxnreg=rest[1] if len(rest) > 1 else None)
-        chunk_bwd._bwd_grad_k_kernel.configs = [k_config] * 2
+        # key-column block (and a register cap; without BK the pruning gives 128); two copies:
+        # the dk launch prunes
+        chunk_bwd._bwd_grad_vq_kernel.configs = [_config(grad_pin, extra=())]
+        chunk_bwd._bwd_grad_k_kernel.configs = [_config(grad_pin, extra=("BK", "maxnreg"))] * 2
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
     if case_name in ("S2", "S3", "S4"):
         case = t.Case(*SHAPES[case_name], state="inout")
