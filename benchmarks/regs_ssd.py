@@ -19,10 +19,10 @@ I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 SCALARS = {"T", "NT_SEQ"}
 
 
-def usage(fn, constexprs, num_warps):
+def usage(fn, constexprs, num_warps, dtype="bf16"):
     while not isinstance(fn, triton.runtime.JITFunction):
         fn = fn.fn
-    ptr = {n: "*fp32" if n in F32 else "*i32" if n in I32 else "*bf16"
+    ptr = {n: "*fp32" if n in F32 else "*i32" if n in I32 else f"*{dtype}"
            for n in fn.arg_names if n not in SCALARS and n != "scale" and n not in constexprs}
     return ptxas_usage(compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",)))
 

@@ -345,7 +345,41 @@ def ssd_output_fwd(q, k, v, gc, h, scale, layout):
 
 
 def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None."""
+    """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None.
+
+    Where the chunk backward's tiles do not fit the GPU's shared memory (fp32 inputs from
+    N x P = 128 x 64 on: 256 KB of dot operands on Hopper's 227 KB), the value columns are
+    split in halves until they do (`ssd_bwd_columns`)."""
+    try:
+        return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout)
+    except triton.runtime.errors.OutOfResources:
+        if v.shape[-1] <= 16:
+            raise
+        return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2)
+
+
+def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int):
+    """ssd_bwd over `parts` blocks of the P value columns, one after another. The scalar-decay
+    recurrence is separable over the state's columns (column p of S, o and h reads only
+    column p of v): dv and dh0 are the blocks' side by side, and dq, dk, dg the sums of the
+    blocks' (each is a sum over the columns)."""
+    P = v.shape[-1]
+    if P % parts or (P // parts) % 8:
+        raise ValueError(f"cannot split P={P} value columns into {parts} blocks of a multiple of 8")
+    width = P // parts
+    outs = []
+    for p0 in range(0, P, width):
+        part = lambda x: None if x is None else x[..., p0:p0 + width].contiguous()  # noqa: E731
+        outs.append(ssd_bwd(q, k, part(v), gc, scale, part(initial_state), part(do), part(dht), layout))
+    dq = sum(o[0].float() for o in outs).to(q.dtype)
+    dk = sum(o[1].float() for o in outs).to(k.dtype)
+    dv = torch.cat([o[2] for o in outs], dim=-1)
+    dg = sum(o[3] for o in outs)
+    dh0 = None if initial_state is None else torch.cat([o[4] for o in outs], dim=-1)
+    return dq, dk, dv, dg, dh0
+
+
+def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     NS = layout.num_seqs

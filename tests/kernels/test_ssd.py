@@ -154,6 +154,41 @@ def test_chunk_backward_head_blocks(case, monkeypatch):
     test_chunk_vs_naive(case, torch.float32, "triton")
 
 
+# P = 32 and 64 value columns: split once, and twice (64 -> 32 -> 16), packed with states
+COLUMN_SPLIT_CASES = [Case(2, 100, 1, 2, 16, 32, state="inout"),
+                      Case(1, 150, 2, 4, 32, 64, cu=(0, 1, 70, 70, 83, 150), state="inout", gate="strong")]
+
+
+@pytest.mark.parametrize("case", COLUMN_SPLIT_CASES, ids=lambda c: c.id)
+def test_chunk_backward_column_split(case, monkeypatch):
+    """The backward's fallback where the chunk backward's tiles exceed the GPU's shared
+    memory (fp32 at N x P = 128 x 64 on Hopper): the value columns in halves, recursively,
+    against the float64 recurrence. The launch limit is simulated (the interpreter has none):
+    the chunk backward of more than 16 columns raises Triton's OutOfResources."""
+    import triton
+
+    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
+
+    real, widths = ssd_chunk._ssd_bwd, []
+
+    def limited(q, k, v, *args):
+        widths.append(v.shape[-1])
+        if v.shape[-1] > 16:
+            raise triton.runtime.errors.OutOfResources(262144, 232448, "shared memory")
+        return real(q, k, v, *args)
+
+    monkeypatch.setattr(ssd_chunk, "_ssd_bwd", limited)
+    test_chunk_vs_naive(case, torch.float32, "triton")
+    assert widths[0] == case.P and min(widths) == 16 and widths.count(16) == case.P // 16
+
+
+def test_column_split_needs_whole_blocks():
+    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
+
+    with pytest.raises(ValueError, match="P=48 value columns into 4 blocks"):
+        ssd_chunk.ssd_bwd_columns(*[None] * 2, torch.empty(1, 1, 1, 48), *[None] * 6, parts=4)
+
+
 @pytest.mark.parametrize("case", [CASES[1], CASES[6]], ids=lambda c: c.id)
 def test_torch_path_fp64_exact(case):
     q, k, v, g, h0, cu = _inputs(case, torch.float64, torch.device("cpu"))
