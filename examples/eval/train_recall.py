@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--task", default="mqar", choices=sorted(TASKS) + sorted(NIAH_PRESETS))
     parser.add_argument("--num-kv", type=int, default=8, help="mqar: key/value pairs")
     parser.add_argument("--seq-length", type=int, default=None, help="default: the YAML's seq_length")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="default: the YAML's vocab_size (the override is saved in meta.json's YAML)")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -133,6 +135,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.num_threads)
 
     yaml_text = args.config.read_text()
+    if args.vocab_size is not None:
+        import yaml
+
+        doc = yaml.safe_load(yaml_text)
+        doc["model"]["vocab_size"] = args.vocab_size
+        yaml_text = yaml.safe_dump(doc, sort_keys=False)
     model, hm = build_model(yaml_text, str(args.config), args.seed)
     device = next(model.parameters()).device
     vocab = hm.model["vocab_size"]
