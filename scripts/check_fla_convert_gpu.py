@@ -12,6 +12,7 @@ Needs a CUDA device and `pip install flash-linear-attention==0.6.0 fla-core==0.6
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +28,11 @@ def main() -> int:
 
     from megatron_gdn.convert import build_model, checkpoint_io, fla_gdn, single_process
     from megatron_gdn.hybrid import yaml_loader as yl
+
+    t0 = time.time()
+
+    def progress(what):  # fla's kernels autotune on their first calls: say where the time goes
+        print(f"[{time.time() - t0:6.1f} s] {what}", flush=True)
 
     torch.manual_seed(0)
     cfg = GatedDeltaNetConfig(hidden_size=256, num_hidden_layers=2, num_heads=2, num_v_heads=4, head_dim=64,
@@ -46,14 +52,17 @@ def main() -> int:
     tokens = torch.randint(0, 512, (2, 256), device="cuda")
     with torch.no_grad():
         expected = fla_model(tokens).logits.float()
+        progress("fla forward")
         actual = model(tokens, torch.arange(256, device="cuda")[None].expand(2, -1), None).float()
     rel = ((actual - expected).norm() / expected.norm()).item()
+    progress(f"converted model forward: logits relative error {rel:.2e}")
 
     from megatron_gdn.generation import generate
 
     prompts = [torch.randint(0, 512, (n,)).tolist() for n in (37, 5, 130)]
     with torch.no_grad():
         gen = generate(model, prompts, 24, return_logits=True)
+        progress("generated")
         decode_rel = {"ours": 0.0, "fla": 0.0}
         for prompt, new_tokens, logits in zip(prompts, gen.tokens, gen.logits):
             seq = torch.tensor(prompt + new_tokens, device="cuda")[None]
