@@ -38,9 +38,10 @@ STUDIES = {
     # MQAR at a size the models can learn within a few minutes on one GPU: run 9's first call
     # (vocab 8192, 16 pairs, T 256, lr 1e-3) left every recurrent model at the loss of a
     # uniform guess over the 4,092 values after 2,400 steps. Here a vocabulary of 512 (252
-    # keys, 252 values: each key seen ~4 times a step, at batch 128: the small models are launch-bound, so twice the batch costs little) and 8 pairs, every model at two
-    # learning rates (the row reported for a model is its better one at the training length),
-    # the checkpoints re-scored with 16 pairs (twice the trained count)
+    # keys, 252 values: each key seen ~4 times a step at batch 128; the small models are
+    # launch-bound, so the larger batch costs little) and 8 pairs, every model at two learning
+    # rates (the row reported for a model is its better one at the training length), the
+    # checkpoints re-scored with 16 pairs (twice the trained count)
     "mqar512": dict(tasks=["mqar"], models=CORE_MODELS, seq=128, steps=1500, batch=128,
                     lengths=[128, 256, 512, 1024], samples=256, num_kv=8, rescore_kv=16,
                     vocab=512, lrs=[1e-3, 3e-3]),
