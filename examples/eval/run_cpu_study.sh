@@ -7,6 +7,7 @@
 #     bash examples/eval/run_cpu_study.sh                 # seeds 0 1 (the default)
 #     EXTRA=1 bash examples/eval/run_cpu_study.sh         # + seed 2 of gdn, deltanet; attention 3x steps
 #     SEEDS="0 1 2" MODELS="gdn deltanet" bash examples/eval/run_cpu_study.sh
+#     LR=1e-3 ROOT=runs/cpu_mqar_lr1e-3 bash examples/eval/run_cpu_study.sh   # the second learning rate
 #
 # Writes runs/cpu_mqar/MODEL/sSEED (train_recall.py's --out) and runs/cpu_mqar/ref_{oracle,random};
 # a run whose eval.json exists is skipped, so the script resumes. Then prints the tables
@@ -16,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 ROOT=${ROOT:-runs/cpu_mqar}
+LR=${LR:-3e-3}
 SEEDS=${SEEDS:-"0 1"}
 MODELS=${MODELS:-"gdn deltanet mamba2 attention gdn_h1 gdn_h2"}
 THREADS=${THREADS:-1}
@@ -27,7 +29,7 @@ train() {  # train CONFIG SEED STEPS OUT
   [ -f "$out/eval.json" ] && return 0
   mkdir -p "$out"
   nice -n 10 "$PY" examples/eval/train_recall.py --config examples/eval/configs/cpu/$cfg.yaml \
-    --task mqar --num-kv 4 --seq-length 64 --steps "$steps" --batch-size 32 --lr 3e-3 --seed "$seed" \
+    --task mqar --num-kv 4 --seq-length 64 --steps "$steps" --batch-size 32 --lr "$LR" --seed "$seed" \
     --log-interval 50 --eval-lengths $LENGTHS --eval-samples 256 --num-threads "$THREADS" \
     --out "$out" > "$out.log" 2>&1 || { echo "FAILED: $out (see $out.log)"; exit 1; }
   OMP_NUM_THREADS=$THREADS nice -n 10 "$PY" examples/eval/recall_eval.py --checkpoint "$out" --num-kv 8 \
