@@ -57,17 +57,26 @@ def plot(summaries: List[dict], titles: List[str], out: Path, metric: str = "exa
     return out
 
 
+def load_summary(spec: str) -> dict:
+    """A summary from FILE.json, or the part KEY of FILE.json:KEY."""
+    path, _, key = spec.partition(".json:")
+    doc = json.loads(Path(path + ".json" if key else path).read_text())
+    return doc[key] if key else doc
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("summaries", type=Path, nargs="+", help="summary JSON files (one panel each)")
+    p.add_argument("summaries", nargs="+",
+                   help="summary JSON files (one panel each), or FILE.json:KEY for one part of a "
+                        "file (best_of.py's FILE.json:runs and FILE.json:rescored)")
     p.add_argument("--titles", nargs="*", default=None)
     p.add_argument("--metric", choices=("exact_match", "token_acc"), default="exact_match")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    titles = args.titles or [s.stem for s in args.summaries]
+    titles = args.titles or [Path(s.split(".json:")[0]).stem for s in args.summaries]
     if len(titles) != len(args.summaries):
         raise SystemExit(f"{len(titles)} titles for {len(args.summaries)} summaries")
-    print(plot([json.loads(s.read_text()) for s in args.summaries], titles, args.out, args.metric))
+    print(plot([load_summary(s) for s in args.summaries], titles, args.out, args.metric))
     return 0
 
 
