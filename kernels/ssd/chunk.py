@@ -350,12 +350,20 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     Where the chunk backward's tiles do not fit the GPU's shared memory (fp32 inputs from
     N x P = 128 x 64 on: 256 KB of dot operands on Hopper's 227 KB), the value columns are
     split in halves until they do (`ssd_bwd_columns`)."""
-    try:
-        return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout)
-    except triton.runtime.errors.OutOfResources:
-        if v.shape[-1] <= 16:
-            raise
-        return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2)
+    # shapes whose launch did not fit: split at once next time (the failed attempt recomputes
+    # the states before the chunk backward's launch raises)
+    key = (q.shape[-1], v.shape[-1], q.dtype, q.device)
+    if key not in _TOO_WIDE:
+        try:
+            return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout)
+        except triton.runtime.errors.OutOfResources:
+            if v.shape[-1] <= 16:
+                raise
+            _TOO_WIDE.add(key)
+    return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2)
+
+
+_TOO_WIDE: set = set()
 
 
 def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int):

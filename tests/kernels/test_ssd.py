@@ -178,8 +178,13 @@ def test_chunk_backward_column_split(case, monkeypatch):
         return real(q, k, v, *args)
 
     monkeypatch.setattr(ssd_chunk, "_ssd_bwd", limited)
+    monkeypatch.setattr(ssd_chunk, "_TOO_WIDE", set())
     test_chunk_vs_naive(case, torch.float32, "triton")
     assert widths[0] == case.P and min(widths) == 16 and widths.count(16) == case.P // 16
+    # the widths that did not fit are remembered: a second backward launches only 16 columns
+    widths.clear()
+    test_chunk_vs_naive(case, torch.float32, "triton")
+    assert widths == [16] * (case.P // 16)
 
 
 def test_column_split_needs_whole_blocks():
