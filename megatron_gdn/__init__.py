@@ -41,6 +41,30 @@ def _map_source_tree_kernels() -> None:
 _map_source_tree_kernels()
 
 
+class _InstalledKernelsFirst:
+    """PyPI's top-level `kernels` (Hugging Face's kernel hub: a dependency of recent
+    transformers, 5.25 here, which imports it whenever it is installed) and this checkout's kernels/ folder
+    share a name. With the repository root on sys.path (`python -m` or `-c` run from the root,
+    PYTHONPATH on the GPU machines) the folder shadows the installed package and transformers
+    fails to import. Our code imports the folder only as megatron_gdn.kernels, so the top-level
+    name goes to an installed package where there is one, and to the folder otherwise."""
+
+    root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname != "kernels":
+            return None
+        from importlib.machinery import PathFinder
+
+        others = [p for p in _sys.path if _os.path.realpath(p or _os.getcwd()) != cls.root]
+        return PathFinder.find_spec(fullname, others)
+
+
+if not any(getattr(f, "__name__", "") == "_InstalledKernelsFirst" for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _InstalledKernelsFirst)
+
+
 def __getattr__(name):
     if name in __all__:
         from megatron_gdn import layer

@@ -35,3 +35,26 @@ def test_pattern_catches_megatron_imports():
     assert MEGATRON_IMPORT.search("from megatron.core import parallel_state")
     assert MEGATRON_IMPORT.search("    import megatron\n")
     assert not MEGATRON_IMPORT.search("from megatron_gdn.kernels import chunk_gated_delta_rule")
+
+
+def test_installed_top_level_kernels_is_not_shadowed_from_the_root():
+    """Run from the repository root (`python -c` puts it first on sys.path), the top-level name
+    `kernels` is PyPI's package where one is installed (transformers imports it; our folder
+    shadowed it and every transformers import failed), and megatron_gdn.kernels stays ours."""
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("no installed top-level `kernels` package to shadow")
+    root = KERNELS.parent
+    code = ("import megatron_gdn, kernels, megatron_gdn.kernels as ours\n"
+            "print(kernels.__file__)\nprint(ours.__file__)\n"
+            "import transformers.integrations.hub_kernels\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    top, ours = result.stdout.split()
+    assert Path(top).resolve().parent != KERNELS and Path(ours).resolve().parent == KERNELS
