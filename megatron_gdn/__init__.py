@@ -12,6 +12,8 @@ import os as _os
 import sys as _sys
 
 __all__ = ["GatedDeltaNet", "GatedDeltaNetSubmodules"]
+# the checkout (or install) folder that holds megatron_gdn/ and, in a checkout, kernels/
+_ROOT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 
 
 def _map_source_tree_kernels() -> None:
@@ -21,12 +23,11 @@ def _map_source_tree_kernels() -> None:
     name = __name__ + ".kernels"
     if name in _sys.modules:
         return
-    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-    folder = _os.path.join(root, "kernels")
+    folder = _os.path.join(_ROOT, "kernels")
     init = _os.path.join(folder, "__init__.py")
     # a source checkout (setup.py beside kernels/) keeps its own kernels even when an editable
     # install of another checkout (a git worktree's main tree) is on the path
-    source_checkout = _os.path.isfile(init) and _os.path.isfile(_os.path.join(root, "setup.py"))
+    source_checkout = _os.path.isfile(init) and _os.path.isfile(_os.path.join(_ROOT, "setup.py"))
     if not source_checkout:
         return
     found = _importlib_util.find_spec(name)
@@ -42,14 +43,14 @@ _map_source_tree_kernels()
 
 
 class _InstalledKernelsFirst:
-    """PyPI's top-level `kernels` (Hugging Face's kernel hub: a dependency of recent
-    transformers, 5.25 here, which imports it whenever it is installed) and this checkout's kernels/ folder
+    """PyPI's top-level `kernels` (Hugging Face's kernel hub: a dependency of recent transformers,
+    5.25 here, which imports it whenever it is installed) and this checkout's kernels/ folder
     share a name. With the repository root on sys.path (`python -m` or `-c` run from the root,
     PYTHONPATH on the GPU machines) the folder shadows the installed package and transformers
     fails to import. Our code imports the folder only as megatron_gdn.kernels, so the top-level
     name goes to an installed package where there is one, and to the folder otherwise."""
 
-    root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    root = _os.path.realpath(_ROOT)
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):

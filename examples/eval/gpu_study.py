@@ -34,7 +34,8 @@ NIAH_MODELS = CORE_MODELS = ["gdn", "deltanet", "mamba2", "attention", "gdn_h1",
 # the settings of QUALITY.md's commands, one budget for every model
 STUDIES = {
     "mqar": dict(tasks=["mqar"], models=ALL_MODELS, seq=256, steps=4000, batch=64,
-                 lengths=[256, 512, 1024, 2048], samples=512, num_kv=16, rescore_kv=64),
+                 lengths=[256, 512, 1024, 2048], samples=512, num_kv=16, rescore_kv=64,
+                 vocab=None, lrs=[1e-3]),
     # MQAR at a size the models can learn within a few minutes on one GPU: run 9's first call
     # (vocab 8192, 16 pairs, T 256, lr 1e-3) left every recurrent model at the loss of a
     # uniform guess over the 4,092 values after 2,400 steps. Here a vocabulary of 512 (252
@@ -47,7 +48,7 @@ STUDIES = {
                     vocab=512, lrs=[1e-3, 3e-3]),
     "niah": dict(tasks=["s_niah_1", "s_niah_2", "s_niah_3", "mk_niah_1"], models=NIAH_MODELS,
                  seq=512, steps=3000, batch=32, lengths=[512, 1024, 2048, 4096], samples=256,
-                 num_kv=None, rescore_kv=None),
+                 num_kv=None, rescore_kv=None, vocab=None, lrs=[1e-3]),
 }
 
 
@@ -68,8 +69,8 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
     seq = seq or study["seq"]
     batch = batch or study["batch"]
     kv = study["rescore_kv"]
-    lrs = study.get("lrs", [1e-3])
-    vocab = ["--vocab-size", str(study["vocab"])] if study.get("vocab") else []
+    lrs = study["lrs"]
+    vocab = ["--vocab-size", str(study["vocab"])] if study["vocab"] else []
     # MQAR with n pairs needs 1 + 4n tokens: the re-scoring skips shorter lengths
     rescore_lengths = [str(n) for n in lengths if kv and n >= 1 + 4 * kv]
     lengths = [str(n) for n in lengths]
@@ -181,6 +182,7 @@ def main(argv=None):
     summarize = ROOT / "examples/eval/summarize_recall.py"
     kv = study["rescore_kv"]
     plots = []
+    names = [run_name(m, lr, study["lrs"]) for m in models for lr in study["lrs"]]
     for task in study["tasks"]:
         root = args.out / task
         if not root.exists():
@@ -190,8 +192,6 @@ def main(argv=None):
         panels = [("", "summary", task)] + ([(f"kv{kv}", f"summary_kv{kv}", f"{task}, {kv} pairs")]
                                             if kv else [])
         for sub, name, _ in panels:
-            names = [run_name(m, lr, study.get("lrs", [1e-3])) for m in models
-                     for lr in study.get("lrs", [1e-3])]
             cmd = [sys.executable, str(summarize), str(root), "--models", *names,
                    "--out", str(root / f"{name}.json")]
             if sub:
