@@ -59,6 +59,9 @@ def parse_args():
     p.add_argument("--attn-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--smoke", action="store_true", help="tiny presets on the CPU: exercise the code path")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS steps of each model and shape (torch profiler): "
+                        "profile_MODEL_SEQ.txt under --out, kernels by time and by kind")
     return p.parse_args()
 
 
@@ -120,6 +123,9 @@ def bench_model(name, seqs, args):
             row.update(fwd_bwd_ms=ms, tokens_per_s=b * s / ms * 1e3)
             if gpu:
                 row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if args.profile:
+                row["profile"] = profile_step(step, args.profile, Path(args.out) / f"profile_{name}_{seq_name}.txt",
+                                              f"{name} {seq_name}")
         except Exception as exc:  # report and go on with the other shapes
             row["error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
@@ -129,6 +135,65 @@ def bench_model(name, seqs, args):
     if gpu:
         torch.cuda.empty_cache()
     return rows
+
+
+# kernel-name fragments -> kind, first match wins (our Triton kernels by function name, then
+# torch's and cuBLAS's CUDA kernels)
+KINDS = [("SSD (Mamba2)", ("_state_bwd_kernel", "_chunk_bwd_kernel", "_state_fwd_kernel",
+                           "_output_fwd_kernel", "_cumsum_kernel")),
+         ("GDN chunk bwd", ("_bwd_prep_kernel", "_bwd_qdo_kernel", "_bwd_dh_kernel", "_bwd_grad_",
+                            "_l2norm_bwd_rows")),
+         ("GDN chunk fwd", ("_prepare_kernel", "_state_kernel", "_output_kernel")),
+         ("conv1d", ("_conv_",)), ("gated norm", ("_gated_rmsnorm",)),
+         ("attention", ("flash", "fmha", "attention", "cudnn")),
+         ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "ampere_", "sm80_", "sm90_")),
+         ("cross entropy / softmax", ("softmax", "cross_entropy", "nll_loss")),
+         ("reduce", ("reduce",)), ("copy / cat", ("copy", "catarray")),
+         ("elementwise", ("elementwise", "vectorized", "unrolled"))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k.lower() in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_step(step, steps, path: Path, header: str) -> dict:
+    """CUDA time per step by kernel and by kind (KINDS) over `steps` profiled steps; the
+    tables go to `path`, the per-kind milliseconds per step are returned. Without a GPU (the
+    smoke run) the same tables of the CPU ops' self time."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    act = torch.profiler.ProfilerActivity
+    sync()
+    with torch.profiler.profile(activities=[act.CUDA if gpu else act.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    if gpu:  # kernels only: the CPU-side ops that launched them carry the same device time
+        events = [(e.key, e.count, e.device_time_total) for e in prof.key_averages()
+                  if e.device_time_total > 0 and "CUDA" in str(e.device_type)]
+    else:
+        events = [(e.key, e.count, e.self_cpu_time_total) for e in prof.key_averages()
+                  if e.self_cpu_time_total > 0]
+    by_kind: dict = {}
+    for key, _, us in events:
+        k = kind_of(key)
+        by_kind[k] = by_kind.get(k, 0.0) + us / 1e3 / steps
+    total = sum(by_kind.values()) or float("nan")
+    lines = [f"{header}: {total:.2f} ms of kernels per step ({steps} steps profiled)", "",
+             "| kind | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in sorted(by_kind.items(), key=lambda x: -x[1])]
+    lines += ["", "| kernel | kind | calls per step | ms per step |", "|---|---|---|---|"]
+    for key, count, us in sorted(events, key=lambda e: -e[2])[:40]:
+        lines.append(f"| {key[:90]} | {kind_of(key)} | {count / steps:g} | {us / 1e3 / steps:.3f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    log("\n".join(lines[:len(by_kind) + 4]))
+    return {k: round(v, 3) for k, v in by_kind.items()}
 
 
 def rel(a, b):
