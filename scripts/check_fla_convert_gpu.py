@@ -24,9 +24,11 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device (fla's model runs only with its Triton kernels)")
+    # megatron_gdn first: with the repository root on sys.path our kernels/ folder would shadow
+    # Hugging Face's `kernels`, which newer transformers (imported by fla) import when installed
+    from megatron_gdn.convert import build_model, checkpoint_io, fla_gdn, single_process
     from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
 
-    from megatron_gdn.convert import build_model, checkpoint_io, fla_gdn, single_process
     from megatron_gdn.hybrid import yaml_loader as yl
 
     t0 = time.time()
