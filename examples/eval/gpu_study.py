@@ -8,8 +8,10 @@ budget, resumable, then the tables.
     python examples/eval/gpu_study.py --out DIR --budget-s 480 --slots-per-gpu 4
 
 Runs land in OUT/TASK/MODEL/sSEED (train_recall.py's --out); a run whose eval.json exists is
-skipped, so a later call resumes. No new run starts after --budget-s; runs still going at
---budget-s + --grace-s are stopped (their folders have no eval.json and are rerun next time).
+skipped, so a later call resumes. No new run starts after --budget-s; each run's training is
+told to end by --budget-s + --grace-s - --eval-reserve-s (a run too slow for its steps
+shortens its schedule: eval.json records steps_done); runs still going at --budget-s +
+--grace-s are stopped (their folders have no eval.json and are rerun next time).
 At the end OUT/TASK/summary.json and summary.md (examples/eval/summarize_recall.py) per task,
 and OUT/queue.json (every run: slot, seconds, return code).
 
@@ -96,9 +98,12 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
     return jobs
 
 
-def run_queue(jobs, slots, budget_s, grace_s, log_dir: Path):
+def run_queue(jobs, slots, budget_s, grace_s, log_dir: Path, eval_reserve_s: float = 60.0):
     """Run the jobs on the slots (each slot: a CUDA_VISIBLE_DEVICES value, or None for the
-    CPU); returns one record per job."""
+    CPU); returns one record per job. Each training command is told the time it has
+    (train_recall.py --time-limit-s: budget + grace - now - eval_reserve_s, 30 s at least),
+    so that a run too slow for its steps shortens its schedule and still ends with a scored
+    checkpoint instead of being stopped at budget + grace with nothing."""
     start = time.time()
     pending = [j for j in jobs if not (j[1] / "eval.json").exists()]
     records = [{"run": name, "skipped": "done before"} for name, run, _ in jobs
@@ -120,6 +125,8 @@ def run_queue(jobs, slots, budget_s, grace_s, log_dir: Path):
         now = time.time() - start
         while pending and free and now < budget_s:
             name, run, cmds = pending.pop(0)
+            limit = max(30.0, budget_s + grace_s - now - eval_reserve_s)
+            cmds = [cmds[0] + ["--time-limit-s", f"{limit:.0f}"]] + cmds[1:]
             launch(free.pop(0), name, run, cmds, time.time())
         for item in list(running):
             proc, slot, name, run, rest, t0, log = item
@@ -157,6 +164,9 @@ def main(argv=None):
     p.add_argument("--slots-per-gpu", type=int, default=4)
     p.add_argument("--budget-s", type=float, default=480.0, help="no new run after this")
     p.add_argument("--grace-s", type=float, default=60.0, help="stop running ones after budget + this")
+    p.add_argument("--eval-reserve-s", type=float, default=60.0,
+                   help="what a run keeps of its time for scoring: its training is told to end by "
+                        "budget + grace - this (train_recall.py --time-limit-s)")
     p.add_argument("--steps", type=int, default=None, help="override the study's steps (tests)")
     p.add_argument("--eval-samples", type=int, default=None, help="override (tests)")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=None, help="override (tests)")
@@ -177,7 +187,7 @@ def main(argv=None):
                     args.eval_lengths, args.seq_length, args.batch_size)
     print(f"{len(jobs)} runs on {len(slots)} slots ({args.gpus} GPUs), budget {args.budget_s:.0f} s",
           flush=True)
-    records = run_queue(jobs, slots, args.budget_s, args.grace_s, args.out)
+    records = run_queue(jobs, slots, args.budget_s, args.grace_s, args.out, args.eval_reserve_s)
     (args.out / "queue.json").write_text(json.dumps(records, indent=1))
     summarize = ROOT / "examples/eval/summarize_recall.py"
     kv = study["rescore_kv"]

@@ -69,10 +69,14 @@ def markdown(summary: dict, key: str = "exact_match") -> str:
     """One row per model: the mean over seeds per length, then the per-seed values in brackets."""
     models = summary["models"]
     lengths = sorted({t for m in models.values() for t in m["mean"]})
-    head = "| model | params | seeds | final loss (mean) | " + " | ".join(f"T={t}" for t in lengths) + " |"
-    lines = [head, "|---" * (4 + len(lengths)) + "|"]
+    head = "| model | params | seeds | steps | final loss (mean) | " + " | ".join(f"T={t}" for t in lengths) + " |"
+    lines = [head, "|---" * (5 + len(lengths)) + "|"]
     for name, m in models.items():
         loss = sum(r["final_loss_mean5"] for r in m["runs"]) / len(m["runs"])
+        # a run shortened to fit its time (train_recall.py --time-limit-s) shows its own count
+        counts = [r.get("steps") for r in m["runs"]]
+        steps = ("-" if None in counts else f"{counts[0]:,}" if len(set(counts)) == 1
+                 else "/".join(f"{c:,}" for c in counts))
         cells = []
         for t in lengths:
             if t not in m["mean"]:
@@ -80,7 +84,8 @@ def markdown(summary: dict, key: str = "exact_match") -> str:
                 continue
             per_seed = "/".join(f"{100 * r['eval'][t][key]:.1f}" for r in m["runs"])
             cells.append(f"**{100 * m['mean'][t][key]:.1f}** ({per_seed})")
-        lines.append(f"| {name} | {m['parameters']:,} | {len(m['runs'])} | {loss:.3f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {m['parameters']:,} | {len(m['runs'])} | {steps} | {loss:.3f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -126,6 +126,12 @@ def main(argv=None) -> int:
                         help="default: 1x, 2x, 4x, 8x the training length")
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="fit the run into this many seconds of training: the step time is "
+                             "measured over steps 5-20 and, where --steps would not fit, the "
+                             "schedule is shortened to the steps that do (cosine to its end), "
+                             "before warm-up ends where possible; training stops at the limit "
+                             "in any case and the checkpoint is evaluated")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "log_interval"):
@@ -163,12 +169,33 @@ def main(argv=None) -> int:
     log = (args.out / "metrics.jsonl").open("w")
     start = time.time()
     model.train()
+    steps = args.steps  # the schedule's length: shortened under --time-limit-s
+    t5 = None
+    step = -1
     for step in range(args.steps):
+        if step >= steps:
+            break
+        if args.time_limit_s is not None:
+            now = time.time() - start
+            if step == 5:
+                t5 = now
+            elif step == 20 and t5 is not None:
+                # 90% of the time left: a slower stretch later should not hit the hard stop
+                fit = 20 + int(0.9 * (args.time_limit_s - now) / ((now - t5) / 15))
+                if fit < steps:
+                    steps = max(21, fit)
+                    warmup = min(warmup, max(20, steps // 10))  # steps 0-19 are behind us
+                    print(json.dumps({"schedule": "shortened to fit --time-limit-s", "steps": steps,
+                                      "step_s": round((now - t5) / 15, 4)}), flush=True)
+            if now >= args.time_limit_s:
+                steps = step
+                print(json.dumps({"stopped": "at --time-limit-s", "step": step}), flush=True)
+                break
         batch = make_task(args.task, args.batch_size, seq, vocab, train_seed(args.seed, step), **options)
         tokens = torch.from_numpy(batch.tokens).to(device)
         labels = torch.from_numpy(batch.labels).to(device)
         for group in opt.param_groups:
-            group["lr"] = _lr(step, args.steps, args.lr, warmup)
+            group["lr"] = _lr(step, steps, args.lr, warmup)
         logits = _logits(model, tokens)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=IGNORE)
@@ -176,7 +203,7 @@ def main(argv=None) -> int:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if step % args.log_interval == 0 or step == args.steps - 1:
+        if step % args.log_interval == 0 or step == steps - 1:
             with torch.no_grad():
                 mask = labels != IGNORE
                 acc = ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()
@@ -186,12 +213,17 @@ def main(argv=None) -> int:
             log.flush()
             print(json.dumps(rec), flush=True)
     log.close()
+    trained = {"steps_planned": args.steps, "steps_done": min(steps, step + 1) if step >= 0 else 0,
+               "train_s": round(time.time() - start, 1), "time_limit_s": args.time_limit_s}
+    meta.update(trained)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=1))
     torch.save(model.state_dict(), args.out / "model.pt")
     if eval_lengths:
         results = evaluate_lengths(model_predictor(model, device), args.task, eval_lengths,
                                    args.eval_samples, vocab, seed=args.seed, **options)
         (args.out / "eval.json").write_text(json.dumps(
-            {"task": args.task, "seed": args.seed, "samples": args.eval_samples, "results": results}, indent=1))
+            {"task": args.task, "seed": args.seed, "samples": args.eval_samples, **trained,
+             "results": results}, indent=1))
         print(format_table(results, f"{hm.name} on {args.task}"))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

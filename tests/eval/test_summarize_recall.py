@@ -30,7 +30,7 @@ def test_collect_means_and_table(tmp_path):
     assert g["runs"][0]["final_loss"] == 1.0 and g["runs"][0]["final_loss_mean5"] == 2.0
     assert g["runs"][0]["steps"] == 21 and g["runs"][0]["first_step_train_acc90"] is None
     table = markdown(s, "token_acc")
-    assert "| gdn | 1,234 | 2 | 2.000 | **75.0** (100.0/50.0) | **37.5** (50.0/25.0) |" in table
+    assert "| gdn | 1,234 | 2 | 21/11 | 2.000 | **75.0** (100.0/50.0) | **37.5** (50.0/25.0) |" in table
     json.dumps(s)  # serialisable
     # a re-scoring in RUN/kv8/eval.json replaces the evaluation, training numbers stay
     (tmp_path / "gdn" / "s0" / "kv8").mkdir()

@@ -54,3 +54,23 @@ def test_ablation_configs_use_the_layer_options(name):
     for key, option in (("decay", "use_decay"), ("short_conv", "use_short_conv"), ("output_gate", "use_output_gate")):
         assert options[option] is (key not in off), (key, options)
     assert yl.count_parameters(hm)["total"] < yl.count_parameters(yl.load(configs / "gdn.yaml"))["total"]
+
+
+def test_time_limit_shortens_the_schedule(tmp_path):
+    """--time-limit-s: a run of far more steps than fit is cut to the steps that do, with the
+    cosine schedule ending at the new last step, and the checkpoint is still evaluated."""
+    cmd = [sys.executable, str(EVAL / "train_recall.py"), "--config", str(EVAL / "configs" / "tiny_gdn.yaml"),
+           "--task", "mqar", "--num-kv", "4", "--seq-length", "32", "--steps", "100000",
+           "--batch-size", "4", "--log-interval", "1", "--eval-lengths", "32", "--eval-samples", "8",
+           "--num-threads", "1", "--time-limit-s", "4", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shortened to fit --time-limit-s" in out.stdout
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["steps_planned"] == 100000 and 21 <= ev["steps_done"] < 100000
+    assert ev["time_limit_s"] == 4 and ev["train_s"] < 20
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == ev["steps_done"] - 1
+    # the schedule was rescaled, not cut: the last steps' learning rate is near the end of the cosine
+    assert records[-1]["lr"] < 0.1 * max(r["lr"] for r in records)
+    assert json.loads((tmp_path / "meta.json").read_text())["steps_done"] == ev["steps_done"]
