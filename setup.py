@@ -28,6 +28,8 @@ setup(
         "dev": ["pytest>=8", "psutil", "transformers>=5", "deepspeed", "matplotlib"],
         "bench": ["flash-linear-attention==0.6.0", "fla-core==0.6.0"],
         "deepspeed": ["deepspeed"],
+        # cuDNN's band attention for sliding windows (megatron_gdn/hybrid/swa_cudnn.py)
+        "cudnn": ["nvidia-cudnn-frontend>=1.32"],
         "te": ["transformer-engine[pytorch]"],
     },
 )

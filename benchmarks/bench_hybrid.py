@@ -11,9 +11,11 @@ with bf16 parameters (no optimizer step), median of --iters CUDA-event timings a
 tokens/s = b * s / time. Peak memory: max_memory_allocated over one step.
 
 Attention core (--attn): SDPACoreAttention (megatron_gdn.hybrid.attention) with window 2048 vs
-torch SDPA with is_causal (flash) at 1 x 16384 tokens, 16 heads of 128, bf16, forward and
-forward+backward; the SWA output is checked against SDPA with the dense band mask (relative
-RMS error reported; bf16 tolerance 1e-2).
+torch SDPA with is_causal (its default kernel) at 1 x 16384 tokens, 16 heads of 128, bf16,
+forward and forward+backward; the SWA output is checked against SDPA with the dense band mask
+(relative RMS error reported; bf16 tolerance 1e-2). Then each SWA backend alone (cuDNN's band
+kernels where nvidia-cudnn-frontend is installed, FlashAttention-2 varlen, key blocks, flex)
+and causal SDPA with each of its kernels forced.
 
 Acceptance (issue 5), evaluated and written to results.md: H1 tokens/s >= GDN 1.3B tokens/s at
 both sequence shapes; SWA core >= 4x faster than causal attention at window 2048 / 16K tokens.
@@ -250,7 +252,7 @@ def bench_attention(args):
     out["speedup_fwd_bwd"] = out["causal_sdpa_fwd_bwd_ms"] / out["swa_fwd_bwd_ms"]
     # each SWA backend on its own (the "swa" row above is what "auto" picks), with its error
     if gpu:
-        for backend in ("varlen", "blocks", "flex"):
+        for backend in ("cudnn", "varlen", "blocks", "flex"):
             core.backend = backend
             key = f"swa_{backend}"
             try:
@@ -323,7 +325,7 @@ def markdown(payload):
                   f"({attn['speedup_fwd_bwd']:.2f}x) -> >= 4x: {verdict}",
                   f"- SWA output vs dense band-mask SDPA: rel RMS {attn['swa_rel_err_vs_dense_mask']:.2e} "
                   f"(tol {BF16_REL:.0e})"]
-        for backend in ("varlen", "blocks", "flex"):
+        for backend in ("cudnn", "varlen", "blocks", "flex"):
             key = f"swa_{backend}"
             if f"{key}_error" in attn:
                 lines.append(f"- backend {backend}: {attn[key + '_error']}")
@@ -340,6 +342,9 @@ def markdown(payload):
         if "causal_flash_fwd_bwd_ms" in attn and "swa_varlen_fwd_bwd_ms" in attn:
             lines.append(f"- varlen window vs FlashAttention-2 causal (same kernel family): "
                          f"{attn['causal_flash_fwd_bwd_ms'] / attn['swa_varlen_fwd_bwd_ms']:.2f}x fwd+bwd")
+        if "causal_cudnn_fwd_bwd_ms" in attn and "swa_cudnn_fwd_bwd_ms" in attn:
+            lines.append(f"- cuDNN band vs cuDNN causal (same kernel family): "
+                         f"{attn['causal_cudnn_fwd_bwd_ms'] / attn['swa_cudnn_fwd_bwd_ms']:.2f}x fwd+bwd")
     return "\n".join(lines) + "\n"
 
 

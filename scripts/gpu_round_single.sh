@@ -2,11 +2,14 @@
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
 # 570; each job's limit is cut to what is left):
 #   1. a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py;
-#      fla's kernels autotune on their first calls, alone on the GPU here);
-#   2. the GDN 1.3B model (4 x 4096 tokens, forward+backward) timed and profiled kernel by
+#      fla's kernels autotune on their first calls, alone on the GPU here; SKIP_FLA=1 skips it);
+#   2. the attention cores: cuDNN's band attention against the torch oracle (GPU tests), then
+#      the SWA core at window 2048 / 16K tokens, every backend against causal SDPA with each
+#      of its kernels (benchmarks/bench_hybrid.py --no-models);
+#   3. the GDN 1.3B model (4 x 4096 tokens, forward+backward) timed and profiled kernel by
 #      kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits its tokens/s;
-#   3. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
-#   4. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left.
+#   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
+#   5. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left.
 #   WHEELS=path/to/wheels bash scripts/gpu_round_single.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,7 +28,9 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
   pack
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
-timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
+[ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
+timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
+timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" --models gdn_1.3b \
   --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 3
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \

@@ -27,7 +27,8 @@ window (swa_varlen.py: one call, ~ T * w work; bf16 / fp16), where the torch bui
 else plain SWA is two flash causal attentions per window-sized block merged by their
 log-sum-exps (swa_blocks.py); everything else (CP) is flex attention with a block mask built
 from the rule above (masked-out 128 x 128 blocks are skipped). On the CPU, SDPA with the dense
-boolean mask.
+boolean mask. backend="cudnn" runs plain rows (causal or SWA) on cuDNN's band kernels
+(swa_cudnn.py, with the optional nvidia-cudnn-frontend package); "auto" does not pick it yet.
 
 Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
 W context-parallel size, N sequences, P piece length, w window.
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_gdn.hybrid.swa_blocks import flash_swa_supported, swa_attention
+from megatron_gdn.hybrid.swa_cudnn import cudnn_causal_attention, cudnn_swa_supported
 from megatron_gdn.hybrid.swa_varlen import varlen_causal_attention, varlen_flash_supported
 from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
 
@@ -132,11 +134,13 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     decomposition of swa_blocks.py for plain windows, else flex; CPU: dense mask), "dense"
     (SDPA with the dense boolean mask), "flex", "blocks" (plain windows only), "varlen" (plain
     rows or packed documents, no CP); the last two run flash kernels where they take the
-    inputs, else the same attention in torch.
+    inputs, else the same attention in torch. "cudnn": plain rows, causal or windowed, on
+    cuDNN's band kernels (swa_cudnn.py; needs the optional nvidia-cudnn-frontend package and a
+    GPU, else a ValueError).
     """
-    if backend not in ("auto", "dense", "flex", "blocks", "varlen"):
-        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex', 'blocks' or "
-                         "'varlen'")
+    if backend not in ("auto", "dense", "flex", "blocks", "varlen", "cudnn"):
+        raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex', 'blocks', "
+                         "'varlen' or 'cudnn'")
     T, B, H, D = q_tbhd.shape
     Tk, G = k_tbgd.shape[0], k_tbgd.shape[2]
     if H % G != 0:
@@ -158,6 +162,20 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
         elif (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
                 and G == H and T == Tk and flash_swa_supported(q, k)):
             backend = "blocks"
+    if backend == "cudnn":
+        if not mask.plain or T != Tk:
+            raise ValueError("backend='cudnn' is for plain sequences (no packing, no context "
+                             "parallelism)")
+        if dropout_p > 0.0:
+            raise ValueError(f"attention_dropout={dropout_p}: backend='cudnn' has no dropout")
+        if not cudnn_swa_supported(q):
+            raise ValueError("backend='cudnn' needs a CUDA device, bf16 / fp16, a head dim that "
+                             "is a multiple of 8 up to 256 and the nvidia-cudnn-frontend package "
+                             "(>= 1.32) whose band attention passed its check on this machine")
+        if G != H:
+            k, v = (x.repeat_interleave(H // G, dim=1) for x in (k, v))
+        o = cudnn_causal_attention(q, k, v, mask.window, scale)
+        return o.permute(2, 0, 1, 3)
     if backend == "varlen":
         if not varlen_layout:
             raise ValueError("backend='varlen' is for plain sequences or packed documents given "

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from megatron_gdn.hybrid.attention import MaskSpec, SDPACoreAttention, masked_attention
+from megatron_gdn.hybrid.attention import MaskSpec, SDPACoreAttention, masked_attention, reference_attention
 from megatron_gdn.testing.dist import run_distributed
 from tolerance import FP32_REL, assert_close
 
@@ -357,3 +357,91 @@ def test_cp_check_can_fail():
     half = masked_attention(q[8:], k[8:], v[8:], MaskSpec(pos[8:], doc[8:], pos[8:], doc[8:], window), 0.5)
     with pytest.raises(AssertionError):
         assert_close(half, full[8:], FP32_REL, "cut halo")
+
+
+# --------------------------------------------------------------- cuDNN band attention (swa_cudnn)
+def _band_ops_in_torch(monkeypatch):
+    """swa_cudnn's two kernel calls replaced by the same attention written in torch (the CPU
+    has no cuDNN): checks the autograd wiring around them, not cuDNN."""
+    from megatron_gdn.hybrid import swa_cudnn as sc
+
+    def fwd(q, k, v, scale, window):
+        o = sc.band_reference(q, k, v, window, scale)
+        s = torch.matmul(q.double(), k.double().transpose(-1, -2)) * scale
+        i = torch.arange(q.shape[-2])
+        allowed = i[None, :] <= i[:, None]
+        if window is not None:
+            allowed &= (i[:, None] - i[None, :]) < window
+        lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1, keepdim=True).float()
+        return o, lse
+
+    def bwd(do, q, k, v, o, lse, scale, window):
+        with torch.enable_grad():  # autograd runs a Function's backward without grad mode
+            ins = [x.detach().double().requires_grad_() for x in (q, k, v)]
+            out = sc.band_reference(*ins, window, scale)
+            return [g.to(q.dtype) for g in torch.autograd.grad(out, ins, do.double())]
+
+    monkeypatch.setattr(sc, "_fwd_op", fwd)
+    monkeypatch.setattr(sc, "_bwd_op", bwd)
+    return sc
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 40])
+def test_cudnn_band_wiring_matches_the_loop(monkeypatch, window):
+    sc = _band_ops_in_torch(monkeypatch)
+    B, H, T, D = 2, 3, 37, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(B, H, T, D, dtype=torch.float64, generator=gen)
+    out = sc.cudnn_causal_attention(q, k, v, window, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    # the oracle of the other tests: the [T, B, H, D] float64 loop over the window rule
+    pos = torch.arange(T)
+    doc = torch.zeros(T, dtype=torch.long)
+    ref_in = [x.detach().permute(2, 0, 1, 3).clone().requires_grad_() for x in (q, k, v)]
+    ref = reference_attention(*ref_in, MaskSpec(pos, doc, pos, doc, window), 0.3)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.permute(2, 0, 1, 3))
+    torch.testing.assert_close(out.permute(2, 0, 1, 3), ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.permute(2, 0, 1, 3), r, rtol=1e-10, atol=1e-10)
+
+
+def test_cudnn_backend_refuses_clearly_where_it_cannot_run():
+    from megatron_gdn.hybrid.swa_cudnn import cudnn_causal_attention, cudnn_swa_supported
+
+    q = torch.randn(4, 1, 2, 8)
+    pos = torch.arange(4)
+    doc = torch.zeros(4, dtype=torch.long)
+    assert not cudnn_swa_supported(q.permute(1, 2, 0, 3))  # the CPU
+    with pytest.raises(ValueError, match="nvidia-cudnn-frontend"):
+        masked_attention(q, q, q, MaskSpec(pos, doc, pos, doc, 2, plain=True), 0.5, backend="cudnn")
+    with pytest.raises(ValueError, match="plain sequences"):
+        masked_attention(q, q, q, MaskSpec(pos, doc, pos, doc, 2, cu_seqlens=(0, 2, 4)), 0.5,
+                         backend="cudnn")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        cudnn_causal_attention(*(q.permute(1, 2, 0, 3),) * 3, 0, 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("window", [None, 128, 1000])
+def test_cudnn_band_on_gpu(window):
+    from megatron_gdn.hybrid.swa_cudnn import cudnn_swa_supported
+
+    T, B, H, D = 1500, 2, 4, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(T, B, H, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    if not cudnn_swa_supported(q.permute(1, 2, 0, 3)):
+        pytest.skip("nvidia-cudnn-frontend not installed, or its band check failed here")
+    pos = torch.arange(T, device="cuda")
+    doc = torch.zeros(T, dtype=torch.long, device="cuda")
+    mask = MaskSpec(pos, doc, pos, doc, window, plain=True)
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = masked_attention(*ins, mask, D ** -0.5, backend="cudnn")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, do)
+    ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_ins, mask, D ** -0.5, backend="dense")
+    ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
+    for a, b in [(out, ref), *zip(grads, ref_grads)]:
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 1e-2, err
