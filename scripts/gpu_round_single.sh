@@ -9,7 +9,9 @@
 #   3. the GDN 1.3B model (4 x 4096 tokens, forward+backward) timed and profiled kernel by
 #      kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits its tokens/s;
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
-#   5. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left.
+#   5. the SSD kernel next to mamba_ssm's (a mamba_ssm wheel among the carried ones; it
+#      autotunes for ~2 minutes), the Mamba2 1.3B shape at 4 x 4096;
+#   6. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left.
 #   WHEELS=path/to/wheels bash scripts/gpu_round_single.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +37,7 @@ timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_
   --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 3
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
+timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128
 timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --budget-s "$(( $(left) - 25 ))"
 pack
