@@ -117,25 +117,19 @@ def backward_stages(shape, dtype=torch.bfloat16):
                                       q_rstd=q_rstd, k_rstd=k_rstd, g=g_act)
 
     res = {}
-    pm = q.new_empty(B, T, HV, 64)
-    m2 = torch.empty_like(pm)
-    dq = q.new_empty(B, T, HV, K)
-    dk, dv = torch.empty_like(dq), torch.empty_like(v)
-    dg = torch.empty(B, T, HV, dtype=torch.float32, device="cuda")
-    dbeta = torch.empty_like(dg)
+    # the two gradient launches apart, as launch_grads runs them (the k launch reads the vq
+    # launch's scratch and adds to its dg / dbeta)
+    vq_out = cb.launch_grad_vq(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, v_new, dv_buf,
+                               do, scale, layout, loop_g)
 
     def grads_vq():
-        cb._bwd_grad_vq_kernel[(NT, HV)](
-            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, v_new, dv_buf, do,
-            dq, dv, pm, m2, dg, dbeta, scale, cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=True, HAS_G=True,
-            IS_VARLEN=varlen, LOOP_G=1)
+        cb.launch_grad_vq(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, v_new, dv_buf, do,
+                          scale, layout, loop_g)
 
     def grads_k():
-        cb._bwd_grad_k_kernel[(NT, HV)](
-            q, k, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, pm, m2,
-            dk, dg, dbeta, cu, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=BK, L2=True, HAS_G=True, IS_VARLEN=varlen, LOOP_G=1)
+        _, _, dg, dbeta, pm, m2 = vq_out
+        cb.launch_grad_k(q, k, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf, pm, m2,
+                         dg, dbeta, layout, loop_g)
 
     for name, fn in (("prep", prep()), ("prep_saved_tm", prep(True)), ("state", state),
                      ("qdo", qdo), ("dh", dh_pass),

@@ -49,6 +49,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from megatron_gdn.aligned_proj import aligned_pad, can_pad, padded_column_linear
 from megatron_gdn.checkpoint import split_sharded_tensor
 from megatron_gdn.config import CONV_SECTIONS, packed_cu_seqlens, param_device, resolve_gdn_dims
 from megatron_gdn.kernels.conv1d import causal_conv1d
@@ -307,7 +308,15 @@ class GatedDeltaNet(MegatronModule):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("GatedDeltaNet: inference (decoding) is not implemented yet")
         d = self.dims
-        proj_sbd, _ = self.in_proj(hidden_states)
+        widths, names = list(d.in_proj_sections_local_tp), list(d.in_proj_section_names)
+        pad = aligned_pad(sum(widths))
+        if pad and can_pad(self.in_proj, self.config):
+            # rows padded to a 16-byte multiple: Hopper's matmul kernels instead of Ampere's
+            # (aligned_proj.py); the pad columns are split off below and never read
+            proj_sbd = padded_column_linear(self.in_proj, hidden_states, pad)
+            widths, names = widths + [pad], names + ["pad"]
+        else:
+            proj_sbd, _ = self.in_proj(hidden_states)
         s, b, _ = proj_sbd.shape
         conv, chunk, cu_seqlens = causal_conv1d, chunk_gated_delta_rule, None
         if self.cp_size > 1:
@@ -320,8 +329,7 @@ class GatedDeltaNet(MegatronModule):
         # their strides, so neither the projection nor the norm output is transposed in memory
         # and split's backward assembles the in_proj gradient directly as [s, b, D]
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
-        sections = dict(zip(d.in_proj_section_names,
-                            torch.split(proj_sbd, list(d.in_proj_sections_local_tp), dim=-1)))
+        sections = dict(zip(names, torch.split(proj_sbd, widths, dim=-1)))
         q_sbd, k_sbd, v_sbd, beta_logit_sbh = sections["q"], sections["k"], sections["v"], sections["b"]
 
         if self.use_short_conv:

@@ -61,7 +61,7 @@ def run_name(model: str, lr: float, lrs) -> str:
 
 
 def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, lengths=None,
-             seq=None, batch=None):
+             seq=None, batch=None, lrs=None):
     """[(name, run folder, [commands])] in priority order: seed-major, so a budget cut leaves
     whole seeds of every model rather than every seed of a few models."""
     py = sys.executable
@@ -71,7 +71,9 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
     seq = seq or study["seq"]
     batch = batch or study["batch"]
     kv = study["rescore_kv"]
-    lrs = study["lrs"]
+    # run folders are named by the study's learning rates (an --lrs subset keeps the names)
+    named = study["lrs"]
+    lrs = lrs or study["lrs"]
     vocab = ["--vocab-size", str(study["vocab"])] if study["vocab"] else []
     # MQAR with n pairs needs 1 + 4n tokens: the re-scoring skips shorter lengths
     rescore_lengths = [str(n) for n in lengths if kv and n >= 1 + 4 * kv]
@@ -80,7 +82,7 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
     for seed in seeds:
         for task in study["tasks"]:
             for model, lr in [(m, lr) for m in models for lr in lrs]:
-                run = out / task / run_name(model, lr, lrs) / f"s{seed}"
+                run = out / task / run_name(model, lr, named) / f"s{seed}"
                 task_args = ["--task", task] + (["--num-kv", str(study["num_kv"])]
                                                  if study["num_kv"] else [])
                 train = [py, str(ROOT / "examples/eval/train_recall.py"),
@@ -94,7 +96,7 @@ def jobs_for(study: dict, seeds, models, out: Path, steps=None, samples=None, le
                     cmds.append([py, str(ROOT / "examples/eval/recall_eval.py"), "--checkpoint",
                                  str(run), "--num-kv", str(kv), "--lengths", *rescore_lengths,
                                  "--samples", str(samples), "--out", str(run / f"kv{kv}")])
-                jobs.append((f"{task}/{run_name(model, lr, lrs)}/s{seed}", run, cmds))
+                jobs.append((f"{task}/{run_name(model, lr, named)}/s{seed}", run, cmds))
     return jobs
 
 
@@ -167,6 +169,8 @@ def main(argv=None):
     p.add_argument("--eval-reserve-s", type=float, default=60.0,
                    help="what a run keeps of its time for scoring: its training is told to end by "
                         "budget + grace - this (train_recall.py --time-limit-s)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="only these of the study's learning rates (e.g. more seeds at the better one)")
     p.add_argument("--steps", type=int, default=None, help="override the study's steps (tests)")
     p.add_argument("--eval-samples", type=int, default=None, help="override (tests)")
     p.add_argument("--eval-lengths", type=int, nargs="+", default=None, help="override (tests)")
@@ -183,8 +187,10 @@ def main(argv=None):
         args.gpus = torch.cuda.device_count()
     slots = ([str(g) for g in range(args.gpus) for _ in range(args.slots_per_gpu)]
              if args.gpus > 0 else [None] * args.slots_per_gpu)
+    if args.lrs and not set(args.lrs) <= set(study["lrs"]):
+        raise SystemExit(f"--lrs {args.lrs}: the study {args.study!r} trains at {study['lrs']}")
     jobs = jobs_for(study, args.seeds, models, args.out, args.steps, args.eval_samples,
-                    args.eval_lengths, args.seq_length, args.batch_size)
+                    args.eval_lengths, args.seq_length, args.batch_size, args.lrs)
     print(f"{len(jobs)} runs on {len(slots)} slots ({args.gpus} GPUs), budget {args.budget_s:.0f} s",
           flush=True)
     records = run_queue(jobs, slots, args.budget_s, args.grace_s, args.out, args.eval_reserve_s)

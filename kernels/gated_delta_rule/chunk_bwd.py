@@ -687,28 +687,48 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
     """The gradient stage: dq, dk ([B, T, HV // loop_g, K], q's dtype; per value head when
     loop_g < G, for the caller to sum over the group), dv, dg, dbeta: _bwd_grad_vq_kernel then
     _bwd_grad_k_kernel, with two [B, T, HV, 64] scratch matrices in q's dtype between them."""
+    dq, dv, dg, dbeta, pm, m2 = launch_grad_vq(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new,
+                                                dv2, do, scale, layout, loop_g)
+    dk = launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2, dg, dbeta,
+                       layout, loop_g)
+    return dq, dk, dv, dg, dbeta
+
+
+def launch_grad_vq(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new, dv2, do, scale,
+                   layout: ChunkLayout, loop_g: int):
+    """_bwd_grad_vq_kernel: dq, dv, the first terms of dg and dbeta, and the scratch pm, m2
+    that launch_grad_k reads."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
+    cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
+    BK = _pow2(K)
+    dq = q.new_empty(B, T, HV // loop_g, K)
+    dv = torch.empty_like(v)
+    dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty_like(dg)
+    pm = q.new_empty(B, T, HV, 64)
+    m2 = torch.empty_like(pm)
+    _bwd_grad_vq_kernel[(layout.num_chunks, HV // loop_g)](
+        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new, dv2, do,
+        dq, dv, pm, m2, dg, dbeta, scale,
+        cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=q_rstd is not None, HAS_G=g is not None,
+        IS_VARLEN=varlen, LOOP_G=loop_g,
+    )
+    return dq, dv, dg, dbeta, pm, m2
+
+
+def launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2, dg, dbeta,
+                  layout: ChunkLayout, loop_g: int):
+    """_bwd_grad_k_kernel after launch_grad_vq: returns dk and adds its terms to dg, dbeta (in
+    place)."""
+    B, T, H, K = q.shape
+    HV, V = v_new.shape[2], v_new.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     NT = layout.num_chunks
     BK = _pow2(K)
     l2 = q_rstd is not None
-    has_g = g is not None
-    dq = q.new_empty(B, T, HV // loop_g, K)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(v)
-    dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
-    dbeta = torch.empty_like(dg)
-    grid = (NT, HV // loop_g)
-    pm = q.new_empty(B, T, HV, 64)
-    m2 = torch.empty_like(pm)
-    _bwd_grad_vq_kernel[grid](
-        q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new, dv2, do,
-        dq, dv, pm, m2, dg, dbeta, scale,
-        cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=BK, BKC=min(BK, 64), L2=l2, HAS_G=has_g,
-        IS_VARLEN=varlen, LOOP_G=loop_g,
-    )
+    dk = q.new_empty(B, T, HV // loop_g, K)
     # key-column blocks: the autotuner picks BK; the parts buffers and dk_raw are sized for
     # every config it may run
     kernel = _bwd_grad_k_kernel
@@ -728,7 +748,7 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
         q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,
         dk, dk_raw, parts[0], parts[1], B * T * HV,
         cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, L2=l2, HAS_G=has_g, IS_VARLEN=varlen, LOOP_G=loop_g,
+        H=H, HV=HV, K=K, V=V, L2=l2, HAS_G=g is not None, IS_VARLEN=varlen, LOOP_G=loop_g,
     )
     nkb = triton.cdiv(K, kernel.best_config.kwargs["BK"])
     dg += parts[0, :nkb].sum(0)
@@ -737,7 +757,7 @@ def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do
         OH = HV // loop_g
         _l2norm_bwd_rows_kernel[(B * T * OH,)](
             dk_raw, k, k_rstd, dk, H=H, OH=OH, K=K, BK=BK, num_warps=4 if BK <= 256 else 8)
-    return dq, dk, dv, dg, dbeta
+    return dk
 
 
 def chunk_gated_delta_rule_bwd(

@@ -1,0 +1,91 @@
+"""Column-parallel projections whose output rows are padded to a 16-byte multiple in memory.
+
+A fused input projection such as GDN's in_proj ([q | k | v | z | b | a]) has an output width
+that is often not a multiple of 8: the GDN 1.3B layer's is 2 x 1536 + 2 x 3072 + 6 + 6 = 9228.
+Its [tokens, 9228] output then has a row stride cuBLAS cannot use with Hopper's kernels (they
+need 16-byte aligned leading dimensions), so the forward, data-gradient and weight-gradient
+matmuls of that projection fall back to Ampere-generation kernels (`cutlass_80_..._align2` in
+the profile of benchmarks/RESULTS.md: 143 ms of a 452 ms GDN 1.3B step on an H100, ~270
+TFLOP/s where the model's aligned matmuls run at ~750).
+
+`padded_column_linear(linear, x, pad)` computes the same projection with `pad` zero rows
+appended to the weight on the fly: the output is [..., width + pad] with an aligned row stride,
+and the caller splits its sections off as views (the pad columns are never read, so their
+gradient is zero and split's backward writes the whole padded gradient in one buffer). The
+parameter itself is unchanged (no checkpoint, conversion or optimizer difference), and the
+padded weight is not kept for the backward (it is formed again there: a ~40 MB copy at the
+1.3B dims, against ~0.8 GB of saved activations over 21 layers if it were kept).
+
+Applies to Megatron's local `ColumnParallelLinear` (TP, SP and their communication through
+Megatron's own region functions, as the linear does them); other linear classes (Transformer
+Engine's), the deferred weight-gradient mode and widths already aligned use the module as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+__all__ = ["ALIGN", "aligned_pad", "padded_column_linear", "can_pad"]
+
+# output widths are padded to a multiple of this many elements: 16 bytes in bf16 / fp16
+ALIGN = 8
+
+
+def aligned_pad(width: int, align: int = ALIGN) -> int:
+    """Zero rows that make `width` a multiple of `align`."""
+    return (-width) % align
+
+
+class _PaddedRowsLinear(torch.autograd.Function):
+    """y = x [W; 0]^T (+ [b; 0]): W [n, h], `pad` zero rows -> y [..., n + pad]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad):
+        ctx.save_for_backward(x, weight)
+        ctx.pad, ctx.has_bias = pad, bias is not None
+        return F.linear(x, F.pad(weight, (0, 0, 0, pad)),
+                        None if bias is None else F.pad(bias, (0, pad)))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        n, h = weight.shape
+        dy2 = dy.reshape(-1, n + ctx.pad)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(dy, F.pad(weight, (0, 0, 0, ctx.pad)))
+        if ctx.needs_input_grad[1]:
+            # the first n columns of the padded gradient: a view whose leading dimension
+            # (n + pad) stays aligned
+            dw = torch.matmul(dy2[:, :n].t(), x.reshape(-1, h))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2[:, :n].sum(0)
+        return dx, dw, db, None
+
+
+def can_pad(linear: torch.nn.Module, config) -> bool:
+    """Whether `linear` is one this module can run padded: Megatron's local
+    ColumnParallelLinear without gathered output, deferred weight gradients or disabled
+    gradient reduction."""
+    return (type(linear) is ColumnParallelLinear and not getattr(linear, "gather_output", False)
+            and not getattr(config, "delay_wgrad_compute", False)
+            and not getattr(linear, "disable_grad_reduce", False)
+            and not getattr(linear, "explicit_expert_comm", False))
+
+
+def padded_column_linear(linear: ColumnParallelLinear, x: torch.Tensor, pad: int) -> torch.Tensor:
+    """linear(x)[0] with its output rows `pad` columns wider (zeros there; see the module
+    docstring). x: [s(/tp with SP), b, h] as the linear takes it."""
+    if linear.sequence_parallel:
+        # all-gather over TP forward, reduce-scatter of the input gradient backward
+        x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=linear.tp_group)
+    else:
+        # identity forward, all-reduce of the input gradient over TP backward (none at TP = 1)
+        x = copy_to_tensor_model_parallel_region(x, group=linear.tp_group)
+    bias = linear.bias if not linear.skip_bias_add else None
+    return _PaddedRowsLinear.apply(x, linear.weight, bias, pad)
