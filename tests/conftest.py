@@ -13,3 +13,32 @@ if not torch.cuda.is_available():
 
 # two cores: keep intra-op threads from oversubscribing when tests spawn processes
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _one_rank_collection():
+    """A real one-rank gloo group in this process (Megatron's linears all-reduce over it),
+    as the tensor- and context-parallel groups of a ProcessGroupCollection."""
+    import torch.distributed as dist
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    group = dist.new_group([0])
+    pg = ProcessGroupCollection()
+    pg.tp = pg.cp = group
+    return pg, created
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_rank_pg():
+    """One-rank process groups for building a layer directly (see _one_rank_collection)."""
+    import torch.distributed as dist
+
+    pg, created = _one_rank_collection()
+    yield pg
+    if created:
+        dist.destroy_process_group()

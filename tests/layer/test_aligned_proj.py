@@ -6,9 +6,7 @@ process in tests/layer/test_layer_parallel.py (the ablated layer's per-rank widt
 padded; the one-process width, 264, is not)."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
 
@@ -43,16 +41,8 @@ def test_padded_rows_match_the_plain_linear(bias):
 
 
 @pytest.fixture(scope="module")
-def pg():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
-    group = dist.new_group([0])
-    collection = ProcessGroupCollection()
-    collection.tp = collection.cp = group
-    yield collection
-    if created:
-        dist.destroy_process_group()
+def pg(one_rank_pg):
+    return one_rank_pg
 
 
 def _layer(pg, HV):

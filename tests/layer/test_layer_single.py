@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
@@ -51,15 +50,9 @@ def _pg(tp_group, cp_group):
 
 
 @pytest.fixture(scope="module")
-def world1():
-    """A real one-rank gloo group in this process (Megatron's linears all-reduce over it)."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
-    group = dist.new_group([0])
-    yield _pg(group, group)
-    if created:
-        dist.destroy_process_group()
+def world1(one_rank_pg):
+    """A real one-rank gloo group in this process (tests/conftest.py)."""
+    return one_rank_pg
 
 
 def _config(**overrides):

@@ -4,9 +4,7 @@ MambaMixer's parameter names and shapes (a MambaMixer-shaped state dict loads, a
 vice versa); the gated norm; construction errors; the spec."""
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
 
@@ -18,16 +16,9 @@ HIDDEN, HEADDIM, STATE, GROUPS = 32, 16, 16, 2
 
 
 @pytest.fixture(scope="module")
-def pg1():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
-    group = dist.new_group([0])
-    pg = ProcessGroupCollection()
-    pg.tp, pg.cp = group, group
-    yield pg
-    if created:
-        dist.destroy_process_group()
+def pg1(one_rank_pg):
+    """A real one-rank gloo group in this process (tests/conftest.py)."""
+    return one_rank_pg
 
 
 def _config(**kw):
