@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--time-limit-s", type=float, default=None,
                         help="fit the run into this many seconds of training: the step time is "
-                             "measured over steps 5-20 and, where --steps would not fit, the "
+                             "measured over steps 10-40 and, where --steps would not fit, the "
                              "schedule is shortened to the steps that do (cosine to its end), "
                              "before warm-up ends where possible; training stops at the limit "
                              "in any case and the checkpoint is evaluated")
@@ -170,23 +170,27 @@ def main(argv=None) -> int:
     start = time.time()
     model.train()
     steps = args.steps  # the schedule's length: shortened under --time-limit-s
-    t5 = None
+    # --time-limit-s: the step time is measured over steps FIT_FROM..FIT_AT, after the first
+    # compilations (in the GPU study a dozen runs start at once, and their first steps are slow)
+    FIT_FROM, FIT_AT = 10, 40
+    t_from = None
     step = -1
     for step in range(args.steps):
         if step >= steps:
             break
         if args.time_limit_s is not None:
             now = time.time() - start
-            if step == 5:
-                t5 = now
-            elif step == 20 and t5 is not None:
+            if step == FIT_FROM:
+                t_from = now
+            elif step == FIT_AT and t_from is not None:
+                step_s = (now - t_from) / (FIT_AT - FIT_FROM)
                 # 90% of the time left: a slower stretch later should not hit the hard stop
-                fit = 20 + int(0.9 * (args.time_limit_s - now) / ((now - t5) / 15))
+                fit = FIT_AT + int(0.9 * (args.time_limit_s - now) / step_s)
                 if fit < steps:
-                    steps = max(21, fit)
-                    warmup = min(warmup, max(20, steps // 10))  # steps 0-19 are behind us
+                    steps = max(FIT_AT + 1, fit)
+                    warmup = min(warmup, max(FIT_AT, steps // 10))  # steps before FIT_AT are done
                     print(json.dumps({"schedule": "shortened to fit --time-limit-s", "steps": steps,
-                                      "step_s": round((now - t5) / 15, 4)}), flush=True)
+                                      "step_s": round(step_s, 4)}), flush=True)
             if now >= args.time_limit_s:
                 steps = step
                 print(json.dumps({"stopped": "at --time-limit-s", "step": step}), flush=True)

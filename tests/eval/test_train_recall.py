@@ -62,13 +62,13 @@ def test_time_limit_shortens_the_schedule(tmp_path):
     cmd = [sys.executable, str(EVAL / "train_recall.py"), "--config", str(EVAL / "configs" / "tiny_gdn.yaml"),
            "--task", "mqar", "--num-kv", "4", "--seq-length", "32", "--steps", "100000",
            "--batch-size", "4", "--log-interval", "1", "--eval-lengths", "32", "--eval-samples", "8",
-           "--num-threads", "1", "--time-limit-s", "4", "--out", str(tmp_path)]
+           "--num-threads", "1", "--time-limit-s", "6", "--out", str(tmp_path)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "shortened to fit --time-limit-s" in out.stdout
     ev = json.loads((tmp_path / "eval.json").read_text())
-    assert ev["steps_planned"] == 100000 and 21 <= ev["steps_done"] < 100000
-    assert ev["time_limit_s"] == 4 and ev["train_s"] < 20
+    assert ev["steps_planned"] == 100000 and 41 <= ev["steps_done"] < 100000
+    assert ev["time_limit_s"] == 6 and ev["train_s"] < 25
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == ev["steps_done"] - 1
     # the schedule was rescaled, not cut: the last steps' learning rate is near the end of the cosine
