@@ -16,7 +16,8 @@ parameter itself is unchanged (no checkpoint, conversion or optimizer difference
 padded weight is not kept for the backward (it is formed again there: a ~40 MB copy at the
 1.3B dims, against ~0.8 GB of saved activations over 21 layers if it were kept).
 
-Applies to Megatron's local `ColumnParallelLinear` (TP, SP and their communication through
+Used by GatedDeltaNet's and Mamba2Mixer's in_proj. Applies to Megatron's local
+`ColumnParallelLinear` (TP, SP and their communication through
 Megatron's own region functions, as the linear does them); other linear classes (Transformer
 Engine's), the deferred weight-gradient mode and widths already aligned use the module as it is.
 """

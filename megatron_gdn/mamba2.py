@@ -46,6 +46,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
+from megatron_gdn.aligned_proj import aligned_pad, can_pad, padded_column_linear
 from megatron_gdn.checkpoint import split_sharded_tensor
 from megatron_gdn.config import packed_cu_seqlens, param_device
 from megatron_gdn.kernels.conv1d import causal_conv1d
@@ -355,13 +356,19 @@ class Mamba2Mixer(MegatronModule):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("Mamba2Mixer: inference through Megatron's contexts is not "
                                       "implemented; kernels.ssd.scalar_decay_step is the decoding step")
-        proj_sbd, _ = self.in_proj(hidden_states)
+        nh, ng, P, N = self.nheads_local_tp, self.ngroups_local_tp, self.headdim, self.d_state
+        widths = [self.d_inner_local_tp, sum(self.conv_sections_local_tp), nh]
+        pad = aligned_pad(sum(widths))
+        if pad and can_pad(self.in_proj, self.config):
+            # rows padded to a 16-byte multiple for Hopper's matmul kernels (aligned_proj.py)
+            proj_sbd = padded_column_linear(self.in_proj, hidden_states, pad)
+            widths = widths + [pad]
+        else:
+            proj_sbd, _ = self.in_proj(hidden_states)
         s, b, _ = proj_sbd.shape
         conv, ssd = self._kernels(packed_seq_params, b, s)
-        nh, ng, P, N = self.nheads_local_tp, self.ngroups_local_tp, self.headdim, self.d_state
 
-        z_btd, xbc_btd, dt_bth = torch.split(
-            proj_sbd.transpose(0, 1), [self.d_inner_local_tp, sum(self.conv_sections_local_tp), nh], dim=-1)
+        z_btd, xbc_btd, dt_bth = torch.split(proj_sbd.transpose(0, 1), widths, dim=-1)[:3]
         xbc_btd = conv(xbc_btd, self.conv1d_weight.squeeze(1), self.conv1d_bias)
         x_btd, B_btd, C_btd = torch.split(xbc_btd, list(self.conv_sections_local_tp), dim=-1)
         x_bthp = x_btd.reshape(b, s, nh, P)
