@@ -31,7 +31,7 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
 )
 
-__all__ = ["ALIGN", "aligned_pad", "padded_column_linear", "can_pad"]
+__all__ = ["ALIGN", "aligned_pad", "padded_column_linear", "can_pad", "project_sections"]
 
 # output widths are padded to a multiple of this many elements: 16 bytes in bf16 / fp16
 ALIGN = 8
@@ -90,3 +90,15 @@ def padded_column_linear(linear: ColumnParallelLinear, x: torch.Tensor, pad: int
         x = copy_to_tensor_model_parallel_region(x, group=linear.tp_group)
     bias = linear.bias if not linear.skip_bias_add else None
     return _PaddedRowsLinear.apply(x, linear.weight, bias, pad)
+
+
+def project_sections(linear: torch.nn.Module, config, x: torch.Tensor, widths):
+    """(output, widths) of a fused projection whose output is split into sections of `widths`:
+    through padded_column_linear, with the pad appended to the widths as a last section to
+    split off and drop, where the total is not a multiple of ALIGN and the linear allows it;
+    else the linear as it is."""
+    widths = list(widths)
+    pad = aligned_pad(sum(widths))
+    if pad and can_pad(linear, config):
+        return padded_column_linear(linear, x, pad), widths + [pad]
+    return linear(x)[0], widths

@@ -49,7 +49,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_gdn.aligned_proj import aligned_pad, can_pad, padded_column_linear
+from megatron_gdn.aligned_proj import project_sections
 from megatron_gdn.checkpoint import split_sharded_tensor
 from megatron_gdn.config import CONV_SECTIONS, packed_cu_seqlens, param_device, resolve_gdn_dims
 from megatron_gdn.kernels.conv1d import causal_conv1d
@@ -308,15 +308,11 @@ class GatedDeltaNet(MegatronModule):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("GatedDeltaNet: inference (decoding) is not implemented yet")
         d = self.dims
-        widths, names = list(d.in_proj_sections_local_tp), list(d.in_proj_section_names)
-        pad = aligned_pad(sum(widths))
-        if pad and can_pad(self.in_proj, self.config):
-            # rows padded to a 16-byte multiple: Hopper's matmul kernels instead of Ampere's
-            # (aligned_proj.py); the pad columns are split off below and never read
-            proj_sbd = padded_column_linear(self.in_proj, hidden_states, pad)
-            widths, names = widths + [pad], names + ["pad"]
-        else:
-            proj_sbd, _ = self.in_proj(hidden_states)
+        # rows padded to a 16-byte multiple where the width is not (Hopper's matmul kernels
+        # instead of Ampere's, aligned_proj.py): a last "pad" section, split off and never read
+        proj_sbd, widths = project_sections(self.in_proj, self.config, hidden_states,
+                                            d.in_proj_sections_local_tp)
+        names = list(d.in_proj_section_names) + ["pad"]
         s, b, _ = proj_sbd.shape
         conv, chunk, cu_seqlens = causal_conv1d, chunk_gated_delta_rule, None
         if self.cp_size > 1:

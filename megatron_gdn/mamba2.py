@@ -46,7 +46,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_gdn.aligned_proj import aligned_pad, can_pad, padded_column_linear
+from megatron_gdn.aligned_proj import project_sections
 from megatron_gdn.checkpoint import split_sharded_tensor
 from megatron_gdn.config import packed_cu_seqlens, param_device
 from megatron_gdn.kernels.conv1d import causal_conv1d
@@ -357,14 +357,9 @@ class Mamba2Mixer(MegatronModule):
             raise NotImplementedError("Mamba2Mixer: inference through Megatron's contexts is not "
                                       "implemented; kernels.ssd.scalar_decay_step is the decoding step")
         nh, ng, P, N = self.nheads_local_tp, self.ngroups_local_tp, self.headdim, self.d_state
-        widths = [self.d_inner_local_tp, sum(self.conv_sections_local_tp), nh]
-        pad = aligned_pad(sum(widths))
-        if pad and can_pad(self.in_proj, self.config):
-            # rows padded to a 16-byte multiple for Hopper's matmul kernels (aligned_proj.py)
-            proj_sbd = padded_column_linear(self.in_proj, hidden_states, pad)
-            widths = widths + [pad]
-        else:
-            proj_sbd, _ = self.in_proj(hidden_states)
+        # rows padded to a 16-byte multiple where the width is not (aligned_proj.py)
+        proj_sbd, widths = project_sections(self.in_proj, self.config, hidden_states,
+                                            [self.d_inner_local_tp, sum(self.conv_sections_local_tp), nh])
         s, b, _ = proj_sbd.shape
         conv, ssd = self._kernels(packed_seq_params, b, s)
 

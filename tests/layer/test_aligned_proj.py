@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
 
-import megatron_gdn.layer as layer_module
+import megatron_gdn.aligned_proj as aligned_proj
 from megatron_gdn.aligned_proj import _PaddedRowsLinear, aligned_pad
 from megatron_gdn.specs import get_gdn_mixer_spec
 
@@ -68,20 +68,20 @@ def test_layer_takes_the_padded_path_only_when_misaligned(pg, monkeypatch, HV, p
     layer = _layer(pg, HV)
     assert (aligned_pad(32 + 34 * HV) > 0) == padded
     calls = []
-    real = layer_module.padded_column_linear
+    real = aligned_proj.padded_column_linear
 
     def spy(*args):
         calls.append(args[2])
         return real(*args)
 
-    monkeypatch.setattr(layer_module, "padded_column_linear", spy)
+    monkeypatch.setattr(aligned_proj, "padded_column_linear", spy)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(20, 2, 24, generator=gen)
     dout = torch.randn(20, 2, 24, generator=gen)
     got = _run(layer, x, dout)
     assert calls == ([aligned_pad(32 + 34 * HV)] if padded else [])
     # the same layer through Megatron's linear as it is
-    monkeypatch.setattr(layer_module, "can_pad", lambda *a: False)
+    monkeypatch.setattr(aligned_proj, "can_pad", lambda *a: False)
     ref = _run(layer, x, dout)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
