@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from megatron_gdn.hybrid.swa_varlen import varlen_causal_attention
+
 __all__ = ["cudnn_causal_attention", "cudnn_swa_supported"]
 
 
@@ -69,16 +71,12 @@ class _CudnnCausal(torch.autograd.Function):
 
 
 def band_reference(q, k, v, window: Optional[int], scale: float) -> torch.Tensor:
-    """The same attention in torch ([B, H, T, D], fp32 accumulation): the probe's oracle."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    T = q.shape[-2]
-    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    i = torch.arange(T, device=q.device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed &= (i[:, None] - i[None, :]) < window
-    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-    return torch.matmul(p, v.to(acc)).to(q.dtype)
+    """The same attention in torch ([B, H, T, D]; swa_varlen.py's math kernel over the B rows,
+    fp32 accumulation): the probe's oracle."""
+    B, H, T, D = q.shape
+    rows = [x.transpose(1, 2).reshape(B * T, H, D) for x in (q, k, v)]
+    o = varlen_causal_attention(*rows, list(range(0, B * T + 1, T)), window, scale, kernel="math")
+    return o.view(B, T, H, D).transpose(1, 2)
 
 
 def _rel(a, b) -> float:
