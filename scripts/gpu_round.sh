@@ -22,6 +22,8 @@ export PYTHONPATH="${MEGATRON_GDN_SITE:-/tmp/megatron_gdn_site}:$ROOT:${PYTHONPA
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 cd "$ROOT"
 python3 -c "import fla, megatron.core; print('fla', fla.__version__, 'megatron-core', megatron.core.__version__)" >> "$OUTDIR/setup.log" 2>&1
+# the card(s) of this call, for the figures' records (every round script sources this set-up)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
 cat "$OUTDIR/setup.log"
 
 # the GPU test suite (run as one pytest-xdist job below)

@@ -15,7 +15,6 @@ OUTDIR="$1"; shift
 mkdir -p "$OUTDIR"
 source "$ROOT/scripts/gpu_round.sh" --functions-only "$OUTDIR"
 export PYTHONWARNINGS=ignore
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
 if [ "${WITH_FLA_CONVERT:-0}" = 1 ]; then
   job fla-convert "${FLA_S:-420}" 0 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert" &
 fi

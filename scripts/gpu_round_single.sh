@@ -31,7 +31,6 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
   job "$name" "$secs" 0 "$@"
   pack
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUTDIR/gpu.txt" 2>&1
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
 timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models

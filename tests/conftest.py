@@ -6,6 +6,7 @@ imports megatron_gdn.kernels.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -29,8 +30,6 @@ def _one_rank_collection():
     pg.tp = pg.cp = group
     return pg, created
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
