@@ -61,6 +61,9 @@ def parse_args():
     p.add_argument("--attn-tokens", type=int, default=16384)
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--smoke", action="store_true", help="tiny presets on the CPU: exercise the code path")
+    p.add_argument("--no-fusions", action="store_true",
+                   help="on a GPU, leave Megatron's SwiGLU and bias-dropout-add fusions off (they are on "
+                        "by default there, as in Megatron's training; the CPU never uses them)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile STEPS steps of each model and shape (torch profiler): "
                         "profile_MODEL_SEQ.txt under --out, kernels by time and by kind")
@@ -96,7 +99,10 @@ def bench_model(name, seqs, args):
     hm = yl.load(ROOT / "examples" / "configs" / f"{name}.yaml")
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu else torch.float32
-    config = yl.transformer_config(hm, params_dtype=dtype, bf16=gpu, use_cpu_initialization=not gpu)
+    # Megatron's defaults on a GPU: SwiGLU and bias-dropout-add compiled (torch.compile)
+    fused = gpu and not args.no_fusions
+    config = yl.transformer_config(hm, params_dtype=dtype, bf16=gpu, use_cpu_initialization=not gpu,
+                                   bias_activation_fusion=fused, bias_dropout_fusion=fused)
     torch.manual_seed(0)
     model = yl.build_gpt_model(hm, config)
     model = model.to(device="cuda" if gpu else "cpu", dtype=dtype)
@@ -113,7 +119,7 @@ def bench_model(name, seqs, args):
             loss = model(inputs, positions, None, labels=labels).float().mean()
             loss.backward()
 
-        row = {"model": name, "seq": seq_name, "params": params}
+        row = {"model": name, "seq": seq_name, "params": params, "fusions": fused}
         try:
             t_first = time.perf_counter()
             step()
@@ -150,6 +156,7 @@ KINDS = [("SSD (Mamba2)", ("_state_bwd_kernel", "_chunk_bwd_kernel", "_state_fwd
          ("attention", ("flash", "fmha", "attention", "cudnn")),
          ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "ampere_", "sm80_", "sm90_")),
          ("cross entropy / softmax", ("softmax", "cross_entropy", "nll_loss")),
+         ("torch.compile (Megatron's fusions)", ("triton_poi_", "triton_red_", "triton_per_")),
          ("reduce", ("reduce",)), ("copy / cat", ("copy", "catarray")),
          ("elementwise", ("elementwise", "vectorized", "unrolled"))]
 
@@ -190,8 +197,8 @@ def profile_step(step, steps, path: Path, header: str) -> dict:
              "| kind | ms per step | share |", "|---|---|---|"]
     lines += [f"| {k} | {v:.2f} | {v / total:.1%} |" for k, v in sorted(by_kind.items(), key=lambda x: -x[1])]
     lines += ["", "| kernel | kind | calls per step | ms per step |", "|---|---|---|---|"]
-    for key, count, us in sorted(events, key=lambda e: -e[2])[:40]:
-        lines.append(f"| {key[:90]} | {kind_of(key)} | {count / steps:g} | {us / 1e3 / steps:.3f} |")
+    for key, count, us in sorted(events, key=lambda e: -e[2])[:60]:
+        lines.append(f"| {key[:200]} | {kind_of(key)} | {count / steps:g} | {us / 1e3 / steps:.3f} |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     log("\n".join(lines[:len(by_kind) + 4]))

@@ -32,6 +32,10 @@ RUNTIME_FIELDS = (
     "calculate_per_token_loss", "deallocate_pipeline_outputs", "variable_seq_lengths",
     "batch_p2p_comm", "overlap_p2p_comm", "cp_comm_type", "hidden_dropout", "attention_dropout",
     "moe_token_dispatcher_type", "moe_grouped_gemm", "moe_router_dtype",
+    # Megatron's fusions (its defaults on a GPU: the compiled SwiGLU and bias-dropout-add; the
+    # CPU flags and the GPU fallback flags turn off those a machine cannot run)
+    "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+    "persist_layer_norm", "cross_entropy_loss_fusion", "cross_entropy_fusion_impl",
 )
 
 # set by the entry script before pretrain(): (backend, HybridModel or None)

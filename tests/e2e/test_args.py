@@ -98,3 +98,34 @@ def test_dataset_helpers_from_the_wheel():
     megatron_gdn.cpu.use_shipped_dataset_helpers()
     assert initialize._compile_dependencies is patched and patched._megatron_gdn
     patched()  # helpers_cpp imports: no make, no barrier without a process group
+
+
+def test_yaml_model_takes_megatron_fusions_from_the_command_line(monkeypatch):
+    """With --model-yaml the shape comes from the file, but how the model runs comes from the
+    command line: Megatron's fusions (on by default on a GPU, off by the CPU flags) reach the
+    config, as do the other run-time fields; every such field is a TransformerConfig field."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.training import argument_utils
+
+    from megatron_gdn.hybrid import yaml_loader
+    from megatron_gdn.training import model
+
+    names = {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert set(model.RUNTIME_FIELDS) <= names, set(model.RUNTIME_FIELDS) - names
+    hm = yaml_loader.load(ROOT / "examples/configs/gdn_1.3b.yaml")
+    for fused in (True, False):
+        cmdline = TransformerConfig(
+            num_layers=hm.num_layers, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+            gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            bias_activation_fusion=fused, bias_dropout_fusion=fused)
+        monkeypatch.setattr(argument_utils, "core_transformer_config_from_args", lambda args: cmdline)
+        model.set_model_source("local", hm)
+        try:
+            config = model._config_from_args(None)
+        finally:
+            model.set_model_source("local", None)
+        assert config.hidden_size == 2048 and config.linear_value_head_dim == 512  # the file's
+        assert config.bias_activation_fusion is fused and config.bias_dropout_fusion is fused

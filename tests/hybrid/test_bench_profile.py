@@ -21,6 +21,9 @@ KERNELS = [
     ("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_64x3_tn_align2>", "gemm"),
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>", "copy / cat"),
     ("void at::native::vectorized_elementwise_kernel<4, ...>", "elementwise"),
+    # inductor's kernels (Megatron's compiled SwiGLU) are not ours although they are Triton's
+    ("triton_poi_fused_mul_silu_0", "torch.compile (Megatron's fusions)"),
+    ("triton_red_fused_add_0", "torch.compile (Megatron's fusions)"),
     # "cat" inside another word is not a concatenation
     ("LinearWithGradAccumulationAndAsyncCommunication", "other"), ("something_else", "other"),
 ]
