@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
 # 570; each job's limit is cut to what is left):
+# (SKIP_ATTN=1 skips the attention jobs.)
 #   1. a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py;
 #      fla's kernels autotune on their first calls, alone on the GPU here; SKIP_FLA=1 skips it);
 #   2. the attention cores: cuDNN's band attention against the torch oracle (GPU tests), then
@@ -8,7 +9,8 @@
 #      of its kernels (benchmarks/bench_hybrid.py --no-models);
 #   3. the GDN 1.3B and H1 1.3B models (4 x 4096 tokens, forward+backward) timed and profiled
 #      kernel by kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits their
-#      tokens/s; then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 20
+#      tokens/s (Megatron's GPU fusions on; then GDN 1.3B once more with them off, timed only);
+#      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 20
 #      iterations with the optimizer, Megatron's mock data);
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
 #   5. the SSD kernel next to mamba_ssm's (a mamba_ssm wheel among the carried ones; it
@@ -32,10 +34,12 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
   pack
 }
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
-timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
-timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
+[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
+[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
+timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \
+  --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --no-fusions
 timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
