@@ -57,6 +57,7 @@ from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.gated_norm import gated_rmsnorm
 from megatron_gdn.parallel import cp_kernels
 from megatron_gdn.parallel.zigzag import PACKED_LAYOUTS
+from megatron_gdn.section_grads import split_sections
 
 
 @dataclass
@@ -322,10 +323,14 @@ class GatedDeltaNet(MegatronModule):
             cu_seqlens = packed_cu_seqlens(packed_seq_params, b, s)
 
         # the layer stays in Megatron's [s, b] order; the kernels read [b, s] views through
-        # their strides, so neither the projection nor the norm output is transposed in memory
-        # and split's backward assembles the in_proj gradient directly as [s, b, D]
+        # their strides, so neither the projection nor the norm output is transposed in memory.
+        # The in_proj gradient is one [s, b, D] buffer: the conv and norm backward kernels
+        # write their sections' gradients into its slices (the `*_into` hints), no concatenation
         qk, v_dim, hv = d.qk_dim_local_tp, d.v_dim_local_tp, d.num_value_heads_local_tp
-        sections = dict(zip(names, torch.split(proj_sbd, widths, dim=-1)))
+        views, section_grads = split_sections(proj_sbd, widths)
+        sections = dict(zip(names, views))
+        into = {name: i for i, name in enumerate(names)}
+        to_bsd = lambda t: t.transpose(0, 1)  # noqa: E731
         q_sbd, k_sbd, v_sbd, beta_logit_sbh = sections["q"], sections["k"], sections["v"], sections["b"]
 
         if self.use_short_conv:
@@ -335,9 +340,12 @@ class GatedDeltaNet(MegatronModule):
             widths = [qk, qk, v_dim]
             weights = torch.split(self.conv_weight, widths, dim=0)
             biases = torch.split(self.conv_bias, widths, dim=0) if self.conv_bias is not None else (None,) * 3
+            # (the context-parallel conv takes no gradient hint: split's backward copies)
+            hints = ({"dx_into": section_grads.into(into[n], to_bsd)} if self.cp_size == 1 else {}
+                     for n in ("q", "k", "v"))
             q_btd, k_btd, v_btd = (
-                conv(x_sbd.transpose(0, 1), w, bias, activation="silu", cu_seqlens=cu_seqlens)[0]
-                for x_sbd, w, bias in zip((q_sbd, k_sbd, v_sbd), weights, biases)
+                conv(x_sbd.transpose(0, 1), w, bias, activation="silu", cu_seqlens=cu_seqlens, **hint)[0]
+                for x_sbd, w, bias, hint in zip((q_sbd, k_sbd, v_sbd), weights, biases, hints)
             )
         else:
             # pointwise, so no halo or document boundary matters (CP and packed alike)
@@ -376,7 +384,9 @@ class GatedDeltaNet(MegatronModule):
         eps = self.config.layernorm_epsilon
         if self.use_output_gate:
             z_sbhv = sections["z"].view(s, b, hv, d.value_head_dim)
-            y_sbhv = gated_rmsnorm(o_bthv.transpose(0, 1), z_sbhv, norm_weight, eps=eps)
+            z_view = lambda t: t.view(s, b, hv, d.value_head_dim)  # noqa: E731
+            y_sbhv = gated_rmsnorm(o_bthv.transpose(0, 1), z_sbhv, norm_weight, eps=eps,
+                                   dz_into=section_grads.into(into["z"], z_view))
         else:
             # plain per-head RMSNorm, statistics in fp32 as the gated kernel computes them
             o_sbhv = o_bthv.transpose(0, 1)

@@ -8,7 +8,7 @@ Inputs before a sequence's first token come from `initial_state[n, d, :]`, the W
 precede it, oldest first (zeros when None). This history is what context parallelism (the halo
 of the preceding piece) and decoding (the rolling conv state) feed in.
 """
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import triton
@@ -146,7 +146,7 @@ def _tap(weight, o_d, m_d, j, W: tl.constexpr):
 @triton.jit
 def _conv_bwd_kernel(
     x, weight, bias, h0, dy, dht, dx, dw_part, db_part, dh0, cu_seqlens, chunk_indices,
-    T, D, NT, stride_xb, stride_xt,
+    T, D, NT, stride_xb, stride_xt, stride_dxb, stride_dxt,
     W: tl.constexpr, L: tl.constexpr, R: tl.constexpr, BD: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_H0: tl.constexpr,
     HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -178,7 +178,7 @@ def _conv_bwd_kernel(
     m_d = o_d < D
     x_row0 = x + i_b.to(tl.int64) * stride_xb
     dy_row0 = dy + i_b.to(tl.int64) * T * D
-    dx_row0 = dx + i_b.to(tl.int64) * T * D
+    dx_row0 = dx + i_b.to(tl.int64) * stride_dxb
 
     # taps by lag (wl_k multiplies in[t - k]) and by index (wi_j = weight[:, j])
     zero = tl.zeros([BD], dtype=tl.float32)
@@ -300,7 +300,7 @@ def _conv_bwd_kernel(
             p_f = dht + (i_n.to(tl.int64) * (W - 1) + k_f)[:, None] * D + o_d[None, :]
             b_dx += tl.load(p_f, mask=m_f, other=0.).to(tl.float32)
         m_s = ((o_s >= t0) & (o_s < t_end))[:, None] & m_d[None, :]
-        tl.store(dx_row0 + (o_s.to(tl.int64) * D)[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty),
+        tl.store(dx_row0 + (o_s.to(tl.int64) * stride_dxt)[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty),
                  mask=m_s)
         if HAS_H0:
             # before the sequence start the outputs are the history slots (first span only)
@@ -426,8 +426,9 @@ def _conv_forward(x, weight, bias, activation, h0_nkd, output_final_state, cu_se
     return y, final_state
 
 
-def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_i32, cu_list):
-    """h0_nkd, dht_nkd: [N, W-1, D] or None; returns dx, dweight, dbias, d initial_state [N, D, W-1]."""
+def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_i32, cu_list, dx_into=None):
+    """h0_nkd, dht_nkd: [N, W-1, D] or None; returns dx (written into `dx_into()` when given:
+    see causal_conv1d), dweight, dbias, d initial_state [N, D, W-1]."""
     B, T, D = x.shape
     W = weight.shape[1]
     L, R, BD, warps = BWD_CONFIG
@@ -437,7 +438,9 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     # never an empty grid: T == 0 launches one fully masked block, which still writes d initial_state
     NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, L))
     n_part = NT * (1 if varlen else B)
-    dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
+    dx = _grad_destination(dx_into, x) if dx_into is not None else None
+    if dx is None:
+        dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     # per-program partials, reduced below in a fixed order (deterministic): n_part * D * W fp32,
     # 1/16 of the bytes of a bf16 x at W = 4
     dw_part = torch.empty(n_part, D, W, dtype=torch.float32, device=x.device)
@@ -446,7 +449,7 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     grid = (NT, triton.cdiv(D, BD), 1 if varlen else B)
     _conv_bwd_kernel[grid](
         x, weight, bias, h0_nkd, dy, dht_nkd, dx, dw_part, db_part, dh0, cu_seqlens_i32, chunk_indices,
-        T, D, NT, x.stride(0), x.stride(1),
+        T, D, NT, x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
         W=W, L=L, R=R, BD=BD,
         HAS_BIAS=bias is not None, SILU=activation == "silu", HAS_H0=h0_nkd is not None,
         HAS_DHT=dht_nkd is not None, IS_VARLEN=varlen, num_warps=warps,
@@ -457,10 +460,21 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     return dx, dw, db, dh0
 
 
+def _grad_destination(dx_into, x):
+    """The tensor `dx_into()` gives if dx can be written into it (x's shape and dtype, unit
+    channel stride), else None (the caller allocates; the hint is only a hint)."""
+    dest = dx_into()
+    if (isinstance(dest, torch.Tensor) and dest.shape == x.shape and dest.dtype == x.dtype
+            and dest.device == x.device and dest.stride(-1) == 1):
+        return dest
+    return None
+
+
 class CausalConv1dFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, initial_state, activation, output_final_state, cu_seqlens_i32, cu_list):
+    def forward(ctx, x, weight, bias, initial_state, activation, output_final_state, cu_seqlens_i32, cu_list,
+                dx_into=None):
         x = _as_channels_last(x)
         weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
@@ -470,6 +484,7 @@ class CausalConv1dFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, h0_nkd, cu_seqlens_i32)
         ctx.activation = activation
         ctx.cu_list = cu_list
+        ctx.dx_into = dx_into
         ctx.set_materialize_grads(False)
         return y, final_state
 
@@ -479,16 +494,17 @@ class CausalConv1dFunction(torch.autograd.Function):
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         dht_nkd = dht.transpose(1, 2).contiguous() if dht is not None else None
         dx, dw, db, dh0 = _conv_backward(x, weight, bias, ctx.activation, h0_nkd, dy, dht_nkd,
-                                         cu_seqlens_i32, ctx.cu_list)
-        # activation, output_final_state, cu_seqlens_i32, cu_list: not differentiable
-        return dx, dw, db, dh0, None, None, None, None
+                                         cu_seqlens_i32, ctx.cu_list, ctx.dx_into)
+        # activation, output_final_state, cu_seqlens_i32, cu_list, dx_into: not differentiable
+        return dx, dw, db, dh0, None, None, None, None, None
 
 
-def triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens, cu_list):
+def triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens, cu_list,
+                         dx_into=None):
     """Triton path of `causal_conv1d` (arguments already validated)."""
     cu_i32 = cu_seqlens.to(torch.int32) if cu_seqlens is not None else None
     return CausalConv1dFunction.apply(x, weight, bias, initial_state, activation, output_final_state,
-                                      cu_i32, cu_list)
+                                      cu_i32, cu_list, dx_into)
 
 
 def triton_causal_conv1d_update(x, conv_state, weight, bias, activation):
@@ -546,6 +562,8 @@ def causal_conv1d(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    *,
+    dx_into: Optional[Callable[[], torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Short causal convolution over tokens with fused bias and activation.
 
@@ -558,6 +576,11 @@ def causal_conv1d(
         cu_seqlens: [N + 1] int32/int64 packed sequence boundaries with B == 1, or None (N = B).
             No input crosses a boundary; the final state of a sequence shorter than W-1 is the
             tail of its initial state followed by its tokens.
+        dx_into: a hint for the backward: a function, called once there, returning the tensor
+            (x's shape and dtype, channel stride 1, any batch and token strides) that the Triton
+            backward writes x's gradient into, e.g. a slice of one gradient buffer for a fused
+            projection's sections, so that no concatenation follows. The torch path and a
+            tensor that does not fit ignore it (a new tensor is allocated).
     Returns:
         y: [B, T, D] in x's dtype (computed in fp32);
         final_state: [N, D, W-1] in x's dtype if output_final_state else None.
@@ -577,7 +600,7 @@ def causal_conv1d(
 
     if use_triton(x):
         return triton_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state,
-                                    cu_seqlens, cu_list)
+                                    cu_seqlens, cu_list, dx_into)
     return torch_causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_list)
 
 

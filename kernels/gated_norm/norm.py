@@ -7,6 +7,8 @@ the output written in place.
 
     y = x * rsqrt(mean(x^2) + eps) * weight * silu(z)
 """
+from typing import Callable, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -120,6 +122,16 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _destination(into, like: torch.Tensor):
+    """The tensor `into()` gives if a gradient of `like` can be written into it (same shape,
+    dtype and device, unit stride along the last dim), else None."""
+    dest = into()
+    if (isinstance(dest, torch.Tensor) and dest.shape == like.shape and dest.dtype == like.dtype
+            and dest.device == like.device and (dest.stride(-1) == 1 or dest.shape[-1] == 1)):
+        return dest
+    return None
+
+
 class GatedRMSNormFunction(torch.autograd.Function):
     """x, z, y, dy, dx, dz are read and written in place through their strides (rows over up
     to three leading dims with any strides): no layout copy around the norm. y is [..., D]
@@ -127,7 +139,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
     transposed view of a contiguous x gets a gradient its producer takes without a copy."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, eps):
+    def forward(ctx, x, z, weight, eps, dz_into=None):
         D = x.shape[-1]
         x, z = _unit_last(x), _unit_last(z)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -146,6 +158,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
                 BR=BR, BD=BD, num_warps=warps,
             )
         ctx.save_for_backward(x, z, weight, rstd)
+        ctx.dz_into = dz_into
         return y
 
     @staticmethod
@@ -158,7 +171,9 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dy = _unit_last(dy)
         # empty_like keeps a dense input's strides (a transposed x gets a transposed dx)
         dx = torch.empty_like(x)
-        dz = torch.empty_like(z)
+        dz = _destination(ctx.dz_into, z) if ctx.dz_into is not None else None
+        if dz is None:
+            dz = torch.empty_like(z)
         tensors = (x, z, dy, dx, dz)
         layout = _row_layout(x.shape, tensors)
         if layout is None:
@@ -175,18 +190,23 @@ class GatedRMSNormFunction(torch.autograd.Function):
                 BR=BR, BD=BD, num_warps=warps,
             )
         dw = dw_part.sum(0).to(weight.dtype)
-        # eps: not differentiable
-        return dx, dz, dw, None
+        # eps, dz_into: not differentiable
+        return dx, dz, dw, None, None
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
+                  dz_into: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
     """Gated RMS normalisation over the last dim.
 
     Args:
         x: [..., D]; z: same shape as x (the gate); weight: [D]; eps > 0 (python float).
+        dz_into: a hint for the backward: a function, called once there, returning the tensor
+            (z's shape and dtype, unit stride along D) the Triton backward writes z's gradient
+            into (a slice of one gradient buffer for a fused projection's sections). The torch
+            path, and a tensor that does not fit, ignore it.
     Returns:
         y: [..., D] in x's dtype; statistics and products are computed in fp32.
     Gradients flow to x, z and weight.
@@ -210,5 +230,5 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
     if use_triton(x):
         if D > MAX_TRITON_DIM:
             raise ValueError(f"x's last dim D={D} exceeds {MAX_TRITON_DIM}, the largest row the Triton kernel holds")
-        return GatedRMSNormFunction.apply(x, z, weight, float(eps))
+        return GatedRMSNormFunction.apply(x, z, weight, float(eps), dz_into)
     return torch_gated_rmsnorm(x, z, weight, float(eps))
