@@ -13,9 +13,13 @@
 #      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 20
 #      iterations with the optimizer, Megatron's mock data);
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
-#   5. the SSD kernel next to mamba_ssm's (a mamba_ssm wheel among the carried ones; it
+#   4b. the reverse state pass (dh) at S4 pinned to each of DH_PINS in turn
+#      (scripts/gpu_dh_sweep.sh: every gradient's error against the fp32 torch path and the
+#      fwd+bwd time per pin; SKIP_DH_S4=1 skips it);
+#   5. the SSD kernel next to mamba_ssm (SKIP_SSD=1 skips it)'s (a mamba_ssm wheel among the carried ones; it
 #      autotunes for ~2 minutes), the Mamba2 1.3B shape at 4 x 4096;
-#   6. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left.
+#   6. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left
+#      (SKIP_S3=1 skips it).
 #   WHEELS=path/to/wheels bash scripts/gpu_round_single.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,8 +47,9 @@ timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model
 timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
-timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128
-timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
+[ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
+[ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128
+[ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --budget-s "$(( $(left) - 25 ))"
 pack
 cat "$OUTDIR/summary.txt"
