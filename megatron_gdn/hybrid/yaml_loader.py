@@ -509,6 +509,10 @@ def transformer_config(hm: HybridModel, **overrides):
             kw.update(ffn_hidden_size=moe["ffn_hidden_size"])
     kw.setdefault("params_dtype", torch.float32)
     kw.update(overrides)
+    if kw.get("bias_activation_fusion") and not kw["gated_linear_unit"] and not kw["add_bias_linear"]:
+        # Megatron's rule (its arguments turn --bias-gelu-fusion off without linear biases):
+        # the gelu fusion is a bias-gelu fusion, and these models' linears have no bias
+        kw["bias_activation_fusion"] = False
     _check_parallel(hm, kw)
     return TransformerConfig(**kw)
 

@@ -82,6 +82,17 @@ def test_pairing_into_megatron_layers():
     assert hm.layers[1].option("window") == 4
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_megatron_activation_fusion_follows_megatron_rules(activation):
+    """Megatron's fusion flag reaches the config (pretrain_gdn.py passes it from the command
+    line); the gelu fusion is a bias-gelu fusion, so without linear biases it is off, as
+    Megatron's own arguments do (TransformerConfig would refuse it)."""
+    hm = yl.parse(dict(_base(), mlp={"ffn_hidden_size": 128, "activation": activation}), "t.yaml")
+    config = yl.transformer_config(hm, bias_activation_fusion=True)
+    assert config.bias_activation_fusion is (activation == "swiglu")
+    assert yl.transformer_config(hm).bias_activation_fusion is False  # the default: none
+
+
 def _base():
     return {
         "model": {"hidden_size": 64, "vocab_size": 128, "seq_length": 32},
