@@ -42,9 +42,9 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
+timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
 timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --no-fusions
-timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
