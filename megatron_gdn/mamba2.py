@@ -54,6 +54,7 @@ from megatron_gdn.kernels.ssd import chunk_scalar_decay
 from megatron_gdn.parallel.collectives import all_gather_start
 from megatron_gdn.parallel.halo import conv_with_cp_halo
 from megatron_gdn.parallel.zigzag import CPLayout, layout_for_layer, piece_owner
+from megatron_gdn.section_grads import split_sections
 
 __all__ = ["Mamba2Mixer", "Mamba2MixerSubmodules", "get_mamba2_mixer_spec", "grouped_gated_rmsnorm",
            "chunk_scalar_decay_cp"]
@@ -332,8 +333,8 @@ class Mamba2Mixer(MegatronModule):
         if cp is None or cp.size() == 1:
             cu = packed_cu_seqlens(packed_seq_params, b, s)
 
-            def conv(x, weight, bias):
-                return causal_conv1d(x, weight, bias, activation="silu", cu_seqlens=cu)[0]
+            def conv(x, weight, bias, dx_into=None):
+                return causal_conv1d(x, weight, bias, activation="silu", cu_seqlens=cu, dx_into=dx_into)[0]
 
             def ssd(q, k, v, g):
                 return chunk_scalar_decay(q, k, v, g, 1.0, cu_seqlens=cu)[0]
@@ -341,7 +342,8 @@ class Mamba2Mixer(MegatronModule):
             return conv, ssd
         layout = layout_for_layer(packed_seq_params, b, s, cp)
 
-        def conv_cp(x, weight, bias):
+        def conv_cp(x, weight, bias, dx_into=None):
+            # no gradient hint under CP: split_sections' backward copies this section
             return conv_with_cp_halo(x, weight, bias, "silu", layout, cp)
 
         def ssd_cp(q, k, v, g):
@@ -363,8 +365,12 @@ class Mamba2Mixer(MegatronModule):
         s, b, _ = proj_sbd.shape
         conv, ssd = self._kernels(packed_seq_params, b, s)
 
-        z_btd, xbc_btd, dt_bth = torch.split(proj_sbd.transpose(0, 1), widths, dim=-1)[:3]
-        xbc_btd = conv(xbc_btd, self.conv1d_weight.squeeze(1), self.conv1d_bias)
+        # in_proj's gradient in one buffer: the conv backward writes the xBC section's slice
+        # (section_grads.py); z and dt arrive from torch ops and are copied in
+        views, section_grads = split_sections(proj_sbd, widths)
+        z_btd, xbc_btd, dt_bth = (v.transpose(0, 1) for v in views[:3])
+        xbc_btd = conv(xbc_btd, self.conv1d_weight.squeeze(1), self.conv1d_bias,
+                       dx_into=section_grads.into(1, lambda t: t.transpose(0, 1)))
         x_btd, B_btd, C_btd = torch.split(xbc_btd, list(self.conv_sections_local_tp), dim=-1)
         x_bthp = x_btd.reshape(b, s, nh, P)
 

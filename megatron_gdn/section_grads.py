@@ -15,6 +15,9 @@ would live from the forward to the backward). The split's backward then returns 
 section gradient that arrives elsewhere (a consumer on the torch path, a small gate section
 through a copy, a section used twice) is copied into its slice, a missing one is zeroed, so the
 result is always the gradient `torch.split` gives, with or without the hints taken.
+
+Used by GatedDeltaNet (q, k, v through the convs, z through the gated norm) and Mamba2Mixer
+(xBC through its conv; z and dt are copied). Under context parallelism the convs take no hint.
 """
 from __future__ import annotations
 

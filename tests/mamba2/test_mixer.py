@@ -115,6 +115,47 @@ def test_mixer_vs_reference(pg1, packed):
         assert_close(a, b, FP32_REL, f"d{name}")
 
 
+def test_mixer_triton_kernels_vs_reference(pg1, monkeypatch):
+    """The mixer on the Triton kernels (on DEVICE: the interpreter on a CPU machine), packed:
+    the same float64 reference; in_proj's gradient was assembled in one buffer with the xBC
+    section written in place by the conv's backward, z and dt copied in (section_grads.py)."""
+    import megatron_gdn.mamba2 as mamba2_module
+    from megatron_gdn.kernels.utils import force_backend
+    from device import CUDA, DEVICE
+    from tolerance import TF32_REL
+
+    seen = []
+    real = mamba2_module.split_sections
+
+    def recording(x, widths):
+        views, grads = real(x, widths)
+        seen.append(grads)
+        return views, grads
+
+    monkeypatch.setattr(mamba2_module, "split_sections", recording)
+    mixer = _build(pg1).to(DEVICE)
+    gen = torch.Generator().manual_seed(6)
+    cu = torch.tensor([0, 1, 40, 70], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu.to(DEVICE), cu_seqlens_kv=cu.to(DEVICE),
+                          max_seqlen_q=39, max_seqlen_kv=39)
+    x = torch.randn(70, 1, HIDDEN, generator=gen).to(DEVICE).requires_grad_()
+    with force_backend("triton"):
+        out, _ = mixer(x, packed_seq_params=psp)
+        dout = torch.randn(out.shape, generator=gen).to(DEVICE)
+        params = _params(mixer)
+        grads = torch.autograd.grad((out * dout).sum(), [x] + list(params.values()))
+    ref_params = {k: v.detach().cpu().double().requires_grad_() for k, v in params.items()}
+    x64 = x.detach().cpu().double().requires_grad_()
+    ref = reference_mamba2_block(x64, ref_params, headdim=HEADDIM, d_state=STATE, ngroups=GROUPS,
+                                 cu_seqlens=cu)
+    ref_grads = torch.autograd.grad((ref * dout.cpu().double()).sum(), [x64] + list(ref_params.values()))
+    rel = TF32_REL if CUDA else FP32_REL
+    assert_close(out, ref, rel, "out")
+    for name, a, b in zip(["x"] + list(params), grads, ref_grads):
+        assert_close(a, b, rel, f"d{name}")
+    assert len(seen) == 1 and (seen[0].in_place, seen[0].copied) == (1, 2)
+
+
 def test_grouped_gated_rmsnorm_groups():
     torch.manual_seed(0)
     y, z, w = torch.randn(3, 8), torch.randn(3, 8), torch.rand(8)
