@@ -50,6 +50,7 @@ from megatron_gdn.aligned_proj import project_sections
 from megatron_gdn.checkpoint import split_sharded_tensor
 from megatron_gdn.config import packed_cu_seqlens, param_device
 from megatron_gdn.kernels.conv1d import causal_conv1d
+from megatron_gdn.kernels.gated_norm import gate_then_rmsnorm
 from megatron_gdn.kernels.ssd import chunk_scalar_decay
 from megatron_gdn.parallel.collectives import all_gather_start
 from megatron_gdn.parallel.halo import conv_with_cp_halo
@@ -64,13 +65,12 @@ CONV_SECTIONS = ("x", "B", "C")
 
 
 def grouped_gated_rmsnorm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int,
-                          eps: float) -> torch.Tensor:
+                          eps: float, dz_into=None) -> torch.Tensor:
     """Mamba2's gated norm (norm after the gate): u = y * silu(z), normalised over each of
-    `groups` equal slices of the last dim, times weight. fp32 math, y's dtype out."""
-    u = y.float() * F.silu(z.float())
-    u = u.unflatten(-1, (groups, u.shape[-1] // groups))
-    u = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps)
-    return (u.flatten(-2) * weight.float()).to(y.dtype)
+    `groups` equal slices of the last dim, times weight. fp32 math, y's dtype out; the Triton
+    kernel on CUDA (`kernels.gated_norm.gate_then_rmsnorm`, z's gradient written through the
+    `dz_into` hint), the torch path on the CPU."""
+    return gate_then_rmsnorm(y, z, weight, groups, eps, dz_into=dz_into)
 
 
 class GroupedGatedRMSNorm(torch.nn.Module):
@@ -82,8 +82,8 @@ class GroupedGatedRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         tensor_parallel.set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
 
-    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return grouped_gated_rmsnorm(y, z, self.weight, self.groups, self.eps)
+    def forward(self, y: torch.Tensor, z: torch.Tensor, dz_into=None) -> torch.Tensor:
+        return grouped_gated_rmsnorm(y, z, self.weight, self.groups, self.eps, dz_into)
 
 
 # ------------------------------------------------------------------- context parallelism
@@ -365,8 +365,8 @@ class Mamba2Mixer(MegatronModule):
         s, b, _ = proj_sbd.shape
         conv, ssd = self._kernels(packed_seq_params, b, s)
 
-        # in_proj's gradient in one buffer: the conv backward writes the xBC section's slice
-        # (section_grads.py); z and dt arrive from torch ops and are copied in
+        # in_proj's gradient in one buffer: the conv and norm backward kernels write the xBC
+        # and z sections' slices (section_grads.py); dt arrives from torch ops and is copied in
         views, section_grads = split_sections(proj_sbd, widths)
         z_btd, xbc_btd, dt_bth = (v.transpose(0, 1) for v in views[:3])
         xbc_btd = conv(xbc_btd, self.conv1d_weight.squeeze(1), self.conv1d_bias,
@@ -382,7 +382,8 @@ class Mamba2Mixer(MegatronModule):
         D = self.D.float().view(nh, P) if self.D_has_hdim else self.D.float().view(nh, 1)
         y_bthp = (y_bthp.float() + D * x_bthp.float()).to(x_bthp.dtype)
 
-        y_btd = self.norm(y_bthp.reshape(b, s, self.d_inner_local_tp), z_btd)
+        y_btd = self.norm(y_bthp.reshape(b, s, self.d_inner_local_tp), z_btd,
+                          dz_into=section_grads.into(0, lambda t: t.transpose(0, 1)))
         out_sbh, out_bias = self.out_proj(y_btd.transpose(0, 1).contiguous())
         return out_sbh, out_bias
 

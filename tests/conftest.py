@@ -41,3 +41,22 @@ def one_rank_pg():
     yield pg
     if created:
         dist.destroy_process_group()
+
+
+@pytest.fixture
+def watch_split_sections(monkeypatch):
+    """watch(module) -> list: the SectionGrads of every split_sections call made through
+    `module` from then on (megatron_gdn/section_grads.py; their in-place / copied counts)."""
+
+    def watch(module):
+        seen, real = [], module.split_sections
+
+        def recording(x, widths):
+            views, grads = real(x, widths)
+            seen.append(grads)
+            return views, grads
+
+        monkeypatch.setattr(module, "split_sections", recording)
+        return seen
+
+    return watch

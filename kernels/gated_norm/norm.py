@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..utils import check_same_device, use_triton
-from .torch_ref import torch_gated_rmsnorm
+from .torch_ref import torch_gate_then_rmsnorm, torch_gated_rmsnorm
 
 # the Triton kernels keep a whole row in registers
 MAX_TRITON_DIM = 16384
@@ -33,8 +33,10 @@ def _row_offsets(o_r64, R1, R2, s0, s1, s2):
 def _gated_rmsnorm_fwd_kernel(
     x, z, weight, y, rstd, R, D, R1, R2,
     sx0, sx1, sx2, sz0, sz1, sz2, sy0, sy1, sy2, eps,
-    BR: tl.constexpr, BD: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, GATE_FIRST: tl.constexpr, G: tl.constexpr,
 ):
+    """GATE_FIRST: y = rmsnorm(x silu(z)) w (Mamba2's order) instead of rmsnorm(x) w silu(z);
+    G > 1: row r (rows of [..., G, D]) is group r % G, with its own D weights."""
     i_r = tl.program_id(0)
     o_r = i_r * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
@@ -47,9 +49,14 @@ def _gated_rmsnorm_fwd_kernel(
     p_y = _row_offsets(o_r64, R1, R2, sy0, sy1, sy2)
     b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_w = tl.load(weight + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
-    b_y = b_x * b_rstd[:, None] * b_w[None, :] * (b_z * tl.sigmoid(b_z))
+    b_w = _row_weights(weight, o_r, o_d, m, D, G)
+    if GATE_FIRST:
+        b_u = b_x * (b_z * tl.sigmoid(b_z))
+        b_rstd = 1. / tl.sqrt(tl.sum(b_u * b_u, axis=1) / D + eps)
+        b_y = b_u * b_rstd[:, None] * b_w
+    else:
+        b_rstd = 1. / tl.sqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
+        b_y = b_x * b_rstd[:, None] * b_w * (b_z * tl.sigmoid(b_z))
     tl.store(y + p_y[:, None] + o_d[None, :], b_y.to(y.dtype.element_ty), mask=m)
     tl.store(rstd + o_r, b_rstd, mask=m_r)
 
@@ -58,10 +65,12 @@ def _gated_rmsnorm_fwd_kernel(
 def _gated_rmsnorm_bwd_kernel(
     x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
     sx0, sx1, sx2, sz0, sz1, sz2, sdy0, sdy1, sdy2, sdx0, sdx1, sdx2, sdz0, sdz1, sdz2,
-    BR: tl.constexpr, BD: tl.constexpr,
+    BR: tl.constexpr, BD: tl.constexpr, GATE_FIRST: tl.constexpr, G: tl.constexpr,
 ):
     """n = x rstd, s = silu(z): dz = dy n w silu'(z), dx = rstd (dn - n mean(dn n)) with
-    dn = dy w s, and this program's partial of dw = sum_rows dy n s."""
+    dn = dy w s, and this program's partial of dw = sum_rows dy n s ([G, D] per program).
+    GATE_FIRST (u = x s, n = u rstd): du = rstd (dn - n mean(dn n)) with dn = dy w, then
+    dx = du s, dz = du x silu'(z), dw = sum_rows dy n."""
     i_r = tl.program_id(0)
     o_r = i_r * BR + tl.arange(0, BR)
     o_d = tl.arange(0, BD)
@@ -77,17 +86,41 @@ def _gated_rmsnorm_bwd_kernel(
     b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
     b_dy = tl.load(dy + p_dy[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_w = tl.load(weight + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_w = _row_weights(weight, o_r, o_d, m, D, G)
     b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.)
-    b_n = b_x * b_rstd[:, None]
     b_sig = tl.sigmoid(b_z)
     b_s = b_z * b_sig
-    b_dn = b_dy * b_w[None, :] * b_s
-    b_dx = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
-    b_dz = b_dy * b_n * b_w[None, :] * b_sig * (1. + b_z * (1. - b_sig))
+    b_ds = b_sig * (1. + b_z * (1. - b_sig))  # silu'(z)
+    if GATE_FIRST:
+        b_n = b_x * b_s * b_rstd[:, None]
+        b_dn = b_dy * b_w
+        b_du = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
+        b_dx = b_du * b_s
+        b_dz = b_du * b_x * b_ds
+        b_dwr = b_dy * b_n
+    else:
+        b_n = b_x * b_rstd[:, None]
+        b_dn = b_dy * b_w * b_s
+        b_dx = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
+        b_dz = b_dy * b_n * b_w * b_ds
+        b_dwr = b_dy * b_n * b_s
     tl.store(dx + p_dx[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
     tl.store(dz + p_dz[:, None] + o_d[None, :], b_dz.to(dz.dtype.element_ty), mask=m)
-    tl.store(dw_part + i_r.to(tl.int64) * D + o_d, tl.sum(b_dy * b_n * b_s, axis=0), mask=m_d)
+    p_dw = dw_part + i_r.to(tl.int64) * G * D + o_d
+    if G == 1:
+        tl.store(p_dw, tl.sum(b_dwr, axis=0), mask=m_d)
+    else:
+        for i_g in tl.static_range(G):
+            b_g = tl.sum(tl.where((o_r % G == i_g)[:, None], b_dwr, 0.), axis=0)
+            tl.store(p_dw + i_g * D, b_g, mask=m_d)
+
+
+@triton.jit
+def _row_weights(weight, o_r, o_d, m, D, G: tl.constexpr):
+    """The weights of each row as a [BR, BD] tile (G groups: row r uses weight[r % G])."""
+    if G == 1:
+        return tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
+    return tl.load(weight + ((o_r % G) * D)[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
 
 
 def _block_rows(D: int) -> tuple:
@@ -139,8 +172,10 @@ class GatedRMSNormFunction(torch.autograd.Function):
     transposed view of a contiguous x gets a gradient its producer takes without a copy."""
 
     @staticmethod
-    def forward(ctx, x, z, weight, eps, dz_into=None):
+    def forward(ctx, x, z, weight, eps, dz_into=None, gate_first=False):
+        # x, z: [..., D], or [..., G, D] with weight [G * D] (groups: rows of group r % G)
         D = x.shape[-1]
+        G = weight.numel() // D
         x, z = _unit_last(x), _unit_last(z)
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         layout = _row_layout(x.shape, (x, z, y))
@@ -155,16 +190,18 @@ class GatedRMSNormFunction(torch.autograd.Function):
         if R > 0:
             _gated_rmsnorm_fwd_kernel[(triton.cdiv(R, BR),)](
                 x, z, weight, y, rstd, R, D, R1, R2, *sx, *sz, *sy, eps,
-                BR=BR, BD=BD, num_warps=warps,
+                BR=BR, BD=BD, GATE_FIRST=gate_first, G=G, num_warps=warps,
             )
         ctx.save_for_backward(x, z, weight, rstd)
         ctx.dz_into = dz_into
+        ctx.gate_first = gate_first
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, z, weight, rstd = ctx.saved_tensors
         D = x.shape[-1]
+        G = weight.numel() // D
         R = rstd.shape[0]
         BD, BR, warps = _block_rows(D)
         n_prog = triton.cdiv(R, BR)
@@ -182,19 +219,39 @@ class GatedRMSNormFunction(torch.autograd.Function):
             tensors = (x, z, dy, dx, dz)
             layout = _row_layout(x.shape, tensors)
         (_, R1, R2), strides = layout
-        dw_part = torch.zeros(max(n_prog, 1), D, dtype=torch.float32, device=x.device)
+        dw_part = torch.zeros(max(n_prog, 1), G * D, dtype=torch.float32, device=x.device)
         if R > 0:
             _gated_rmsnorm_bwd_kernel[(n_prog,)](
                 x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
                 *(s for st in strides for s in st),
-                BR=BR, BD=BD, num_warps=warps,
+                BR=BR, BD=BD, GATE_FIRST=ctx.gate_first, G=G, num_warps=warps,
             )
         dw = dw_part.sum(0).to(weight.dtype)
-        # eps, dz_into: not differentiable
-        return dx, dz, dw, None, None
+        # eps, dz_into, gate_first: not differentiable
+        return dx, dz, dw, None, None, None
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_norm_args(x, z, weight, eps, dim: str) -> int:
+    """The checks both norms share; returns the last dim (named `dim` in the messages)."""
+    for name, t in (("x", x), ("z", z), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., {dim}] with {dim} > 0, got {tuple(x.shape)}")
+    if z.shape != x.shape:
+        raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+    n = x.shape[-1]
+    if weight.shape != (n,):
+        raise ValueError(f"weight must be [{dim}={n}], got {tuple(weight.shape)}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    check_same_device(x=x, z=z, weight=weight)
+    return n
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
@@ -211,24 +268,36 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
         y: [..., D] in x's dtype; statistics and products are computed in fp32.
     Gradients flow to x, z and weight.
     """
-    for name, t in (("x", x), ("z", z), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
-    if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"x must be [..., D] with D > 0, got {tuple(x.shape)}")
-    if z.shape != x.shape:
-        raise ValueError(f"z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
-    D = x.shape[-1]
-    if weight.shape != (D,):
-        raise ValueError(f"weight must be [D={D}], got {tuple(weight.shape)}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    check_same_device(x=x, z=z, weight=weight)
-
+    D = _check_norm_args(x, z, weight, eps, "D")
     if use_triton(x):
         if D > MAX_TRITON_DIM:
             raise ValueError(f"x's last dim D={D} exceeds {MAX_TRITON_DIM}, the largest row the Triton kernel holds")
         return GatedRMSNormFunction.apply(x, z, weight, float(eps), dz_into)
     return torch_gated_rmsnorm(x, z, weight, float(eps))
+
+
+def gate_then_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int = 1,
+                      eps: float = 1e-6, *,
+                      dz_into: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """Mamba2's gated norm, the gate before the norm: u = x * silu(z), normalised over each of
+    `groups` equal slices of the last dim, times weight.
+
+    Args:
+        x: [..., C]; z: same shape (the gate); weight: [C]; groups: divides C; eps > 0.
+        dz_into: as in `gated_rmsnorm` (a tensor of z's shape for z's gradient).
+    Returns:
+        y: [..., C] in x's dtype; statistics and products in fp32.
+    Gradients flow to x, z and weight.
+    """
+    C = _check_norm_args(x, z, weight, eps, "C")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or C % groups:
+        raise ValueError(f"groups must be a positive int dividing the last dim {C}, got {groups!r}")
+    D = C // groups
+    if not use_triton(x):
+        return torch_gate_then_rmsnorm(x, z, weight, groups, float(eps))
+    if D > MAX_TRITON_DIM:
+        raise ValueError(f"a group of D={D} channels exceeds {MAX_TRITON_DIM}, the largest row the Triton kernel holds")
+    split = (lambda t: t.unflatten(-1, (groups, D))) if groups > 1 else (lambda t: t)  # noqa: E731
+    into = (lambda: split(dz_into())) if dz_into is not None else None  # noqa: E731
+    y = GatedRMSNormFunction.apply(split(x), split(z), weight, float(eps), into, True)
+    return y.flatten(-2) if groups > 1 else y

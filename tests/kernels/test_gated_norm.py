@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from device import DEVICE, HALF_DTYPES
 from tolerance import BF16_REL, FP32_REL, assert_close
 
-from megatron_gdn.kernels.gated_norm import gated_rmsnorm, naive_gated_rmsnorm
+from megatron_gdn.kernels.gated_norm import gate_then_rmsnorm, gated_rmsnorm, naive_gated_rmsnorm
 from megatron_gdn.kernels.gated_norm.torch_ref import torch_gated_rmsnorm
 from megatron_gdn.kernels.utils import force_backend
 
@@ -27,12 +27,13 @@ def make_inputs(shape, dtype=torch.float32, seed=0, device=DEVICE):
     return tuple(t.to(device=device, dtype=dtype) for t in (x, z, weight))
 
 
-def check_against_oracle(backend, x, z, weight, eps, rel):
+def check_against_oracle(backend, x, z, weight, eps, rel, norm=gated_rmsnorm, oracle=naive_gated_rmsnorm,
+                         **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (x, z, weight)]
     with force_backend(backend):
-        y = gated_rmsnorm(*leaves, eps=eps)
+        y = norm(*leaves, eps=eps, **kw)
     refs = [t.detach().to(torch.float64).requires_grad_() for t in (x, z, weight)]
-    y_ref = naive_gated_rmsnorm(*refs, eps=eps)
+    y_ref = oracle(*refs, eps=eps, **kw)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert_close(y, y_ref, rel, "y")
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device)
@@ -174,11 +175,15 @@ def test_errors():
 def test_cuda_realistic(dtype, D):
     """Triton on the GPU at layer sizes (8K tokens x 32 value heads) against the fp64 torch
     path, which the CPU tests above tie to the oracle."""
-    x, z, weight = make_inputs((2, 4096, 32, D), dtype=dtype, seed=11, device="cuda")
+    check_cuda_vs_fp64_torch(gated_rmsnorm, torch_gated_rmsnorm, (2, 4096, 32, D), dtype, 11)
+
+
+def check_cuda_vs_fp64_torch(norm, torch_norm, shape, dtype, seed, **kw):
+    x, z, weight = make_inputs(shape, dtype=dtype, seed=seed, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (x, z, weight)]
-    y = gated_rmsnorm(*leaves)
+    y = norm(*leaves, **kw)
     refs = [t.double().requires_grad_() for t in (x, z, weight)]
-    y_ref = torch_gated_rmsnorm(*refs)
+    y_ref = torch_norm(*refs, **kw)
     rel = FP32_REL if dtype == torch.float32 else BF16_REL
     assert_close(y, y_ref, rel, "y")
     dy = torch.randn_like(y)
@@ -186,3 +191,75 @@ def test_cuda_realistic(dtype, D):
     (y_ref * dy.double()).sum().backward()
     for name, leaf, r in zip(("dx", "dz", "dweight"), leaves, refs):
         assert_close(leaf.grad, r.grad, rel, name)
+
+
+# ------------------------------------------------------------ gate first, grouped (Mamba2's)
+def naive_gate_then_rmsnorm(x, z, weight, groups, eps):
+    """fp64, one group at a time: rmsnorm(x silu(z)) weight over each slice of the last dim."""
+    u = x.double() * z.double() * torch.sigmoid(z.double())
+    D = x.shape[-1] // groups
+    outs = []
+    for g in range(groups):
+        ug = u[..., g * D:(g + 1) * D]
+        rms = torch.sqrt((ug * ug).sum(-1, keepdim=True) / D + eps)
+        outs.append(ug / rms * weight.double()[g * D:(g + 1) * D])
+    return torch.cat(outs, -1)
+
+
+GATE_FIRST_CASES = [((4, 7, 32), 1), ((3, 64), 4), ((2, 5, 3, 48), 2), ((1, 130), 1), ((2, 9, 256), 8)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", GATE_FIRST_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-g{c[1]}" for c in GATE_FIRST_CASES])
+def test_gate_then_rmsnorm_against_oracle(backend, shape, groups):
+    check_against_oracle(backend, *make_inputs(shape, seed=len(shape) + groups), 1e-5, FP32_REL,
+                         norm=gate_then_rmsnorm, oracle=naive_gate_then_rmsnorm, groups=groups)
+
+
+def test_gate_then_rmsnorm_strided_gate_written_in_place():
+    """The mixer's layout on the Triton path: z a transposed slice of a wider [s, b, C'] tensor,
+    its gradient written through dz_into into the matching slice of another such tensor."""
+    s, b, C, groups = 11, 2, 48, 3
+    gen = torch.Generator().manual_seed(9)
+    wide = torch.randn(s, b, C + 5, generator=gen).to(DEVICE)
+    x = torch.randn(b, s, C, generator=gen).to(DEVICE).requires_grad_()
+    weight = (1 + 0.3 * torch.randn(C, generator=gen)).to(DEVICE).requires_grad_()
+    z_leaf = wide.clone().requires_grad_()
+    grad_buf = torch.full_like(wide, float("nan"))
+    with force_backend("triton"):
+        y = gate_then_rmsnorm(x, z_leaf[..., 2:2 + C].transpose(0, 1), weight, groups,
+                              dz_into=lambda: grad_buf[..., 2:2 + C].transpose(0, 1))
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE)
+    (y * dy).sum().backward()
+    refs = [t.detach().double().requires_grad_() for t in (x, wide[..., 2:2 + C].transpose(0, 1), weight)]
+    y_ref = naive_gate_then_rmsnorm(*refs, groups=groups, eps=1e-6)
+    (y_ref * dy.double()).sum().backward()
+    assert_close(y, y_ref, FP32_REL, "y")
+    assert_close(grad_buf[..., 2:2 + C].transpose(0, 1), refs[1].grad, FP32_REL, "dz in place")
+    assert_close(x.grad, refs[0].grad, FP32_REL, "dx")
+    assert_close(weight.grad, refs[2].grad, FP32_REL, "dweight")
+
+
+def test_gate_then_rmsnorm_errors():
+    x, z, weight = make_inputs((2, 3, 8), device="cpu")
+    with pytest.raises(ValueError, match="groups must be a positive int dividing the last dim 8"):
+        gate_then_rmsnorm(x, z, weight, groups=3)
+    with pytest.raises(ValueError, match="weight must be"):
+        gate_then_rmsnorm(x, z, weight[:4], groups=2)
+    with pytest.raises(ValueError, match="z must have"):
+        gate_then_rmsnorm(x, z[..., :4], weight)
+    with pytest.raises(ValueError, match="eps"):
+        gate_then_rmsnorm(x, z, weight, eps=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("groups", [1, 8], ids=["g1", "g8"])
+def test_cuda_gate_then_rmsnorm_mamba2_dims(dtype, groups):
+    """The gate-first kernel on the GPU at the Mamba2 1.3B mixer's norm (d_inner 4096, 8K
+    tokens) against the fp64 torch path."""
+    from megatron_gdn.kernels.gated_norm import torch_gate_then_rmsnorm
+
+    check_cuda_vs_fp64_torch(gate_then_rmsnorm, torch_gate_then_rmsnorm, (2, 4096, 4096), dtype, 12,
+                             groups=groups)

@@ -113,7 +113,7 @@ def test_matches_reference_batch(world1):
     _check_against_reference(layer, torch.randn(37, 2, HIDDEN))
 
 
-def test_matches_reference_triton_kernels(world1, monkeypatch):
+def test_matches_reference_triton_kernels(world1, watch_split_sections):
     """The layer on the Triton kernels (on DEVICE: compiled on a GPU, the interpreter on a CPU
     machine), batch 2: the path that reads the [s, b] projection through strided [b, s] views
     and writes the norm output in [s, b] order (the torch path copies where it must, so only
@@ -121,15 +121,7 @@ def test_matches_reference_triton_kernels(world1, monkeypatch):
     sections of in_proj's gradient in place (megatron_gdn.section_grads), b and a were copied."""
     import megatron_gdn.layer as layer_module
 
-    seen = []
-    real = layer_module.split_sections
-
-    def recording(x, widths):
-        views, grads = real(x, widths)
-        seen.append(grads)
-        return views, grads
-
-    monkeypatch.setattr(layer_module, "split_sections", recording)
+    seen = watch_split_sections(layer_module)
     layer = _build(world1).to(DEVICE)
     torch.manual_seed(4)
     with force_backend("triton"):

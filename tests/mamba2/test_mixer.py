@@ -115,24 +115,17 @@ def test_mixer_vs_reference(pg1, packed):
         assert_close(a, b, FP32_REL, f"d{name}")
 
 
-def test_mixer_triton_kernels_vs_reference(pg1, monkeypatch):
+def test_mixer_triton_kernels_vs_reference(pg1, watch_split_sections):
     """The mixer on the Triton kernels (on DEVICE: the interpreter on a CPU machine), packed:
     the same float64 reference; in_proj's gradient was assembled in one buffer with the xBC
-    section written in place by the conv's backward, z and dt copied in (section_grads.py)."""
+    and z sections written in place by the conv's and the norm's backward, dt copied in
+    (section_grads.py)."""
     import megatron_gdn.mamba2 as mamba2_module
     from megatron_gdn.kernels.utils import force_backend
     from device import CUDA, DEVICE
     from tolerance import TF32_REL
 
-    seen = []
-    real = mamba2_module.split_sections
-
-    def recording(x, widths):
-        views, grads = real(x, widths)
-        seen.append(grads)
-        return views, grads
-
-    monkeypatch.setattr(mamba2_module, "split_sections", recording)
+    seen = watch_split_sections(mamba2_module)
     mixer = _build(pg1).to(DEVICE)
     gen = torch.Generator().manual_seed(6)
     cu = torch.tensor([0, 1, 40, 70], dtype=torch.int32)
@@ -153,7 +146,7 @@ def test_mixer_triton_kernels_vs_reference(pg1, monkeypatch):
     assert_close(out, ref, rel, "out")
     for name, a, b in zip(["x"] + list(params), grads, ref_grads):
         assert_close(a, b, rel, f"d{name}")
-    assert len(seen) == 1 and (seen[0].in_place, seen[0].copied) == (1, 2)
+    assert len(seen) == 1 and (seen[0].in_place, seen[0].copied) == (2, 1)
 
 
 def test_grouped_gated_rmsnorm_groups():
