@@ -118,9 +118,12 @@ def _gated_rmsnorm_bwd_kernel(
 @triton.jit
 def _row_weights(weight, o_r, o_d, m, D, G: tl.constexpr):
     """The weights of each row as a [BR, BD] tile (G groups: row r uses weight[r % G])."""
+    # one return (Triton types every return of a function alike, pruned branches included)
     if G == 1:
-        return tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
-    return tl.load(weight + ((o_r % G) * D)[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        b_w = tl.load(weight + o_d, mask=o_d < D, other=0.).to(tl.float32)[None, :]
+    else:
+        b_w = tl.load(weight + ((o_r % G) * D)[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+    return b_w
 
 
 def _block_rows(D: int) -> tuple:

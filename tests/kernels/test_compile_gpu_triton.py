@@ -1,5 +1,6 @@
 """Every Triton kernel of the package compiles for Hopper (sm_90) without a GPU, specialised as
-its launcher specialises it (bf16 and fp32; conv widths 2 / 4 / 8, norm rows of 128 / 256),
+its launcher specialises it (bf16 and fp32; conv widths 2 / 4 / 8, norm rows of 128 / 256 in
+both norm orders, grouped weights),
 under two Triton versions: the one installed here and the GPU
 machines' (3.6.0, which scripts/test.sh installs beside the environment into
 `<venv>/triton-gpu`). Versions differ in what they accept: 3.8 takes 64-bit block-pointer
@@ -106,7 +107,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     for D in (128, 256):
         BD, BR, warps = norm._block_rows(D)
         for fn in (norm._gated_rmsnorm_fwd_kernel, norm._gated_rmsnorm_bwd_kernel):
-            build(fn, dict(BR=BR, BD=BD), dtype, warps=warps)
+            # GDN's norm, and Mamba2's gate-first one with one and with eight groups
+            for gate_first, groups in ((False, 1), (True, 1), (True, 8)):
+                build(fn, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups), dtype, warps=warps)
 print("compiled", n)
 """
 
