@@ -77,7 +77,7 @@ class _SplitSections(torch.autograd.Function):
     def backward(ctx, *section_grads):
         grads: SectionGrads = ctx.grads
         in_place = copied = 0
-        buf = grads.buffer()
+        buf = grads.take()
         for i, g in enumerate(section_grads):
             dest = buf.narrow(-1, grads.offsets[i], grads.widths[i])
             if g is None:
@@ -88,7 +88,7 @@ class _SplitSections(torch.autograd.Function):
                 dest.copy_(g)
                 copied += 1
         grads.in_place, grads.copied = in_place, copied
-        return grads.take(), None
+        return buf, None
 
 
 def split_sections(x: torch.Tensor, widths: Sequence[int]) -> Tuple[List[torch.Tensor], SectionGrads]:

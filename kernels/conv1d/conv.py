@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_same_device, prepare_cu_seqlens, use_triton
+from ..utils import check_same_device, grad_destination, prepare_cu_seqlens, use_triton
 from .torch_ref import torch_causal_conv1d, torch_causal_conv1d_update
 
 MAX_WIDTH = 8
@@ -438,7 +438,7 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     # never an empty grid: T == 0 launches one fully masked block, which still writes d initial_state
     NT = chunk_indices.shape[0] if varlen else max(1, triton.cdiv(T, L))
     n_part = NT * (1 if varlen else B)
-    dx = _grad_destination(dx_into, x) if dx_into is not None else None
+    dx = grad_destination(dx_into, x)
     if dx is None:
         dx = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
     # per-program partials, reduced below in a fixed order (deterministic): n_part * D * W fp32,
@@ -458,16 +458,6 @@ def _conv_backward(x, weight, bias, activation, h0_nkd, dy, dht_nkd, cu_seqlens_
     db = db_part.sum(0).to(bias.dtype) if bias is not None else None
     dh0 = dh0.transpose(1, 2).contiguous().to(h0_nkd.dtype) if dh0 is not None else None
     return dx, dw, db, dh0
-
-
-def _grad_destination(dx_into, x):
-    """The tensor `dx_into()` gives if dx can be written into it (x's shape and dtype, unit
-    channel stride), else None (the caller allocates; the hint is only a hint)."""
-    dest = dx_into()
-    if (isinstance(dest, torch.Tensor) and dest.shape == x.shape and dest.dtype == x.dtype
-            and dest.device == x.device and dest.stride(-1) == 1):
-        return dest
-    return None
 
 
 class CausalConv1dFunction(torch.autograd.Function):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_same_device, use_triton
+from ..utils import check_same_device, grad_destination, use_triton
 from .torch_ref import torch_gate_then_rmsnorm, torch_gated_rmsnorm
 
 # the Triton kernels keep a whole row in registers
@@ -158,16 +158,6 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _destination(into, like: torch.Tensor):
-    """The tensor `into()` gives if a gradient of `like` can be written into it (same shape,
-    dtype and device, unit stride along the last dim), else None."""
-    dest = into()
-    if (isinstance(dest, torch.Tensor) and dest.shape == like.shape and dest.dtype == like.dtype
-            and dest.device == like.device and (dest.stride(-1) == 1 or dest.shape[-1] == 1)):
-        return dest
-    return None
-
-
 class GatedRMSNormFunction(torch.autograd.Function):
     """x, z, y, dy, dx, dz are read and written in place through their strides (rows over up
     to three leading dims with any strides): no layout copy around the norm. y is [..., D]
@@ -211,7 +201,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dy = _unit_last(dy)
         # empty_like keeps a dense input's strides (a transposed x gets a transposed dx)
         dx = torch.empty_like(x)
-        dz = _destination(ctx.dz_into, z) if ctx.dz_into is not None else None
+        dz = grad_destination(ctx.dz_into, z)
         if dz is None:
             dz = torch.empty_like(z)
         tensors = (x, z, dy, dx, dz)

@@ -111,3 +111,17 @@ def check_linear_attention_inputs(q, k, v, per_token: dict, scale, initial_state
 def state_dtypes(triton: bool):
     """fp32 states; the torch path also takes fp64 (the tests' float64 runs)."""
     return (torch.float32,) if triton else (torch.float32, torch.float64)
+
+
+def grad_destination(into, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor a `*_into` gradient hint gives (`into()`, called once), if a gradient of
+    `like` can be written into it: same shape, dtype and device, unit stride along the last dim
+    (any other strides). None without a hint or when it does not fit: the caller allocates (a
+    hint is only a hint)."""
+    if into is None:
+        return None
+    dest = into()
+    if (isinstance(dest, torch.Tensor) and dest.shape == like.shape and dest.dtype == like.dtype
+            and dest.device == like.device and (dest.stride(-1) == 1 or dest.shape[-1] == 1)):
+        return dest
+    return None
