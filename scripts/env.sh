@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment (.venv, Python >= 3.12) and install the
 # package with its dev extras. Sourced by scripts/main.sh and scripts/test.sh; safe to re-run:
-# it reinstalls only when setup.py changed.
+# it reinstalls only when setup.py changed. pip keeps no cache: torch's wheels are several GB and a
+# cached copy beside the installed one doubled what a first install needs on disk.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MEGATRON_GDN_VENV:-$ROOT/.venv}"
@@ -33,8 +34,8 @@ STAMP="$VENV/.megatron-gdn-installed"
 WANT="$(cat "$ROOT/setup.py" | sha1sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[env] installing megatron-gdn and its dependencies into $VENV (first run: a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]"
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip setuptools wheel
+  "$VENV/bin/python" -m pip install -q --no-cache-dir -e "$ROOT[dev]"
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
