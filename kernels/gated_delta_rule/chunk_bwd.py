@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
-from ..utils.tuning import AUTOTUNE, autotune_or_fixed, by_parallelism
+from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism
 from .chunk_fwd import ChunkLayout, _parallelism_class, _unit_lower_inverse, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
@@ -203,8 +203,15 @@ def _bwd_qdo_kernel(
     before it stores the chunk's dh there, so its sequential loop loads no q and makes one dot
     fewer. The V-block-0 programs also store the key decay of the pass, kscale = e^(gl - gc)
     (times k's rstd with the l2-norm): its suffix sum is a cross-warp reduction that the
-    sequential loop would otherwise wait on at every chunk."""
-    i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    sequential loop would otherwise wait on at every chunk.
+
+    Program id 0 runs over (chunk, V block) with the V blocks of a chunk adjacent: they read
+    the same [64, K] q tile, which then comes from L2 rather than DRAM (with the chunks
+    outermost instead, at S4 every q tile was read from memory once per V block: 16 x 50 MB
+    per call, for 0.4 MB of dh written per chunk and head)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_cv, i_hv = tl.program_id(0), tl.program_id(1)
+    i_c, i_v = i_cv // NV, i_cv % NV
     G: tl.constexpr = HV // H
     i_h = i_hv // G
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -555,14 +562,18 @@ def _bwd_grad_k_kernel(
     (k . dkb) + [i = last] e^gl sum(h * dh'), the suffix-sum pairs (b_j = k_j . dk_h_j, the
     last row of X) and e^gc (k . dkb).
 
-    The key columns run in blocks of BK (the config's), one program each (program id 2).
+    The key columns run in blocks of BK (the config's), one program each.
     Everything this launch adds to dg and dbeta is a sum over key columns, linear in a
     block's part, so each block writes its part to its own slice of dg_part, dbeta_part
     ([blocks, B, T, HV], part_stride = B T HV elements apart) for the launcher to add to the
     first launch's; with several blocks (SPLIT_K) and the l2-norm, dk goes to dk_raw (fp32
     at K > 128, else dk itself) before the norm's backward, which needs whole rows (the
     launcher applies it)."""
-    i_c, i_p, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # program id 0 runs over (chunk, key-column block), the blocks of a chunk adjacent: each
+    # reads the chunk's whole v_new, dv_new, pm and m2 rows, from L2 after the first
+    NKB: tl.constexpr = (K + BK - 1) // BK
+    i_ck, i_p = tl.program_id(0), tl.program_id(1)
+    i_c, i_kb = i_ck // NKB, i_ck % NKB
     OH: tl.constexpr = HV // LOOP_G
     SPLIT_K: tl.constexpr = BK < K
     k0 = 0
@@ -659,7 +670,10 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def qdo_config(K: int) -> triton.Config:
-    """The one launch config of _bwd_qdo_kernel (not autotuned): a [BK, BV] fp32 tile."""
+    """The one launch config of _bwd_qdo_kernel (not autotuned): a [BK, BV] fp32 tile (BV 16
+    under the interpreter, so that the tests cross V blocks)."""
+    if INTERPRET:
+        return triton.Config({"BV": 16}, num_warps=4)
     return (triton.Config({"BV": 64}, num_warps=4) if _pow2(K) <= 128
             else triton.Config({"BV": 32}, num_warps=8))
 
@@ -674,7 +688,7 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     cfg = qdo_config(K)
     kscale = torch.empty_like(gc)
-    _bwd_qdo_kernel[(layout.num_chunks, HV, triton.cdiv(V, cfg.kwargs["BV"]))](
+    _bwd_qdo_kernel[(layout.num_chunks * triton.cdiv(V, cfg.kwargs["BV"]), HV)](
         q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, cu, ci, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, HAS_G=g is not None,
         IS_VARLEN=varlen, num_warps=cfg.num_warps, **cfg.kwargs,
@@ -742,7 +756,7 @@ def launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, 
               if l2 and max(blocks) > 1 and K > 128 else dk)
 
     def grid_k(meta):
-        return (NT, HV // loop_g, triton.cdiv(K, meta["BK"]))
+        return (NT * triton.cdiv(K, meta["BK"]), HV // loop_g)
 
     kernel[grid_k](
         q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2,

@@ -433,7 +433,8 @@ def chunk_affine_summary(k, w, u, gc, layout: ChunkLayout, k_rstd=None):
 # one config: BV 64 won at every shape S1-S5 on H200 (BV 128 / 8 warps was the other)
 @autotune_or_fixed(
     configs=[triton.Config({"BV": 64}, num_warps=4, num_stages=2)],
-    interpret_config=triton.Config({"BV": 64}, num_warps=4, num_stages=1),
+    # 16 columns: the tests cross V blocks
+    interpret_config=triton.Config({"BV": 16}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN"],
 )
 @triton.jit
@@ -443,7 +444,12 @@ def _output_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    i_v, i_c, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # program id 0 runs over (chunk, V block), the V blocks of a chunk adjacent (they share its
+    # q and k tiles); the chunks are not a grid axis of their own, whose limit of 65535 would
+    # cap a call at 4M tokens
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_cv, i_hv = tl.program_id(0), tl.program_id(1)
+    i_c, i_v = i_cv // NV, i_cv % NV
     G: tl.constexpr = HV // H
     i_h = i_hv // G
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -504,7 +510,7 @@ def chunk_output_fwd(q, k, v_new, h, gc, scale, layout: ChunkLayout, k_rstd=None
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
 
     def grid(meta):
-        return (triton.cdiv(V, meta["BV"]), layout.num_chunks, HV)
+        return (triton.cdiv(V, meta["BV"]) * layout.num_chunks, HV)
 
     kernel, extra = _output_kernel, {}
     if config is not None:
