@@ -64,10 +64,16 @@ def parse_args():
     p.add_argument("--no-fusions", action="store_true",
                    help="on a GPU, leave Megatron's SwiGLU and bias-dropout-add fusions off (they are on "
                         "by default there, as in Megatron's training; the CPU never uses them)")
+    p.add_argument("--keep-states", action="store_true",
+                   help="the GDN kernels keep their per-chunk states for the backward "
+                        "(MEGATRON_GDN_KEEP_STATES=1, pretrain_gdn.py's --gdn-keep-chunk-states)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile STEPS steps of each model and shape (torch profiler): "
                         "profile_MODEL_SEQ.txt under --out, kernels by time and by kind")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.keep_states:
+        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+    return args
 
 
 def init(smoke):
@@ -119,7 +125,8 @@ def bench_model(name, seqs, args):
             loss = model(inputs, positions, None, labels=labels).float().mean()
             loss.backward()
 
-        row = {"model": name, "seq": seq_name, "params": params, "fusions": fused}
+        row = {"model": name, "seq": seq_name, "params": params, "fusions": fused,
+               "keep_states": bool(args.keep_states)}
         try:
             t_first = time.perf_counter()
             step()
@@ -305,6 +312,11 @@ def markdown(payload):
     lines = [f"# bench_hybrid on {payload['env']['device']}", "",
              f"torch {payload['env']['torch']}, triton {payload['env']['triton']}", ""]
     rows = payload.get("models", [])
+    if rows:
+        run_args = payload.get("args", {})
+        lines += [f"Megatron's fusions {'off' if run_args.get('no_fusions') else 'on (on a GPU)'}; "
+                  f"GDN chunk states {'kept from the forward' if run_args.get('keep_states') else 'recomputed in the backward'}",
+                  ""]
     if rows:
         lines += ["| model | params | seq | fwd+bwd ms | tokens/s | peak GiB | first step s |",
                   "|---|---|---|---|---|---|---|"]

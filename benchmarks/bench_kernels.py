@@ -268,7 +268,11 @@ def main():
                    help="also time our backward launch by launch (profile_chunk_bwd.py)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
+    p.add_argument("--keep-states", action="store_true",
+                   help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
+    if args.keep_states:
+        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
     os.makedirs(args.out, exist_ok=True)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     results = {

@@ -61,7 +61,7 @@ def one(case_index: int, dtype_name: str, mode: str):
         cb._bwd_prep_kernel[(NT, H)](
             q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale, cu_, ci, T_arg, nts,
             H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(cb._pow2(V), 64), L2=case.l2,
-            HAS_G=True, IS_VARLEN=varlen, HAS_TM=False)
+            HAS_G=True, IS_VARLEN=varlen, HAS_TM=False, STORE_U=True)
         finite("prep", tm, w, u, dv_buf)
         h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, h0, False, k_rstd=k_rstd)
         finite("state", h, v_new)

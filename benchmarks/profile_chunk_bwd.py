@@ -92,7 +92,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
         return lambda: cb._bwd_prep_kernel[(NT, H)](
             q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
             cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
-            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen, HAS_TM=has_tm)
+            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=True)
 
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)

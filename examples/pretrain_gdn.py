@@ -126,6 +126,9 @@ def main(argv=None):
     from megatron_gdn.training.throughput import IterationMeter, flops_per_token, peak_tflops
 
     set_model_source(opts.gdn_backend, hybrid)
+    if opts.keep_chunk_states:
+        # read by the GDN kernels at every call (kernels.utils.keep_states_default)
+        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
     # master weights initialise from the CPU RNG (--use-cpu-initialization): the same stream
     # on every rank gives the same full weights whatever the TP size
     torch.manual_seed(args.seed)

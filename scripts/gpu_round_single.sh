@@ -11,7 +11,8 @@
 #      kernel by kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits their
 #      tokens/s (Megatron's GPU fusions on; then GDN 1.3B once more with them off, timed only);
 #      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 20
-#      iterations with the optimizer, Megatron's mock data);
+#      iterations with the optimizer, Megatron's mock data), once more with the chunk states
+#      kept from the forward (--gdn-keep-chunk-states; also timed without the optimizer);
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
 #   4b. the reverse state pass (dh) at S4 pinned to each of DH_PINS in turn
 #      (scripts/gpu_dh_sweep.sh: every gradient's error against the fp32 torch path and the
@@ -41,8 +42,12 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
 timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
+timed train-keep 110 env ITERS=20 MBS=4 GBS=8 EXTRA=--gdn-keep-chunk-states \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_keep" gdn_1.3b
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
+timed model-keep 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_keep" \
+  --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --keep-states
 timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --no-fusions
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \

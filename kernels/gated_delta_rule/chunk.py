@@ -20,7 +20,7 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
 
     dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
         q, k, v, gc, beta, scale, initial_state, do, dht, layout,
-        q_rstd=q_rstd, k_rstd=k_rstd, g=g, tm=tm)
+        q_rstd=q_rstd, k_rstd=k_rstd, g=g, tm=tm, states=states)
 
   - q, k: the raw inputs as passed by the user, [B, T, H, K], contiguous; v: [B, T, HV, V].
   - gc: [B, T, HV] float32, inclusive cumsum of the activated per-token log decay g inside
@@ -39,6 +39,8 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   - g: [B, T, HV] float32, the activated per-token log decay (computed here on [B, T, HV]
     from the saved raw gate input), for an fp32-accurate dg under strong decay.
   - tm: the forward's Tm (above), or None: the backward then forms it again.
+  - states: (h, v_new) of the forward's state pass (`keep_states`), or None: the backward
+    then runs that pass again (below).
   The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
   here, on [B, T, HV] tensors.
 
@@ -83,7 +85,7 @@ def _gate_backward(dg, a, A_log, dt_bias):
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, scale, output_final_state,
-                cu_seqlens, use_qk_l2norm, use_beta_sigmoid):
+                cu_seqlens, use_qk_l2norm, use_beta_sigmoid, keep_states):
         B, T, H, K = q.shape
         layout = make_chunk_layout(cu_seqlens, B, T)
         # each chunk's Tm = (I + A)^-1, kept for the backward ([B, T, HV, 64] in v's dtype, a
@@ -100,9 +102,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         o, q_rstd = chunk_output_fwd(
             q, k, v_new, h, gc, scale, layout, k_rstd=k_rstd, use_qk_l2norm=use_qk_l2norm,
         )
-        del h, v_new
+        if not keep_states:
+            h = v_new = None
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-                              q_rstd, k_rstd, tm)
+                              q_rstd, k_rstd, tm, h, v_new)
         ctx.layout = layout
         ctx.scale = scale
         ctx.use_beta_sigmoid = use_beta_sigmoid
@@ -113,7 +116,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         from .chunk_bwd import chunk_gated_delta_rule_bwd
 
         (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-         q_rstd, k_rstd, tm) = ctx.saved_tensors
+         q_rstd, k_rstd, tm, h, v_new) = ctx.saved_tensors
         # the per-token activated decay: exact dg under strong decay (differences of gc
         # lose ~ulp(|gc|)); [B, T, HV] only
         if A_log is None:
@@ -127,6 +130,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             # e.g. final_state.sum().backward() hands in a stride-0 expanded tensor
             None if dht is None else dht.float().contiguous(), ctx.layout,
             q_rstd=q_rstd, k_rstd=k_rstd, g=g_act, tm=tm,
+            states=None if h is None else (h, v_new),
         )
         dA_log = ddt_bias = None
         if A_log is not None:
@@ -143,6 +147,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             None,  # cu_seqlens
             None,  # use_qk_l2norm
             None,  # use_beta_sigmoid
+            None,  # keep_states
         )
 
 
@@ -161,6 +166,7 @@ def chunk_gated_delta_rule_triton(
     A_log: Optional[torch.Tensor] = None,
     dt_bias: Optional[torch.Tensor] = None,
     use_beta_sigmoid: bool = False,
+    keep_states: bool = False,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Triton chunked gated delta rule (arguments already validated by api.py).
 
@@ -168,6 +174,8 @@ def chunk_gated_delta_rule_triton(
         q, k: [B, T, H, K]; v: [B, T, HV, V]; g (log decay, or the raw gate input `a` when
         A_log is given), beta (or its logits with use_beta_sigmoid): [B, T, HV].
         initial_state: [N, HV, K, V] float32 or None; cu_seqlens: [N + 1] with B == 1.
+        keep_states: save the forward's per-chunk states h and v_new for the backward (which
+        then skips its state pass) instead of recomputing them there.
     Returns:
         o: [B, T, HV, V] in v's dtype; final_state: [N, HV, K, V] float32 or None.
     """
@@ -187,7 +195,7 @@ def chunk_gated_delta_rule_triton(
         initial_state = initial_state.float().contiguous()
     o, final_state = ChunkGatedDeltaRuleFunction.apply(
         q, k, v, g, beta, A_log, dt_bias, initial_state, float(scale), output_final_state,
-        cu_seqlens, use_qk_l2norm, use_beta_sigmoid,
+        cu_seqlens, use_qk_l2norm, use_beta_sigmoid, keep_states,
     )
     if (Kp, Vp) != (K, V):
         o = o[..., :V]

@@ -43,7 +43,8 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   or summed inside one program per key head (split_group=False); no repeated q / k either way.
 
 Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
-(2) the forward state pass of chunk_fwd.py (h per chunk, v_new); (3) qdo, per (chunk, value
+(2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
+(1), when the forward kept them: `states`); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
 back first), dv_new in place of dv_local, dh0;
@@ -113,10 +114,11 @@ def _bwd_prep_kernel(
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_TM: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_TM: tl.constexpr, STORE_U: tl.constexpr,
 ):
     # HAS_TM: tm already holds the forward's Tm (v's dtype): read it, no k k^T and no inverse;
-    # else Tm is formed here and stored into tm for the gradient kernels
+    # else Tm is formed here and stored into tm for the gradient kernels. STORE_U: u = Tm vb
+    # for the state pass (not when the forward kept its states)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -177,9 +179,10 @@ def _bwd_prep_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             m_tv = m_t[:, None] & (o_v < V)[None, :]
             p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
-            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
-            b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
-            tl.store(u + p_tv, tl.dot(b_tm, b_vb).to(u.dtype.element_ty), mask=m_tv)
+            if STORE_U:
+                b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+                b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
+                tl.store(u + p_tv, tl.dot(b_tm, b_vb).to(u.dtype.element_ty), mask=m_tv)
             b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
             b_dv = tl.dot(b_pt.to(b_do.dtype), b_do)
             tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
@@ -790,6 +793,7 @@ def chunk_gated_delta_rule_bwd(
     g: Optional[torch.Tensor] = None,
     split_group: bool = True,
     tm: Optional[torch.Tensor] = None,
+    states=None,
 ):
     """Gradients of the chunked gated delta rule (interface fixed in chunk.py).
 
@@ -810,6 +814,9 @@ def chunk_gated_delta_rule_bwd(
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
+    states: (h, v_new) as the forward's state pass computed them (h [NT, HV, K, V] in k's
+        dtype, v_new like v), kept by the forward: the prep launch then stores no u and the
+        state pass (2.) is skipped. None: recomputed here.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -825,18 +832,22 @@ def chunk_gated_delta_rule_bwd(
     if not has_tm:
         tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=dev)
     w = torch.empty(B, T, HV, K, dtype=k.dtype, device=dev)
-    u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
+    store_u = states is None
+    u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if store_u else None
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
     _bwd_prep_kernel[(NT, H)](
         q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
         cu, ci, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, HAS_G=has_g,
-        IS_VARLEN=varlen, HAS_TM=has_tm,
+        IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=store_u,
     )
 
-    # 2. states entering each chunk and v_new (the forward's state pass)
-    h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
-    del u
+    # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
+    if states is None:
+        h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
+        del u
+    else:
+        h, v_new = states
 
     # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
     dh = torch.empty_like(h)

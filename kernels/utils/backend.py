@@ -51,3 +51,18 @@ def force_backend(name: str):
         yield
     finally:
         _state.backend = previous
+
+
+KEEP_STATES_ENV = "MEGATRON_GDN_KEEP_STATES"
+
+
+def keep_states_default() -> bool:
+    """Whether the chunked gated delta rule keeps its per-chunk states for the backward when a
+    call does not say (`keep_states=None`): `MEGATRON_GDN_KEEP_STATES`, '0' (the default: the
+    backward recomputes them) or '1'. Read at every call, so a training script can set it after
+    import (`--gdn-keep-chunk-states`)."""
+    value = os.environ.get(KEEP_STATES_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{KEEP_STATES_ENV}={value!r}: expected '0' (recompute the chunk states "
+                         "in the backward) or '1' (keep them from the forward)")
+    return value == "1"

@@ -25,6 +25,17 @@ def test_preset_user_flags_win_and_byte_tokenizer():
     assert "--use-cpu-initialization" in argv and "--preset" not in argv and "--out" not in argv
 
 
+def test_keep_chunk_states_flag_is_ours():
+    """--gdn-keep-chunk-states is read here (the script turns it into MEGATRON_GDN_KEEP_STATES
+    for the kernels), not handed to Megatron, whose parser would reject it."""
+    plain = split_argv(["--preset", "cpu-tiny", "--out", "o"], has_cuda=False)
+    kept = split_argv(["--preset", "cpu-tiny", "--out", "o", "--gdn-keep-chunk-states"],
+                      has_cuda=False)
+    assert not plain.keep_chunk_states and kept.keep_chunk_states
+    assert "--gdn-keep-chunk-states" not in kept.megatron_argv
+    assert kept.megatron_argv == plain.megatron_argv
+
+
 def test_no_save_and_explicit_data():
     argv = split_argv(["--preset", "cpu-tiny", "--out", "o", "--no-save", "--mock-data"],
                       has_cuda=False).megatron_argv

@@ -348,8 +348,8 @@ ptr = {n: "*fp32" for n in ("q", "k", "v", "do", "w", "u", "dv", "h", "dh", "v_n
 ptr.update(cu_seqlens="*i32", chunk_indices="*i32", chunk_offsets="*i32")
 common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
-    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False)),
-    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True)),
+    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False, STORE_U=True)),
+    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),

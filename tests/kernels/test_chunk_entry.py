@@ -3,7 +3,9 @@
 Padding: it zero-pads small head dims (K or V below MIN_COMPILED_HEAD_DIM) on
 compiled launches. Under the interpreter the padding is off, so here it is forced on (to 32) and
 the padded run must equal the unpadded one: output, final state and every gradient.
-Output gradients: broadcast (stride-0) ones are materialised before the kernels read them."""
+Output gradients: broadcast (stride-0) ones are materialised before the kernels read them.
+Kept states: with keep_states the backward reads the forward's per-chunk states instead of
+running the state pass again, with the same gradients."""
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from megatron_gdn.kernels.utils import force_backend
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run(K, V, cu, l2):
+def _run(K, V, cu, l2, **kw):
     gen = torch.Generator().manual_seed(5)
     B, T, H, HV = (1, 90, 1, 2) if cu else (2, 70, 1, 2)
     N = len(cu) - 1 if cu else B
@@ -30,7 +32,8 @@ def _run(K, V, cu, l2):
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE) if cu else None
     with force_backend("triton"):
-        o, s = chunk_gated_delta_rule(*leaves[:5], None, leaves[5], True, cu_t, use_qk_l2norm=l2)
+        o, s = chunk_gated_delta_rule(*leaves[:5], None, leaves[5], True, cu_t, use_qk_l2norm=l2,
+                                      **kw)
     ((o * do).sum() + (s * dht).sum()).backward()
     return [o.detach(), s.detach()] + [x.grad for x in leaves]
 
@@ -78,3 +81,75 @@ def test_expanded_output_gradients():
         assert torch.isfinite(a).all(), name
         err = ((a - b).norm() / b.norm()).item()
         assert err < 5e-3, f"{name}: {err:.2e}"
+
+
+def _count_state_passes(monkeypatch):
+    """Counts the backward's calls of the forward state pass."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+    calls = []
+    real = chunk_bwd.chunk_state_fwd
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_bwd, "chunk_state_fwd", counting)
+    return calls
+
+
+@pytest.mark.parametrize("cu,l2", [(None, False), ((0, 5, 70, 90), True)])
+def test_keep_states(monkeypatch, cu, l2):
+    """keep_states=True: the backward runs no state pass and its gradients are those of the
+    recomputing backward (both against the float64 recurrence)."""
+    from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
+
+    monkeypatch.delenv("MEGATRON_GDN_KEEP_STATES", raising=False)
+    calls = _count_state_passes(monkeypatch)
+    recomputed = _run(32, 48, cu, l2)
+    assert len(calls) == 1
+    kept = _run(32, 48, cu, l2, keep_states=True)
+    assert len(calls) == 1, "the backward ran the state pass although the forward kept the states"
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    for name, a, b in zip(names, kept, recomputed):
+        err = ((a - b).norm() / b.norm()).item()
+        assert err < 1e-5, f"{name}: kept vs recomputed states rel err {err:.2e}"
+    # the same inputs through the float64 token recurrence
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, HV = (1, 90, 1, 2) if cu else (2, 70, 1, 2)
+    N = len(cu) - 1 if cu else B
+    rand = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    q, k = rand(B, T, H, 32), rand(B, T, H, 32)
+    if not l2:
+        k = k / k.norm(dim=-1, keepdim=True)
+    v = rand(B, T, HV, 48)
+    g = -torch.rand(B, T, HV, generator=gen) * 0.5
+    beta = torch.rand(B, T, HV, generator=gen)
+    h0 = rand(N, HV, 32, 48)
+    do, dht = rand(B, T, HV, 48), rand(N, HV, 32, 48)
+    leaves = [x.double().requires_grad_(True) for x in (q, k, v, g, beta, h0)]
+    qn, kn = leaves[0], leaves[1]
+    if l2:
+        qn = qn * torch.rsqrt(qn.pow(2).sum(-1, keepdim=True) + 1e-6)
+        kn = kn * torch.rsqrt(kn.pow(2).sum(-1, keepdim=True) + 1e-6)
+    o, s = naive_recurrent_gated_delta_rule(qn, kn, *leaves[2:5], None, leaves[5], True,
+                                            torch.tensor(cu) if cu else None)
+    ((o * do.double()).sum() + (s * dht.double()).sum()).backward()
+    expected = [o.detach(), s.detach()] + [x.grad for x in leaves]
+    for name, a, b in zip(names, kept, expected):
+        err = ((a.double().cpu() - b).norm() / b.norm()).item()
+        assert err < 1e-4, f"{name}: kept states vs float64 recurrence rel err {err:.2e}"
+
+
+def test_keep_states_from_environment(monkeypatch):
+    """keep_states=None reads MEGATRON_GDN_KEEP_STATES at the call; a bad value is refused."""
+    calls = _count_state_passes(monkeypatch)
+    monkeypatch.setenv("MEGATRON_GDN_KEEP_STATES", "1")
+    _run(16, 16, None, False)
+    assert not calls
+    monkeypatch.setenv("MEGATRON_GDN_KEEP_STATES", "0")
+    _run(16, 16, None, False)
+    assert len(calls) == 1
+    monkeypatch.setenv("MEGATRON_GDN_KEEP_STATES", "yes")
+    with pytest.raises(ValueError, match="MEGATRON_GDN_KEEP_STATES"):
+        _run(16, 16, None, False)

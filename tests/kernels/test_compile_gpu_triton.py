@@ -72,7 +72,7 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(cf._state_kernel, dict(base, BK=K, USE_H0=True, STORE_FINAL=True, HAS_U=True,
                                  SAVE_STATES=True), dtype)
     build(cf._output_kernel, dict(base, BK=K), dtype)
-    build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True), dtype)
+    build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True), dtype)
     build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
           warps=cb.qdo_config(K).num_warps)
     build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True), dtype)
