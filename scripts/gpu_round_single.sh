@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
 # 570; each job's limit is cut to what is left):
-# (SKIP_ATTN=1 skips the attention jobs.)
+# (SKIP_ATTN=1 skips the attention jobs, SKIP_KTESTS=1 the kernel tests.)
+#   0. the kernel tests of the chunked rule and the SSD kernel (small shapes, on the GPU);
 #   1. a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py;
 #      fla's kernels autotune on their first calls, alone on the GPU here; SKIP_FLA=1 skips it);
 #   2. the attention cores: cuDNN's band attention against the torch oracle (GPU tests), then
@@ -38,6 +39,10 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
   job "$name" "$secs" 0 "$@"
   pack
 }
+# the kernels changed since the last GPU run, at small shapes in bf16 / fp32 (the kept states,
+# the flattened grids)
+[ "${SKIP_KTESTS:-0}" = 1 ] || timed kernel-tests 120 $TESTS_CMD tests/kernels/test_chunk_entry.py \
+  tests/kernels/test_chunk_bwd.py tests/kernels/test_ssd.py
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
@@ -46,6 +51,8 @@ timed train-keep 110 env ITERS=20 MBS=4 GBS=8 EXTRA=--gdn-keep-chunk-states \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_keep" gdn_1.3b
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
+timed check-s4-keep 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/check_s4_keep" --shapes S4 --no-fla \
+  --check --check-dtypes bf16 --keep-states --budget-s 70
 timed model-keep 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_keep" \
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --keep-states
 timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \

@@ -12,6 +12,7 @@ import torch
 from megatron_gdn.kernels.gated_delta_rule import chunk as ch
 from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 from megatron_gdn.kernels.utils import force_backend
+from tolerance import TF32_REL
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -111,9 +112,12 @@ def test_keep_states(monkeypatch, cu, l2):
     kept = _run(32, 48, cu, l2, keep_states=True)
     assert len(calls) == 1, "the backward ran the state pass although the forward kept the states"
     names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    # the interpreter's dots are exact fp32; a GPU's fp32 dots are TF32, and the recomputed
+    # states come from w, u of another kernel (the backward's prep) than the forward's
+    same, oracle = (1e-5, 1e-4) if DEVICE == "cpu" else (TF32_REL, TF32_REL)
     for name, a, b in zip(names, kept, recomputed):
         err = ((a - b).norm() / b.norm()).item()
-        assert err < 1e-5, f"{name}: kept vs recomputed states rel err {err:.2e}"
+        assert err < same, f"{name}: kept vs recomputed states rel err {err:.2e}"
     # the same inputs through the float64 token recurrence
     gen = torch.Generator().manual_seed(5)
     B, T, H, HV = (1, 90, 1, 2) if cu else (2, 70, 1, 2)
@@ -138,7 +142,7 @@ def test_keep_states(monkeypatch, cu, l2):
     expected = [o.detach(), s.detach()] + [x.grad for x in leaves]
     for name, a, b in zip(names, kept, expected):
         err = ((a.double().cpu() - b).norm() / b.norm()).item()
-        assert err < 1e-4, f"{name}: kept states vs float64 recurrence rel err {err:.2e}"
+        assert err < oracle, f"{name}: kept states vs float64 recurrence rel err {err:.2e}"
 
 
 def test_keep_states_from_environment(monkeypatch):
