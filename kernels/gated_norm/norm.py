@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..utils import check_same_device, grad_destination, use_triton
+from ..utils.tuning import INTERPRET
 from .torch_ref import torch_gate_then_rmsnorm, torch_gated_rmsnorm
 
 # the Triton kernels keep a whole row in registers
@@ -66,52 +67,72 @@ def _gated_rmsnorm_bwd_kernel(
     x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
     sx0, sx1, sx2, sz0, sz1, sz2, sdy0, sdy1, sdy2, sdx0, sdx1, sdx2, sdz0, sdz1, sdz2,
     BR: tl.constexpr, BD: tl.constexpr, GATE_FIRST: tl.constexpr, G: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """n = x rstd, s = silu(z): dz = dy n w silu'(z), dx = rstd (dn - n mean(dn n)) with
     dn = dy w s, and this program's partial of dw = sum_rows dy n s ([G, D] per program).
     GATE_FIRST (u = x s, n = u rstd): du = rstd (dn - n mean(dn n)) with dn = dy w, then
-    dx = du s, dz = du x silu'(z), dw = sum_rows dy n."""
-    i_r = tl.program_id(0)
-    o_r = i_r * BR + tl.arange(0, BR)
+    dx = du s, dz = du x silu'(z), dw = sum_rows dy n.
+
+    Persistent: program p takes the row blocks p, p + P, p + 2P, ... (P programs, a few per
+    SM), the next blocks' loads in flight while one is computed (STAGES), and sums its rows'
+    dw terms in registers: one dw partial per program instead of one per block. Row r is in group
+    r % G; the rows of block i are i BR + [0, BR), which fall in the same groups as
+    p BR + [0, BR) when G divides BR, or when every program takes one block (the launcher
+    guarantees one of the two)."""
+    i_p = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    o_b = tl.arange(0, BR)
     o_d = tl.arange(0, BD)
-    m_r = o_r < R
     m_d = o_d < D
-    m = m_r[:, None] & m_d[None, :]
-    o_r64 = o_r.to(tl.int64)
-    p_x = _row_offsets(o_r64, R1, R2, sx0, sx1, sx2)
-    p_z = _row_offsets(o_r64, R1, R2, sz0, sz1, sz2)
-    p_dy = _row_offsets(o_r64, R1, R2, sdy0, sdy1, sdy2)
-    p_dx = _row_offsets(o_r64, R1, R2, sdx0, sdx1, sdx2)
-    p_dz = _row_offsets(o_r64, R1, R2, sdz0, sdz1, sdz2)
-    b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_dy = tl.load(dy + p_dy[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
-    b_w = _row_weights(weight, o_r, o_d, m, D, G)
-    b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.)
-    b_sig = tl.sigmoid(b_z)
-    b_s = b_z * b_sig
-    b_ds = b_sig * (1. + b_z * (1. - b_sig))  # silu'(z)
-    if GATE_FIRST:
-        b_n = b_x * b_s * b_rstd[:, None]
-        b_dn = b_dy * b_w
-        b_du = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
-        b_dx = b_du * b_s
-        b_dz = b_du * b_x * b_ds
-        b_dwr = b_dy * b_n
-    else:
-        b_n = b_x * b_rstd[:, None]
-        b_dn = b_dy * b_w * b_s
-        b_dx = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
-        b_dz = b_dy * b_n * b_w * b_ds
-        b_dwr = b_dy * b_n * b_s
-    tl.store(dx + p_dx[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
-    tl.store(dz + p_dz[:, None] + o_d[None, :], b_dz.to(dz.dtype.element_ty), mask=m)
-    p_dw = dw_part + i_r.to(tl.int64) * G * D + o_d
+    # dw terms: summed over each block's rows at once into a [BD] vector with one group;
+    # with G groups kept per row ([BR, BD]) and split by group at the end
+    acc_dw = tl.zeros([BD], dtype=tl.float32)
+    acc_rows = tl.zeros([BR, BD], dtype=tl.float32)
+    for i_r in tl.range(i_p, tl.cdiv(R, BR), n_prog, num_stages=STAGES):
+        o_r = i_r * BR + o_b
+        m_r = o_r < R
+        m = m_r[:, None] & m_d[None, :]
+        o_r64 = o_r.to(tl.int64)
+        p_x = _row_offsets(o_r64, R1, R2, sx0, sx1, sx2)
+        p_z = _row_offsets(o_r64, R1, R2, sz0, sz1, sz2)
+        p_dy = _row_offsets(o_r64, R1, R2, sdy0, sdy1, sdy2)
+        p_dx = _row_offsets(o_r64, R1, R2, sdx0, sdx1, sdx2)
+        p_dz = _row_offsets(o_r64, R1, R2, sdz0, sdz1, sdz2)
+        b_x = tl.load(x + p_x[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        b_z = tl.load(z + p_z[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        b_dy = tl.load(dy + p_dy[:, None] + o_d[None, :], mask=m, other=0.).to(tl.float32)
+        b_w = _row_weights(weight, o_r, o_d, m, D, G)
+        b_rstd = tl.load(rstd + o_r, mask=m_r, other=0.)
+        b_sig = tl.sigmoid(b_z)
+        b_s = b_z * b_sig
+        b_ds = b_sig * (1. + b_z * (1. - b_sig))  # silu'(z)
+        if GATE_FIRST:
+            b_n = b_x * b_s * b_rstd[:, None]
+            b_dn = b_dy * b_w
+            b_du = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
+            b_dx = b_du * b_s
+            b_dz = b_du * b_x * b_ds
+            b_dwr = b_dy * b_n
+        else:
+            b_n = b_x * b_rstd[:, None]
+            b_dn = b_dy * b_w * b_s
+            b_dx = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, axis=1) / D)[:, None])
+            b_dz = b_dy * b_n * b_w * b_ds
+            b_dwr = b_dy * b_n * b_s
+        if G == 1:
+            acc_dw += tl.sum(b_dwr, axis=0)
+        else:
+            acc_rows += b_dwr
+        tl.store(dx + p_dx[:, None] + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
+        tl.store(dz + p_dz[:, None] + o_d[None, :], b_dz.to(dz.dtype.element_ty), mask=m)
+    p_dw = dw_part + i_p.to(tl.int64) * G * D + o_d
     if G == 1:
-        tl.store(p_dw, tl.sum(b_dwr, axis=0), mask=m_d)
+        tl.store(p_dw, acc_dw, mask=m_d)
     else:
+        group = (i_p * BR + o_b) % G
         for i_g in tl.static_range(G):
-            b_g = tl.sum(tl.where((o_r % G == i_g)[:, None], b_dwr, 0.), axis=0)
+            b_g = tl.sum(tl.where((group == i_g)[:, None], acc_rows, 0.), axis=0)
             tl.store(p_dw + i_g * D, b_g, mask=m_d)
 
 
@@ -132,6 +153,30 @@ def _block_rows(D: int) -> tuple:
     BD = triton.next_power_of_2(D)
     BR = max(1, min(64, 4096 // BD))
     return BD, BR, 8 if BD * BR >= 4096 else 4
+
+
+# programs of the persistent backward per SM (two of 8 warps fit at ~120 registers), and the
+# pipelining depth of its row-block loop; under the interpreter three programs in all, so that
+# the tests give each several blocks, unevenly
+_BWD_PROGRAMS_PER_SM = 2
+_BWD_STAGES = 3
+_SM_COUNT = {}
+
+
+def _backward_programs(n_blocks: int, BR: int, G: int, device) -> int:
+    """Programs of the backward launch: at most a few per SM, each looping over row blocks;
+    one block each when G groups do not divide BR (the kernel's group of a row is then known
+    from its one block). At least one (R = 0 launches nothing)."""
+    if G > 1 and BR % G != 0:
+        return max(n_blocks, 1)
+    if INTERPRET or device.type != "cuda":
+        cap = 3
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _SM_COUNT:
+            _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        cap = _BWD_PROGRAMS_PER_SM * _SM_COUNT[index]
+    return max(1, min(n_blocks, cap))
 
 
 def _row_layout(shape, tensors) -> tuple:
@@ -197,7 +242,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
         G = weight.numel() // D
         R = rstd.shape[0]
         BD, BR, warps = _block_rows(D)
-        n_prog = triton.cdiv(R, BR)
+        n_prog = _backward_programs(triton.cdiv(R, BR), BR, G, x.device)
         dy = _unit_last(dy)
         # empty_like keeps a dense input's strides (a transposed x gets a transposed dx)
         dx = torch.empty_like(x)
@@ -212,14 +257,18 @@ class GatedRMSNormFunction(torch.autograd.Function):
             tensors = (x, z, dy, dx, dz)
             layout = _row_layout(x.shape, tensors)
         (_, R1, R2), strides = layout
-        dw_part = torch.zeros(max(n_prog, 1), G * D, dtype=torch.float32, device=x.device)
         if R > 0:
+            # every program writes its dw partial row (all G * D columns)
+            dw_part = torch.empty(n_prog, G * D, dtype=torch.float32, device=x.device)
             _gated_rmsnorm_bwd_kernel[(n_prog,)](
                 x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
                 *(s for st in strides for s in st),
-                BR=BR, BD=BD, GATE_FIRST=ctx.gate_first, G=G, num_warps=warps,
+                BR=BR, BD=BD, GATE_FIRST=ctx.gate_first, G=G, STAGES=_BWD_STAGES,
+                num_warps=warps,
             )
-        dw = dw_part.sum(0).to(weight.dtype)
+            dw = dw_part.sum(0).to(weight.dtype)
+        else:
+            dw = torch.zeros_like(weight)
         # eps, dz_into, gate_first: not differentiable
         return dx, dz, dw, None, None, None
 

@@ -109,7 +109,8 @@ for dtype, half in (("bf16", True), ("fp32", False)):
         for fn in (norm._gated_rmsnorm_fwd_kernel, norm._gated_rmsnorm_bwd_kernel):
             # GDN's norm, and Mamba2's gate-first one with one and with eight groups
             for gate_first, groups in ((False, 1), (True, 1), (True, 8)):
-                build(fn, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups), dtype, warps=warps)
+                build(fn, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups, STAGES=norm._BWD_STAGES),
+                      dtype, warps=warps)
 print("compiled", n)
 """
 

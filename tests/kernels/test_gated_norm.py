@@ -44,9 +44,12 @@ def check_against_oracle(backend, x, z, weight, eps, rel, norm=gated_rmsnorm, or
         assert_close(leaf.grad, ref.grad, rel, name)
 
 
-# shape-eps: head dims 32/64/128, a D that is not a power of two, one row, many rows
+# shape-eps: head dims 32/64/128, a D that is not a power of two, one row, many rows (the
+# Triton backward's programs, three under the interpreter, then loop over several row blocks,
+# the last one partial)
 CASES = [
     ((4, 7, 32), 1e-6),
+    ((7, 50, 64), 1e-6),
     ((3, 64), 1e-5),
     ((2, 5, 3, 48), 1e-6),
     ((1, 130), 1e-2),
@@ -206,7 +209,10 @@ def naive_gate_then_rmsnorm(x, z, weight, groups, eps):
     return torch.cat(outs, -1)
 
 
-GATE_FIRST_CASES = [((4, 7, 32), 1), ((3, 64), 4), ((2, 5, 3, 48), 2), ((1, 130), 1), ((2, 9, 256), 8)]
+# the last two: several row blocks per backward program with 8 groups (they divide the 64-row
+# blocks), and one block per program with 3 groups (they do not)
+GATE_FIRST_CASES = [((4, 7, 32), 1), ((3, 64), 4), ((2, 5, 3, 48), 2), ((1, 130), 1), ((2, 9, 256), 8),
+                    ((2, 30, 128), 8), ((4, 40, 48), 3)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
