@@ -11,8 +11,8 @@
 #   3. the GDN 1.3B and H1 1.3B models (4 x 4096 tokens, forward+backward) timed and profiled
 #      kernel by kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits their
 #      tokens/s (Megatron's GPU fusions on; then GDN 1.3B once more with them off, timed only);
-#      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 20
-#      iterations with the optimizer, Megatron's mock data), once more with the chunk states
+#      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 26
+#      iterations of 64K tokens with the optimizer, Megatron's mock data), once more with the chunk states
 #      kept from the forward (--gdn-keep-chunk-states; also timed without the optimizer);
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
 #   4b. the reverse state pass (dh) at S4 pinned to each of DH_PINS in turn
@@ -46,8 +46,10 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
-timed train 130 env ITERS=20 MBS=4 GBS=8 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
-timed train-keep 110 env ITERS=20 MBS=4 GBS=8 EXTRA=--gdn-keep-chunk-states \
+# issue 6's figure: 20+ iterations after the 5 of warm-up, 64K tokens each (4 micro-batches:
+# the optimizer step's share as in a real run, not one step per 16K tokens)
+timed train 150 env ITERS=26 MBS=4 GBS=16 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
+timed train-keep 140 env ITERS=26 MBS=4 GBS=16 EXTRA=--gdn-keep-chunk-states \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_keep" gdn_1.3b
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
