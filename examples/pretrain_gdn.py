@@ -126,6 +126,13 @@ def main(argv=None):
     from megatron_gdn.training.throughput import IterationMeter, flops_per_token, peak_tflops
 
     set_model_source(opts.gdn_backend, hybrid)
+    from megatron_gdn.training import multi_tensor
+
+    # without TE and Apex, Megatron's optimizer step norms and copies parameter by parameter
+    # (one host synchronisation per parameter for the norm): multi-tensor versions instead
+    if multi_tensor.install() and os.environ.get("RANK", "0") == "0":
+        print("[gdn] no Transformer Engine / Apex: the optimizer step's grad norm and copies run "
+              "as torch._foreach ops (megatron_gdn.training.multi_tensor)", flush=True)
     if opts.keep_chunk_states:
         # read by the GDN kernels at every call (kernels.utils.keep_states_default)
         os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"

@@ -9,7 +9,9 @@
     args.py        the example's own flags, presets, and checks that run before any process
                    group exists
     throughput.py  model FLOPs per token, tokens/s and MFU logging
+    multi_tensor.py  torch._foreach stand-ins for the per-tensor fallbacks Megatron's optimizer
+                   step uses without TE and Apex (installed by the example)
 
-Nothing here patches Megatron; on a machine without CUDA the example calls
-`megatron_gdn.cpu.enable()` first.
+Apart from multi_tensor.install(), nothing here patches Megatron; on a machine without CUDA
+the example calls `megatron_gdn.cpu.enable()` first.
 """
