@@ -152,6 +152,8 @@ def main():
                          "chunk backward, e.g. 8 (comma-separated)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
+    ap.add_argument("--stages", action="store_true",
+                    help="also time our kernel launch by launch (benchmarks/profile_ssd.py)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_ssd.py needs a GPU")
@@ -179,6 +181,12 @@ def main():
                 best = min(mambas, key=lambda k: row[k][mode])
                 row[f"ratio_{mode}"] = {"vs": best, "ours_over_mamba": row["ours"][mode] / row[best][mode]}
         res["timings_ms"][shape] = row
+        if args.stages:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import profile_ssd
+
+            row["ours_stages"] = profile_ssd.ssd_stages(B, T, HEADS, HEADDIM, STATE, GROUPS)
+            print(shape, "ours_stages", json.dumps(row["ours_stages"]), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(res, f, indent=1)
     lines = [f"# SSD benchmark ({res['device']}, bf16, {HEADS} heads x {HEADDIM}, state {STATE})", "",
@@ -190,7 +198,7 @@ def main():
     lines += ["", "## Timings (ms, median)", "", "| shape | impl | fwd | fwd+bwd |", "|---|---|---|---|"]
     for shape, row in res["timings_ms"].items():
         for name, t in row.items():
-            if name.startswith("ratio"):
+            if name.startswith("ratio") or name == "ours_stages":
                 continue
             lines.append(f"| {shape} | {name} | {t['fwd']:.3f} | {t['fwd_bwd']:.3f} |")
         for mode in ("fwd", "fwd_bwd"):
@@ -198,6 +206,16 @@ def main():
             if r:
                 verdict = "PASS" if r["ours_over_mamba"] <= 1.0 else "FAIL"
                 lines.append(f"| {shape} | ours / {r['vs']} ({mode}) | {r['ours_over_mamba']:.3f} | {verdict} |")
+    for shape, row in res["timings_ms"].items():
+        st = row.get("ours_stages")
+        if st:
+            lines += ["", f"## Ours launch by launch at {shape} (ms, median)", "",
+                      "| cumsum | state | output | fwd total | state again | dh | chunk bwd | group sums | fwd+bwd total |",
+                      "|---|---|---|---|---|---|---|---|---|",
+                      "| " + " | ".join(f"{st[k]:.3f}" for k in (
+                          "fwd_cumsum_ms", "fwd_state_ms", "fwd_output_ms", "fwd_total_ms",
+                          "bwd_state_again_ms", "bwd_dh_ms", "bwd_chunk_ms", "bwd_group_sums_ms",
+                          "fwd_bwd_total_ms")) + " |"]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -62,7 +62,8 @@ timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
-[ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128
+[ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128 \
+  --heads-per-program 8 --stages
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --budget-s "$(( $(left) - 25 ))"
 pack

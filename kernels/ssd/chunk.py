@@ -400,18 +400,39 @@ def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: i
 
 
 def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    B, T, G, N = q.shape
-    HV, P = v.shape[2], v.shape[3]
-    NS = layout.num_seqs
     h, _ = ssd_state_fwd(k, v, gc, layout, initial_state, False)
+    dh, dh0 = ssd_state_bwd(q, do, gc, h, dht, initial_state is not None, scale, layout)
+    dq_h, dk_h, dv, dg = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout)
+    dq, dk = ssd_group_sums(dq_h, dk_h, q.shape[2], q.dtype, k.dtype)
+    return dq, dk, dv, dg, dh0
+
+
+# the backward's launches one by one (benchmarks/profile_ssd.py times each): the states again
+# (ssd_state_fwd), the reverse pass, the chunk-local gradients, the sums over a group's heads
+
+def ssd_state_bwd(q, do, gc, h, dht, want_dh0: bool, scale, layout):
+    """The reverse pass: dh [NTC, HV, N, P] (h's dtype), the gradient of the state entering
+    every chunk, and dh0 [NS, HV, N, P] fp32 (or None unless want_dh0)."""
+    B, T, G, N = q.shape
+    HV, P = do.shape[2], do.shape[3]
+    NS = layout.num_seqs
     dh = torch.empty_like(h)
-    dh0 = torch.empty(NS, HV, N, P, dtype=torch.float32, device=q.device) if initial_state is not None else None
+    dh0 = torch.empty(NS, HV, N, P, dtype=torch.float32, device=q.device) if want_dh0 else None
     BN, BP = _state_blocks(N, P, HV, NS)
     cu, idx, offs, T_, nts, varlen = layout.kernel_args()
     _state_bwd_kernel[(triton.cdiv(N, BN) * triton.cdiv(P, BP), HV, NS)](
         q, do, gc, dh, dht, dh0, scale, cu, offs, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP,
-        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=varlen, num_warps=4)
+        USE_DHT=dht is not None, STORE_DH0=want_dh0, IS_VARLEN=varlen, num_warps=4)
+    return dh, dh0
+
+
+def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout):
+    """The chunk-local gradients: dq, dk per block of RB value heads ([B, T, HV // RB, N]
+    fp32, for ssd_group_sums), dv (v's dtype), dg [B, T, HV] fp32."""
+    B, T, G, N = q.shape
+    HV, P = v.shape[2], v.shape[3]
+    cu, idx, _, T_, nts, varlen = layout.kernel_args()
     RB = _heads_per_program(HV // G)
     dq_h = torch.empty(B, T, HV // RB, N, dtype=torch.float32, device=q.device)
     dk_h = torch.empty_like(dq_h)
@@ -421,10 +442,16 @@ def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
         q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, IS_VARLEN=varlen,
         num_warps=8)
-    # q/k of a group are read by its HV // G value heads: sum the per-block contributions
-    dq = dq_h.view(B, T, G, HV // G // RB, N).sum(3).to(q.dtype)
-    dk = dk_h.view(B, T, G, HV // G // RB, N).sum(3).to(k.dtype)
-    return dq, dk, dv, dg, dh0
+    return dq_h, dk_h, dv, dg
+
+
+def ssd_group_sums(dq_h, dk_h, G: int, q_dtype, k_dtype):
+    """q / k of a group are read by its value heads: the per-block contributions
+    [B, T, HV // RB, N] (a group's blocks adjacent) summed to [B, T, G, N] in q's / k's dtype."""
+    B, T, NB, N = dq_h.shape
+    dq = dq_h.view(B, T, G, NB // G, N).sum(3).to(q_dtype)
+    dk = dk_h.view(B, T, G, NB // G, N).sum(3).to(k_dtype)
+    return dq, dk
 
 
 class ChunkScalarDecayFunction(torch.autograd.Function):

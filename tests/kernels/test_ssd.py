@@ -241,3 +241,44 @@ def test_errors_name_the_argument(backend):
             chunk_scalar_decay(q, q, v, g, initial_state=torch.zeros(2, 4, 16, 16, device=DEVICE))
         with pytest.raises(ValueError, match="cu_seqlens must end"):
             chunk_scalar_decay(q, q, v, g, cu_seqlens=torch.tensor([0, 5], device=DEVICE))
+
+
+def test_profile_stages_runs_every_launch():
+    """benchmarks/profile_ssd.py (the GPU round's SSD stage split) runs the backward's launches
+    one by one: at a toy shape here (interpreter on the CPU), every stage timed."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import profile_ssd
+
+    row = profile_ssd.ssd_stages(1, 70, heads=4, headdim=16, state=16, dtype=torch.float32,
+                                 iters=1, warmup=0, device=DEVICE.type)
+    for key in ("fwd_cumsum_ms", "fwd_state_ms", "fwd_output_ms", "bwd_dh_ms", "bwd_chunk_ms",
+                "bwd_group_sums_ms", "fwd_total_ms", "fwd_bwd_total_ms"):
+        assert row[key] > 0, key
+    assert row["group_partials_mb"] == 2 * 70 * 4 // row["heads_per_program"] * 16 * 4 / 1e6
+
+
+def test_backward_pieces_are_the_backward():
+    """ssd_bwd is its pieces run in turn (what profile_ssd.py times one by one): the same
+    gradients from the pieces called directly."""
+    from megatron_gdn.kernels.ssd import chunk as sc
+
+    if not (CUDA or sc.INTERPRET):
+        pytest.skip("the Triton kernels need a GPU or the interpreter")
+    gen = torch.Generator().manual_seed(4)
+    B, T, G, HV, N, P = 2, 90, 1, 4, 16, 16
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
+    q, k, v, do = rnd(B, T, G, N), rnd(B, T, G, N), rnd(B, T, HV, P), rnd(B, T, HV, P)
+    g = -torch.rand(B, T, HV, generator=gen).to(DEVICE)
+    layout = sc.make_chunk_layout(None, B, T)
+    gc = sc.ssd_cumsum(g, layout)
+    whole = sc.ssd_bwd(q, k, v, gc, 0.5, None, do, None, layout)
+    h, _ = sc.ssd_state_fwd(k, v, gc, layout, None, False)
+    dh, dh0 = sc.ssd_state_bwd(q, do, gc, h, None, False, 0.5, layout)
+    dq_h, dk_h, dv, dg = sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, 0.5, layout)
+    dq, dk = sc.ssd_group_sums(dq_h, dk_h, G, q.dtype, k.dtype)
+    assert dh0 is None and whole[4] is None
+    for a, b in zip((dq, dk, dv, dg), whole[:4]):
+        assert torch.equal(a, b)
