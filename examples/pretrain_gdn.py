@@ -133,6 +133,15 @@ def main(argv=None):
     if multi_tensor.install() and os.environ.get("RANK", "0") == "0":
         print("[gdn] no Transformer Engine / Apex: the optimizer step's grad norm and copies run "
               "as torch._foreach ops (megatron_gdn.training.multi_tensor)", flush=True)
+    if torch.cuda.is_available() and args.gradient_accumulation_fusion:
+        from megatron_gdn.training import wgrad_fusion
+
+        # Megatron's linears accumulate the weight gradient into the fp32 main_grad in the
+        # matmul (Apex's extension, or torch's fp32-output addmm; the flags left the fusion on
+        # only where one of them works here)
+        if wgrad_fusion.install() == "torch.addmm" and os.environ.get("RANK", "0") == "0":
+            print("[gdn] gradient-accumulation fusion: torch.addmm(out_dtype=float32) into "
+                  "main_grad (megatron_gdn.training.wgrad_fusion)", flush=True)
     if opts.keep_chunk_states:
         # read by the GDN kernels at every call (kernels.utils.keep_states_default)
         os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"

@@ -43,12 +43,17 @@ def aligned_pad(width: int, align: int = ALIGN) -> int:
 
 
 class _PaddedRowsLinear(torch.autograd.Function):
-    """y = x [W; 0]^T (+ [b; 0]): W [n, h], `pad` zero rows -> y [..., n + pad]."""
+    """y = x [W; 0]^T (+ [b; 0]): W [n, h], `pad` zero rows -> y [..., n + pad].
+
+    fuse_wgrad (the linear's gradient_accumulation_fusion): the weight gradient is accumulated
+    into `weight.main_grad` by the matmul (Megatron's fused_weight_gradient_mlp_cuda, Apex's or
+    megatron_gdn.training.wgrad_fusion's), as Megatron's own linears do, where main_grad exists
+    (Megatron's DDP); otherwise it is returned."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pad):
+    def forward(ctx, x, weight, bias, pad, fuse_wgrad=False):
         ctx.save_for_backward(x, weight)
-        ctx.pad, ctx.has_bias = pad, bias is not None
+        ctx.pad, ctx.has_bias, ctx.fuse_wgrad = pad, bias is not None, fuse_wgrad
         return F.linear(x, F.pad(weight, (0, 0, 0, pad)),
                         None if bias is None else F.pad(bias, (0, pad)))
 
@@ -63,10 +68,31 @@ class _PaddedRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # the first n columns of the padded gradient: a view whose leading dimension
             # (n + pad) stays aligned
-            dw = torch.matmul(dy2[:, :n].t(), x.reshape(-1, h))
+            if ctx.fuse_wgrad and hasattr(weight, "main_grad"):
+                dw = _accumulate_wgrad(weight, x.reshape(-1, h), dy2[:, :n])
+            else:
+                dw = torch.matmul(dy2[:, :n].t(), x.reshape(-1, h))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2[:, :n].sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
+
+
+def _accumulate_wgrad(weight, x2d, dy2d):
+    """main_grad += dy^T x in the matmul, and the gradient autograd gets instead, as Megatron's
+    LinearWithGradAccumulationAndAsyncCommunication does it: a placeholder its DDP hook skips
+    (grad_added_to_main_grad), zeros where the weight asks (zero_out_wgrad), else None."""
+    from megatron.core.tensor_parallel import layers
+
+    fused = layers.fused_weight_gradient_mlp_cuda
+    if weight.main_grad.dtype == torch.float32:
+        fused.wgrad_gemm_accum_fp32(x2d, dy2d, weight.main_grad)
+    else:
+        fused.wgrad_gemm_accum_fp16(x2d, dy2d, weight.main_grad)
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.main_grad.shape, dtype=x2d.dtype, device=x2d.device)
 
 
 def can_pad(linear: torch.nn.Module, config) -> bool:
@@ -89,7 +115,8 @@ def padded_column_linear(linear: ColumnParallelLinear, x: torch.Tensor, pad: int
         # identity forward, all-reduce of the input gradient over TP backward (none at TP = 1)
         x = copy_to_tensor_model_parallel_region(x, group=linear.tp_group)
     bias = linear.bias if not linear.skip_bias_add else None
-    return _PaddedRowsLinear.apply(x, linear.weight, bias, pad)
+    return _PaddedRowsLinear.apply(x, linear.weight, bias, pad,
+                                   bool(getattr(linear, "gradient_accumulation_fusion", False)))
 
 
 def project_sections(linear: torch.nn.Module, config, x: torch.Tensor, widths):

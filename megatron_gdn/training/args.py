@@ -81,8 +81,9 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
     """On a GPU machine without Transformer Engine (or without Apex, or without the fused
     weight-gradient extension), the flags whose defaults would need them: Megatron's local
     layers, no RoPE fusion (Megatron's argument check asks for TE >= 1.4 even for models
-    without RoPE), no persistent LayerNorm or fused masked softmax, no gradient-accumulation
-    fusion. Flags the user gave are left alone."""
+    without RoPE), no persistent LayerNorm or fused masked softmax, and no gradient-accumulation
+    fusion unless our stand-in for Apex's extension works here (`training.wgrad_fusion`).
+    Flags the user gave are left alone."""
     import importlib.util
 
     flags = []
@@ -98,9 +99,18 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
         flags += ["--no-persist-layer-norm"]
     if no_te and no_apex and not _flag_given(user, "--no-masked-softmax-fusion"):
         flags += ["--no-masked-softmax-fusion"]
-    if no_te and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
+    if no_te and not _wgrad_fusion_usable():
         flags += ["--no-gradient-accumulation-fusion"]
     return flags
+
+
+def _wgrad_fusion_usable() -> bool:
+    """Apex's fused weight-gradient extension, or megatron_gdn.training.wgrad_fusion's stand-in
+    where torch's fp32-output matmul passes its check on this rank's GPU (the script installs
+    it before the model is built)."""
+    from megatron_gdn.training import wgrad_fusion
+
+    return wgrad_fusion.usable_here()
 
 
 @dataclass

@@ -84,6 +84,12 @@ def test_gpu_fallback_flags_without_transformer_engine(monkeypatch):
                         lambda name, *a: None if name in ("transformer_engine", "apex",
                                                           "fused_weight_gradient_mlp_cuda")
                         else real(name, *a))
+    from megatron_gdn.training import wgrad_fusion
+
+    # the gradient-accumulation fusion stays on where our stand-in for Apex's extension works
+    monkeypatch.setattr(wgrad_fusion, "usable_here", lambda: True)
+    assert "--no-gradient-accumulation-fusion" not in gpu_fallback_flags([])
+    monkeypatch.setattr(wgrad_fusion, "usable_here", lambda: False)
     flags = gpu_fallback_flags([])
     assert _value(flags, "--transformer-impl") == "local"
     assert "--no-rope-fusion" in flags and "--no-gradient-accumulation-fusion" in flags

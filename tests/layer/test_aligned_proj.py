@@ -40,6 +40,40 @@ def test_padded_rows_match_the_plain_linear(bias):
         torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("ddp_hook", [True, False])
+def test_padded_rows_accumulate_into_main_grad(ddp_hook, monkeypatch):
+    """With the linear's gradient-accumulation fusion, the weight gradient goes into the
+    weight's main_grad in the matmul (as Megatron's linears do; main_grad as Megatron's DDP
+    keeps it), and autograd gets the placeholder Megatron's DDP hook skips (or None without
+    that hook's flag); the input gradient is unchanged. fp32 operands: the stand-in's CPU path."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_gdn.training import wgrad_fusion
+
+    fused = type("Fused", (), {"wgrad_gemm_accum_fp32": staticmethod(wgrad_fusion.wgrad_gemm_accum_fp32),
+                               "wgrad_gemm_accum_fp16": staticmethod(wgrad_fusion.wgrad_gemm_accum_fp16)})
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", fused, raising=False)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 16, generator=gen, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(13, 16, generator=gen))
+    dy = torch.randn(5, 3, 16, generator=gen)
+    start = torch.randn(13, 16, generator=gen)
+    w.main_grad = start.clone()
+    if ddp_hook:
+        w.grad_added_to_main_grad = False
+    y = _PaddedRowsLinear.apply(x, w, None, 3, True)
+    y.backward(dy)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = w.detach().clone().requires_grad_(True)
+    (F.linear(ref_x, ref_w) * dy[..., :13]).sum().backward()
+    torch.testing.assert_close(w.main_grad, start + ref_w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
+    if ddp_hook:
+        assert w.grad_added_to_main_grad and w.grad is not None and w.grad.shape == w.shape
+    else:
+        assert w.grad is None
+
+
 @pytest.fixture(scope="module")
 def pg(one_rank_pg):
     return one_rank_pg
