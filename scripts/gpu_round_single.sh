@@ -13,7 +13,8 @@
 #      tokens/s (Megatron's GPU fusions on; then GDN 1.3B once more with them off, timed only);
 #      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 26
 #      iterations of 64K tokens with the optimizer, Megatron's mock data), once more with the chunk states
-#      kept from the forward (--gdn-keep-chunk-states; also timed without the optimizer);
+#      kept from the forward and Megatron's fused cross entropy (--gdn-keep-chunk-states
+#      --cross-entropy-loss-fusion; the kept states also timed without the optimizer);
 #   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
 #   4b. the reverse state pass (dh) at S4 pinned to each of DH_PINS in turn
 #      (scripts/gpu_dh_sweep.sh: every gradient's error against the fp32 torch path and the
@@ -49,8 +50,9 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 # issue 6's figure: 20+ iterations after the 5 of warm-up, 64K tokens each (4 micro-batches:
 # the optimizer step's share as in a real run, not one step per 16K tokens)
 timed train 150 env ITERS=26 MBS=4 GBS=16 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b
-timed train-keep 140 env ITERS=26 MBS=4 GBS=16 EXTRA=--gdn-keep-chunk-states \
-  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_keep" gdn_1.3b
+# the same with every speed option on: the chunk states kept, Megatron's fused cross entropy
+timed train-best 140 env ITERS=26 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_best" gdn_1.3b
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
 timed check-s4-keep 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/check_s4_keep" --shapes S4 --no-fla \
