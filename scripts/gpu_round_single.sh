@@ -1,28 +1,26 @@
 #!/usr/bin/env bash
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
-# 570; each job's limit is cut to what is left):
-# (SKIP_ATTN=1 skips the attention jobs, SKIP_KTESTS=1 the kernel tests.)
-#   0. the kernel tests of the chunked rule and the SSD kernel (small shapes, on the GPU);
-#   1. a tiny fla GatedDeltaNet converted and generating (scripts/check_fla_convert_gpu.py;
-#      fla's kernels autotune on their first calls, alone on the GPU here; SKIP_FLA=1 skips it);
-#   2. the attention cores: cuDNN's band attention against the torch oracle (GPU tests), then
-#      the SWA core at window 2048 / 16K tokens, every backend against causal SDPA with each
-#      of its kernels (benchmarks/bench_hybrid.py --no-models);
-#   3. the GDN 1.3B and H1 1.3B models (4 x 4096 tokens, forward+backward) timed and profiled
-#      kernel by kernel, by kind (benchmarks/bench_hybrid.py --profile): what limits their
-#      tokens/s (Megatron's GPU fusions on; then GDN 1.3B once more with them off, timed only);
-#      then GDN 1.3B training throughput (examples/launch/gpu_throughput.sh, 26
-#      iterations of 64K tokens with the optimizer, Megatron's mock data), once more with the chunk states
-#      kept from the forward and Megatron's fused cross entropy (--gdn-keep-chunk-states
-#      --cross-entropy-loss-fusion; the kept states also timed without the optimizer);
-#   4. the kernel benchmark at S4 (the 1.3B dims: K 256 / V 512), ours stage by stage;
-#   4b. the reverse state pass (dh) at S4 pinned to each of DH_PINS in turn
-#      (scripts/gpu_dh_sweep.sh: every gradient's error against the fp32 torch path and the
-#      fwd+bwd time per pin; SKIP_DH_S4=1 skips it);
-#   5. the SSD kernel next to mamba_ssm (SKIP_SSD=1 skips it)'s (a mamba_ssm wheel among the carried ones; it
-#      autotunes for ~2 minutes), the Mamba2 1.3B shape at 4 x 4096;
-#   6. the kernel benchmark at S3, ours and fla's, stage by stage, in what time is left
-#      (SKIP_S3=1 skips it).
+# 570; each job's limit is cut to what is left, a job under 30 s is skipped), in this order:
+#   kernel-tests   the chunked rule's and the SSD kernel's tests at small shapes (SKIP_KTESTS=1)
+#   fla-convert    a tiny fla GatedDeltaNet converted and generating (SKIP_FLA=1)
+#   attn-tests, attn-bench   cuDNN's band attention against the torch oracle; the SWA core at
+#                  window 2048 / 16K tokens against causal SDPA (SKIP_ATTN=1)
+#   train          GDN 1.3B training throughput (examples/launch/gpu_throughput.sh: 26
+#                  iterations of 64K tokens with the optimizer, Megatron's mock data)
+#   train-best     the same with the chunk states kept and Megatron's fused cross entropy
+#   model-profile  GDN 1.3B and H1 1.3B forward+backward at 4 x 4096, profiled kernel by kernel
+#   check-s4-keep  the kernels at S4 in bf16 against the fp32 torch path, states kept, and timed
+#   model-keep, model-nofusions   GDN 1.3B forward+backward with the states kept; with
+#                  Megatron's fusions off
+#   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage
+#   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
+#                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
+#   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, and with 8
+#                  heads per program (SKIP_SSD=1; mamba_ssm autotunes for ~2 minutes)
+#   kernels-s3     S3, ours and fla's, stage by stage (SKIP_S3=1)
+#   layer          the GDN layer next to Megatron's own (SKIP_LAYER=1)
+# ONLY="job ..." runs just the named jobs, SKIP_JOBS="job ..." all but those (later calls pick
+# up where one ended).
 #   WHEELS=path/to/wheels bash scripts/gpu_round_single.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -34,6 +32,9 @@ export PYTHONWARNINGS=ignore
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time left
   local name="$1" secs="$2"; shift 2
+  # ONLY="a b": run just these jobs; SKIP_JOBS="a b": all but these (calls after the first)
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  if [[ " ${SKIP_JOBS:-} " == *" $name "* ]]; then return; fi
   local rest; rest=$(left)
   [ "$rest" -lt "$secs" ] && secs="$rest"
   if [ "$secs" -lt 30 ]; then echo "$name: skipped, ${rest}s left" | tee -a "$OUTDIR/summary.txt"; return; fi
@@ -68,5 +69,8 @@ timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s
   --heads-per-program 8 --stages
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --budget-s "$(( $(left) - 25 ))"
+# issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
+[ "${SKIP_LAYER:-0}" = 1 ] || timed layer 240 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
+  --shapes qwen3next --iters 10 --warmup 3
 pack
 cat "$OUTDIR/summary.txt"
