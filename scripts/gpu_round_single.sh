@@ -15,6 +15,8 @@
 #   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage
 #   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
 #                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
+#   grads-s3, grads-s4   the gradient stage's two launches pinned to each of GRAD_PINS
+#                  (scripts/gpu_grads_sweep.sh; SKIP_GRADS=1)
 #   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, and with 8
 #                  heads per program (SKIP_SSD=1; mamba_ssm autotunes for ~2 minutes)
 #   kernels-s3     S3, ours and fla's, stage by stage (SKIP_S3=1)
@@ -65,6 +67,12 @@ timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model
 timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --budget-s 70
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
+# the gradient stage at 16 warps (offline, sm_90a: 115-128 registers, 16 warps per SM where 8
+# run now at 172-255) against the autotuned configs, exactness and time per pin
+[ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s3 150 bash scripts/gpu_grads_sweep.sh S3 \
+  "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
+[ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s4 150 bash scripts/gpu_grads_sweep.sh S4 \
+  "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128 \
   --heads-per-program 8 --stages
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
