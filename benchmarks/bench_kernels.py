@@ -187,9 +187,18 @@ def stage_times(shape, dtype=torch.bfloat16):
     return res
 
 
-def diag_output(shape):
-    """bf16: o of our output kernel per config, and o recomputed in torch from the same
-    h / v_new / gc, each against the fp32 torch path (tells the output kernel from upstream)."""
+def output_pin(spec):
+    """BV:num_warps:num_stages[:maxnreg] -> triton.Config for the output kernel (maxnreg 0 or
+    absent: no register cap)."""
+    bv, warps, stages, *rest = (int(x) for x in spec.split(":"))
+    return triton.Config({"BV": bv}, num_warps=warps, num_stages=stages,
+                         maxnreg=(rest[0] or None) if rest else None)
+
+
+def diag_output(shape, pins=()):
+    """bf16: o of our output kernel per config (its own, then the `pins`, each also timed), and
+    o recomputed in torch from the same h / v_new / gc, each against the fp32 torch path
+    (tells the output kernel from upstream)."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
 
     B, T, H, HV, K, V = shape
@@ -199,10 +208,11 @@ def diag_output(shape):
     gc, _, k_rstd, w, u = cf.chunk_prepare_fwd(k, v, g, beta, layout, use_qk_l2norm=True)
     h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
     out = {}
-    for cfg in cf._output_kernel.configs:
-        o, _ = cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout, k_rstd=k_rstd,
-                                   use_qk_l2norm=True, config=cfg)
-        out[str(cfg)] = rel(o, ref)
+    for cfg in list(cf._output_kernel.configs) + [output_pin(p) for p in pins]:
+        run = lambda: cf.chunk_output_fwd(q, k, v_new, h, gc, K**-0.5, layout,  # noqa: E731
+                                          k_rstd=k_rstd, use_qk_l2norm=True, config=cfg)
+        o, _ = run()
+        out[str(cfg)] = {"rel_err": rel(o, ref), "ms": bench_ms(run)}
     NT, G = T // 64, HV // H
     qn = F.normalize(q.float(), dim=-1, eps=1e-3).repeat_interleave(G, 2).view(B, NT, 64, HV, K)
     kn = F.normalize(k.float(), dim=-1, eps=1e-3).repeat_interleave(G, 2).view(B, NT, 64, HV, K)
@@ -263,6 +273,9 @@ def main():
                    help="skip the packed bf16 batch (mixed lengths, HV > H)")
     p.add_argument("--check-fla", action="store_true", help="also fla's errors (autotunes fla)")
     p.add_argument("--diag", action="store_true", help="output-kernel diagnostics in bf16")
+    p.add_argument("--output-pins", default="",
+                   help="with --diag: output-kernel configs to check and time beside its own, "
+                        "BV:warps:stages[:maxnreg] comma-separated")
     p.add_argument("--no-fla", action="store_true")
     p.add_argument("--bwd-stages", action="store_true",
                    help="also time our backward launch by launch (profile_chunk_bwd.py)")
@@ -301,7 +314,8 @@ def main():
 
     if args.diag:
         try:
-            results["diag"] = diag_output(SHAPES[shapes[0]])
+            pins = [p for p in args.output_pins.split(",") if p]
+            results["diag"] = diag_output(SHAPES[shapes[0]], pins)
         except Exception as e:
             results["diag"] = {"error": repr(e)}
             traceback.print_exc()

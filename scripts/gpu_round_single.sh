@@ -12,7 +12,8 @@
 #   check-s4-keep  the kernels at S4 in bf16 against the fp32 torch path, states kept, and timed
 #   model-keep, model-nofusions   GDN 1.3B forward+backward with the states kept; with
 #                  Megatron's fusions off
-#   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage
+#   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage; the
+#                  output kernel's register-capped candidates (OUTPUT_PINS) checked and timed
 #   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
 #                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
 #   grads-s3, grads-s4   the gradient stage's two launches pinned to each of GRAD_PINS
@@ -64,8 +65,8 @@ timed model-keep 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_keep
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --keep-states
 timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --no-fusions
-timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
-  --bwd-stages --budget-s 70
+timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
+  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:168,64:4:2:192}" --budget-s 90
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
 # the gradient stage at 16 warps (offline, sm_90a: 115-128 registers, 16 warps per SM where 8
 # run now at 172-255) against the autotuned configs, exactness and time per pin
@@ -76,7 +77,7 @@ timed kernels-s4 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128 \
   --heads-per-program 8 --stages
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
-  --bwd-stages --budget-s "$(( $(left) - 25 ))"
+  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:168,64:4:2:192}" --budget-s "$(( $(left) - 25 ))"
 # issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
 [ "${SKIP_LAYER:-0}" = 1 ] || timed layer 240 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
   --shapes qwen3next --iters 10 --warmup 3

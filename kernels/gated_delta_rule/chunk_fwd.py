@@ -516,6 +516,8 @@ def chunk_output_fwd(q, k, v_new, h, gc, scale, layout: ChunkLayout, k_rstd=None
     if config is not None:
         kernel = _output_kernel.fn
         extra = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg:
+            extra["maxnreg"] = config.maxnreg
     kernel[grid if config is None else grid(extra)](
         q, k, v_new, h, gc, k_rstd, q_rstd, o, scale,
         cu, ci, T_arg, nts,
