@@ -43,8 +43,10 @@ def one_layer(doc):
     return out, count
 
 
-def timed(fn, device, iters):
-    for _ in range(3):
+def timed(fn, device, iters, warmup=3):
+    """Median ms of fn() over `iters` runs after `warmup` (CUDA events on a GPU, wall clock on
+    the CPU)."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):

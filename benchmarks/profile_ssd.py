@@ -14,35 +14,13 @@ the Triton interpreter at a toy shape (`--smoke`: what the tests run; wall clock
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-
-
-def _timer(fn, iters: int, warmup: int) -> float:
-    """Median ms of fn() over `iters` runs (CUDA events on a GPU, wall clock on the CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    cuda = torch.cuda.is_available()
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+from bench_generate import timed  # noqa: E402
 
 
 def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 128,
@@ -72,7 +50,7 @@ def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 
 
     out = {"shape": [B, T, groups, heads, state, headdim], "dtype": str(dtype),
            "heads_per_program": sc._heads_per_program(heads // groups)}
-    t = lambda fn: _timer(fn, iters, warmup)  # noqa: E731
+    t = lambda fn: timed(fn, torch.device(device), iters, warmup)  # noqa: E731
     out["fwd_cumsum_ms"] = t(lambda: sc.ssd_cumsum(g, layout))
     out["fwd_state_ms"] = t(lambda: sc.ssd_state_fwd(k, v, gc, layout, None, False))
     out["fwd_output_ms"] = t(lambda: sc.ssd_output_fwd(q, k, v, gc, h, scale, layout))
