@@ -16,6 +16,7 @@ linears, and the padded in_proj of our GDN layer (`megatron_gdn.aligned_proj`), 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -50,17 +51,26 @@ def works_on(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
     key = (str(device), dtype)
     if key not in _CHECKED:
         try:
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(70, 48, generator=gen).to(device=device, dtype=dtype)
-            dy = torch.randn(70, 40, generator=gen).to(device=device, dtype=dtype)
-            acc = torch.randn(40, 48, generator=gen).to(device)
-            expected = acc.double() + dy.double().t() @ x.double()
-            wgrad_gemm_accum_fp32(x, dy, acc)  # in place
-            err = ((acc.double() - expected).norm() / expected.norm()).item()
-            _CHECKED[key] = err < 1e-5
+            # on this device only (an argument check runs before Megatron sets the rank's
+            # device: no context on GPU 0 for every rank)
+            guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with guard:
+                _CHECKED[key] = _check(device, dtype)
         except (RuntimeError, NotImplementedError, TypeError, AssertionError):
             _CHECKED[key] = False
     return _CHECKED[key]
+
+
+def _check(device: torch.device, dtype: torch.dtype) -> bool:
+    """A small accumulation on `device` against float64."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 48, generator=gen).to(device=device, dtype=dtype)
+    dy = torch.randn(70, 40, generator=gen).to(device=device, dtype=dtype)
+    acc = torch.randn(40, 48, generator=gen).to(device)
+    expected = acc.double() + dy.double().t() @ x.double()
+    wgrad_gemm_accum_fp32(x, dy, acc)  # in place
+    err = ((acc.double() - expected).norm() / expected.norm()).item()
+    return err < 1e-5
 
 
 def usable_here() -> bool:
