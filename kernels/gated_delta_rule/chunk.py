@@ -42,7 +42,7 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   - states: (h, v_new) of the forward's state pass (`keep_states`), or None: the backward
     then runs that pass again (below).
   The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
-  here, on [B, T, HV] tensors.
+  here, on [B, T, HV] tensors, by gate.py's one launch.
 
   The backward recomputes the rest of what it needs (w, u from the saved Tm in its prep
   launch; without Tm the forward building block `chunk_wy_fwd(k, v, gc, beta, layout, k_rstd)`
@@ -66,20 +66,9 @@ from .chunk_fwd import (
     chunk_state_fwd,
     make_chunk_layout,
 )
+from .gate import gate_activation, gate_backward
 
 __all__ = ["chunk_gated_delta_rule_triton"]
-
-
-def _gate_backward(dg, a, A_log, dt_bias):
-    """Chain rule of g = -exp(A_log) softplus(a + dt_bias) on [B, T, HV] tensors."""
-    x = a.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-    decay = torch.exp(A_log.float())
-    # d softplus(x) / dx = sigmoid(x)
-    da = -dg * decay * torch.sigmoid(x)
-    softplus = torch.where(x > 20.0, x, torch.log1p(torch.exp(torch.clamp(x, max=20.0))))
-    dA_log = (-dg * decay * softplus).sum(dim=(0, 1))
-    ddt_bias = da.sum(dim=(0, 1)) if dt_bias is not None else None
-    return da, dA_log, ddt_bias
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
@@ -118,13 +107,8 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
          q_rstd, k_rstd, tm, h, v_new) = ctx.saved_tensors
         # the per-token activated decay: exact dg under strong decay (differences of gc
-        # lose ~ulp(|gc|)); [B, T, HV] only
-        if A_log is None:
-            g_act = g.float()
-        else:
-            x = g.float() + (dt_bias.float() if dt_bias is not None else 0.0)
-            g_act = -torch.exp(A_log.float()) * torch.where(
-                x > 20.0, x, torch.log1p(torch.exp(torch.clamp(x, max=20.0))))
+        # lose ~ulp(|gc|)); [B, T, HV] only, the forward's softplus (gate.py)
+        g_act = g.float() if A_log is None else gate_activation(g, A_log, dt_bias)
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
             q, k, v, gc, beta_act, ctx.scale, initial_state, do.contiguous(),
             # e.g. final_state.sum().backward() hands in a stride-0 expanded tensor
@@ -132,15 +116,13 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             q_rstd=q_rstd, k_rstd=k_rstd, g=g_act, tm=tm,
             states=None if h is None else (h, v_new),
         )
-        dA_log = ddt_bias = None
-        if A_log is not None:
-            dg, dA_log, ddt_bias = _gate_backward(dg, g, A_log, dt_bias)
-        if ctx.use_beta_sigmoid:
-            dbeta = dbeta * beta_act * (1.0 - beta_act)
+        # the gate's and the beta sigmoid's chain rule in one launch (gate.py)
+        dg, dA_log, ddt_bias, dbeta = gate_backward(
+            g, A_log, dt_bias, dg, dbeta, beta_act if ctx.use_beta_sigmoid else None, beta.dtype)
         if initial_state is None:
             dh0 = None
         return (
-            dq, dk, dv, dg.to(g.dtype), dbeta.to(beta.dtype),
+            dq, dk, dv, dg, dbeta,
             dA_log, ddt_bias, dh0,
             None,  # scale
             None,  # output_final_state

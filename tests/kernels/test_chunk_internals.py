@@ -229,3 +229,45 @@ def test_affine_summary(cu):
     _, h_ref = naive_recurrent_gated_delta_rule(q.double(), k.double(), v.double(), g.double(),
                                                 beta.double(), None, None, True, cu_t)
     assert_close(h, h_ref, REL, "H")
+
+
+# ------------------------------------------------------------ the gate's elementwise launches
+@pytest.mark.parametrize("dt_bias,sigmoid", [(True, True), (False, False)])
+def test_gate_launches_against_autograd(dt_bias, sigmoid):
+    """gate.py's activation and chain rule against torch autograd of the same formulas in
+    float64: several programs' partial sums for dA_log / ddt_bias (900 rows, 6 heads: 4
+    programs of 256 rows, the last partial), with and without dt_bias and the beta sigmoid."""
+    from megatron_gdn.kernels.gated_delta_rule.gate import gate_activation, gate_backward
+
+    gen = torch.Generator().manual_seed(21)
+    B, T, HV = 3, 300, 6
+    a = (torch.randn(B, T, HV, generator=gen) * 4).to(DEV)  # softplus arguments both sides of 0 and past 20
+    a[0, 0, 0] = 30.0
+    A_log = torch.randn(HV, generator=gen).to(DEV)
+    bias = torch.randn(HV, generator=gen).to(DEV) if dt_bias else None
+    dg = torch.randn(B, T, HV, generator=gen).to(DEV)
+    dbeta = torch.randn(B, T, HV, generator=gen).to(DEV)
+    beta = torch.rand(B, T, HV, generator=gen).to(DEV)
+
+    leaves = [x.double().requires_grad_(True) for x in (a, A_log)]
+    b64 = bias.double().requires_grad_(True) if dt_bias else None
+    x = leaves[0] + (b64 if dt_bias else 0.0)
+    g64 = -torch.exp(leaves[1]) * F.softplus(x)
+    g64.backward(dg.double())
+    assert_close(gate_activation(a, A_log, bias), g64.detach(), FP32_REL, "g")
+
+    da, dA_log, ddt, dbeta_out = gate_backward(a, A_log, bias, dg, dbeta, beta if sigmoid else None,
+                                               torch.float32)
+    assert_close(da, leaves[0].grad, FP32_REL, "da")
+    assert_close(dA_log, leaves[1].grad, FP32_REL, "dA_log")
+    if dt_bias:
+        assert_close(ddt, b64.grad, FP32_REL, "ddt_bias")
+    else:
+        assert ddt is None
+    expected_db = dbeta * beta * (1 - beta) if sigmoid else dbeta
+    assert_close(dbeta_out, expected_db, FP32_REL, "dbeta")
+    # no fused gate: da is dg in a's dtype (fp16 here: the interpreter rounds bf16 otherwise
+    # than torch), nothing summed
+    da, dA_log, ddt, _ = gate_backward(a.half(), None, None, dg, dbeta, None, torch.float16)
+    assert da.dtype == torch.float16 and dA_log is None and ddt is None
+    assert torch.equal(da, dg.half())

@@ -25,14 +25,14 @@ _SCRIPT = """
 import triton
 from hopper_compile import compile_for_hopper
 from megatron_gdn.kernels.conv1d import conv
-from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb, chunk_fwd as cf, recurrent as rc
+from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb, chunk_fwd as cf, gate, recurrent as rc
 from megatron_gdn.kernels.gated_norm import norm
 from megatron_gdn.kernels.ssd import chunk as ssd
 
 print("triton", triton.__version__)
 F32 = ("g", "beta", "a_log", "A_log", "dt_bias", "gc", "beta_out", "k_rstd", "q_rstd", "dg",
        "dbeta", "kscale", "h0", "ht", "dht", "dh0", "weight", "bias", "dw_part", "db_part", "rstd",
-       "dkn", "dk_raw", "dg_part", "dbeta_part")
+       "dkn", "dk_raw", "dg_part", "dbeta_part", "dA_part", "ddt_part")
 I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 # integer scalars (T, strides, row counts) compile as i32, floats as fp32: the rest are pointers
 SCALARS = {"D", "NT", "NT_SEQ", "PAR_CLASS", "R", "R1", "R2", "T", "part_stride"}
@@ -81,6 +81,10 @@ for dtype, half in (("bf16", True), ("fp32", False)):
         build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
               warps=8)
     build(cb._l2norm_bwd_rows_kernel, dict(H=2, OH=4, K=K, BK=K), dtype, warps=4)
+    build(gate._gate_act_kernel, dict(HV=6, HVP=8, BR=256, HAS_DT_BIAS=True), dtype, warps=4)
+    for has_gate in (True, False):
+        build(gate._gate_bwd_kernel, dict(HV=6, HVP=8, BR=256, HAS_GATE=has_gate, HAS_DT_BIAS=has_gate,
+                                          BETA_SIGMOID=True), dtype, warps=4)
     build(rc._fused_recurrent_gdr_fwd_kernel,
           dict(H=2, HV=4, K=K, V=V, BK=K, BV=32, EVEN_KV=True, IS_VARLEN=True,
                USE_INITIAL_STATE=True, STORE_FINAL_STATE=True, USE_QK_L2NORM=True,
