@@ -13,14 +13,15 @@
 #   model-keep, model-nofusions   GDN 1.3B forward+backward with the states kept; with
 #                  Megatron's fusions off
 #   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage; the
-#                  output kernel's register-capped candidates (OUTPUT_PINS) checked and timed
+#                  output kernel's register-capped candidates (OUTPUT_PINS) checked and timed; the
+#                  autotuned kernels (the capped prep / output candidates among them) checked in bf16
 #   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
 #                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
 #   grads-s3, grads-s4   the gradient stage's two launches pinned to each of GRAD_PINS
 #                  (scripts/gpu_grads_sweep.sh; SKIP_GRADS=1)
 #   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, and with 8
 #                  heads per program (SKIP_SSD=1; mamba_ssm autotunes for ~2 minutes)
-#   kernels-s3     S3, ours and fla's, stage by stage (SKIP_S3=1)
+#   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer          the GDN layer next to Megatron's own (SKIP_LAYER=1)
 # ONLY="job ..." runs just the named jobs, SKIP_JOBS="job ..." all but those (later calls pick
 # up where one ended).
@@ -66,7 +67,8 @@ timed model-keep 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_keep
 timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_nofusions" \
   --models gdn_1.3b --seqs 4x4096 --no-attn --iters 4 --warmup 1 --no-fusions
 timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
-  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:168,64:4:2:192}" --budget-s 90
+  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 --no-check-packed \
+  --budget-s 90
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 16:4:2:0 32:4:2:0 32:4:1:0 64:8:1:1}"
 # the gradient stage at 16 warps (offline, sm_90a: 115-128 registers, 16 warps per SM where 8
 # run now at 172-255) against the autotuned configs, exactness and time per pin
@@ -77,7 +79,8 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128 \
   --heads-per-program 8 --stages
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
-  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:168,64:4:2:192}" --budget-s "$(( $(left) - 25 ))"
+  --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 \
+  --budget-s "$(( $(left) - 25 ))"
 # issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
 [ "${SKIP_LAYER:-0}" = 1 ] || timed layer 240 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
   --shapes qwen3next --iters 10 --warmup 3
