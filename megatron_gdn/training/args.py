@@ -99,7 +99,8 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
         flags += ["--no-persist-layer-norm"]
     if no_te and no_apex and not _flag_given(user, "--no-masked-softmax-fusion"):
         flags += ["--no-masked-softmax-fusion"]
-    if no_te and not _wgrad_fusion_usable():
+    # (torch FSDP2 refuses the fusion in Megatron's argument checks)
+    if no_te and (_flag_given(user, "--use-torch-fsdp2") or not _wgrad_fusion_usable()):
         flags += ["--no-gradient-accumulation-fusion"]
     return flags
 

@@ -89,6 +89,8 @@ def test_gpu_fallback_flags_without_transformer_engine(monkeypatch):
     # the gradient-accumulation fusion stays on where our stand-in for Apex's extension works
     monkeypatch.setattr(wgrad_fusion, "usable_here", lambda: True)
     assert "--no-gradient-accumulation-fusion" not in gpu_fallback_flags([])
+    # ... but not under torch FSDP2, which Megatron's argument checks refuse it with
+    assert "--no-gradient-accumulation-fusion" in gpu_fallback_flags(["--use-torch-fsdp2"])
     monkeypatch.setattr(wgrad_fusion, "usable_here", lambda: False)
     flags = gpu_fallback_flags([])
     assert _value(flags, "--transformer-impl") == "local"
