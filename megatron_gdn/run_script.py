@@ -1,7 +1,8 @@
 """Run a Megatron-LM training script (e.g. its `pretrain_gpt.py`) with this package's layer
-specs, on a GPU (without Transformer Engine: with `training.args.gpu_fallback_flags` added, as
-examples/pretrain_gdn.py does), or on a CPU with `megatron_gdn.cpu` applied first; either way
-Megatron's dataset helpers are taken from the wheel instead of being compiled:
+specs, on a GPU (without Transformer Engine: with `training.args.gpu_fallback_flags` added and
+the training module's stand-ins installed, as examples/pretrain_gdn.py does), or on a CPU with
+`megatron_gdn.cpu` applied first; either way Megatron's dataset helpers are taken from the wheel
+instead of being compiled:
 
     torchrun --nproc_per_node 1 -m megatron_gdn.run_script MEGATRON_LM/pretrain_gpt.py \\
         --spec megatron_gdn.specs gdn_layer_spec ...
@@ -26,9 +27,17 @@ def main(argv=None) -> None:
     import megatron_gdn.cpu
     from megatron_gdn.training.args import gpu_fallback_flags
 
+    from megatron_gdn.training import multi_tensor, wgrad_fusion
+
     megatron_gdn.cpu.enable()  # no-op with a CUDA device
     megatron_gdn.cpu.use_shipped_dataset_helpers()
     extra = gpu_fallback_flags(list(argv[1:])) if torch.cuda.is_available() else []
+    # as examples/pretrain_gdn.py: the optimizer step's multi-tensor ops without TE / Apex, and
+    # the stand-in for Apex's weight-gradient extension, which the flags above count on where it
+    # works (it must exist before the script builds its model)
+    multi_tensor.install()
+    if torch.cuda.is_available():
+        wgrad_fusion.install()
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script] + list(argv[1:]) + extra
     runpy.run_path(script, run_name="__main__")
