@@ -10,9 +10,9 @@
                    group exists
     throughput.py  model FLOPs per token, tokens/s and MFU logging
     multi_tensor.py  torch._foreach stand-ins for the per-tensor fallbacks Megatron's optimizer
-                   step uses without TE and Apex (installed by the example)
+                   step uses without TE and Apex (installed by the example and by run_script)
     wgrad_fusion.py  a stand-in for Apex's fused_weight_gradient_mlp_cuda (the weight gradient
-                   accumulated into main_grad by the matmul), installed by the example on a GPU
+                   accumulated into main_grad by the matmul), installed likewise on a GPU
 
 Apart from those two installs, nothing here patches Megatron; on a machine without CUDA the
 example calls `megatron_gdn.cpu.enable()` first.
