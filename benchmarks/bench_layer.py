@@ -70,7 +70,13 @@ def parse_args():
                    help="reuse the existing Triton cache (first-call times then exclude compilation)")
     p.add_argument("--tp-parity", action="store_true", help="TP=2 vs TP=1 bf16 parity (torchrun, 2 ranks)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: exercise the code path")
-    return p.parse_args()
+    p.add_argument("--keep-states", action="store_true",
+                   help="our kernels keep their per-chunk states for the backward "
+                        "(MEGATRON_GDN_KEEP_STATES=1)")
+    args = p.parse_args()
+    if args.keep_states:
+        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+    return args
 
 
 # ------------------------------------------------------------------------------ setup

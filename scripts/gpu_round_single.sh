@@ -22,7 +22,7 @@
 #   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, and with 8
 #                  heads per program (SKIP_SSD=1; mamba_ssm autotunes for ~2 minutes)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
-#   layer          the GDN layer next to Megatron's own (SKIP_LAYER=1)
+#   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 # ONLY="job ..." runs just the named jobs, SKIP_JOBS="job ..." all but those (later calls pick
 # up where one ended).
 #   WHEELS=path/to/wheels bash scripts/gpu_round_single.sh OUTDIR
@@ -84,5 +84,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
 [ "${SKIP_LAYER:-0}" = 1 ] || timed layer 240 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
   --shapes qwen3next --iters 10 --warmup 3
+[ "${SKIP_LAYER:-0}" = 1 ] || timed layer-keep 60 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_keep" \
+  --shapes qwen3next --impls ours --no-check --iters 10 --warmup 3 --keep-states
 pack
 cat "$OUTDIR/summary.txt"
