@@ -116,9 +116,14 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             q_rstd=q_rstd, k_rstd=k_rstd, g=g_act, tm=tm,
             states=None if h is None else (h, v_new),
         )
-        # the gate's and the beta sigmoid's chain rule in one launch (gate.py)
-        dg, dA_log, ddt_bias, dbeta = gate_backward(
-            g, A_log, dt_bias, dg, dbeta, beta_act if ctx.use_beta_sigmoid else None, beta.dtype)
+        # the gate's and the beta sigmoid's chain rule in one launch (gate.py); without either,
+        # only the casts to the inputs' dtypes (none for fp32 inputs)
+        if A_log is None and not ctx.use_beta_sigmoid:
+            dg, dbeta, dA_log, ddt_bias = dg.to(g.dtype), dbeta.to(beta.dtype), None, None
+        else:
+            dg, dA_log, ddt_bias, dbeta = gate_backward(
+                g, A_log, dt_bias, dg, dbeta, beta_act if ctx.use_beta_sigmoid else None,
+                beta.dtype)
         if initial_state is None:
             dh0 = None
         return (
