@@ -157,7 +157,7 @@ def bench_model(name, seqs, args):
 KINDS = [("SSD (Mamba2)", ("_state_bwd_kernel", "_chunk_bwd_kernel", "_state_fwd_kernel",
                            "_output_fwd_kernel", "_cumsum_kernel")),
          ("GDN chunk bwd", ("_bwd_prep_kernel", "_bwd_qdo_kernel", "_bwd_dh_kernel", "_bwd_grad_",
-                            "_l2norm_bwd_rows")),
+                            "_l2norm_bwd_rows", "_gate_act_kernel", "_gate_bwd_kernel")),
          ("GDN chunk fwd", ("_prepare_kernel", "_state_kernel", "_output_kernel")),
          ("conv1d", ("_conv_",)), ("gated norm", ("_gated_rmsnorm",)),
          ("attention", ("flash", "fmha", "attention", "cudnn")),

@@ -13,6 +13,7 @@ import bench_hybrid as bh  # noqa: E402
 # kernel names as the profiler reports them (several from the GDN 1.3B profile on an H100)
 KERNELS = [
     ("_bwd_grad_vq_kernel", "GDN chunk bwd"), ("_l2norm_bwd_rows_kernel", "GDN chunk bwd"),
+    ("_gate_bwd_kernel", "GDN chunk bwd"), ("_gate_act_kernel", "GDN chunk bwd"),
     ("_prepare_kernel", "GDN chunk fwd"), ("_state_kernel", "GDN chunk fwd"),
     # the SSD's backward kernels are not the GDN's although they share the "_bwd_" fragment
     ("_state_bwd_kernel", "SSD (Mamba2)"), ("_conv_bwd_kernel", "conv1d"),
