@@ -72,7 +72,9 @@ def parse_args():
                         "profile_MODEL_SEQ.txt under --out, kernels by time and by kind")
     args = p.parse_args()
     if args.keep_states:
-        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+        from megatron_gdn.kernels.utils import set_keep_states_default
+
+        set_keep_states_default()
     return args
 
 
@@ -317,7 +319,6 @@ def markdown(payload):
         lines += [f"Megatron's fusions {'off' if run_args.get('no_fusions') else 'on (on a GPU)'}; "
                   f"GDN chunk states {'kept from the forward' if run_args.get('keep_states') else 'recomputed in the backward'}",
                   ""]
-    if rows:
         lines += ["| model | params | seq | fwd+bwd ms | tokens/s | peak GiB | first step s |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:

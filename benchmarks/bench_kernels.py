@@ -16,6 +16,7 @@ Also measured: the card's device copy bandwidth and bf16 matmul rate (the two ce
 Writes results.json and results.md under --out.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -58,18 +59,15 @@ def make_inputs(B, T, H, HV, K, V, dtype, seed=0, with_state=False, N=None):
     return q, k, v, g, beta, h0
 
 
-def ours(q, k, v, g, beta, h0=None, final=False, cu=None):
-    from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
-
-    return chunk_gated_delta_rule(q, k, v, g, beta, None, h0, final, cu, use_qk_l2norm=True)
-
-
-def ours_keep(q, k, v, g, beta, h0=None, final=False, cu=None):
-    """Ours with the per-chunk states kept from the forward for the backward (keep_states)."""
+def ours(q, k, v, g, beta, h0=None, final=False, cu=None, keep_states=None):
     from megatron_gdn.kernels.gated_delta_rule import chunk_gated_delta_rule
 
     return chunk_gated_delta_rule(q, k, v, g, beta, None, h0, final, cu, use_qk_l2norm=True,
-                                  keep_states=True)
+                                  keep_states=keep_states)
+
+
+# ours with the per-chunk states kept from the forward for the backward
+ours_keep = functools.partial(ours, keep_states=True)
 
 
 def reference(q, k, v, g, beta, h0=None, final=False, cu=None):
@@ -293,7 +291,9 @@ def main():
                    help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
     if args.keep_states:
-        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+        from megatron_gdn.kernels.utils import set_keep_states_default
+
+        set_keep_states_default()
     os.makedirs(args.out, exist_ok=True)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     results = {

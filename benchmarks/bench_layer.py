@@ -75,7 +75,9 @@ def parse_args():
                         "(MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
     if args.keep_states:
-        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+        from megatron_gdn.kernels.utils import set_keep_states_default
+
+        set_keep_states_default()
     return args
 
 

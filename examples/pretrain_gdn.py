@@ -126,25 +126,19 @@ def main(argv=None):
     from megatron_gdn.training.throughput import IterationMeter, flops_per_token, peak_tflops
 
     set_model_source(opts.gdn_backend, hybrid)
-    from megatron_gdn.training import multi_tensor
+    from megatron_gdn.training.args import install_stand_ins
 
-    # without TE and Apex, Megatron's optimizer step norms and copies parameter by parameter
-    # (one host synchronisation per parameter for the norm): multi-tensor versions instead
-    if multi_tensor.install() and os.environ.get("RANK", "0") == "0":
-        print("[gdn] no Transformer Engine / Apex: the optimizer step's grad norm and copies run "
-              "as torch._foreach ops (megatron_gdn.training.multi_tensor)", flush=True)
-    if torch.cuda.is_available() and args.gradient_accumulation_fusion:
-        from megatron_gdn.training import wgrad_fusion
-
-        # Megatron's linears accumulate the weight gradient into the fp32 main_grad in the
-        # matmul (Apex's extension, or torch's fp32-output addmm; the flags left the fusion on
-        # only where one of them works here)
-        if wgrad_fusion.install() == "torch.addmm" and os.environ.get("RANK", "0") == "0":
-            print("[gdn] gradient-accumulation fusion: torch.addmm(out_dtype=float32) into "
-                  "main_grad (megatron_gdn.training.wgrad_fusion)", flush=True)
+    # without TE and Apex: Megatron's optimizer step norms and copies parameter by parameter,
+    # and its linears fuse the weight-gradient accumulation only with Apex's extension (the
+    # flags left that fusion on only where our stand-in works here)
+    for line in install_stand_ins(torch.cuda.is_available() and args.gradient_accumulation_fusion):
+        if os.environ.get("RANK", "0") == "0":
+            print("[gdn] " + line, flush=True)
     if opts.keep_chunk_states:
+        from megatron_gdn.kernels.utils import set_keep_states_default
+
         # read by the GDN kernels at every call (kernels.utils.keep_states_default)
-        os.environ["MEGATRON_GDN_KEEP_STATES"] = "1"
+        set_keep_states_default()
     # master weights initialise from the CPU RNG (--use-cpu-initialization): the same stream
     # on every rank gives the same full weights whatever the TP size
     torch.manual_seed(args.seed)

@@ -25,19 +25,14 @@ def main(argv=None) -> None:
     import torch
 
     import megatron_gdn.cpu
-    from megatron_gdn.training.args import gpu_fallback_flags
-
-    from megatron_gdn.training import multi_tensor, wgrad_fusion
+    from megatron_gdn.training.args import gpu_fallback_flags, install_stand_ins
 
     megatron_gdn.cpu.enable()  # no-op with a CUDA device
     megatron_gdn.cpu.use_shipped_dataset_helpers()
     extra = gpu_fallback_flags(list(argv[1:])) if torch.cuda.is_available() else []
-    # as examples/pretrain_gdn.py: the optimizer step's multi-tensor ops without TE / Apex, and
-    # the stand-in for Apex's weight-gradient extension, which the flags above count on where it
-    # works (it must exist before the script builds its model)
-    multi_tensor.install()
-    if torch.cuda.is_available():
-        wgrad_fusion.install()
+    # as examples/pretrain_gdn.py, before the script builds its model (the flags above count
+    # on the weight-gradient stand-in where it works)
+    install_stand_ins(torch.cuda.is_available())
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script] + list(argv[1:]) + extra
     runpy.run_path(script, run_name="__main__")

@@ -66,3 +66,9 @@ def keep_states_default() -> bool:
         raise ValueError(f"{KEEP_STATES_ENV}={value!r}: expected '0' (recompute the chunk states "
                          "in the backward) or '1' (keep them from the forward)")
     return value == "1"
+
+
+def set_keep_states_default(on: bool = True) -> None:
+    """Make `keep_states_default()` return `on` in this process (what `--gdn-keep-chunk-states`
+    and the benchmarks' `--keep-states` do): sets MEGATRON_GDN_KEEP_STATES."""
+    os.environ[KEEP_STATES_ENV] = "1" if on else "0"

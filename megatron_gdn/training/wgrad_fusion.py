@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 import types
 from typing import Optional
@@ -84,15 +85,22 @@ def usable_here() -> bool:
 
 
 def _rank_device() -> torch.device:
-    import os
-
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _serving() -> Optional[str]:
+    """What serves the fusion now: "torch.addmm" (the stand-in, registered), "extension"
+    (Apex's, imported or importable), or None."""
+    module = sys.modules.get(MODULE_NAME)
+    if module is not None:
+        return "torch.addmm" if getattr(module, "__megatron_gdn__", False) else "extension"
+    return "extension" if importlib.util.find_spec(MODULE_NAME) is not None else None
 
 
 def installed() -> bool:
     """Whether Megatron's linears can fuse the weight-gradient accumulation here (Apex's
     extension, or this module's stand-in)."""
-    return MODULE_NAME in sys.modules or importlib.util.find_spec(MODULE_NAME) is not None
+    return _serving() is not None
 
 
 def install(device: Optional[torch.device] = None) -> Optional[str]:
@@ -100,10 +108,9 @@ def install(device: Optional[torch.device] = None) -> Optional[str]:
     linears, which looked for it at import) unless the real extension exists. Returns what
     serves the fusion: "extension" (Apex's), "torch.addmm" (the stand-in), or None where the
     check on `device` (default: this rank's GPU) fails."""
-    if MODULE_NAME in sys.modules:
-        return "torch.addmm" if getattr(sys.modules[MODULE_NAME], "__megatron_gdn__", False) else "extension"
-    if importlib.util.find_spec(MODULE_NAME) is not None:
-        return "extension"
+    serving = _serving()
+    if serving is not None:
+        return serving
     if device is None:
         if not torch.cuda.is_available():
             return None

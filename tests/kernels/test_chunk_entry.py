@@ -157,3 +157,10 @@ def test_keep_states_from_environment(monkeypatch):
     monkeypatch.setenv("MEGATRON_GDN_KEEP_STATES", "yes")
     with pytest.raises(ValueError, match="MEGATRON_GDN_KEEP_STATES"):
         _run(16, 16, None, False)
+    # the setter the training script and the benchmarks call (monkeypatch restores the variable)
+    from megatron_gdn.kernels.utils import keep_states_default, set_keep_states_default
+
+    set_keep_states_default()
+    assert keep_states_default()
+    set_keep_states_default(False)
+    assert not keep_states_default()
