@@ -66,28 +66,35 @@ class _PaddedRowsLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.matmul(dy, F.pad(weight, (0, 0, 0, ctx.pad)))
         if ctx.needs_input_grad[1]:
-            # the first n columns of the padded gradient: a view whose leading dimension
-            # (n + pad) stays aligned
+            # over all n + pad rows, then the first n: an output of n rows (n not a multiple of
+            # 8) put the weight gradient's matmul on an Ampere kernel on an H100
+            # (benchmarks/RESULTS.md, "in_proj's weight gradient")
             if ctx.fuse_wgrad and hasattr(weight, "main_grad"):
-                dw = _accumulate_wgrad(weight, x.reshape(-1, h), dy2[:, :n])
+                dw = _accumulate_wgrad(weight, x.reshape(-1, h), dy2, n)
             else:
-                dw = torch.matmul(dy2[:, :n].t(), x.reshape(-1, h))
+                dw = torch.matmul(dy2.t(), x.reshape(-1, h))[:n]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2[:, :n].sum(0)
         return dx, dw, db, None, None
 
 
-def _accumulate_wgrad(weight, x2d, dy2d):
-    """main_grad += dy^T x in the matmul, and the gradient autograd gets instead, as Megatron's
-    LinearWithGradAccumulationAndAsyncCommunication does it: a placeholder its DDP hook skips
-    (grad_added_to_main_grad), zeros where the weight asks (zero_out_wgrad), else None."""
+def _accumulate_wgrad(weight, x2d, dy_padded, n):
+    """main_grad += dy[:, :n]^T x in the matmul, and the gradient autograd gets instead, as
+    Megatron's LinearWithGradAccumulationAndAsyncCommunication does it: a placeholder its DDP
+    hook skips (grad_added_to_main_grad), zeros where the weight asks (zero_out_wgrad), else None.
+    On a GPU with half operands and an fp32 main_grad, the padded rows' product in fp32, its
+    first n rows added (main_grad's n rows cannot be the matmul's aligned output); otherwise
+    Megatron's fused function (Apex's, or megatron_gdn.training.wgrad_fusion's stand-in)."""
     from megatron.core.tensor_parallel import layers
 
-    fused = layers.fused_weight_gradient_mlp_cuda
-    if weight.main_grad.dtype == torch.float32:
-        fused.wgrad_gemm_accum_fp32(x2d, dy2d, weight.main_grad)
+    main_grad = weight.main_grad
+    if (dy_padded.shape[1] != n and main_grad.dtype == torch.float32 and x2d.is_cuda
+            and x2d.dtype in (torch.bfloat16, torch.float16)):
+        main_grad.add_(torch.mm(dy_padded.t(), x2d, out_dtype=torch.float32)[:n])
+    elif main_grad.dtype == torch.float32:
+        layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x2d, dy_padded[:, :n], main_grad)
     else:
-        fused.wgrad_gemm_accum_fp16(x2d, dy2d, weight.main_grad)
+        layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x2d, dy_padded[:, :n], main_grad)
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     weight.grad_added_to_main_grad = True

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
 # 570; each job's limit is cut to what is left, a job under 30 s is skipped), in this order:
-#   kernel-tests   the chunked rule's and the SSD kernel's tests at small shapes (SKIP_KTESTS=1)
+#   kernel-tests   the tests of what changed since the last GPU run (SKIP_KTESTS=1)
 #   fla-convert    a tiny fla GatedDeltaNet converted and generating (SKIP_FLA=1)
 #   attn-tests, attn-bench   cuDNN's band attention against the torch oracle; the SWA core at
 #                  window 2048 / 16K tokens against causal SDPA (SKIP_ATTN=1)
 #   train          GDN 1.3B training throughput (examples/launch/gpu_throughput.sh: 26
 #                  iterations of 64K tokens with the optimizer, Megatron's mock data)
 #   train-best     the same with the chunk states kept and Megatron's fused cross entropy
+#   norm-gemm      the gated norm's backward configs, in_proj's weight-gradient matmuls
 #   model-profile  GDN 1.3B and H1 1.3B forward+backward at 4 x 4096, profiled kernel by kernel
 #   check-s4-keep  the kernels at S4 in bf16 against the fp32 torch path, states kept, and timed
 #   model-keep, model-nofusions   GDN 1.3B forward+backward with the states kept; with
@@ -47,10 +48,10 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
   job "$name" "$secs" 0 "$@"
   pack
 }
-# the kernels changed since the last GPU run, at small shapes in bf16 / fp32 (the kept states,
-# the flattened grids)
-[ "${SKIP_KTESTS:-0}" = 1 ] || timed kernel-tests 120 $TESTS_CMD tests/kernels/test_chunk_entry.py \
-  tests/kernels/test_chunk_bwd.py tests/kernels/test_ssd.py
+# what changed since the last GPU run, at small shapes in bf16 / fp32 (the gated norm's
+# backward configs, in_proj's padded weight gradient)
+[ "${SKIP_KTESTS:-0}" = 1 ] || timed kernel-tests 120 $TESTS_CMD tests/kernels/test_gated_norm.py \
+  tests/layer/test_aligned_proj.py
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
@@ -60,6 +61,8 @@ timed train 150 env ITERS=26 MBS=4 GBS=16 bash examples/launch/gpu_throughput.sh
 # the same with every speed option on: the chunk states kept, Megatron's fused cross entropy
 timed train-best 140 env ITERS=26 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_best" gdn_1.3b
+# the gated norm's backward launch configs and in_proj's / fc1's weight-gradient matmuls
+timed norm-gemm 90 python3 benchmarks/bench_norm_gemm.py --out "$OUTDIR/norm_gemm"
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
   --models gdn_1.3b,gdn_h1_1.3b --seqs 4x4096 --no-attn --iters 5 --warmup 2 --profile 2
 timed check-s4-keep 90 python3 benchmarks/bench_kernels.py --out "$OUTDIR/check_s4_keep" --shapes S4 --no-fla \

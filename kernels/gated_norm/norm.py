@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..utils import check_same_device, grad_destination, use_triton
-from ..utils.tuning import INTERPRET
+from ..utils.tuning import AUTOTUNE, INTERPRET
 from .torch_ref import torch_gate_then_rmsnorm, torch_gated_rmsnorm
 
 # the Triton kernels keep a whole row in registers
@@ -148,27 +148,48 @@ def _row_weights(weight, o_r, o_d, m, D, G: tl.constexpr):
 
 
 def _block_rows(D: int) -> tuple:
-    """(BD, BR, num_warps): the whole row in one tile, ~4K fp32 values per program, so the
-    backward's ~9 live tiles stay near 16 registers each at 8 warps."""
+    """(BD, BR, num_warps) of the forward: the whole row in one tile, ~4K fp32 values per
+    program (16 registers a tile at 8 warps)."""
     BD = triton.next_power_of_2(D)
     BR = max(1, min(64, 4096 // BD))
     return BD, BR, 8 if BD * BR >= 4096 else 4
 
 
-# programs of the persistent backward per SM (two of 8 warps fit: 128 registers at one group,
-# offline for sm_90a; 177 with 8 groups, one), and the
-# pipelining depth of its row-block loop; under the interpreter three programs in all, so that
-# the tests give each several blocks, unevenly
-_BWD_PROGRAMS_PER_SM = 2
-_BWD_STAGES = 3
+# The backward's launch configs: (programs per SM, 0 for one row block per program; fp32
+# values per row block, so rows per block = this / the padded row width; warps; pipelining
+# stages of the persistent loop). Measured at the GDN 1.3B layer's norm (98,304 rows of 512,
+# bf16, H100; benchmarks/RESULTS.md): one 8-row block per program 0.37 ms per call, two
+# persistent programs per SM with 3 stages 0.55 ms. The backward times the candidates once per
+# shape on a GPU (`_backward_config`); MEGATRON_GDN_AUTOTUNE=0 takes the first.
+BWD_CONFIGS = (
+    (0, 2048, 8, 1),
+    (0, 4096, 8, 1),
+    (0, 1024, 4, 1),
+    (4, 2048, 8, 2),
+    (8, 1024, 4, 2),
+    (2, 4096, 8, 3),
+)
+# under the interpreter: persistent programs, three in all (`_backward_programs`), so that the
+# tests give each several row blocks, unevenly
+INTERPRET_BWD_CONFIG = (2, 4096, 8, 3)
+# a config to use instead of the tuned one (benchmarks/bench_gated_norm.py sets it)
+BWD_PIN = None
+_BWD_TUNED = {}
 _SM_COUNT = {}
 
 
-def _backward_programs(n_blocks: int, BR: int, G: int, device) -> int:
-    """Programs of the backward launch: at most a few per SM, each looping over row blocks;
-    one block each when G groups do not divide BR (the kernel's group of a row is then known
-    from its one block). At least one (R = 0 launches nothing)."""
-    if G > 1 and BR % G != 0:
+def _backward_rows(D: int, values: int) -> tuple:
+    """(BD, BR) of a backward row block holding about `values` fp32 values."""
+    BD = triton.next_power_of_2(D)
+    return BD, max(1, min(64, values // BD))
+
+
+def _backward_programs(n_blocks: int, BR: int, G: int, per_sm: int, device) -> int:
+    """Programs of the backward launch: one per row block (per_sm = 0), or at most per_sm per SM
+    (three in all under the interpreter), each looping over row blocks; one block each when G
+    groups do not divide BR (the kernel's group of a row is then known from its one block).
+    At least one (R = 0 launches nothing)."""
+    if per_sm == 0 or (G > 1 and BR % G != 0):
         return max(n_blocks, 1)
     if INTERPRET or device.type != "cuda":
         cap = 3
@@ -176,8 +197,34 @@ def _backward_programs(n_blocks: int, BR: int, G: int, device) -> int:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _SM_COUNT:
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        cap = _BWD_PROGRAMS_PER_SM * _SM_COUNT[index]
+        cap = per_sm * _SM_COUNT[index]
     return max(1, min(n_blocks, cap))
+
+
+def _backward_config(key, launch):
+    """The backward config for `key`: the pinned one, the interpreter's, the first
+    (MEGATRON_GDN_AUTOTUNE=0, off the GPU), or the fastest of BWD_CONFIGS by `launch(config)`
+    timed on the GPU the first time the key is seen (every launch writes all of dx, dz and its
+    dw partials, so the timing runs leave nothing behind)."""
+    if BWD_PIN is not None:
+        return BWD_PIN
+    if INTERPRET:
+        return INTERPRET_BWD_CONFIG
+    if not AUTOTUNE or key[-1].type != "cuda":
+        return BWD_CONFIGS[0]
+    if key not in _BWD_TUNED:
+        times = []
+        for config in BWD_CONFIGS:
+            launch(config)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                launch(config)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        _BWD_TUNED[key] = BWD_CONFIGS[times.index(min(times))]
+    return _BWD_TUNED[key]
 
 
 def _row_layout(shape, tensors) -> tuple:
@@ -242,8 +289,6 @@ class GatedRMSNormFunction(torch.autograd.Function):
         D = x.shape[-1]
         G = weight.numel() // D
         R = rstd.shape[0]
-        BD, BR, warps = _block_rows(D)
-        n_prog = _backward_programs(triton.cdiv(R, BR), BR, G, x.device)
         dy = _unit_last(dy)
         # empty_like keeps a dense input's strides (a transposed x gets a transposed dx)
         dx = torch.empty_like(x)
@@ -258,18 +303,25 @@ class GatedRMSNormFunction(torch.autograd.Function):
             tensors = (x, z, dy, dx, dz)
             layout = _row_layout(x.shape, tensors)
         (_, R1, R2), strides = layout
-        if R > 0:
+        if R == 0:
+            return dx, dz, torch.zeros_like(weight), None, None, None
+
+        def launch(config):
+            per_sm, values, warps, stages = config
+            BD, BR = _backward_rows(D, values)
+            n_prog = _backward_programs(triton.cdiv(R, BR), BR, G, per_sm, x.device)
             # every program writes its dw partial row (all G * D columns)
             dw_part = torch.empty(n_prog, G * D, dtype=torch.float32, device=x.device)
             _gated_rmsnorm_bwd_kernel[(n_prog,)](
                 x, z, weight, rstd, dy, dx, dz, dw_part, R, D, R1, R2,
                 *(s for st in strides for s in st),
-                BR=BR, BD=BD, GATE_FIRST=ctx.gate_first, G=G, STAGES=_BWD_STAGES,
+                BR=BR, BD=BD, GATE_FIRST=ctx.gate_first, G=G, STAGES=stages,
                 num_warps=warps,
             )
-            dw = dw_part.sum(0).to(weight.dtype)
-        else:
-            dw = torch.zeros_like(weight)
+            return dw_part
+
+        key = (D, G, R, ctx.gate_first, x.dtype, x.device)
+        dw = launch(_backward_config(key, launch)).sum(0).to(weight.dtype)
         # eps, dz_into, gate_first: not differentiable
         return dx, dz, dw, None, None, None
 

@@ -109,11 +109,17 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(conv._conv_update_kernel, dict(W=4, BT=1, BD=128, BK=4, HAS_BIAS=True, SILU=True),
           dtype, warps=4)
     for D in (128, 256):
+        # GDN's norm, and Mamba2's gate-first one with one and with eight groups
+        modes = ((False, 1), (True, 1), (True, 8))
         BD, BR, warps = norm._block_rows(D)
-        for fn in (norm._gated_rmsnorm_fwd_kernel, norm._gated_rmsnorm_bwd_kernel):
-            # GDN's norm, and Mamba2's gate-first one with one and with eight groups
-            for gate_first, groups in ((False, 1), (True, 1), (True, 8)):
-                build(fn, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups, STAGES=norm._BWD_STAGES),
+        for gate_first, groups in modes:
+            build(norm._gated_rmsnorm_fwd_kernel, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups),
+                  dtype, warps=warps)
+        for _, values, warps, stages in norm.BWD_CONFIGS:
+            BD, BR = norm._backward_rows(D, values)
+            for gate_first, groups in modes:
+                build(norm._gated_rmsnorm_bwd_kernel,
+                      dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups, STAGES=stages),
                       dtype, warps=warps)
 print("compiled", n)
 """

@@ -13,6 +13,7 @@ from device import DEVICE, HALF_DTYPES
 from tolerance import BF16_REL, FP32_REL, assert_close
 
 from megatron_gdn.kernels.gated_norm import gate_then_rmsnorm, gated_rmsnorm, naive_gated_rmsnorm
+from megatron_gdn.kernels.gated_norm import norm as norm_module
 from megatron_gdn.kernels.gated_norm.torch_ref import torch_gated_rmsnorm
 from megatron_gdn.kernels.utils import force_backend
 
@@ -221,6 +222,17 @@ GATE_FIRST_CASES = [((4, 7, 32), 1), ((3, 64), 4), ((2, 5, 3, 48), 2), ((1, 130)
 def test_gate_then_rmsnorm_against_oracle(backend, shape, groups):
     check_against_oracle(backend, *make_inputs(shape, seed=len(shape) + groups), 1e-5, FP32_REL,
                          norm=gate_then_rmsnorm, oracle=naive_gate_then_rmsnorm, groups=groups)
+
+
+@pytest.mark.parametrize("config", norm_module.BWD_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_every_backward_config(config, monkeypatch):
+    """Each launch config the GPU backward may pick (one row block per program, or a few
+    persistent programs per SM: three in all here) gives the oracle's gradients, for GDN's norm
+    and for Mamba2's grouped gate-first one."""
+    monkeypatch.setattr(norm_module, "BWD_PIN", config)
+    check_against_oracle("triton", *make_inputs((7, 50, 64), seed=3), 1e-6, FP32_REL)
+    check_against_oracle("triton", *make_inputs((2, 30, 128), seed=4), 1e-6, FP32_REL,
+                         norm=gate_then_rmsnorm, oracle=naive_gate_then_rmsnorm, groups=8)
 
 
 def test_gate_then_rmsnorm_strided_gate_written_in_place():

@@ -74,6 +74,22 @@ def test_padded_rows_accumulate_into_main_grad(ddp_hook, monkeypatch):
         assert w.grad is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32 product of bf16 operands needs a GPU")
+def test_padded_rows_accumulate_bf16_on_gpu():
+    """On a GPU with bf16 operands the fused weight gradient is formed over the padded rows in
+    fp32 and its first n rows added to main_grad: equal to the fp32 product of the n rows."""
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(256, 3, 64, generator=gen, **bf)
+    w = torch.nn.Parameter(torch.randn(93, 64, generator=gen, **bf))
+    dy = torch.randn(256, 3, 96, generator=gen, **bf)
+    start = torch.randn(93, 64, generator=gen, device="cuda")
+    w.main_grad = start.clone()
+    _PaddedRowsLinear.apply(x, w, None, 3, True).backward(dy)
+    ref = start + dy.reshape(-1, 96)[:, :93].float().t() @ x.reshape(-1, 64).float()
+    torch.testing.assert_close(w.main_grad, ref, rtol=1e-4, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def pg(one_rank_pg):
     return one_rank_pg
