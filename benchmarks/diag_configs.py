@@ -22,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(spec, extra=("ROW_SCALE",)):
+def _config(spec, extra=("ROW_SCALE", "maxnreg")):
     """BV:num_warps:num_stages[:X...] -> triton.Config, the trailing fields named by `extra`:
     ROW_SCALE (the dh pass's key decay on the product rows, 1, or on k, 0), BK (the dk launch's
     key-column block) or maxnreg (a register cap, a launch option rather than a kwarg)."""

@@ -3,7 +3,7 @@
 # its own process (benchmarks/diag_configs.py --one; the other launches autotuned as in
 # training): every gradient's relative error against the fp32 torch path and the fwd+bwd
 # median. One "RESULT {json}" line per pin, after a "PIN" line.
-#   bash scripts/gpu_dh_sweep.sh SHAPE "auto BV:warps:stages:ROW_SCALE ..."
+#   bash scripts/gpu_dh_sweep.sh SHAPE "auto BV:warps:stages:ROW_SCALE[:maxnreg] ..."
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SHAPE="${1:?usage: gpu_dh_sweep.sh SHAPE PINS}"
