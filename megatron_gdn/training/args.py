@@ -107,16 +107,20 @@ def gpu_fallback_flags(user: List[str]) -> List[str]:
 
 def install_stand_ins(fuse_wgrad: bool) -> List[str]:
     """The other half of gpu_fallback_flags, before the model is built: Megatron's optimizer-step
-    fallbacks without TE / Apex replaced by multi-tensor ops (`training.multi_tensor`), and with
+    fallbacks without TE / Apex replaced by multi-tensor ops (`training.multi_tensor`) and torch's
+    Adam made the fused one (`training.fused_adam`), and with
     `fuse_wgrad` (a GPU, the fusion left on) the stand-in for Apex's weight-gradient extension
     registered where it works (`training.wgrad_fusion`). Returns a line for each stand-in put
     in, for the log."""
-    from megatron_gdn.training import multi_tensor, wgrad_fusion
+    from megatron_gdn.training import fused_adam, multi_tensor, wgrad_fusion
 
     lines = []
     if multi_tensor.install():
         lines.append("no Transformer Engine / Apex: the optimizer step's grad norm and copies run "
                      "as torch._foreach ops (megatron_gdn.training.multi_tensor)")
+    if fused_adam.install():
+        lines.append("no Transformer Engine / Apex: torch's Adam in its fused form "
+                     "(megatron_gdn.training.fused_adam)")
     if fuse_wgrad and wgrad_fusion.install() == "torch.addmm":
         lines.append("gradient-accumulation fusion: torch.addmm(out_dtype=float32) into main_grad "
                      "(megatron_gdn.training.wgrad_fusion)")
