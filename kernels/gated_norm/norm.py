@@ -157,18 +157,23 @@ def _block_rows(D: int) -> tuple:
 
 # The backward's launch configs: (programs per SM, 0 for one row block per program; fp32
 # values per row block, so rows per block = this / the padded row width; warps; pipelining
-# stages of the persistent loop). Measured at the GDN 1.3B layer's norm (98,304 rows of 512,
-# bf16, H100; benchmarks/RESULTS.md): one 8-row block per program 0.37 ms per call, two
-# persistent programs per SM with 3 stages 0.55 ms. The backward times the candidates once per
-# shape on a GPU (`_backward_config`); MEGATRON_GDN_AUTOTUNE=0 takes the first.
+# stages of the persistent loop). Measured on an H100 (benchmarks/RESULTS.md): at the GDN 1.3B
+# layer's norm (98,304 rows of 512, bf16) the tuner's pick in the model took 0.37 ms per call
+# (two persistent programs per SM alone: 0.55), with a dw-partial row per block to sum; at
+# Mamba2's grouped norm (8 groups) the persistent launch 0.51 ms, one block per program 3-5 ms.
+# Sixteen programs per SM, unpipelined, sit between (a few blocks each, few partial rows). The
+# backward times the candidates once per shape on a GPU (`_backward_config`);
+# MEGATRON_GDN_AUTOTUNE=0 takes the first.
 BWD_CONFIGS = (
     (0, 2048, 8, 1),
     (0, 4096, 8, 1),
     (0, 1024, 4, 1),
+    (16, 4096, 8, 1),
     (4, 2048, 8, 2),
     (8, 1024, 4, 2),
     (2, 4096, 8, 3),
 )
+_TUNE_RUNS = 5
 # under the interpreter: persistent programs, three in all (`_backward_programs`), so that the
 # tests give each several row blocks, unevenly
 INTERPRET_BWD_CONFIG = (2, 4096, 8, 3)
@@ -202,23 +207,24 @@ def _backward_programs(n_blocks: int, BR: int, G: int, per_sm: int, device) -> i
 
 
 def _backward_config(key, launch):
-    """The backward config for `key`: the pinned one, the interpreter's, the first
-    (MEGATRON_GDN_AUTOTUNE=0, off the GPU), or the fastest of BWD_CONFIGS by `launch(config)`
-    timed on the GPU the first time the key is seen (every launch writes all of dx, dz and its
-    dw partials, so the timing runs leave nothing behind)."""
+    """The backward config for `key` (D, G, R, ...): the pinned one; the interpreter's; the
+    first (the last with groups) with MEGATRON_GDN_AUTOTUNE=0 or off the GPU; else the fastest
+    of BWD_CONFIGS by `launch(config)`, timed on the GPU the first time the key is seen (every
+    launch writes all of dx, dz and its dw partials, so the timing runs leave nothing behind)."""
     if BWD_PIN is not None:
         return BWD_PIN
     if INTERPRET:
         return INTERPRET_BWD_CONFIG
     if not AUTOTUNE or key[-1].type != "cuda":
-        return BWD_CONFIGS[0]
+        # grouped (Mamba2's norm): one block per program would sum a [blocks, G x D] buffer
+        return BWD_CONFIGS[0] if key[1] == 1 else BWD_CONFIGS[-1]
     if key not in _BWD_TUNED:
         times = []
         for config in BWD_CONFIGS:
             launch(config)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            for _ in range(3):
+            for _ in range(_TUNE_RUNS):
                 launch(config)
             end.record()
             end.synchronize()
