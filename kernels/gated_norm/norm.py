@@ -177,7 +177,7 @@ _TUNE_RUNS = 5
 # under the interpreter: persistent programs, three in all (`_backward_programs`), so that the
 # tests give each several row blocks, unevenly
 INTERPRET_BWD_CONFIG = (2, 4096, 8, 3)
-# a config to use instead of the tuned one (benchmarks/bench_gated_norm.py sets it)
+# a config to use instead of the tuned one (benchmarks/bench_norm_gemm.py sets it)
 BWD_PIN = None
 _BWD_TUNED = {}
 _SM_COUNT = {}
@@ -206,29 +206,35 @@ def _backward_programs(n_blocks: int, BR: int, G: int, per_sm: int, device) -> i
     return max(1, min(n_blocks, cap))
 
 
-def _backward_config(key, launch):
-    """The backward config for `key` (D, G, R, ...): the pinned one; the interpreter's; the
-    first (the last with groups) with MEGATRON_GDN_AUTOTUNE=0 or off the GPU; else the fastest
-    of BWD_CONFIGS by `launch(config)`, timed on the GPU the first time the key is seen (every
-    launch writes all of dx, dz and its dw partials, so the timing runs leave nothing behind)."""
+def _cuda_ms(fn, runs: int = _TUNE_RUNS) -> float:
+    """GPU time of `runs` calls of fn after one more, CUDA events."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(runs):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _backward_config(key, launch, time_ms=None):
+    """The backward config for `key` (D, G, R, ..., device): the pinned one; the interpreter's;
+    the first (the last with groups) with MEGATRON_GDN_AUTOTUNE=0 or off the GPU; else the
+    fastest of BWD_CONFIGS by `time_ms` (CUDA events by default) of `launch(config)` and the sum
+    of the dw partials it returns, once per key (every launch writes all of dx, dz and its dw
+    partials, so the timing runs leave nothing behind)."""
     if BWD_PIN is not None:
         return BWD_PIN
     if INTERPRET:
         return INTERPRET_BWD_CONFIG
-    if not AUTOTUNE or key[-1].type != "cuda":
+    if not AUTOTUNE or (time_ms is None and key[-1].type != "cuda"):
         # grouped (Mamba2's norm): one block per program would sum a [blocks, G x D] buffer
         return BWD_CONFIGS[0] if key[1] == 1 else BWD_CONFIGS[-1]
     if key not in _BWD_TUNED:
-        times = []
-        for config in BWD_CONFIGS:
-            launch(config)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(_TUNE_RUNS):
-                launch(config)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        time_ms = time_ms or _cuda_ms
+        # with the sum of the dw partials: one row per block is 25-100 MB at GDN 1.3B
+        times = [time_ms(lambda c=config: launch(c).sum(0)) for config in BWD_CONFIGS]
         _BWD_TUNED[key] = BWD_CONFIGS[times.index(min(times))]
     return _BWD_TUNED[key]
 

@@ -182,6 +182,22 @@ def test_cuda_realistic(dtype, D):
     check_cuda_vs_fp64_torch(gated_rmsnorm, torch_gated_rmsnorm, (2, 4096, 32, D), dtype, 11)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tuned_backward(monkeypatch):
+    """The backward's tuner on the GPU (the suite runs with MEGATRON_GDN_AUTOTUNE=0): every
+    candidate timed, the pick's gradients against the fp64 torch path, GDN's norm and Mamba2's
+    grouped one."""
+    from megatron_gdn.kernels.gated_norm import torch_gate_then_rmsnorm
+
+    monkeypatch.setattr(norm_module, "AUTOTUNE", True)
+    monkeypatch.setattr(norm_module, "_BWD_TUNED", {})
+    check_cuda_vs_fp64_torch(gated_rmsnorm, torch_gated_rmsnorm, (2, 1024, 6, 512), torch.bfloat16, 12)
+    check_cuda_vs_fp64_torch(gate_then_rmsnorm, torch_gate_then_rmsnorm, (2, 512, 8 * 256),
+                             torch.bfloat16, 13, groups=8)
+    assert len(norm_module._BWD_TUNED) == 2
+    assert all(c in norm_module.BWD_CONFIGS for c in norm_module._BWD_TUNED.values())
+
+
 def check_cuda_vs_fp64_torch(norm, torch_norm, shape, dtype, seed, **kw):
     x, z, weight = make_inputs(shape, dtype=dtype, seed=seed, device="cuda")
     leaves = [t.clone().requires_grad_() for t in (x, z, weight)]
@@ -233,6 +249,36 @@ def test_every_backward_config(config, monkeypatch):
     check_against_oracle("triton", *make_inputs((7, 50, 64), seed=3), 1e-6, FP32_REL)
     check_against_oracle("triton", *make_inputs((2, 30, 128), seed=4), 1e-6, FP32_REL,
                          norm=gate_then_rmsnorm, oracle=naive_gate_then_rmsnorm, groups=8)
+
+
+def test_backward_tuner_picks_the_fastest_once(monkeypatch):
+    """The GPU backward's choice among BWD_CONFIGS, with a stand-in clock: each candidate timed
+    with the sum of the dw partials it returns, the fastest kept per key and not timed again;
+    the fixed choice without autotuning (the persistent launch for grouped norms)."""
+    monkeypatch.setattr(norm_module, "INTERPRET", False)
+    monkeypatch.setattr(norm_module, "AUTOTUNE", True)
+    monkeypatch.setattr(norm_module, "_BWD_TUNED", {})
+    configs = norm_module.BWD_CONFIGS
+    cost = {c: 10.0 - i for i, c in enumerate(configs)}
+    cost[configs[2]] = 0.5
+    launched, timed = [], []
+
+    def launch(config):
+        launched.append(config)
+        return torch.ones(3, 4)
+
+    def time_ms(fn):
+        fn()
+        timed.append(launched[-1])
+        return cost[launched[-1]]
+
+    key = (64, 1, 100, False, torch.float32, torch.device("cpu"))
+    assert norm_module._backward_config(key, launch, time_ms) == configs[2]
+    assert timed == list(configs)
+    assert norm_module._backward_config(key, launch, time_ms) == configs[2] and len(timed) == len(configs)
+    monkeypatch.setattr(norm_module, "AUTOTUNE", False)
+    assert norm_module._backward_config((64, 1) + key[2:], launch) == configs[0]
+    assert norm_module._backward_config((64, 8) + key[2:], launch) == configs[-1]
 
 
 def test_gate_then_rmsnorm_strided_gate_written_in_place():
