@@ -79,7 +79,7 @@ timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model
 timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 --no-check-packed \
   --budget-s 90
-[ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 64:8:2:1 32:8:1:1 32:8:1:1:128 128:8:1:1 128:16:1:1:128}"
+[ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 128:8:1:1 128:16:1:1:128 64:8:1:1:168}"
 # the gradient stage at 16 warps (offline, sm_90a: 115-128 registers, 16 warps per SM where 8
 # run now at 172-255) against the autotuned configs, exactness and time per pin
 [ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s3 150 bash scripts/gpu_grads_sweep.sh S3 \

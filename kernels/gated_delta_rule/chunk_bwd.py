@@ -264,7 +264,9 @@ def _dh_shared_bytes(config, args) -> int:
 # [64, K] k operand before it. Row scaling compiled by Triton 3.6 with 4 warps read out of
 # bounds on H200 (BV 16 and 32: illegal addresses at S2 and in small tests, NaN in dh0; run 7,
 # benchmarks/diag_configs.py), so the 4-warp narrow configs scale the operand, as in run 6
-# (S2 dh 1.25 ms with BV 16, exact in that run's GPU tests).
+# (S2 dh 1.25 ms with BV 16, exact in that run's GPU tests). BV 32 row-scaled at 8 warps (with
+# or without a 128-register cap) also hit an illegal address at S4 on an H100 (tenth session's
+# dh sweep): not a candidate.
 _DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=1)]
 _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=s)
               for s in (2, 1)] + _DH_WIDE
