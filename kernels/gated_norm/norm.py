@@ -147,11 +147,16 @@ def _row_weights(weight, o_r, o_d, m, D, G: tl.constexpr):
     return b_w
 
 
+def _row_tile(D: int, values: int) -> tuple:
+    """(BD, BR) of a row block: whole rows padded to BD, about `values` fp32 values."""
+    BD = triton.next_power_of_2(D)
+    return BD, max(1, min(64, values // BD))
+
+
 def _block_rows(D: int) -> tuple:
     """(BD, BR, num_warps) of the forward: the whole row in one tile, ~4K fp32 values per
     program (16 registers a tile at 8 warps)."""
-    BD = triton.next_power_of_2(D)
-    BR = max(1, min(64, 4096 // BD))
+    BD, BR = _row_tile(D, 4096)
     return BD, BR, 8 if BD * BR >= 4096 else 4
 
 
@@ -181,12 +186,6 @@ INTERPRET_BWD_CONFIG = (2, 4096, 8, 3)
 BWD_PIN = None
 _BWD_TUNED = {}
 _SM_COUNT = {}
-
-
-def _backward_rows(D: int, values: int) -> tuple:
-    """(BD, BR) of a backward row block holding about `values` fp32 values."""
-    BD = triton.next_power_of_2(D)
-    return BD, max(1, min(64, values // BD))
 
 
 def _backward_programs(n_blocks: int, BR: int, G: int, per_sm: int, device) -> int:
@@ -320,7 +319,7 @@ class GatedRMSNormFunction(torch.autograd.Function):
 
         def launch(config):
             per_sm, values, warps, stages = config
-            BD, BR = _backward_rows(D, values)
+            BD, BR = _row_tile(D, values)
             n_prog = _backward_programs(triton.cdiv(R, BR), BR, G, per_sm, x.device)
             # every program writes its dw partial row (all G * D columns)
             dw_part = torch.empty(n_prog, G * D, dtype=torch.float32, device=x.device)

@@ -5,7 +5,7 @@ implementation, the multi-tensor ("foreach") one: a dozen list-wide kernels per 
 pass over the fp32 parameters or moments (~80 GB moved per step at GDN 1.3B's 1.39B
 parameters). torch's fused implementation does the update in one pass (parameter, gradient and
 both moments read, three written: ~39 GB). The update is the same algorithm; the results agree
-to rounding, not bit for bit (tests/training/test_fused_adam.py).
+to rounding, not bit for bit (tests/e2e/test_fused_adam.py).
 
 `install()` wraps megatron-core's optimizer factory so that each torch Adam / AdamW it builds is
 switched to the fused implementation when every parameter of a group is a floating tensor on a

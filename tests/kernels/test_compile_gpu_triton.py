@@ -116,7 +116,7 @@ for dtype, half in (("bf16", True), ("fp32", False)):
             build(norm._gated_rmsnorm_fwd_kernel, dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups),
                   dtype, warps=warps)
         for _, values, warps, stages in norm.BWD_CONFIGS:
-            BD, BR = norm._backward_rows(D, values)
+            BD, BR = norm._row_tile(D, values)
             for gate_first, groups in modes:
                 build(norm._gated_rmsnorm_bwd_kernel,
                       dict(BR=BR, BD=BD, GATE_FIRST=gate_first, G=groups, STAGES=stages),
