@@ -2,6 +2,9 @@
 # One call on one GPU (H100 or H200), jobs one after another within TOTAL_S seconds (default
 # 570; each job's limit is cut to what is left, a job under 30 s is skipped), in this order:
 #   kernel-tests   the tests of what changed since the last GPU run (SKIP_KTESTS=1)
+#   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
+#                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
+#   train-dh-pin   issue 6 at 256K tokens per step with dh-s4's winner pinned (none: skipped)
 #   fla-convert    a tiny fla GatedDeltaNet converted and generating (SKIP_FLA=1)
 #   attn-tests, attn-bench   cuDNN's band attention against the torch oracle; the SWA core at
 #                  window 2048 / 16K tokens against causal SDPA (SKIP_ATTN=1)
@@ -17,8 +20,6 @@
 #   kernels-s4     the kernel benchmark at S4 (K 256 / V 512), the backward stage by stage; the
 #                  output kernel's register-capped candidates (OUTPUT_PINS) checked and timed; the
 #                  autotuned kernels (the capped prep / output candidates among them) checked in bf16
-#   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
-#                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
 #   grads-s3, grads-s4   the gradient stage's two launches pinned to each of GRAD_PINS
 #                  (scripts/gpu_grads_sweep.sh; SKIP_GRADS=1)
 #   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, and with 8
@@ -52,7 +53,18 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 # what changed since the last GPU run, at small shapes in bf16 / fp32 (the gated norm's
 # backward configs, in_proj's padded weight gradient)
 [ "${SKIP_KTESTS:-0}" = 1 ] || timed kernel-tests 120 $TESTS_CMD tests/kernels/test_gated_norm.py \
-  tests/layer/test_aligned_proj.py
+  tests/layer/test_aligned_proj.py tests/kernels/test_tuning.py
+# the reverse state pass at S4 pinned to each of DH_PINS (BV:warps:stages:ROW_SCALE[:maxnreg];
+# BV 32 / 4 warps / two stages with the key decay on k is the forward state pass's S4 launch),
+# then issue 6 at 256K tokens per step with the winner pinned (MEGATRON_GDN_PIN, picked by
+# scripts/pick_dh_pin.py: >2% faster, as exact; the job is skipped when none wins)
+[ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 \
+  "${DH_PINS:-auto 32:4:2:0 32:4:1:0 16:4:2:0 64:8:1:0 128:16:1:1:128}"
+DH_WIN=$(python3 "$ROOT/scripts/pick_dh_pin.py" "$OUTDIR/dh-s4.log")
+echo "dh pin: ${DH_WIN:-none}" | tee -a "$OUTDIR/summary.txt"
+[ -z "$DH_WIN" ] || timed train-dh-pin 200 env MEGATRON_GDN_PIN="$DH_WIN" ITERS=25 MBS=4 GBS=64 \
+  EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_dh_pin" gdn_1.3b
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
 [ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
@@ -79,7 +91,6 @@ timed model-nofusions 60 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model
 timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s4" --shapes S4 --no-fla \
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 --no-check-packed \
   --budget-s 90
-[ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 "${DH_PINS:-auto 128:8:1:1 128:16:1:1:128 64:8:1:1:168}"
 # the gradient stage at 16 warps (offline, sm_90a: 115-128 registers, 16 warps per SM where 8
 # run now at 172-255) against the autotuned configs, exactness and time per pin
 [ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s3 150 bash scripts/gpu_grads_sweep.sh S3 \

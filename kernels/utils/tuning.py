@@ -12,6 +12,16 @@ A single-config `triton.autotune` launches that config without benchmarking, and
 `.fn` / `.configs` attributes that launchers, benchmarks and tests read. Both variables are
 read once, at import, as Triton does with `TRITON_INTERPRET`: set them before importing the
 kernels.
+
+`MEGATRON_GDN_PIN` pins named kernels to one config each, over all of the above (also under
+the interpreter): nothing is timed for them, and a config outside a kernel's list (a sweep's
+candidate) can be tried in a real run. Kernels by their function's name without the leading
+underscore and the `_kernel` suffix (`PIN_NAMES`); ';' between kernels, launch options
+(num_warps, num_stages, maxnreg) and the kernel's meta-parameters as key=integer:
+
+    MEGATRON_GDN_PIN="bwd_dh:BV=32,ROW_SCALE=0,num_warps=4,num_stages=2"
+
+The kernel's own pruning still applies (e.g. a pin over the shared-memory fit runs one stage).
 """
 import os
 
@@ -28,8 +38,48 @@ def _autotune_enabled() -> bool:
     return value == "1"
 
 
+PIN_ENV = "MEGATRON_GDN_PIN"
+# the kernels decorated with autotune_or_fixed (tests/kernels/test_tuning.py checks the list)
+PIN_NAMES = ("prepare", "state", "output", "bwd_prep", "bwd_dh", "bwd_grad_vq", "bwd_grad_k")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+
+
+def parse_pins(text: str) -> dict:
+    """MEGATRON_GDN_PIN's value -> {kernel name: triton.Config}; ValueError naming what is
+    wrong (an unknown kernel, a field that is not key=integer, a kernel pinned twice)."""
+    pins = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, fields = part.partition(":")
+        name = name.strip()
+        if not sep or name not in PIN_NAMES:
+            raise ValueError(f"{PIN_ENV}: {part!r} must be 'kernel:key=value,...' with a kernel "
+                             f"among {', '.join(PIN_NAMES)}")
+        if name in pins:
+            raise ValueError(f"{PIN_ENV}: {name} is pinned twice")
+        kwargs, options = {}, {}
+        for field in filter(None, (f.strip() for f in fields.split(","))):
+            key, eq, value = field.partition("=")
+            key = key.strip()
+            try:
+                number = int(value)
+            except ValueError:
+                number = None
+            if not eq or not key or number is None:
+                raise ValueError(f"{PIN_ENV}: {field!r} of {name} must be key=integer")
+            (options if key in _LAUNCH_OPTIONS else kwargs)[key] = number
+        pins[name] = triton.Config(kwargs, **options)
+    return pins
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = _autotune_enabled()
+PINS = parse_pins(os.environ.get(PIN_ENV, ""))
+
+
+def pin_name(fn) -> str:
+    """A jitted kernel's pin name: _bwd_dh_kernel -> bwd_dh."""
+    name = getattr(fn, "__name__", None) or fn.fn.__name__
+    return name.removeprefix("_").removesuffix("_kernel")
 
 
 def select_configs(configs, interpret_config=None, default_index=0):
@@ -49,11 +99,21 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
     keeps: all of them, or the single default (MEGATRON_GDN_AUTOTUNE=0 / interpreter). With a
     `prune_configs_by` under MEGATRON_GDN_AUTOTUNE=0 the default is listed twice: Triton prunes
     only lists of several configs, and the pruning (e.g. by_parallelism's shared-memory fit)
-    must still see the launch; it returns one config there, so nothing is timed."""
+    must still see the launch; it returns one config there, so nothing is timed. A kernel
+    pinned by MEGATRON_GDN_PIN gets its pin alone (twice where it prunes)."""
     kept = select_configs(configs, interpret_config, default_index)
-    if not INTERPRET and not AUTOTUNE and "prune_configs_by" in autotune_kwargs:
-        kept = kept * 2
-    return triton.autotune(configs=kept, key=key, **autotune_kwargs)
+
+    def decorate(fn):
+        configs_here = kept
+        pin = PINS.get(pin_name(fn))
+        if pin is not None:
+            configs_here = [pin]
+        if (pin is not None or not AUTOTUNE) and not INTERPRET \
+                and "prune_configs_by" in autotune_kwargs:
+            configs_here = configs_here * 2
+        return triton.autotune(configs=configs_here, key=key, **autotune_kwargs)(fn)
+
+    return decorate
 
 
 # H100 / H200: shared memory per block (opt-in maximum)
@@ -80,7 +140,9 @@ def by_parallelism(narrow, wide, shared_bytes=None):
             fits = [c for c in kept if shared_bytes(c, args) <= MAX_SHARED_BYTES]
             c = kept[0]
             kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
-        # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed
+        # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed; a pin's
+        # two copies (the same object) are one
+        kept = list({id(c): c for c in kept}.values())
         return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -146,3 +147,142 @@ def test_sequential_passes_fit_shared_memory(tmp_path, autotune):
             assert all(len(v) == 1 for v in out.values()), out
         else:
             assert len(out[f"{kernel}-bfloat16-128"]) > 1, out
+
+
+# ---------------------------------------------------------------------------------------------
+# MEGATRON_GDN_PIN: one config for the named kernels
+# ---------------------------------------------------------------------------------------------
+
+def test_parse_pins():
+    from megatron_gdn.kernels.utils.tuning import parse_pins
+
+    pins = parse_pins(" bwd_dh:BV=32,ROW_SCALE=0,num_warps=4,num_stages=2 ;"
+                      "bwd_grad_k:BV=64,BK=64,num_warps=8,num_stages=1,maxnreg=128;")
+    assert set(pins) == {"bwd_dh", "bwd_grad_k"}
+    dh, gk = pins["bwd_dh"], pins["bwd_grad_k"]
+    assert dh.kwargs == {"BV": 32, "ROW_SCALE": 0}
+    assert (dh.num_warps, dh.num_stages, dh.maxnreg) == (4, 2, None)
+    assert gk.kwargs == {"BV": 64, "BK": 64} and gk.maxnreg == 128
+    assert parse_pins("") == {} and parse_pins(" ; ") == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dh:BV=32", "must be 'kernel:key=value,...'"),
+    ("bwd_dh", "must be 'kernel:key=value,...'"),
+    ("bwd_dh:BV=thirty", "'BV=thirty' of bwd_dh must be key=integer"),
+    ("bwd_dh:BV", "'BV' of bwd_dh must be key=integer"),
+    ("state:BV=16;state:BV=32", "state is pinned twice"),
+])
+def test_parse_pins_bad(text, message):
+    from megatron_gdn.kernels.utils.tuning import parse_pins
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_pins(text)
+
+
+def test_pin_names_are_the_tuned_kernels(tmp_path):
+    from megatron_gdn.kernels.utils.tuning import PIN_NAMES, pin_name
+
+    kernels = _kernels(tmp_path)
+    names = {pin_name(SimpleNamespace(__name__=k["fn"])) for n, k in kernels.items()
+             if n != "toy"}
+    assert names == set(PIN_NAMES)
+
+
+def test_pin_replaces_the_list(tmp_path, monkeypatch):
+    """Compiled mode: the pinned kernels launch their pin alone (listed twice where the kernel
+    prunes), with autotuning on or off; the others keep their lists."""
+    pin = "bwd_dh:BV=32,ROW_SCALE=0,num_warps=4,num_stages=2;output:BV=64,num_warps=4,num_stages=2"
+    tuned = _kernels(tmp_path)
+    monkeypatch.setenv("MEGATRON_GDN_PIN", pin)
+    for autotune in (None, "0"):
+        pinned = _kernels(tmp_path, autotune=autotune)
+        dh = pinned["_bwd_dh_kernel"]["configs"]
+        assert len(dh) == 2 and len(set(dh)) == 1, dh
+        assert "BV: 32" in dh[0] and "ROW_SCALE: 0" in dh[0] and "num_warps: 4" in dh[0], dh
+        assert "num_stages: 2" in dh[0]
+        out = pinned["_output_kernel"]["configs"]
+        assert len(out) == 1 and "BV: 64" in out[0] and "num_stages: 2" in out[0], out
+        if autotune is None:
+            for name in ("_state_kernel", "_bwd_grad_vq_kernel", "toy"):
+                assert pinned[name] == tuned[name], name
+
+
+def test_pin_bad_value_raises():
+    env = dict(os.environ, TRITON_INTERPRET="0", MEGATRON_GDN_PIN="bwd_dh:BV=x")
+    result = subprocess.run([sys.executable, "-c", "import megatron_gdn.kernels.utils.tuning"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "MEGATRON_GDN_PIN: 'BV=x' of bwd_dh must be key=integer" in result.stderr
+
+
+_PINNED_RUN = """
+import json
+import torch
+from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_gated_delta_rule
+from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
+
+torch.manual_seed(0)
+B, T, H, HV, K, V = 2, 100, 1, 2, 32, 32
+q, k = (torch.randn(B, T, H, K) for _ in range(2))
+k = torch.nn.functional.normalize(k, dim=-1)
+v = torch.randn(B, T, HV, V)
+g = -torch.rand(B, T, HV) * 0.3
+beta = torch.rand(B, T, HV)
+h0 = torch.randn(B, HV, K, V)
+ins = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+def grads(fn):
+    o, ht = fn(*ins[:5], initial_state=ins[5], output_final_state=True)
+    gs = torch.autograd.grad((o * torch.cos(o)).sum() + (ht * ht).sum(), ins)
+    return [o, ht, *gs]
+
+ours = grads(chunk_gated_delta_rule)
+ref = grads(naive_recurrent_gated_delta_rule)
+err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))
+print(json.dumps({"err": err, "dh": [str(c) for c in chunk_bwd._bwd_dh_kernel.configs]}))
+"""
+
+
+def test_pinned_dh_config_runs_exact(tmp_path):
+    """Under the interpreter a pin replaces the interpreter's config: the reverse state pass at
+    BV 16 with the key decay on the k operand (the interpreter's own runs BV 32, on the rows)
+    crosses two V blocks and matches the naive recurrence in every gradient."""
+    script = tmp_path / "pinned_run.py"
+    script.write_text(_PINNED_RUN)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               MEGATRON_GDN_PIN="bwd_dh:BV=16,ROW_SCALE=0,num_warps=4,num_stages=1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["dh"] and all("BV: 16" in c and "ROW_SCALE: 0" in c for c in out["dh"]), out
+    assert out["err"] < 1e-4, out
+
+
+def test_pick_dh_pin(tmp_path):
+    """scripts/pick_dh_pin.py: the fastest pin as exact as the autotuned config, >2% faster;
+    errors, failed pins and slower ones are passed over; nothing without an autotuned row."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
+    import pick_dh_pin
+
+    def row(ms, dv=0.0035):
+        return "RESULT " + json.dumps(dict(dq=0.0037, dk=0.0038, dv=dv, dg=0.003, dbeta=0.0031,
+                                           dinitial_state=0.0029, fwd_bwd_ms_median=ms))
+
+    log = tmp_path / "dh.log"
+    lines = ["PIN S4 dh=auto", row(5.70), "PIN S4 dh=32:8:1:1", 'RESULT {"error": "illegal"}',
+             "PIN S4 dh=64:4:2:0", row(4.0, dv=0.5), "PIN S4 dh=128:16:1:1:128", row(5.65),
+             "PIN S4 dh=32:4:2:0", row(5.20), "PIN S4 dh=16:4:2:0", row(5.30)]
+    log.write_text("\n".join(lines))
+    assert pick_dh_pin.main(str(log)) == "bwd_dh:BV=32,num_warps=4,num_stages=2,ROW_SCALE=0"
+    assert pick_dh_pin.as_env("128:16:1:1:128") == \
+        "bwd_dh:BV=128,num_warps=16,num_stages=1,ROW_SCALE=1,maxnreg=128"
+    log.write_text("\n".join(lines[:4] + lines[6:8]))  # none >2% faster
+    assert pick_dh_pin.main(str(log)) == ""
+    log.write_text("\n".join(lines[2:]))  # no autotuned row
+    assert pick_dh_pin.main(str(log)) == ""
+    assert pick_dh_pin.main(str(tmp_path / "missing.log")) == ""
+    # what it prints parses as MEGATRON_GDN_PIN
+    from megatron_gdn.kernels.utils.tuning import parse_pins
+    assert parse_pins(pick_dh_pin.as_env("128:16:1:1:128"))["bwd_dh"].maxnreg == 128
