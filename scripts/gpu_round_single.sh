@@ -12,6 +12,8 @@
 #                  iterations of 64K tokens with the optimizer, Megatron's mock data)
 #   train-best     the same with the chunk states kept and Megatron's fused cross entropy
 #   train-best-gbs64  the same with 64 sequences (256K tokens) per step
+#   train-h1, train-qwen  H1 1.3B (256K tokens per step) and the Qwen3-Next-style demo (64K)
+#                  with the same flags
 #   norm-gemm      the gated norm's backward configs, in_proj's weight-gradient matmuls
 #   model-profile  GDN 1.3B and H1 1.3B forward+backward at 4 x 4096, profiled kernel by kernel
 #   check-s4-keep  the kernels at S4 in bf16 against the fp32 torch path, states kept, and timed
@@ -76,8 +78,14 @@ timed train-best 140 env ITERS=26 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_best" gdn_1.3b
 # the same at 256K tokens per step (16 micro-batches of 16K: the optimizer step's share at a
 # pretraining batch nearer a real one's, ~0.5M tokens)
-timed train-best-gbs64 200 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+timed train-best-gbs64 280 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_best_gbs64" gdn_1.3b
+# issue 6's other two presets with the same flags: H1 at 256K tokens per step; the
+# Qwen3-Next-style demo (2.2B, 64 experts: ~4x slower a token) at 64K
+timed train-h1 200 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_h1" gdn_h1_1.3b
+timed train-qwen 180 env ITERS=25 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_qwen" qwen3_next_style
 # the gated norm's backward launch configs and in_proj's / fc1's weight-gradient matmuls
 timed norm-gemm 90 python3 benchmarks/bench_norm_gemm.py --out "$OUTDIR/norm_gemm"
 timed model-profile 120 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/model_profile" \
