@@ -17,7 +17,8 @@ kernels.
 the interpreter): nothing is timed for them, and a config outside a kernel's list (a sweep's
 candidate) can be tried in a real run. Kernels by their function's name without the leading
 underscore and the `_kernel` suffix (`PIN_NAMES`); ';' between kernels, launch options
-(num_warps, num_stages, maxnreg) and the kernel's meta-parameters as key=integer:
+(num_warps, num_stages, maxnreg) and the kernel's meta-parameters as key=integer (all of them
+and no others: a pin that names other ones stops the import, listing the kernel's):
 
     MEGATRON_GDN_PIN="bwd_dh:BV=32,ROW_SCALE=0,num_warps=4,num_stages=2"
 
@@ -107,6 +108,12 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
         configs_here = kept
         pin = PINS.get(pin_name(fn))
         if pin is not None:
+            expected = sorted(configs[0].kwargs)
+            if sorted(pin.kwargs) != expected:
+                raise ValueError(f"{PIN_ENV}: {pin_name(fn)} takes the meta-parameters "
+                                 f"{', '.join(expected) or '(none)'} (and launch options "
+                                 f"{', '.join(_LAUNCH_OPTIONS)}), got "
+                                 f"{', '.join(sorted(pin.kwargs)) or '(none)'}")
             configs_here = [pin]
         if (pin is not None or not AUTOTUNE) and not INTERPRET \
                 and "prune_configs_by" in autotune_kwargs:

@@ -286,3 +286,19 @@ def test_pick_dh_pin(tmp_path):
     # what it prints parses as MEGATRON_GDN_PIN
     from megatron_gdn.kernels.utils.tuning import parse_pins
     assert parse_pins(pick_dh_pin.as_env("128:16:1:1:128"))["bwd_dh"].maxnreg == 128
+
+
+@pytest.mark.parametrize("pin, message", [
+    ("bwd_dh:BV=32,num_warps=4", "bwd_dh takes the meta-parameters BV, ROW_SCALE"),
+    ("state:BW=32,num_warps=4", "state takes the meta-parameters BV (and launch options"),
+    ("bwd_grad_k:BV=64,BK=64,BQ=1", "got BK, BQ, BV"),
+])
+def test_pin_with_other_meta_parameters_raises(pin, message):
+    """A pin must name exactly the kernel's meta-parameters: a typo stops the import with the
+    names the kernel takes, not a compile error at its first launch."""
+    env = dict(os.environ, TRITON_INTERPRET="0", MEGATRON_GDN_PIN=pin)
+    result = subprocess.run(
+        [sys.executable, "-c", "from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_fwd"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
