@@ -26,9 +26,7 @@ export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
 job hybrid 150 1 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/hybrid" &
 # the corpus for the two-GPU job, built on the CPU while the lanes run
 DATA=/tmp/gdn_stdlib_data  # outside OUTDIR: only logs come back
-( python3 examples/data/build_corpus.py --out "$DATA" --max-mb 8 \
-  && python3 examples/data/preprocess.py --input "$DATA/stdlib.jsonl" \
-       --output-prefix "$DATA/stdlib" --tokenizer-type ByteTokenizer ) > "$OUTDIR/data.log" 2>&1 &
+stdlib_corpus "$DATA" 8 > "$OUTDIR/data.log" 2>&1 &
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 h2() {  # h2 GPUS: the hybrid H2 1.3B at CP = 2 on the stdlib corpus
 job train-h2-cp2 "${H2_S:-170}" "$1" python3 -m torch.distributed.run --standalone --nproc_per_node 2 \

@@ -11,15 +11,12 @@
 #   WHEELS=path/to/wheels bash scripts/gpu_round_scaleout.sh OUTDIR
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUTDIR="$1"
-mkdir -p "$OUTDIR"
-source "$ROOT/scripts/gpu_round.sh" --functions-only "$OUTDIR"
+# set-up, job(), pack() and stdlib_corpus() from gpu_round.sh (it makes OUTDIR)
+source "$ROOT/scripts/gpu_round.sh" --functions-only "$1"
 export PYTHONWARNINGS=ignore CUDA_DEVICE_MAX_CONNECTIONS=1
 DATA=/tmp/gdn_stdlib_data  # outside OUTDIR: only logs come back
-python3 examples/data/build_corpus.py --out "$DATA" --max-mb 16 > "$OUTDIR/data.log" 2>&1 \
-  && python3 examples/data/preprocess.py --input "$DATA/stdlib.jsonl" \
-       --output-prefix "$DATA/stdlib" --tokenizer-type ByteTokenizer >> "$OUTDIR/data.log" 2>&1 \
-  || { echo "corpus: failed (data.log)" | tee -a "$OUTDIR/summary.txt"; }
+stdlib_corpus "$DATA" 16 > "$OUTDIR/data.log" 2>&1 \
+  || echo "corpus: failed (data.log)" | tee -a "$OUTDIR/summary.txt"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 train() {  # train NAME SECONDS GPUS NPROC PORT SEQ MBS GBS FLAGS...: 50 iterations of GDN 1.3B
   local name="$1" secs="$2" gpus="$3" nproc="$4" port="$5" seq="$6" mbs="$7" gbs="$8"; shift 8
