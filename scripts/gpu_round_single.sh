@@ -4,6 +4,7 @@
 #   kernel-tests   the tests of what changed since the last GPU run (SKIP_KTESTS=1)
 #   dh-s4          the reverse state pass at S4 pinned to each of DH_PINS (scripts/gpu_dh_sweep.sh:
 #                  errors against the fp32 torch path, fwd+bwd per pin; SKIP_DH_S4=1)
+#   dh-s3          the same at S3, the wide launch's two-stage pins among them (SKIP_DH_S3=1)
 #   train-dh-pin   issue 6 at 256K tokens per step with dh-s4's winner pinned (none: skipped)
 #   fla-convert    a tiny fla GatedDeltaNet converted and generating (SKIP_FLA=1)
 #   attn-tests, attn-bench   cuDNN's band attention against the torch oracle; the SWA core at
@@ -57,11 +58,16 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 [ "${SKIP_KTESTS:-0}" = 1 ] || timed kernel-tests 120 $TESTS_CMD tests/kernels/test_gated_norm.py \
   tests/layer/test_aligned_proj.py tests/kernels/test_tuning.py
 # the reverse state pass at S4 pinned to each of DH_PINS (BV:warps:stages:ROW_SCALE[:maxnreg];
-# BV 32 / 4 warps / two stages with the key decay on k is the forward state pass's S4 launch),
+# pins skip the shared-memory estimate, which had cut 64:8:2:1 to one stage: ptxas puts it at
+# 188.7 KB; BV 32 / 4 warps with the key decay on k is the forward state pass's S4 launch),
 # then issue 6 at 256K tokens per step with the winner pinned (MEGATRON_GDN_PIN, picked by
 # scripts/pick_dh_pin.py: >2% faster, as exact; the job is skipped when none wins)
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 \
-  "${DH_PINS:-auto 32:4:2:0 32:4:1:0 16:4:2:0 64:8:1:0 128:16:1:1:128}"
+  "${DH_PINS:-auto 64:8:2:1 32:4:3:0 32:4:2:0}"
+# at S3 (K = V = 128) two stages of the wide launch fit in shared memory (at S4 they do not):
+# the pipelined pins against the autotuned one-stage pass (0.62 ms of S3's 4.80 ms, kept states)
+[ "${SKIP_DH_S3:-0}" = 1 ] || timed dh-s3 120 bash scripts/gpu_dh_sweep.sh S3 \
+  "${DH_PINS_S3:-auto 64:8:2:1 64:8:2:0 32:4:2:0 32:4:3:0}"
 DH_WIN=$(python3 "$ROOT/scripts/pick_dh_pin.py" "$OUTDIR/dh-s4.log")
 echo "dh pin: ${DH_WIN:-none}" | tee -a "$OUTDIR/summary.txt"
 [ -z "$DH_WIN" ] || timed train-dh-pin 200 env MEGATRON_GDN_PIN="$DH_WIN" ITERS=25 MBS=4 GBS=64 \

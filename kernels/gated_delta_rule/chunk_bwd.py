@@ -266,7 +266,9 @@ def _dh_shared_bytes(config, args) -> int:
 # benchmarks/diag_configs.py), so the 4-warp narrow configs scale the operand, as in run 6
 # (S2 dh 1.25 ms with BV 16, exact in that run's GPU tests). BV 32 row-scaled at 8 warps (with
 # or without a 128-register cap) also hit an illegal address at S4 on an H100 (tenth session's
-# dh sweep): not a candidate.
+# dh sweep): not a candidate. BV 32 / 4 warps on the k operand (two stages) and BV 64 / 8 warps
+# on k were exact there and not faster (5.71, 5.76 against 5.66 ms fwd+bwd). The wide launch at
+# two stages fits at S4 by ptxas (188.7 KB; the estimate below says 234 KB): not yet timed.
 _DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=1)]
 _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=s)
               for s in (2, 1)] + _DH_WIDE

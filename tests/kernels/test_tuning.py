@@ -106,6 +106,26 @@ def test_by_parallelism_keeps_the_class_configs(monkeypatch):
     assert prune(narrow[:1], {"PAR_CLASS": 2}) == narrow[:1]
 
 
+def test_by_parallelism_launches_pins_as_given(monkeypatch):
+    """The shared-memory estimate cuts the lists' configs that do not fit to one stage, but
+    not a config from outside the lists (a pin): that one is launched as given, once."""
+    import triton
+
+    from megatron_gdn.kernels.utils import tuning
+    from megatron_gdn.kernels.utils.tuning import MAX_SHARED_BYTES, by_parallelism
+
+    narrow = [triton.Config({"BV": 16}, num_warps=4, num_stages=2)]
+    wide = [triton.Config({"BV": 64}, num_warps=8, num_stages=2)]
+    prune = by_parallelism(narrow, wide, lambda c, args: MAX_SHARED_BYTES + 1)["early_config_prune"]
+    pin = triton.Config({"BV": 64}, num_warps=8, num_stages=2)
+    for autotune in (True, False):
+        monkeypatch.setattr(tuning, "AUTOTUNE", autotune)
+        (cut,) = prune(narrow + wide, {"PAR_CLASS": 1})
+        assert (cut.kwargs, cut.num_stages) == ({"BV": 64}, 1)
+        assert prune([pin, pin], {"PAR_CLASS": 1}) == [pin]
+        assert prune([pin, pin], {"PAR_CLASS": 0}) == [pin]
+
+
 _PRUNE_SCRIPT = """
 import json
 import torch
@@ -297,8 +317,8 @@ def test_pin_with_other_meta_parameters_raises(pin, message):
     """A pin must name exactly the kernel's meta-parameters: a typo stops the import with the
     names the kernel takes, not a compile error at its first launch."""
     env = dict(os.environ, TRITON_INTERPRET="0", MEGATRON_GDN_PIN=pin)
-    result = subprocess.run(
-        [sys.executable, "-c", "from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_fwd"],
-        env=env, capture_output=True, text=True, timeout=300)
+    imports = "from megatron_gdn.kernels.gated_delta_rule import chunk_bwd, chunk_fwd"
+    result = subprocess.run([sys.executable, "-c", imports], env=env, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
