@@ -64,8 +64,8 @@ timed() {  # timed NAME SECONDS COMMAND...: job with its limit cut to the time l
 # scripts/pick_dh_pin.py: >2% faster, as exact; the job is skipped when none wins)
 [ "${SKIP_DH_S4:-0}" = 1 ] || timed dh-s4 150 bash scripts/gpu_dh_sweep.sh S4 \
   "${DH_PINS:-auto 64:8:2:1 32:4:3:0 32:4:2:0}"
-# at S3 (K = V = 128) two stages of the wide launch fit in shared memory (at S4 they do not):
-# the pipelined pins against the autotuned one-stage pass (0.62 ms of S3's 4.80 ms, kept states)
+# the same pipelined pins at S3 (K = V = 128; the wide launch at two stages 106.7 KB) against the
+# autotuned one-stage pass (0.62 ms of S3's 4.80 ms with the states kept)
 [ "${SKIP_DH_S3:-0}" = 1 ] || timed dh-s3 120 bash scripts/gpu_dh_sweep.sh S3 \
   "${DH_PINS_S3:-auto 64:8:2:1 64:8:2:0 32:4:2:0 32:4:3:0}"
 DH_WIN=$(python3 "$ROOT/scripts/pick_dh_pin.py" "$OUTDIR/dh-s4.log")
