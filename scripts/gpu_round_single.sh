@@ -15,6 +15,8 @@
 #   train-best-gbs64  the same with 64 sequences (256K tokens) per step
 #   train-h1, train-qwen  H1 1.3B (256K tokens per step) and the Qwen3-Next-style demo (64K)
 #                  with the same flags
+#   train-timers   GDN 1.3B at 64K tokens per step with Megatron's level-2 timers (the
+#                  optimizer step's parts)
 #   norm-gemm      the gated norm's backward configs, in_proj's weight-gradient matmuls
 #   model-profile  GDN 1.3B and H1 1.3B forward+backward at 4 x 4096, profiled kernel by kernel
 #   check-s4-keep  the kernels at S4 in bf16 against the fp32 torch path, states kept, and timed
@@ -86,6 +88,11 @@ timed train-best 140 env ITERS=26 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --
 # pretraining batch nearer a real one's, ~0.5M tokens)
 timed train-best-gbs64 280 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_best_gbs64" gdn_1.3b
+# where the ~63 ms a step outside the micro-batches goes (the fit of the 64K- and 256K-token
+# runs): Megatron's level-2 timers (forward-backward, the optimizer's copy / clip / inner step /
+# copy back) printed every iteration, at 64K tokens per step
+timed train-timers 140 env ITERS=15 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion --timing-log-level 2" \
+  bash examples/launch/gpu_throughput.sh "$OUTDIR/train_timers" gdn_1.3b
 # issue 6's other two presets with the same flags: H1 at 256K tokens per step; the
 # Qwen3-Next-style demo (2.2B, 64 experts: ~4x slower a token) at 64K
 timed train-h1 200 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
