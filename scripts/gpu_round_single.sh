@@ -95,7 +95,7 @@ timed train-timers 140 env ITERS=15 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states 
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_timers" gdn_1.3b
 # issue 6's other two presets with the same flags: H1 at 256K tokens per step; the
 # Qwen3-Next-style demo (2.2B, 64 experts: ~4x slower a token) at 64K
-timed train-h1 200 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
+timed train-h1 260 env ITERS=25 MBS=4 GBS=64 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_h1" gdn_h1_1.3b
 timed train-qwen 180 env ITERS=25 MBS=4 GBS=16 EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_qwen" qwen3_next_style
