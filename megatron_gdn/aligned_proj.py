@@ -88,13 +88,14 @@ def _accumulate_wgrad(weight, x2d, dy_padded, n):
     from megatron.core.tensor_parallel import layers
 
     main_grad = weight.main_grad
+    fused = layers.fused_weight_gradient_mlp_cuda
     if (dy_padded.shape[1] != n and main_grad.dtype == torch.float32 and x2d.is_cuda
             and x2d.dtype in (torch.bfloat16, torch.float16)):
         main_grad.add_(torch.mm(dy_padded.t(), x2d, out_dtype=torch.float32)[:n])
     elif main_grad.dtype == torch.float32:
-        layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(x2d, dy_padded[:, :n], main_grad)
+        fused.wgrad_gemm_accum_fp32(x2d, dy_padded[:, :n], main_grad)
     else:
-        layers.fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp16(x2d, dy_padded[:, :n], main_grad)
+        fused.wgrad_gemm_accum_fp16(x2d, dy_padded[:, :n], main_grad)
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
     weight.grad_added_to_main_grad = True

@@ -65,7 +65,6 @@ pretrain_gpt() {
 
 SEQS_CP="131072 262144 524288 1048576 2097152"
 NGPU=$(python3 -c 'import torch; print(torch.cuda.device_count())')
-# logs and results only: a checkpoint (a 1.3B ZeRO one is ~16 GB) would outlast the call
 # the stdlib text corpus of the README's CPU run, in Megatron's format with byte tokens, for the
 # multi-GPU training jobs.  stdlib_corpus DIR MB (DIR/stdlib_text_document; log on stdout)
 stdlib_corpus() {
@@ -73,6 +72,7 @@ stdlib_corpus() {
     && python3 examples/data/preprocess.py --input "$1/stdlib.jsonl" \
          --output-prefix "$1/stdlib" --tokenizer-type ByteTokenizer
 }
+# logs and results only: a checkpoint (a 1.3B ZeRO one is ~16 GB) would outlast the call
 pack() { tar czf "$OUTDIR.tgz" --exclude=checkpoints --exclude='*.pt' --exclude='*.distcp' \
            -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")"; }
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")

@@ -9,6 +9,8 @@ import json
 import sys
 
 ERRORS = ("dq", "dk", "dv", "dg", "dbeta", "dinitial_state")
+# a pin's fields in order, as benchmarks/diag_configs.py's _config reads them (not imported:
+# this script runs without triton)
 FIELDS = ("BV", "num_warps", "num_stages", "ROW_SCALE", "maxnreg")
 
 

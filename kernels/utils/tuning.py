@@ -107,11 +107,12 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
 
     def decorate(fn):
         configs_here = kept
-        pin = PINS.get(pin_name(fn))
+        name = pin_name(fn)
+        pin = PINS.get(name)
         if pin is not None:
             expected = sorted(configs[0].kwargs)
             if sorted(pin.kwargs) != expected:
-                raise ValueError(f"{PIN_ENV}: {pin_name(fn)} takes the meta-parameters "
+                raise ValueError(f"{PIN_ENV}: {name} takes the meta-parameters "
                                  f"{', '.join(expected) or '(none)'} (and launch options "
                                  f"{', '.join(_LAUNCH_OPTIONS)}), got "
                                  f"{', '.join(sorted(pin.kwargs)) or '(none)'}")
@@ -126,6 +127,11 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
 
 # H100 / H200: shared memory per block (opt-in maximum)
 MAX_SHARED_BYTES = 227 * 1024
+
+
+def _distinct(configs):
+    """The configs, each object once (a pin listed twice is one), in order."""
+    return list({id(c): c for c in configs}.values())
 
 
 def by_parallelism(narrow, wide, shared_bytes=None):
@@ -146,7 +152,7 @@ def by_parallelism(narrow, wide, shared_bytes=None):
 
     def prune(configs, named_args, **kwargs):
         if not any(id(c) in narrow_ids or id(c) in wide_ids for c in configs):
-            pinned = list({id(c): c for c in configs}.values())
+            pinned = _distinct(configs)
             return pinned if AUTOTUNE else pinned[:1]
         keep = narrow_ids if named_args["PAR_CLASS"] == 0 else wide_ids
         kept = [c for c in configs if id(c) in keep] or list(configs)
@@ -155,9 +161,8 @@ def by_parallelism(narrow, wide, shared_bytes=None):
             fits = [c for c in kept if shared_bytes(c, args) <= MAX_SHARED_BYTES]
             c = kept[0]
             kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
-        # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed; a pin's
-        # two copies (the same object) are one
-        kept = list({id(c): c for c in kept}.values())
+        # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed
+        kept = _distinct(kept)
         return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}
