@@ -32,6 +32,7 @@
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
+#   kernels-all    S3, S2 and S1 next to fla in one run (issue 2's figure; only with ONLY)
 # Every kernel benchmark times ours twice: as it is and with the states kept (`ours_keep`).
 # ONLY="job ..." runs just the named jobs, SKIP_JOBS="job ..." all but those (later calls pick
 # up where one ended).
@@ -131,5 +132,8 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # issue 2 asks S1, S2 and S3 in one run next to fla (fla autotunes each shape for ~2 minutes)
 [ "${SKIP_S2S1:-0}" = 1 ] || timed kernels-s2s1 420 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" \
   --shapes S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
+# issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla
+[ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
+  --shapes S3,S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
 pack
 cat "$OUTDIR/summary.txt"
