@@ -268,8 +268,10 @@ def _dh_shared_bytes(config, args) -> int:
 # or without a 128-register cap) also hit an illegal address at S4 on an H100 (tenth session's
 # dh sweep): not a candidate. BV 32 / 4 warps on the k operand (two stages) and BV 64 / 8 warps
 # on k were exact there and not faster (5.71, 5.76 against 5.66 ms fwd+bwd). The wide launch at
-# two stages fits at S4 by ptxas (188.7 KB; the estimate below says 234 KB): not yet timed.
-_DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=1)]
+# two stages fits at S4 by ptxas (188.7 KB; the estimate below says 234 KB, so it is pruned
+# there) and at K = V = 128 (106.7 KB): a candidate wherever the estimate lets it run.
+_DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=s)
+            for s in (1, 2)]
 _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=s)
               for s in (2, 1)] + _DH_WIDE
 
