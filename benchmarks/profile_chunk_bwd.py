@@ -106,7 +106,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             k, w, gc, kscale, dv_buf, None, dh, None,
             cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
-            H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=False, USE_H0=False, IS_VARLEN=varlen)
+            H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=False, USE_H0=False, IS_VARLEN=varlen,
+            PREFETCH=BK <= cb.DH_PREFETCH_MAX_K)
 
     def grads():
         cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,

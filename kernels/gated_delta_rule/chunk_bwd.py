@@ -276,6 +276,13 @@ _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_sta
               for s in (2, 1)] + _DH_WIDE
 
 
+# The dh pass loads the next step's qdo tile, dv_local and decay one step ahead (PREFETCH)
+# where K <= this: the tiles then stay in registers for a step, which at K = 256 (255
+# registers already, offline sm_90a) spills 120-290 B per thread; at K = V = 128 none (BV 16 /
+# 4 warps 130 registers, BV 64 / 8 warps 221-227)
+DH_PREFETCH_MAX_K = 128
+
+
 @autotune_or_fixed(
     configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4, num_stages=1),
@@ -292,7 +299,7 @@ def _bwd_dh_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ROW_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, ROW_SCALE: tl.constexpr,
 ):
     # kscale: the key decay e^(gl - gc) (k's rstd included) that _bwd_qdo_kernel stored
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -310,23 +317,46 @@ def _bwd_dh_kernel(
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         b_dh += tl.load(dht + state_off + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+    # Triton's pipeliner prefetches only the loads that reach a dot operand within the same
+    # step (k, w, the key decay): the qdo tile and the decay e^gl feed the carried dh, dv_local
+    # the first dot's accumulator, so they are plain loads waited on at every step (offline
+    # sm_90a TTGIR). With PREFETCH they are issued one step ahead, by hand, and used
+    # (converted) only in the next step, so the wait overlaps a step's work (the launcher's
+    # choice, DH_PREFETCH_MAX_K).
+    if PREFETCH:
+        # (scale q e^gc)^T do, dv_local and gl of the sequence's last chunk
+        t_l = bos + (nt - 1) * 64 + r
+        m_l = ((t_l < eos) & (nt > 0))[:, None] & m_v[None, :]
+        n_qdo = tl.load(dh + ((c_off + nt - 1) * HV + i_hv) * K * V + o_k[:, None] * V
+                        + o_v[None, :], mask=m_kv & (nt > 0), other=0.0)
+        n_dv = tl.load(dv + (t_l[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_l, other=0.0)
+        n_gl = tl.load(gc + (tl.minimum(bos + nt * 64, eos) - 1) * HV + i_hv, mask=nt > 0,
+                       other=0.0)
     for i_r in range(0, nt):
         i_t = nt - 1 - i_r
         t_r = bos + i_t * 64 + r
         m_t = t_r < eos
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        h_off = ((c_off + i_t) * HV + i_hv) * K * V
-        p_dh = dh + h_off + o_k[:, None] * V + o_v[None, :]
-        # (scale q e^gc)^T do of this chunk (_bwd_qdo_kernel), read before dh takes its slot
-        b_qdo = tl.load(p_dh, mask=m_kv, other=0.0).to(tl.float32)
+        p_dh = dh + ((c_off + i_t) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
+        p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
+        if PREFETCH:
+            b_qdo, b_dvl, g_last = n_qdo, n_dv, n_gl
+            # the next step's: chunk i_t - 1 (whole: only a sequence's last chunk is partial;
+            # none after the first chunk), other slots than the two this step stores to
+            has_prev = i_t > 0
+            n_qdo = tl.load(p_dh - HV * K * V, mask=m_kv & has_prev, other=0.0)
+            n_dv = tl.load(p_dv - 64 * HV * V, mask=m_v[None, :] & has_prev, other=0.0)
+            n_gl = tl.load(gc + (bos + i_t * 64 - 1) * HV + i_hv, mask=has_prev, other=0.0)
+        else:
+            # (scale q e^gc)^T do of this chunk (_bwd_qdo_kernel), read before dh takes its slot
+            b_qdo = tl.load(p_dh, mask=m_kv, other=0.0)
+            b_dvl = tl.load(p_dv, mask=m_tv, other=0.0)
+            g_last = tl.load(gc + (tl.minimum(bos + i_t * 64 + 64, eos) - 1) * HV + i_hv)
         tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        t_last = tl.minimum(bos + i_t * 64 + 64, eos) - 1
-        g_last = tl.load(gc + t_last * HV + i_hv)
         b_k = tl.load(k + (t_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0)
         b_w = tl.load(w + (t_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_tk, other=0.0)
-        p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
-        b_dv = tl.load(p_dv, mask=m_tv, other=0.0).to(tl.float32)
+        b_dv = b_dvl.to(tl.float32)
         k_scale = tl.load(kscale + t_r * HV + i_hv, mask=m_t, other=0.0)
         if ROW_SCALE:
             # on the [64, BV] product's rows, in fp32: k goes to the dot as loaded (no per-step
@@ -336,7 +366,8 @@ def _bwd_dh_kernel(
             b_kd = (b_k * k_scale[:, None]).to(b_k.dtype)
             b_dv += tl.dot(b_kd, b_dh.to(b_k.dtype))
         tl.store(p_dv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        b_dh = b_dh * tl.exp(g_last) + b_qdo - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype))
+        b_dh = (b_dh * tl.exp(g_last) + b_qdo.to(tl.float32)
+                - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype)))
     if USE_H0:
         tl.store(dh0 + state_off + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
 
@@ -872,6 +903,7 @@ def chunk_gated_delta_rule_bwd(
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
         USE_DHT=dht is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
+        PREFETCH=BK <= DH_PREFETCH_MAX_K,
     )
     del kscale
     del w

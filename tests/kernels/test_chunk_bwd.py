@@ -223,12 +223,14 @@ def test_grad_k_configs_pruned_to_k():
         assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(128, 8, 1, None)]
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("row_scale", [False, True])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
-def test_dh_pass_key_decay_either_side(case, row_scale, monkeypatch):
+@pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: c.id)
+def test_dh_pass_key_decay_either_side(case, row_scale, prefetch, monkeypatch):
     """The dh pass with the key decay on the product's rows or on the k operand (its config's
     ROW_SCALE: the narrow 4-warp configs scale the operand, the wide one the rows), each
-    pinned as the pass's only config."""
+    pinned as the pass's only config; with its per-step loads issued a step ahead or not
+    (PREFETCH, on at K <= DH_PREFETCH_MAX_K)."""
     import triton
 
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
@@ -236,6 +238,7 @@ def test_dh_pass_key_decay_either_side(case, row_scale, monkeypatch):
     config = triton.Config({"BV": 32, "ROW_SCALE": row_scale}, num_warps=4, num_stages=1)
     monkeypatch.setattr(cb._bwd_dh_kernel, "configs", [config])
     monkeypatch.setattr(cb._bwd_dh_kernel, "cache", {})
+    monkeypatch.setattr(cb, "DH_PREFETCH_MAX_K", 1 << 20 if prefetch else 0)
     x = make_inputs(case)
     expected = reference_grads(x, case)
     actual = run_backward(x, case, torch.float32)
@@ -351,7 +354,8 @@ kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False, STORE_U=True)),
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
-    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True)),
+    (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True,
+                              PREFETCH=256 <= cb.DH_PREFETCH_MAX_K)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(LOOP_G=1)),  # BK from each config
 ]

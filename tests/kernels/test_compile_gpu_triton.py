@@ -75,7 +75,8 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True), dtype)
     build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
           warps=cb.qdo_config(K).num_warps)
-    build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True), dtype)
+    build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
+                                 PREFETCH=K <= cb.DH_PREFETCH_MAX_K), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
     for bk in (K, K // 2):  # one block; key-column blocks
         build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
