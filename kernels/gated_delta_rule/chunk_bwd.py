@@ -463,14 +463,18 @@ _GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w 
 # Offline (sm_90a, Triton 3.6's ptxas, bf16, 8 warps): whole K = 256 spills 1.4 KB per thread,
 # blocks of 128 none (254 registers, one program per SM); blocks of 64 take 166 registers,
 # and capped at 128 (maxnreg) spill 8-36 B, so that two programs share an SM (the stage is
-# latency-bound at one). The first config (the fixed one under MEGATRON_GDN_AUTOTUNE=0) is
-# the launch of run 8 at K <= 128.
+# latency-bound at one). With one stage the V loop's four loads (v_new, dv_new, h, dh') are
+# waited on at each step (offline TTGIR); two stages prefetch them (cp.async) at 8 warps
+# without spills: blocks of 128 242-254 registers, 64 KB shared; of 64 175 registers, 48 KB,
+# at K = V = 128 and K 256 / V 512. (Replaced: 4 warps / two stages and whole K = 256, which
+# spilled 0.25 and 1.4 KB per thread and never won.) The first config (the fixed one under
+# MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
 _GRAD_K_CONFIGS = [
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1, maxnreg=128),
-    triton.Config({"BV": 64, "BK": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BV": 64, "BK": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=2),
 ]
 
 
@@ -794,7 +798,7 @@ def launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, 
     parts = torch.empty(2, max(blocks), B, T, HV, dtype=torch.float32, device=q.device)
     # dk before the l2-norm's backward: in dk itself (the row kernel then works in place, as
     # fla's separate l2-norm backward does on its bf16 dk), in fp32 where K > 128 splits in
-    # every tuned config but one (that backward subtracts the row's projection on k, which
+    # every tuned config (that backward subtracts the row's projection on k, which
     # amplifies a bf16 rounding; 100 MB at S4)
     dk_raw = (torch.empty(B, T, HV // loop_g, K, dtype=torch.float32, device=q.device)
               if l2 and max(blocks) > 1 and K > 128 else dk)

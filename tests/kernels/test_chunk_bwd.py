@@ -214,11 +214,11 @@ def test_grad_k_configs_pruned_to_k():
     blocks = lambda kept: [(c.kwargs["BK"], c.num_warps, c.num_stages, c.maxnreg) for c in kept]
     if cb.AUTOTUNE:
         assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [
-            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 4, 2, None), (256, 8, 1, None)]
+            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
         assert blocks(cb._prune_grad_k(configs, {}, K=100)) == [
-            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 4, 2, None)]
+            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
         assert blocks(cb._prune_grad_k(configs, {}, K=32)) == [
-            (32, 8, 1, None), (32, 8, 1, 128), (32, 4, 2, None)]
+            (32, 8, 1, None), (32, 8, 1, 128), (32, 8, 2, None)]
     else:
         assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(128, 8, 1, None)]
 
