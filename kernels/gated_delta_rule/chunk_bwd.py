@@ -103,12 +103,15 @@ def _suffix(b_g):
 # ---------------------------------------------------------------------------------------------
 
 # 4 warps won at every shape S1-S5 on H200 against 8 warps uncapped (160-170 registers: one
-# program per SM); offline (sm_90a, bf16) 4 warps take 255 registers (two programs, 8 warps per
-# SM), and 8 warps capped at 128 registers spill nothing at K = V = 128 (24 B at K 256 / V 512)
-# and fit two programs, 16 warps per SM: the second candidate, not yet timed on a GPU
+# program per SM), and on H100 against 8 warps capped at 128 registers; offline (sm_90a, bf16)
+# 4 warps take 255 registers (two programs, 8 warps per SM). With one stage every load of its
+# K and V loops (k, q, v, do) is waited on where it is used (offline TTGIR); two stages
+# prefetch them (cp.async) without spills: 4 warps 255 registers, 8 warps 178-180, 33-49 KB
+# shared at K = V = 128
 @autotune_or_fixed(
     configs=[triton.Config({}, num_warps=4, num_stages=1),
-             triton.Config({}, num_warps=8, num_stages=1, maxnreg=128)],
+             triton.Config({}, num_warps=4, num_stages=2),
+             triton.Config({}, num_warps=8, num_stages=2)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U"],
 )
