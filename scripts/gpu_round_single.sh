@@ -135,6 +135,6 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
 # checked in bf16 at S3 and S2 first
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
-  --shapes S3,S2,S1 --bwd-stages --check --check-shapes S3,S2 --check-dtypes bf16 --budget-s "$(( $(left) - 25 ))"
+  --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages --check --check-shapes "${KALL_CHECK:-S3,S2}" --check-dtypes bf16 --budget-s "$(( $(left) - 25 ))"
 pack
 cat "$OUTDIR/summary.txt"
