@@ -287,6 +287,9 @@ def main():
                    help="also time our backward launch by launch (profile_chunk_bwd.py)")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="start no new section after this many seconds")
+    p.add_argument("--ab-dh-prefetch", action="store_true",
+                   help="also time ours with the reverse state pass's hand prefetch off "
+                        "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
     p.add_argument("--keep-states", action="store_true",
                    help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
@@ -381,6 +384,17 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
+        if args.ab_dh_prefetch:
+            # the same two with the reverse state pass's loads left to Triton (no PREFETCH)
+            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+            saved, chunk_bwd.DH_PREFETCH_MAX_K = chunk_bwd.DH_PREFETCH_MAX_K, 0
+            try:
+                timed("ours_no_dh_prefetch", ours)
+                if not args.keep_states:
+                    timed("ours_keep_no_dh_prefetch", ours_keep)
+            finally:
+                chunk_bwd.DH_PREFETCH_MAX_K = saved
         if not over_budget():
             try:
                 row["ours_stages"] = stage_times(shape)
@@ -422,7 +436,8 @@ def main():
         return f"{x:.3f}" if isinstance(x, float) else "-"
 
     for sid, row in results["timings"].items():
-        for name in ("ours", "ours_keep", "fla", "sdpa"):
+        for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
+                     "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue
@@ -449,7 +464,8 @@ def main():
               if "grads_ms" in row.get("ours_bwd_stages", {})}
     if stages:
         # --bwd-stages: the backward launch by launch (profile_chunk_bwd.backward_stages)
-        names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "grads", "bwd_total")
+        names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "dh_no_prefetch", "grads",
+                 "bwd_total")
         lines += ["", "| shape | " + " | ".join(f"{n} ms" for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for sid, st in stages.items():

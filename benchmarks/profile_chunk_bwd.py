@@ -8,7 +8,8 @@ Correctness of what is timed: tests/kernels/test_chunk_bwd.py (fp64 recurrence, 
 interpreter and GPU) and the check below (every gradient against the pure-torch chunked path in
 float64 on the same GPU, bf16 and fp32 inputs, dense and packed, GVA, K = 256 / V = 512). The
 stages: prep forming Tm or reading the forward's (prep_ms, prep_saved_tm_ms), the state
-recompute, qdo, dh, the gradient stage (grads_ms =
+recompute, qdo, dh (and dh_no_prefetch_ms: the pass with its per-step loads left to Triton's
+pipeliner, chunk_bwd.DH_PREFETCH_MAX_K), the gradient stage (grads_ms =
 its two launches, each also alone: grads_vq_ms, grads_k_ms) and the whole backward
 (bwd_total_ms, without a saved Tm).
 Workload as in bench_kernels.py: fused l2-norm, g = logsigmoid, beta = sigmoid, scale K^-0.5.
@@ -102,12 +103,12 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def qdo():
         cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
-    def dh_pass():
+    def dh_pass(prefetch=BK <= cb.DH_PREFETCH_MAX_K):
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             k, w, gc, kscale, dv_buf, None, dh, None,
             cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=False, USE_H0=False, IS_VARLEN=varlen,
-            PREFETCH=BK <= cb.DH_PREFETCH_MAX_K)
+            PREFETCH=prefetch)
 
     def grads():
         cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
@@ -134,6 +135,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
 
     for name, fn in (("prep", prep()), ("prep_saved_tm", prep(True)), ("state", state),
                      ("qdo", qdo), ("dh", dh_pass),
+                     # the pass as before its hand prefetch (same autotuned config)
+                     ("dh_no_prefetch", lambda: dh_pass(False)),
                      ("grads", grads), ("grads_vq", grads_vq), ("grads_k", grads_k),
                      ("bwd_total", whole)):
         fn()
