@@ -272,11 +272,12 @@ def _dh_shared_bytes(config, args) -> int:
 # dh sweep): not a candidate. BV 32 / 4 warps on the k operand (two stages) and BV 64 / 8 warps
 # on k were exact there and not faster (5.71, 5.76 against 5.66 ms fwd+bwd). The wide launch at
 # two stages fits at S4 by ptxas (188.7 KB; the estimate below says 234 KB, so it is pruned
-# there) and at K = V = 128 (106.7 KB): a candidate wherever the estimate lets it run.
+# there) and at K = V = 128 (106.7 KB): a candidate wherever the estimate lets it run. The
+# narrow launch at one stage, never picked over two (GPU logs since run 7), is no longer
+# timed: each candidate adds to a new shape's first call.
 _DH_WIDE = [triton.Config({"BV": 64, "ROW_SCALE": True}, num_warps=8, num_stages=s)
             for s in (1, 2)]
-_DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=s)
-              for s in (2, 1)] + _DH_WIDE
+_DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_stages=2)] + _DH_WIDE
 
 
 # The dh pass loads the next step's qdo tile, dv_local and decay one step ahead (PREFETCH)
@@ -454,12 +455,11 @@ def _exclusive_cumsum(x):
 # was the fastest pin at S3 on an H200 (benchmarks/diag_configs.py, 2026-11-27 run 8: model
 # forward+backward 8.07 ms against 8.32 autotuned over the first two, 8.76 at 8 warps / two
 # stages; same errors): the spills are hidden behind the pipelined loads. The interpreter
-# runs BV 32 so that the tests cross V blocks. Last, 8 warps capped at 128 registers: two
-# programs per SM, at the price of 0.4 KB of spills per thread at K = 128 (offline; 234
-# registers uncapped, one program per SM)
+# runs BV 32 so that the tests cross V blocks. (8 warps capped at 128 registers, two programs
+# per SM with 0.4 KB of spills per thread, was a candidate from the ninth session on and never
+# picked: dropped, as each candidate adds to a new shape's first call.)
 _GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
-                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-                       triton.Config({"BV": 64}, num_warps=8, num_stages=1, maxnreg=128)])
+                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)])
 
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
 # in blocks, one program each; clamped to the next power of two of K by the pruning).
