@@ -73,7 +73,7 @@ def one(case_index: int, dtype_name: str, mode: str):
             k, w, gc, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
             cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=dht is not None,
-            USE_H0=h0 is not None, IS_VARLEN=varlen, PREFETCH=BK <= cb.DH_PREFETCH_MAX_K)
+            USE_H0=h0 is not None, IS_VARLEN=varlen, PREFETCH=cb.dh_prefetch(BK))
         finite("dh", dh, dv_buf, dh0)
         # the gradient stage as the backward runs it, one program per key head (dq / dk summed
         # over the group inside)

@@ -17,10 +17,8 @@ at every step (now loaded a step ahead by hand where K <= 128: `PREFETCH`).
 import os
 import sys
 
-import triton
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from hopper_compile import compile_for_hopper, ptxas_usage  # noqa: E402
+from hopper_compile import compile_for_hopper, pointer_types, ptxas_usage  # noqa: E402
 
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb  # noqa: E402
 from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf  # noqa: E402
@@ -29,7 +27,6 @@ from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf  # noqa: E402
 DIMS = {"S3": (16, 32, 128, 128), "S4": (6, 6, 256, 512)}
 F32 = ("gc", "g", "beta", "q_rstd", "k_rstd", "dg", "dbeta", "kscale", "dk_raw", "dg_part",
        "dbeta_part", "dht", "dh0", "h0", "ht")
-I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 SCALARS = ("T", "NT_SEQ", "PAR_CLASS", "part_stride", "scale")
 
 
@@ -53,7 +50,7 @@ def kernels(H, HV, K, V):
     """(name, kernel, constexprs, configs) as the launchers run them."""
     BK = cb._pow2(K)
     base = dict(H=H, HV=HV, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=False)
-    dh = dict(base, BK=BK, USE_DHT=False, USE_H0=False, PREFETCH=BK <= cb.DH_PREFETCH_MAX_K)
+    dh = dict(base, BK=BK, USE_DHT=False, USE_H0=False, PREFETCH=cb.dh_prefetch(BK))
     yield "bwd_prep", cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True,
                                                  STORE_U=False), cb._bwd_prep_kernel.configs
     yield "bwd_dh", cb._bwd_dh_kernel, dh, cb._DH_NARROW
@@ -68,11 +65,7 @@ def kernels(H, HV, K, V):
 def main(shape="S3"):
     H, HV, K, V = DIMS[shape]
     for name, fn, constexprs, configs in kernels(H, HV, K, V):
-        jit = fn
-        while not isinstance(jit, triton.runtime.JITFunction):
-            jit = jit.fn
-        ptr = {n: "*fp32" if n in F32 else "*i32" if n in I32 else "*bf16" for n in jit.arg_names
-               if n not in SCALARS}
+        ptr = pointer_types(fn, F32, skip=lambda n: n in SCALARS)
         for c in configs:
             kern = compile_for_hopper(fn, ptr, {**constexprs, **c.kwargs}, c.num_warps,
                                       c.num_stages, floats=("scale",))

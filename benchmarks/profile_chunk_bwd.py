@@ -103,12 +103,12 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def qdo():
         cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
-    def dh_pass(prefetch=BK <= cb.DH_PREFETCH_MAX_K):
+    def dh_pass(prefetch=None):
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             k, w, gc, kscale, dv_buf, None, dh, None,
             cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
             H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=False, USE_H0=False, IS_VARLEN=varlen,
-            PREFETCH=prefetch)
+            PREFETCH=cb.dh_prefetch(BK) if prefetch is None else prefetch)
 
     def grads():
         cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,

@@ -7,23 +7,18 @@ launchers in kernels/ssd/chunk.py configure them.
 import os
 import sys
 
-import triton
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from hopper_compile import compile_for_hopper, ptxas_usage  # noqa: E402
+from hopper_compile import compile_for_hopper, pointer_types, ptxas_usage  # noqa: E402
 
 from megatron_gdn.kernels.ssd import chunk as ssd  # noqa: E402
 
 F32 = ("gc", "g", "h0", "ht", "dht", "dh0", "dq", "dk", "dg")  # h, dh: the inputs' dtype
-I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 SCALARS = {"T", "NT_SEQ"}
 
 
 def usage(fn, constexprs, num_warps, dtype="bf16"):
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    ptr = {n: "*fp32" if n in F32 else "*i32" if n in I32 else f"*{dtype}"
-           for n in fn.arg_names if n not in SCALARS and n != "scale" and n not in constexprs}
+    ptr = pointer_types(fn, F32, dtype,
+                        skip=lambda n: n in SCALARS or n == "scale" or n in constexprs)
     return ptxas_usage(compile_for_hopper(fn, ptr, constexprs, num_warps, 1, floats=("scale",)))
 
 

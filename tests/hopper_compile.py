@@ -16,12 +16,29 @@ from triton.compiler import ASTSource
 from megatron_gdn.kernels.utils.tuning import MAX_SHARED_BYTES as HOPPER_MAX_SHARED
 
 
+def jit_function(fn):
+    """The @triton.jit function under any @triton.autotune wrapper(s) (its arg_names)."""
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+# the index tables of packed sequences (int32 pointers)
+I32_NAMES = ("cu_seqlens", "chunk_indices", "chunk_offsets")
+
+
+def pointer_types(fn, f32, dtype="bf16", skip=lambda name: False):
+    """compile_for_hopper's `pointers` for every argument of fn but those `skip` names (the
+    scalars): "*fp32" for the names in f32, "*i32" for I32_NAMES, else "*{dtype}"."""
+    return {n: "*fp32" if n in f32 else "*i32" if n in I32_NAMES else f"*{dtype}"
+            for n in jit_function(fn).arg_names if not skip(n)}
+
+
 def compile_for_hopper(fn, pointers, constexprs, num_warps, num_stages=1, floats=()):
     """fn: a @triton.jit function, or an @triton.autotune wrapper of one; pointers: argument
     name -> Triton pointer type ("*fp32", "*bf16", "*i32"); constexprs: name -> value;
     floats: names of float scalar arguments. Other arguments are taken as i32."""
-    while not isinstance(fn, triton.runtime.JITFunction):  # autotune wrapper(s) -> the JIT function
-        fn = fn.fn
+    fn = jit_function(fn)
     # constants the kernel does not take are dropped (one dict can serve several kernels)
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature = {}

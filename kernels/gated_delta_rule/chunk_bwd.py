@@ -287,6 +287,12 @@ _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_sta
 DH_PREFETCH_MAX_K = 128
 
 
+def dh_prefetch(BK: int) -> bool:
+    """_bwd_dh_kernel's PREFETCH at key block BK (read at each launch: tests and benchmarks
+    switch it by setting DH_PREFETCH_MAX_K)."""
+    return BK <= DH_PREFETCH_MAX_K
+
+
 @autotune_or_fixed(
     configs=_DH_NARROW,
     interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4, num_stages=1),
@@ -326,7 +332,7 @@ def _bwd_dh_kernel(
     # the first dot's accumulator, so they are plain loads waited on at every step (offline
     # sm_90a TTGIR). With PREFETCH they are issued one step ahead, by hand, and used
     # (converted) only in the next step, so the wait overlaps a step's work (the launcher's
-    # choice, DH_PREFETCH_MAX_K).
+    # choice, dh_prefetch).
     if PREFETCH:
         # (scale q e^gc)^T do, dv_local and gl of the sequence's last chunk
         t_l = bos + (nt - 1) * 64 + r
@@ -910,7 +916,7 @@ def chunk_gated_delta_rule_bwd(
         cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
         H=H, HV=HV, K=K, V=V, BK=BK,
         USE_DHT=dht is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
-        PREFETCH=BK <= DH_PREFETCH_MAX_K,
+        PREFETCH=dh_prefetch(BK),
     )
     del kscale
     del w

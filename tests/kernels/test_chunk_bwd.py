@@ -355,7 +355,7 @@ kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False)),
     (cb._bwd_qdo_kernel, dict(BK=256)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True,
-                              PREFETCH=256 <= cb.DH_PREFETCH_MAX_K)),
+                              PREFETCH=cb.dh_prefetch(256))),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(LOOP_G=1)),  # BK from each config
 ]

@@ -23,7 +23,7 @@ GPU_TRITON_VERSION = "3.6.0"
 
 _SCRIPT = """
 import triton
-from hopper_compile import compile_for_hopper
+from hopper_compile import compile_for_hopper, pointer_types
 from megatron_gdn.kernels.conv1d import conv
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb, chunk_fwd as cf, gate, recurrent as rc
 from megatron_gdn.kernels.gated_norm import norm
@@ -33,17 +33,13 @@ print("triton", triton.__version__)
 F32 = ("g", "beta", "a_log", "A_log", "dt_bias", "gc", "beta_out", "k_rstd", "q_rstd", "dg",
        "dbeta", "kscale", "h0", "ht", "dht", "dh0", "weight", "bias", "dw_part", "db_part", "rstd",
        "dkn", "dk_raw", "dg_part", "dbeta_part", "dA_part", "ddt_part")
-I32 = ("cu_seqlens", "chunk_indices", "chunk_offsets")
 # integer scalars (T, strides, row counts) compile as i32, floats as fp32: the rest are pointers
 SCALARS = {"D", "NT", "NT_SEQ", "PAR_CLASS", "R", "R1", "R2", "T", "part_stride"}
 
 
 def pointers(fn, dtype):
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return {n: "*fp32" if n in F32 else "*i32" if n in I32 else f"*{dtype}"
-            for n in fn.arg_names
-            if n not in SCALARS and not n.startswith("s")}  # sx0, sdy1, stride_xt, scale
+    # sx0, sdy1, stride_xt, scale: scalars too
+    return pointer_types(fn, F32, dtype, skip=lambda n: n in SCALARS or n.startswith("s"))
 
 
 def configs(fn):
@@ -76,7 +72,7 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
           warps=cb.qdo_config(K).num_warps)
     build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
-                                 PREFETCH=K <= cb.DH_PREFETCH_MAX_K), dtype)
+                                 PREFETCH=cb.dh_prefetch(K)), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
     for bk in (K, K // 2):  # one block; key-column blocks
         build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
