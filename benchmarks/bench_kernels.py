@@ -290,6 +290,10 @@ def main():
     p.add_argument("--ab-dh-prefetch", action="store_true",
                    help="also time ours with the reverse state pass's hand prefetch off "
                         "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
+    p.add_argument("--ab-dv-in-qdo", action="store_true",
+                   help="also time ours with dv_local formed by the backward's prep launch "
+                        "rather than its qdo launch (chunk_bwd.DV_IN_QDO_MAX_K = 0): rows "
+                        "ours[_keep]_dv_in_prep")
     p.add_argument("--keep-states", action="store_true",
                    help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
@@ -384,17 +388,22 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
-        if args.ab_dh_prefetch:
-            # the same two with the reverse state pass's loads left to Triton (no PREFETCH)
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+        # the same two with one backward change switched off: the reverse state pass's loads
+        # left to Triton (no PREFETCH); dv_local formed in the prep launch
+        from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
-            saved, chunk_bwd.DH_PREFETCH_MAX_K = chunk_bwd.DH_PREFETCH_MAX_K, 0
+        for on, attr, suffix in ((args.ab_dh_prefetch, "DH_PREFETCH_MAX_K", "no_dh_prefetch"),
+                                 (args.ab_dv_in_qdo, "DV_IN_QDO_MAX_K", "dv_in_prep")):
+            if not on:
+                continue
+            saved = getattr(chunk_bwd, attr)
+            setattr(chunk_bwd, attr, 0)
             try:
-                timed("ours_no_dh_prefetch", ours)
+                timed("ours_" + suffix, ours)
                 if not args.keep_states:
-                    timed("ours_keep_no_dh_prefetch", ours_keep)
+                    timed("ours_keep_" + suffix, ours_keep)
             finally:
-                chunk_bwd.DH_PREFETCH_MAX_K = saved
+                setattr(chunk_bwd, attr, saved)
         if not over_budget():
             try:
                 row["ours_stages"] = stage_times(shape)
@@ -437,7 +446,7 @@ def main():
 
     for sid, row in results["timings"].items():
         for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "fla", "sdpa"):
+                     "ours_dv_in_prep", "ours_keep_dv_in_prep", "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue

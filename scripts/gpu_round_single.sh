@@ -32,7 +32,8 @@
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
-#   kernels-all    S3, S2 and S1 next to fla in one run (issue 2's figure; only with ONLY)
+#   kernels-all    S3, S2 and S1 next to fla in one run (issue 2's figure; only with ONLY),
+#                  ours also with each of KALL_AB's backward changes off
 # Every kernel benchmark times ours twice: as it is and with the states kept (`ours_keep`).
 # ONLY="job ..." runs just the named jobs, SKIP_JOBS="job ..." all but those (later calls pick
 # up where one ended).
@@ -133,8 +134,11 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 [ "${SKIP_S2S1:-0}" = 1 ] || timed kernels-s2s1 420 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" \
   --shapes S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
-# checked in bf16 at S3 and S2 first, and ours again with the dh pass's hand prefetch off
+# checked in bf16 at S3 and S2 first, and ours again with each of the latest backward changes
+# off (KALL_AB: the dh pass's hand prefetch, dv_local in the qdo launch)
+# shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
-  --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages --ab-dh-prefetch --check --check-shapes "${KALL_CHECK:-S3,S2}" --check-dtypes bf16 --budget-s "$(( $(left) - 25 ))"
+  --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages ${KALL_AB:---ab-dh-prefetch --ab-dv-in-qdo} --check \
+  --check-shapes "${KALL_CHECK:-S3,S2}" --check-dtypes bf16 --budget-s "$(( $(left) - 25 ))"
 pack
 cat "$OUTDIR/summary.txt"

@@ -248,6 +248,24 @@ def test_dh_pass_key_decay_either_side(case, row_scale, prefetch, monkeypatch):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("in_qdo", [False, True])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[6]], ids=lambda c: c.id)
+def test_dv_local_from_either_launch(case, in_qdo, monkeypatch):
+    """dv_local = s P^T do formed by the qdo launch (K <= DV_IN_QDO_MAX_K, the prep then reads
+    no q and no do) or by the prep launch (wider K): the same gradients. Packed sequences,
+    GVA, the l2-norm and K = 128 (the prep's Gram matrix over two column blocks) among them."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    monkeypatch.setattr(cb, "DV_IN_QDO_MAX_K", 1 << 20 if in_qdo else 0)
+    assert cb.dv_in_qdo(case.K) == in_qdo
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32)
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
 def test_chunk_bwd_catches_a_wrong_gradient():
     """The comparison above must be able to fail: a 0.1% change of do moves every gradient."""
     case = CASES[0]
@@ -351,9 +369,11 @@ ptr = {n: "*fp32" for n in ("q", "k", "v", "do", "w", "u", "dv", "h", "dh", "v_n
 ptr.update(cu_seqlens="*i32", chunk_indices="*i32", chunk_offsets="*i32")
 common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
-    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False, STORE_U=True)),
-    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False)),
-    (cb._bwd_qdo_kernel, dict(BK=256)),
+    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False, STORE_U=True, STORE_W=True,
+                               STORE_DV=True)),
+    (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False, STORE_W=False,
+                               STORE_DV=True)),
+    (cb._bwd_qdo_kernel, dict(BK=256, DV_LOCAL=cb.dv_in_qdo(256))),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True,
                               PREFETCH=cb.dh_prefetch(256))),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
