@@ -115,7 +115,7 @@ def _suffix(b_g):
              triton.Config({}, num_warps=4, num_stages=2),
              triton.Config({}, num_warps=8, num_stages=2)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U"],
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U", "STORE_W", "STORE_DV"],
 )
 @triton.jit
 def _bwd_prep_kernel(
@@ -501,9 +501,13 @@ def _exclusive_cumsum(x):
 # stages; same errors): the spills are hidden behind the pipelined loads. The interpreter
 # runs BV 32 so that the tests cross V blocks. (8 warps capped at 128 registers, two programs
 # per SM with 0.4 KB of spills per thread, was a candidate from the ninth session on and never
-# picked: dropped, as each candidate adds to a new shape's first call.)
+# picked: dropped, as each candidate adds to a new shape's first call.) BV 128 at 8 warps
+# (thirteenth session): at V = 128 the V loop is one step, so its five loads are issued
+# together rather than in two waited-on rounds; 255 registers, no spills, 88 KB shared
+# (offline, S3 dims).
 _GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
-                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2)])
+                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
+                       triton.Config({"BV": 128}, num_warps=8, num_stages=1)])
 
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
 # in blocks, one program each; clamped to the next power of two of K by the pruning).
@@ -514,12 +518,14 @@ _GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w 
 # waited on at each step (offline TTGIR); two stages prefetch them (cp.async) at 8 warps
 # without spills: blocks of 128 242-254 registers, 64 KB shared; of 64 175 registers, 48 KB,
 # at K = V = 128 and K 256 / V 512. (Replaced: 4 warps / two stages and whole K = 256, which
-# spilled 0.25 and 1.4 KB per thread and never won.) The first config (the fixed one under
-# MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
+# spilled 0.25 and 1.4 KB per thread and never won; blocks of 64 capped at 128 registers, never
+# picked in the GPU logs.) Blocks of 64 with BV 128: at V = 128 the four loads in one round,
+# 225 registers, no spills, 64 KB shared (offline, S3 dims). The first config (the fixed one
+# under MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
 _GRAD_K_CONFIGS = [
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1, maxnreg=128),
+    triton.Config({"BV": 128, "BK": 64}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=2),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=2),
 ]
@@ -545,10 +551,20 @@ def _prune_grad_k(configs, named_args, **kwargs):
     return kept if AUTOTUNE else kept[:1]
 
 
+def _prune_grad_vq(configs, named_args, **kwargs):
+    """BV 128 only at K <= 128: with K = 256 its tiles need 240 KB of shared memory in fp32
+    (over Hopper's 227 KB); the first config only when not autotuning (a pinned config is
+    kept whatever it is)."""
+    K = named_args.get("K", kwargs.get("K"))
+    kept = [c for c in configs if c.kwargs["BV"] <= 64 or K <= 128] or configs
+    return kept if AUTOTUNE else kept[:1]
+
+
 @autotune_or_fixed(
     configs=_GRAD_VQ_CONFIGS,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
+    prune_configs_by={"early_config_prune": _prune_grad_vq},
 )
 @triton.jit
 def _bwd_grad_vq_kernel(

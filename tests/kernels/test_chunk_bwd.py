@@ -211,16 +211,30 @@ def test_grad_k_configs_pruned_to_k():
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     configs = cb._GRAD_K_CONFIGS
-    blocks = lambda kept: [(c.kwargs["BK"], c.num_warps, c.num_stages, c.maxnreg) for c in kept]
+    blocks = lambda kept: [(c.kwargs["BV"], c.kwargs["BK"], c.num_warps, c.num_stages)
+                           for c in kept]
+    every = [(64, 128, 8, 1), (64, 64, 8, 1), (128, 64, 8, 1), (64, 128, 8, 2), (64, 64, 8, 2)]
     if cb.AUTOTUNE:
-        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [
-            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
-        assert blocks(cb._prune_grad_k(configs, {}, K=100)) == [
-            (128, 8, 1, None), (64, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
+        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == every
+        assert blocks(cb._prune_grad_k(configs, {}, K=100)) == every
         assert blocks(cb._prune_grad_k(configs, {}, K=32)) == [
-            (32, 8, 1, None), (32, 8, 1, 128), (32, 8, 2, None)]
+            (64, 32, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2)]
     else:
-        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(128, 8, 1, None)]
+        assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(64, 128, 8, 1)]
+
+
+def test_grad_vq_wide_value_block_only_at_narrow_keys():
+    """The vq launch's BV 128 config is dropped at K > 128 (its fp32 tiles would not fit in
+    shared memory); a pin is kept whatever it is."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    configs = cb._GRAD_VQ_CONFIGS
+    widths = lambda kept: [c.kwargs["BV"] for c in kept]  # noqa: E731
+    if cb.AUTOTUNE:
+        assert 128 in widths(cb._prune_grad_vq(configs, {}, K=128))
+        assert widths(cb._prune_grad_vq(configs, {}, K=256)) == [64, 64, 64]
+    wide = [c for c in configs if c.kwargs["BV"] == 128]
+    assert cb._prune_grad_vq(wide, {}, K=256) == wide
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
@@ -384,6 +398,9 @@ for fn, fixed in kernels:
     configs = getattr(fn, "configs", [cb.qdo_config(K)])
     if fn is cb._bwd_grad_k_kernel:
         chosen = cb._prune_grad_k(configs, {}, K=K)  # every config, as pruned at this K
+    elif fn is cb._bwd_grad_vq_kernel:  # the widest config left at this K
+        chosen = [max(cb._prune_grad_vq(configs, {}, K=K),
+                      key=lambda c: (c.kwargs["BV"], -c.num_warps))]
     else:
         chosen = [max(configs, key=lambda c: (c.kwargs.get("BV", 0), -c.num_warps))]
     for cfg in chosen:
