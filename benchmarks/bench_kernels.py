@@ -5,7 +5,8 @@
 
 Correctness of what is timed: --check first compares o and every gradient (q, k, v, g, beta,
 initial_state) at the benchmark shapes, bf16 and fp32 inputs, against the pure-torch chunked
-path in fp32 on the same GPU (tests/kernels/test_gated_delta_rule.py and
+path in fp32 on the same GPU (ours with the states kept too, at the first shape in bf16;
+tests/kernels/test_gated_delta_rule.py and
 tests/kernels/test_chunk_internals.py guard the same kernels against the fp64 oracle).
 Workload, as the layer calls it: q, k raw with the fused l2-norm, g = logsigmoid(x) (float32),
 beta = sigmoid(x) in the inputs' dtype, scale K^-0.5.
@@ -345,6 +346,10 @@ def main():
             # fp32 compiles its own kernels: by default only at the first shape
             for sid in (check_shapes if dname != "fp32" or args.check_shapes else check_shapes[:1]):
                 plan.append(("ours", ours, SHAPES[sid], dtypes[dname], None))
+        if not args.keep_states and "bf16" in args.check_dtypes.split(","):
+            # the backward that reads the forward's states, w and Tm (no state pass, and at
+            # K <= 128 no prep launch), at the first shape
+            plan.append(("ours_keep", ours_keep, SHAPES[check_shapes[0]], torch.bfloat16, None))
         if not args.no_check_packed:
             cu = torch.tensor([0, 1, 64, 100, 2148, 4096, 8000, 8192], dtype=torch.int32,
                               device="cuda")
