@@ -291,10 +291,6 @@ def main():
     p.add_argument("--ab-dh-prefetch", action="store_true",
                    help="also time ours with the reverse state pass's hand prefetch off "
                         "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
-    p.add_argument("--ab-dv-in-qdo", action="store_true",
-                   help="also time ours with dv_local formed by the backward's prep launch "
-                        "rather than its qdo launch (chunk_bwd.DV_IN_QDO_MAX_K = 0): rows "
-                        "ours[_keep]_dv_in_prep")
     p.add_argument("--keep-states", action="store_true",
                    help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
@@ -347,8 +343,8 @@ def main():
             for sid in (check_shapes if dname != "fp32" or args.check_shapes else check_shapes[:1]):
                 plan.append(("ours", ours, SHAPES[sid], dtypes[dname], None))
         if not args.keep_states and "bf16" in args.check_dtypes.split(","):
-            # the backward that reads the forward's states, w and Tm (no state pass, and at
-            # K <= 128 no prep launch), at the first shape
+            # the backward that reads the forward's states and Tm (no state pass), at the
+            # first shape
             plan.append(("ours_keep", ours_keep, SHAPES[check_shapes[0]], torch.bfloat16, None))
         if not args.no_check_packed:
             cu = torch.tensor([0, 1, 64, 100, 2148, 4096, 8000, 8192], dtype=torch.int32,
@@ -393,12 +389,11 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
-        # the same two with one backward change switched off: the reverse state pass's loads
-        # left to Triton (no PREFETCH); dv_local formed in the prep launch
+        # the same two with one backward change switched off (a module threshold set to 0):
+        # the reverse state pass's loads left to Triton (no PREFETCH)
         from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
-        for on, attr, suffix in ((args.ab_dh_prefetch, "DH_PREFETCH_MAX_K", "no_dh_prefetch"),
-                                 (args.ab_dv_in_qdo, "DV_IN_QDO_MAX_K", "dv_in_prep")):
+        for on, attr, suffix in ((args.ab_dh_prefetch, "DH_PREFETCH_MAX_K", "no_dh_prefetch"),):
             if not on:
                 continue
             saved = getattr(chunk_bwd, attr)
@@ -451,7 +446,7 @@ def main():
 
     for sid, row in results["timings"].items():
         for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "ours_dv_in_prep", "ours_keep_dv_in_prep", "fla", "sdpa"):
+                     "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue

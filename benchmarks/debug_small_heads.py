@@ -51,23 +51,24 @@ def one(case_index: int, dtype_name: str, mode: str):
             q_rstd = torch.rsqrt(x["q"].pow(2).sum(-1) + 1e-6).float().cuda()
             k_rstd = torch.rsqrt(x["k"].pow(2).sum(-1) + 1e-6).float().cuda()
         H, HV, K, V = case.H, case.HV, case.K, case.V
-        cu_, _, co, T_arg, nts, varlen = layout.kernel_args()
-        BK = cb._pow2(K)
+        cu_, ci, co, T_arg, nts, varlen = layout.kernel_args()
+        NT, BK = layout.num_chunks, cb._pow2(K)
         scale = K ** -0.5
+        tm = torch.full((B, T, HV, 64), float("nan"), dtype=v.dtype, device="cuda")
         w = torch.full((B, T, HV, K), float("nan"), dtype=k.dtype, device="cuda")
         u = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
         dv_buf = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
-        qdo_dv = cb.dv_in_qdo(K)
-        tm = cb.launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, scale, layout, w=w, u=u,
-                            dv_local=None if qdo_dv else dv_buf)
-        finite("prep", tm, w, u, None if qdo_dv else dv_buf)
+        cb._bwd_prep_kernel[(NT, H)](
+            q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale, cu_, ci, T_arg, nts,
+            H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(cb._pow2(V), 64), L2=case.l2,
+            HAS_G=True, IS_VARLEN=varlen, HAS_TM=False, STORE_U=True)
+        finite("prep", tm, w, u, dv_buf)
         h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, h0, False, k_rstd=k_rstd)
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
-        kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd,
-                               **(dict(k=k, dv_local=dv_buf) if qdo_dv else {}))
-        finite("qdo", dh, kscale, dv_buf)
+        kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
+        finite("qdo", dh, kscale)
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
             k, w, gc, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
             cf._parallelism_class(layout.num_seqs * HV),

@@ -51,13 +51,8 @@ def kernels(H, HV, K, V):
     BK = cb._pow2(K)
     base = dict(H=H, HV=HV, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=False)
     dh = dict(base, BK=BK, USE_DHT=False, USE_H0=False, PREFETCH=cb.dh_prefetch(BK))
-    # as the backward without kept states runs it (u and w stored; dv_local where the qdo
-    # launch does not form it)
-    yield "bwd_prep", cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True,
-                                                 STORE_W=True, STORE_DV=not cb.dv_in_qdo(K)), \
-        cb._bwd_prep_kernel.configs
-    yield "bwd_qdo", cb._bwd_qdo_kernel, dict(base, BK=BK, DV_LOCAL=cb.dv_in_qdo(K)), \
-        [cb.qdo_config(K)]
+    yield "bwd_prep", cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True,
+                                                 STORE_U=False), cb._bwd_prep_kernel.configs
     yield "bwd_dh", cb._bwd_dh_kernel, dh, cb._DH_NARROW
     yield "bwd_grad_vq", cb._bwd_grad_vq_kernel, dict(base, BK=BK, BKC=min(BK, 64), LOOP_G=1), \
         cb._bwd_grad_vq_kernel.configs

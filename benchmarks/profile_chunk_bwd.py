@@ -78,7 +78,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
     do = torch.randn_like(v)
     g_act = g.float().contiguous()  # the workload's g is the per-token log decay itself
     scale = K ** -0.5
-    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
+    cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
+    NT = layout.num_chunks
     BK = cb._pow2(K)
     tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device="cuda")
     dv_buf = torch.empty_like(v)
@@ -87,24 +88,20 @@ def backward_stages(shape, dtype=torch.bfloat16):
     # value head (the group sum is a separate small launch, timed in bwd_total only)
     loop_g = 1
 
-    qdo_dv = cb.dv_in_qdo(K)
-
     def prep(has_tm=False):
-        # has_tm: Tm saved by the forward (read back from tm, which the run without fills);
-        # w, u and (where the qdo launch does not form it) dv_local stored, as the backward
-        # without kept states runs it
-        return lambda: cb.launch_prep(
-            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, scale, layout,
-            tm=tm if has_tm else None, w=w, u=u, dv_local=None if qdo_dv else dv_buf)
+        # has_tm: Tm saved by the forward (read back from tm, which the run without fills)
+        return lambda: cb._bwd_prep_kernel[(NT, H)](
+            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
+            cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
+            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=True)
 
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)
 
-    qdo_args = dict(k=k, dv_local=dv_buf) if qdo_dv else {}
-    kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd, **qdo_args)
+    kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
     def qdo():
-        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd, **qdo_args)
+        cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
     def dh_pass(prefetch=None):
         cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](

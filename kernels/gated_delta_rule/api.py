@@ -71,11 +71,10 @@ def chunk_gated_delta_rule(
         use_qk_l2norm: q <- q rsqrt(sum_K q^2 + 1e-6), same for k.
         A_log, dt_bias: [HV] float32: g = -exp(A_log) softplus(a + dt_bias).
         use_beta_sigmoid: beta = sigmoid(beta argument).
-        keep_states: Triton path: keep the state entering every chunk, the chunks' v_new and
-            w from the forward for the backward, which then skips its sequential state pass
-            (and at K <= 128 its prep launch; memory: ceil(T / 64) K V + T (V + K) elements
-            per sequence and value head in v's dtype, 0.55 GB per call at 4 x 4096 tokens,
-            6 heads, K 256, V 512). None: the
+        keep_states: Triton path: keep the state entering every chunk and the chunks' v_new
+            from the forward for the backward, which then skips its sequential state pass
+            (memory: ceil(T / 64) K V + T V elements per sequence and value head in v's dtype,
+            0.5 GB per call at 4 x 4096 tokens, 6 heads, K 256, V 512). None: the
             `MEGATRON_GDN_KEEP_STATES` environment variable ('0' by default: recompute).
             The torch path ignores it.
     Returns:

@@ -39,8 +39,8 @@ Interface with the backward (kernels/gated_delta_rule/chunk_bwd.py), fixed:
   - g: [B, T, HV] float32, the activated per-token log decay (computed here on [B, T, HV]
     from the saved raw gate input), for an fp32-accurate dg under strong decay.
   - tm: the forward's Tm (above), or None: the backward then forms it again.
-  - states: (h, v_new, w) of the forward (`keep_states`: the state pass's h and v_new, the
-    prepare's w), or None: the backward then runs that pass again (below).
+  - states: (h, v_new) of the forward's state pass (`keep_states`), or None: the backward
+    then runs that pass again (below).
   The chain rule through the gate activation (A_log, dt_bias, a) and the beta sigmoid is done
   here, on [B, T, HV] tensors, by gate.py's one launch.
 
@@ -87,14 +87,14 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         h, v_new, final_state = chunk_state_fwd(
             k, w, u, gc, layout, initial_state, output_final_state, k_rstd=k_rstd,
         )
-        del u
+        del w, u
         o, q_rstd = chunk_output_fwd(
             q, k, v_new, h, gc, scale, layout, k_rstd=k_rstd, use_qk_l2norm=use_qk_l2norm,
         )
         if not keep_states:
-            h = v_new = w = None
+            h = v_new = None
         ctx.save_for_backward(q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-                              q_rstd, k_rstd, tm, h, v_new, w)
+                              q_rstd, k_rstd, tm, h, v_new)
         ctx.layout = layout
         ctx.scale = scale
         ctx.use_beta_sigmoid = use_beta_sigmoid
@@ -105,7 +105,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         from .chunk_bwd import chunk_gated_delta_rule_bwd
 
         (q, k, v, g, beta, A_log, dt_bias, initial_state, gc, beta_act,
-         q_rstd, k_rstd, tm, h, v_new, w) = ctx.saved_tensors
+         q_rstd, k_rstd, tm, h, v_new) = ctx.saved_tensors
         # the per-token activated decay: exact dg under strong decay (differences of gc
         # lose ~ulp(|gc|)); [B, T, HV] only, the forward's softplus (gate.py)
         g_act = g.float() if A_log is None else gate_activation(g, A_log, dt_bias)
@@ -114,7 +114,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
             # e.g. final_state.sum().backward() hands in a stride-0 expanded tensor
             None if dht is None else dht.float().contiguous(), ctx.layout,
             q_rstd=q_rstd, k_rstd=k_rstd, g=g_act, tm=tm,
-            states=None if h is None else (h, v_new, w),
+            states=None if h is None else (h, v_new),
         )
         # the gate's and the beta sigmoid's chain rule in one launch (gate.py); without either,
         # only the casts to the inputs' dtypes (none for fp32 inputs)
@@ -161,9 +161,8 @@ def chunk_gated_delta_rule_triton(
         q, k: [B, T, H, K]; v: [B, T, HV, V]; g (log decay, or the raw gate input `a` when
         A_log is given), beta (or its logits with use_beta_sigmoid): [B, T, HV].
         initial_state: [N, HV, K, V] float32 or None; cu_seqlens: [N + 1] with B == 1.
-        keep_states: save the forward's per-chunk states h, v_new and its w for the backward
-        (which then skips its state pass, and at K <= 128 its prep launch) instead of
-        recomputing them there.
+        keep_states: save the forward's per-chunk states h and v_new for the backward (which
+        then skips its state pass) instead of recomputing them there.
     Returns:
         o: [B, T, HV, V] in v's dtype; final_state: [N, HV, K, V] float32 or None.
     """

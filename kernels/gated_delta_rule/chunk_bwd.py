@@ -42,12 +42,10 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   head are computed per value head into [B, T, HV, K] buffers and summed afterwards (default),
   or summed inside one program per key head (split_group=False); no repeated q / k either way.
 
-Launches: (1) prep, per (chunk, key head): Tm (unless the forward saved it; stored in v's
-dtype), w, u, and at K > DV_IN_QDO_MAX_K dv_local = s P^T do; none of it, and no launch, when
-the forward kept w and its states and saved Tm; (2) the forward state pass of chunk_fwd.py (h
-per chunk, v_new; skipped, and no u stored in (1), when the forward kept them: `states`); (3)
-qdo, per (chunk, value head, V block): s (q e^gc)^T do into the dh buffer, the key decay
-e^(gl - gc) of each token, and at K <= DV_IN_QDO_MAX_K dv_local;
+Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
+(2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
+(1), when the forward kept them: `states`); (3) qdo, per (chunk, value
+head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
 back first), dv_new in place of dv_local, dh0;
 (5) grads, per (chunk, value head) or (chunk, key head), two launches: (5a) vq: dvb =
@@ -104,18 +102,16 @@ def _suffix(b_g):
 # 1. prep: Tm, w, u and the chunk-local dv = s P^T do
 # ---------------------------------------------------------------------------------------------
 
-# 4 warps won at every shape S1-S5 on H200 against 8 warps uncapped (160-170 registers: one
-# program per SM), and on H100 against 8 warps capped at 128 registers; offline (sm_90a, bf16)
-# 4 warps take 255 registers (two programs, 8 warps per SM). With one stage every load of its
-# K and V loops (k, q, v, do) is waited on where it is used (offline TTGIR); two stages
-# prefetch them (cp.async) without spills: 4 warps 255 registers, 8 warps 178-180, 33-49 KB
-# shared at K = V = 128
+# 4 warps at one stage, alone: it won at every shape S1-S5 on H200 against 8 warps uncapped
+# (160-170 registers: one program per SM), on H100 against 8 warps capped at 128 registers, and
+# (H100, 2026-12-07, benchmarks/logs/2026-12-07-h100-s13) at S1-S3 against 4 and 8 warps at
+# two stages (which prefetch its K and V loops' loads without spills, offline). Offline
+# (sm_90a, bf16) 4 warps take 255 registers (two programs, 8 warps per SM). One config: no
+# candidate timed on a new shape's first call.
 @autotune_or_fixed(
-    configs=[triton.Config({}, num_warps=4, num_stages=1),
-             triton.Config({}, num_warps=4, num_stages=2),
-             triton.Config({}, num_warps=8, num_stages=2)],
+    configs=[triton.Config({}, num_warps=4, num_stages=1)],
     interpret_config=triton.Config({}, num_warps=4, num_stages=1),
-    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U", "STORE_W", "STORE_DV"],
+    key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U"],
 )
 @triton.jit
 def _bwd_prep_kernel(
@@ -124,13 +120,10 @@ def _bwd_prep_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_TM: tl.constexpr, STORE_U: tl.constexpr,
-    STORE_W: tl.constexpr, STORE_DV: tl.constexpr,
 ):
     # HAS_TM: tm already holds the forward's Tm (v's dtype): read it, no k k^T and no inverse;
     # else Tm is formed here and stored into tm for the gradient kernels. STORE_U: u = Tm vb
-    # for the state pass (not when the forward kept its states); STORE_W: w = Tm kb (not when
-    # the forward kept it); STORE_DV: dv_local = s P^T do (not when the qdo launch forms it,
-    # at K <= DV_IN_QDO_MAX_K: then no q and no do are read here)
+    # for the state pass (not when the forward kept its states)
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
@@ -139,28 +132,23 @@ def _bwd_prep_kernel(
     m_t = t_r < eos
     k_h = k + i_h * K
     q_h = q + i_h * K
-    # k k^T (unless Tm is saved) and k q^T (for dv_local) of the chunk (rows: k tokens),
-    # shared by the G value heads
+    # k k^T and k q^T of the chunk (rows: k tokens), shared by the G value heads
     b_kk = tl.zeros([64, 64], dtype=tl.float32)
     b_kq = tl.zeros([64, 64], dtype=tl.float32)
-    if (not HAS_TM) or STORE_DV:
-        for i_k in range(0, tl.cdiv(K, BK)):
-            cols = i_k * BK + tl.arange(0, BK)
-            m_tk = m_t[:, None] & (cols < K)[None, :]
-            b_k = tl.load(k_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
-            if not HAS_TM:
-                b_kk += tl.dot(b_k, tl.trans(b_k))
-            if STORE_DV:
-                b_q = tl.load(q_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk,
-                              other=0.0)
-                b_kq += tl.dot(b_k, tl.trans(b_q))
+    for i_k in range(0, tl.cdiv(K, BK)):
+        cols = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (cols < K)[None, :]
+        b_k = tl.load(k_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
+        b_q = tl.load(q_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
+        if not HAS_TM:
+            b_kk += tl.dot(b_k, tl.trans(b_k))
+        b_kq += tl.dot(b_k, tl.trans(b_q))
     rk = tl.full([64], 1.0, dtype=tl.float32)
     if L2:
         rk = tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
         b_kk = b_kk * rk[:, None] * rk[None, :]
-        if STORE_DV:
-            rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-            b_kq = b_kq * rk[:, None] * rq[None, :]
+        b_kq = b_kq * rk[:, None] * rq[None, :]
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     upper = (r[:, None] <= r[None, :]) & m_t[None, :]
 
@@ -168,10 +156,8 @@ def _bwd_prep_kernel(
         i_hv = i_h * G + i_g
         b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
         b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
-        e_seg = tl.zeros([64, 64], dtype=tl.float32)
-        if (not HAS_TM) or STORE_DV:
-            # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
-            e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
+        # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
+        e_seg = tl.exp(_segsum(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)))
         p_tm = tm + (t_r[:, None] * HV + i_hv) * 64 + r[None, :]
         if HAS_TM:
             b_tm = tl.load(p_tm, mask=m_t[:, None], other=0.0).to(k.dtype.element_ty)
@@ -183,32 +169,28 @@ def _bwd_prep_kernel(
             tl.store(p_tm, b_tm_f.to(tm.dtype.element_ty), mask=m_t[:, None])
             b_tm = b_tm_f.to(k.dtype.element_ty)
 
-        if STORE_W:
-            kb_scale = b_beta * tl.exp(b_gc) * rk
-            for i_k in range(0, tl.cdiv(K, BK)):
-                cols = i_k * BK + tl.arange(0, BK)
-                m_tk = m_t[:, None] & (cols < K)[None, :]
-                b_k = tl.load(k_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk,
-                              other=0.0)
-                b_kb = (b_k * kb_scale[:, None]).to(b_k.dtype)
-                b_w = tl.dot(b_tm, b_kb)
-                tl.store(w + (t_r[:, None] * HV + i_hv) * K + cols[None, :],
-                         b_w.to(w.dtype.element_ty), mask=m_tk)
+        kb_scale = b_beta * tl.exp(b_gc) * rk
+        for i_k in range(0, tl.cdiv(K, BK)):
+            cols = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (cols < K)[None, :]
+            b_k = tl.load(k_h + t_r[:, None] * (H * K) + cols[None, :], mask=m_tk, other=0.0)
+            b_kb = (b_k * kb_scale[:, None]).to(b_k.dtype)
+            b_w = tl.dot(b_tm, b_kb)
+            tl.store(w + (t_r[:, None] * HV + i_hv) * K + cols[None, :],
+                     b_w.to(w.dtype.element_ty), mask=m_tk)
         # P^T[j, i] = e^(gc_i - gc_j) (k_j . q_i) for i >= j
         b_pt = tl.where(upper, b_kq * tl.trans(e_seg), 0.0) * scale
-        if STORE_U or STORE_DV:
-            for i_v in range(0, tl.cdiv(V, BV)):
-                o_v = i_v * BV + tl.arange(0, BV)
-                m_tv = m_t[:, None] & (o_v < V)[None, :]
-                p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
-                if STORE_U:
-                    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
-                    b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
-                    tl.store(u + p_tv, tl.dot(b_tm, b_vb).to(u.dtype.element_ty), mask=m_tv)
-                if STORE_DV:
-                    b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
-                    b_dv = tl.dot(b_pt.to(b_do.dtype), b_do)
-                    tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v < V)[None, :]
+            p_tv = (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
+            if STORE_U:
+                b_v = tl.load(v + p_tv, mask=m_tv, other=0.0)
+                b_vb = (b_v * b_beta[:, None]).to(b_v.dtype)
+                tl.store(u + p_tv, tl.dot(b_tm, b_vb).to(u.dtype.element_ty), mask=m_tv)
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
+            b_dv = tl.dot(b_pt.to(b_do.dtype), b_do)
+            tl.store(dv + p_tv, b_dv.to(dv.dtype.element_ty), mask=m_tv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,11 +199,11 @@ def _bwd_prep_kernel(
 
 @triton.jit
 def _bwd_qdo_kernel(
-    q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, k, dv,
+    q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale,
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr, DV_LOCAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """The part of each chunk's state-gradient update that does not depend on the state
     gradient, (scale q e^gc)^T do ([K, V] per chunk and value head), written into the dh
@@ -234,14 +216,7 @@ def _bwd_qdo_kernel(
     Program id 0 runs over (chunk, V block) with the V blocks of a chunk adjacent: they read
     the same [64, K] q tile, which then comes from L2 rather than DRAM (with the chunks
     outermost instead, at S4 every q tile was read from memory once per V block: 16 x 50 MB
-    per call, for 0.4 MB of dh written per chunk and head).
-
-    DV_LOCAL (at K <= DV_IN_QDO_MAX_K): also dv_local = s P^T do for this V block into `dv`
-    (the reverse pass's input), from the q and do tiles already loaded here and the chunk's k
-    tile: the prep launch then reads neither q nor do (and is skipped altogether when the
-    forward kept w, Tm and the states). Each V block and value head of a chunk forms the
-    [64, 64] q k^T again, a [64, K] x [K, 64] product, small next to the [K, 64] x [64, BV]
-    one made here anyway."""
+    per call, for 0.4 MB of dh written per chunk and head)."""
     NV: tl.constexpr = (V + BV - 1) // BV
     i_cv, i_hv = tl.program_id(0), tl.program_id(1)
     i_c, i_v = i_cv // NV, i_cv % NV
@@ -265,24 +240,9 @@ def _bwd_qdo_kernel(
     b_x = tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
     tl.store(dh + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
              b_x.to(dh.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
-    b_g = _chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G)
-    if DV_LOCAL:
-        # P^T[j, i] = e^(gc_i - gc_j) (k_j . q_i) for i >= j; masked rows hold g = 0, so the
-        # exponents are <= 0 wherever they are used
-        r = tl.arange(0, 64)
-        b_k = tl.load(k + (t_r[:, None] * H + i_h) * K + o_k[None, :],
-                      mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_kq = tl.dot(b_k, tl.trans(b_q))
-        if L2:
-            b_kq = (b_kq * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)[:, None]
-                    * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)[None, :])
-        upper = (r[:, None] <= r[None, :]) & m_t[None, :]
-        b_pt = tl.where(upper, b_kq * tl.trans(tl.exp(_segsum(b_g))), 0.0) * scale
-        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do)
-        tl.store(dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
     if i_v == 0:
-        k_scale = tl.where(m_t, tl.exp(_suffix(b_g)), 0.0)
+        k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
+                           0.0)
         if L2:
             k_scale = k_scale * tl.load(k_rstd + t_r * H + i_h, mask=m_t, other=0.0)
         tl.store(kscale + t_r * HV + i_hv, k_scale, mask=m_t)
@@ -501,13 +461,13 @@ def _exclusive_cumsum(x):
 # stages; same errors): the spills are hidden behind the pipelined loads. The interpreter
 # runs BV 32 so that the tests cross V blocks. (8 warps capped at 128 registers, two programs
 # per SM with 0.4 KB of spills per thread, was a candidate from the ninth session on and never
-# picked: dropped, as each candidate adds to a new shape's first call.) BV 128 at 8 warps
-# (thirteenth session): at V = 128 the V loop is one step, so its five loads are issued
-# together rather than in two waited-on rounds; 255 registers, no spills, 88 KB shared
-# (offline, S3 dims).
-_GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w in (8, 4)]
-                    + [triton.Config({"BV": 64}, num_warps=4, num_stages=2),
-                       triton.Config({"BV": 128}, num_warps=8, num_stages=1)])
+# picked: dropped, as each candidate adds to a new shape's first call.)
+# 4 warps at one stage never won (GPU logs to 2026-12-07): dropped. 8 warps at one stage won at
+# S4 on the H100 (benchmarks/logs/2026-12-07-h100-s10/kernels-s4.log), 4 warps at two stages
+# everywhere else. (BV 128 at 8 warps, one step over V = 128 with 255 registers and no spills
+# offline, was tried in the thirteenth session and not picked at S1-S3 on the H100.)
+_GRAD_VQ_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1),
+                    triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
 
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
 # in blocks, one program each; clamped to the next power of two of K by the pruning).
@@ -518,14 +478,14 @@ _GRAD_VQ_CONFIGS = ([triton.Config({"BV": 64}, num_warps=w, num_stages=1) for w 
 # waited on at each step (offline TTGIR); two stages prefetch them (cp.async) at 8 warps
 # without spills: blocks of 128 242-254 registers, 64 KB shared; of 64 175 registers, 48 KB,
 # at K = V = 128 and K 256 / V 512. (Replaced: 4 warps / two stages and whole K = 256, which
-# spilled 0.25 and 1.4 KB per thread and never won; blocks of 64 capped at 128 registers, never
-# picked in the GPU logs.) Blocks of 64 with BV 128: at V = 128 the four loads in one round,
-# 225 registers, no spills, 64 KB shared (offline, S3 dims). The first config (the fixed one
-# under MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
+# spilled 0.25 and 1.4 KB per thread and never won.) The first config (the fixed one under
+# MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
+# Picks in the GPU logs to 2026-12-07: blocks of 128 at two stages at S1-S3 on the H100
+# (2026-12-07-h100-s13), of 128 at one stage before that config existed, of 64 capped at 128
+# registers at S4; blocks of 64 uncapped at one stage never: dropped.
 _GRAD_K_CONFIGS = [
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=1),
-    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1),
-    triton.Config({"BV": 128, "BK": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1, maxnreg=128),
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=2),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=2),
 ]
@@ -551,20 +511,10 @@ def _prune_grad_k(configs, named_args, **kwargs):
     return kept if AUTOTUNE else kept[:1]
 
 
-def _prune_grad_vq(configs, named_args, **kwargs):
-    """BV 128 only at K <= 128: with K = 256 its tiles need 240 KB of shared memory in fp32
-    (over Hopper's 227 KB); the first config only when not autotuning (a pinned config is
-    kept whatever it is)."""
-    K = named_args.get("K", kwargs.get("K"))
-    kept = [c for c in configs if c.kwargs["BV"] <= 64 or K <= 128] or configs
-    return kept if AUTOTUNE else kept[:1]
-
-
 @autotune_or_fixed(
     configs=_GRAD_VQ_CONFIGS,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
-    prune_configs_by={"early_config_prune": _prune_grad_vq},
 )
 @triton.jit
 def _bwd_grad_vq_kernel(
@@ -789,62 +739,22 @@ def qdo_config(K: int) -> triton.Config:
             else triton.Config({"BV": 32}, num_warps=8))
 
 
-def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None,
-               k=None, dv_local=None):
+def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None):
     """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]), the reverse pass's
     input (q_rstd, k_rstd not None: the l2-norm option is on), and return the pass's key decay
     kscale = e^(gl - gc) (times k's rstd), [B, T, HV] float32 (g: as in
-    chunk_gated_delta_rule_bwd). With k and dv_local ([B, T, HV, V], v's dtype) given, also
-    dv_local = s P^T do into it (the prep launch then forms none: launch_prep's
-    dv_local=None)."""
+    chunk_gated_delta_rule_bwd)."""
     _, _, H, K = q.shape
     HV, V = do.shape[2], do.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     cfg = qdo_config(K)
     kscale = torch.empty_like(gc)
     _bwd_qdo_kernel[(layout.num_chunks * triton.cdiv(V, cfg.kwargs["BV"]), HV)](
-        q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, k, dv_local, cu, ci, T_arg, nts,
+        q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, cu, ci, T_arg, nts,
         H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, HAS_G=g is not None,
-        IS_VARLEN=varlen, DV_LOCAL=dv_local is not None, num_warps=cfg.num_warps, **cfg.kwargs,
+        IS_VARLEN=varlen, num_warps=cfg.num_warps, **cfg.kwargs,
     )
     return kscale
-
-
-# dv_local = s P^T do is formed by the qdo launch where K <= this (it has the q and do tiles
-# loaded already; each of its programs forms the chunk's [64, 64] q k^T, which at K 256 / V 512
-# is 16 V blocks x a 64 x 64 x 256 product per chunk and head, more than the launch's own
-# work), else by the prep launch
-DV_IN_QDO_MAX_K = 128
-
-
-def dv_in_qdo(K: int) -> bool:
-    """Whether the qdo launch forms dv_local at key dim K (read at each call: tests switch it
-    by setting DV_IN_QDO_MAX_K)."""
-    return _pow2(K) <= DV_IN_QDO_MAX_K
-
-
-def launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, scale, layout: ChunkLayout,
-                tm=None, w=None, u=None, dv_local=None):
-    """_bwd_prep_kernel, per (chunk, key head), for what is passed as a buffer: tm ([B, T, HV,
-    64], v's dtype) formed and stored when `tm` is None and returned, else read; w ([B, T,
-    HV, K]), u ([B, T, HV, V]), dv_local (like v) stored into the buffers given, skipped for
-    those None. Returns tm, or None when nothing was left to do (no launch)."""
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    has_tm = tm is not None
-    if has_tm and w is None and u is None and dv_local is None:
-        return tm
-    if not has_tm:
-        tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=v.device)
-    cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
-    _bwd_prep_kernel[(layout.num_chunks, H)](
-        q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_local, scale,
-        cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=min(_pow2(K), 64), BV=min(_pow2(V), 64), L2=q_rstd is not None,
-        HAS_G=g is not None, IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=u is not None,
-        STORE_W=w is not None, STORE_DV=dv_local is not None,
-    )
-    return tm
 
 
 def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
@@ -962,43 +872,45 @@ def chunk_gated_delta_rule_bwd(
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
-    states: (h, v_new) or (h, v_new, w) as the forward computed them (h [NT, HV, K, V] in
-        k's dtype, v_new like v, w [B, T, HV, K] in k's dtype), kept by the forward: the prep
-        launch then stores no u (and no w) and the state pass (2.) is skipped; with w, Tm and
-        K <= DV_IN_QDO_MAX_K there is no prep launch at all. None: recomputed here.
+    states: (h, v_new) as the forward's state pass computed them (h [NT, HV, K, V] in k's
+        dtype, v_new like v), kept by the forward: the prep launch then stores no u and the
+        state pass (2.) is skipped. None: recomputed here.
     """
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
+    l2 = q_rstd is not None
+    has_g = g is not None
     cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
+    NT = layout.num_chunks
     BK = _pow2(K)
 
-    # 1. Tm (unless the forward saved it), w (unless kept), u (unless the states were kept),
-    # dv_local (unless the qdo launch forms it); no launch when none of them is left
-    w = states[2] if states is not None and len(states) > 2 else None
-    if w is None:
-        w = torch.empty(B, T, HV, K, dtype=k.dtype, device=dev)
-        store_w = True
-    else:
-        store_w = tm is None  # a launch that forms Tm writes w as well, at no extra read
-    u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if states is None else None
+    # 1. Tm (unless the forward saved it), w, u, dv_local
+    has_tm = tm is not None
+    if not has_tm:
+        tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device=dev)
+    w = torch.empty(B, T, HV, K, dtype=k.dtype, device=dev)
+    store_u = states is None
+    u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if store_u else None
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
-    qdo_dv = dv_in_qdo(K)
-    tm = launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, scale, layout, tm=tm,
-                     w=w if store_w else None, u=u, dv_local=None if qdo_dv else dv_buf)
+    _bwd_prep_kernel[(NT, H)](
+        q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
+        cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, HAS_G=has_g,
+        IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=store_u,
+    )
 
     # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
     if states is None:
         h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
         del u
     else:
-        h, v_new = states[0], states[1]
+        h, v_new = states
 
     # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-    kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd,
-                        k=k if qdo_dv else None, dv_local=dv_buf if qdo_dv else None)
+    kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
 
     def grid_dh(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)

@@ -4,8 +4,8 @@ Padding: it zero-pads small head dims (K or V below MIN_COMPILED_HEAD_DIM) on
 compiled launches. Under the interpreter the padding is off, so here it is forced on (to 32) and
 the padded run must equal the unpadded one: output, final state and every gradient.
 Output gradients: broadcast (stride-0) ones are materialised before the kernels read them.
-Kept states: with keep_states the backward reads the forward's per-chunk states (and w) instead
-of running the state pass (and, at K <= 128, its prep launch) again, with the same gradients."""
+Kept states: with keep_states the backward reads the forward's per-chunk states instead of
+running the state pass again, with the same gradients."""
 import pytest
 import torch
 
@@ -84,45 +84,33 @@ def test_expanded_output_gradients():
         assert err < 5e-3, f"{name}: {err:.2e}"
 
 
-def _count_calls(monkeypatch, module, name):
-    """Counts the calls of module.name (the backward's state pass, or its prep launch: a
-    kernel, whose launches go through __getitem__)."""
+def _count_state_passes(monkeypatch):
+    """Counts the backward's calls of the forward state pass."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
     calls = []
-    real = getattr(module, name)
-    if hasattr(real, "run"):  # a Triton kernel: kernel[grid](...)
-        class Counting:
-            def __getitem__(self, grid):
-                calls.append(1)
-                return real[grid]
+    real = chunk_bwd.chunk_state_fwd
 
-        monkeypatch.setattr(module, name, Counting())
-    else:
-        def counting(*args, **kwargs):
-            calls.append(1)
-            return real(*args, **kwargs)
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
 
-        monkeypatch.setattr(module, name, counting)
+    monkeypatch.setattr(chunk_bwd, "chunk_state_fwd", counting)
     return calls
 
 
-@pytest.mark.parametrize("cu,l2,dv_in_qdo", [(None, False, True), ((0, 5, 70, 90), True, True),
-                                              ((0, 5, 70, 90), True, False)])
-def test_keep_states(monkeypatch, cu, l2, dv_in_qdo):
-    """keep_states=True: the backward runs no state pass, and where the qdo launch forms
-    dv_local (K <= DV_IN_QDO_MAX_K) no prep launch either (the forward kept w and Tm); its
-    gradients are those of the recomputing backward (both against the float64 recurrence)."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+@pytest.mark.parametrize("cu,l2", [(None, False), ((0, 5, 70, 90), True)])
+def test_keep_states(monkeypatch, cu, l2):
+    """keep_states=True: the backward runs no state pass and its gradients are those of the
+    recomputing backward (both against the float64 recurrence)."""
     from megatron_gdn.kernels.gated_delta_rule import naive_recurrent_gated_delta_rule
 
     monkeypatch.delenv("MEGATRON_GDN_KEEP_STATES", raising=False)
-    monkeypatch.setattr(chunk_bwd, "DV_IN_QDO_MAX_K", 128 if dv_in_qdo else 0)
-    calls = _count_calls(monkeypatch, chunk_bwd, "chunk_state_fwd")
-    preps = _count_calls(monkeypatch, chunk_bwd, "_bwd_prep_kernel")
+    calls = _count_state_passes(monkeypatch)
     recomputed = _run(32, 48, cu, l2)
-    assert len(calls) == 1 and len(preps) == 1
+    assert len(calls) == 1
     kept = _run(32, 48, cu, l2, keep_states=True)
     assert len(calls) == 1, "the backward ran the state pass although the forward kept the states"
-    assert len(preps) == (1 if dv_in_qdo else 2), "prep launches with the states, w and Tm kept"
     names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
     # the interpreter's dots are exact fp32; a GPU's fp32 dots are TF32, and the recomputed
     # states come from w, u of another kernel (the backward's prep) than the forward's
@@ -159,9 +147,7 @@ def test_keep_states(monkeypatch, cu, l2, dv_in_qdo):
 
 def test_keep_states_from_environment(monkeypatch):
     """keep_states=None reads MEGATRON_GDN_KEEP_STATES at the call; a bad value is refused."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
-    calls = _count_calls(monkeypatch, chunk_bwd, "chunk_state_fwd")
+    calls = _count_state_passes(monkeypatch)
     monkeypatch.setenv("MEGATRON_GDN_KEEP_STATES", "1")
     _run(16, 16, None, False)
     assert not calls

@@ -68,12 +68,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(cf._state_kernel, dict(base, BK=K, USE_H0=True, STORE_FINAL=True, HAS_U=True,
                                  SAVE_STATES=True), dtype)
     build(cf._output_kernel, dict(base, BK=K), dtype)
-    # the prep with dv_local (K > 128) and without (the qdo launch forms it at K <= 128)
-    for store_dv in (True, False):
-        build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True,
-                                        STORE_W=True, STORE_DV=store_dv), dtype)
-    build(cb._bwd_qdo_kernel, dict(base, BK=K, DV_LOCAL=cb.dv_in_qdo(K), **cb.qdo_config(K).kwargs),
-          dtype, warps=cb.qdo_config(K).num_warps)
+    build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True), dtype)
+    build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
+          warps=cb.qdo_config(K).num_warps)
     build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
                                  PREFETCH=cb.dh_prefetch(K)), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
