@@ -24,6 +24,13 @@ and no others: a pin that names other ones stops the import, listing the kernel'
 
 A pin is launched as given: the sequential passes' shared-memory estimate does not cut it (one
 that does not fit fails at its first launch); the dk launch still clamps its BK to K.
+
+The autotuned kernels keep their timings in Triton's on-disk cache (`TRITON_CACHE_DIR`,
+`~/.triton/cache` by default), keyed by the kernel's source, its configs, the autotune key and
+the GPU architecture: a later process on the same machine (a restarted training run, the
+next benchmark) launches the tuned configs without timing them again.
+`MEGATRON_GDN_AUTOTUNE_CACHE=0` times them in every process (e.g. where one cache directory is
+shared by different cards of one architecture, H100 and H200).
 """
 import os
 
@@ -37,6 +44,17 @@ def _autotune_enabled() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{AUTOTUNE_ENV} must be '0' (one fixed config per kernel) or '1' "
                          f"(autotune, the default), got {value!r}")
+    return value == "1"
+
+
+AUTOTUNE_CACHE_ENV = "MEGATRON_GDN_AUTOTUNE_CACHE"
+
+
+def _autotune_cache_enabled() -> bool:
+    value = os.environ.get(AUTOTUNE_CACHE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_CACHE_ENV} must be '1' (keep autotune timings on disk, the "
+                         f"default) or '0' (time the configs in every process), got {value!r}")
     return value == "1"
 
 
@@ -75,6 +93,7 @@ def parse_pins(text: str) -> dict:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = _autotune_enabled()
+AUTOTUNE_CACHE = _autotune_cache_enabled()
 PINS = parse_pins(os.environ.get(PIN_ENV, ""))
 
 
@@ -102,7 +121,8 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
     `prune_configs_by` under MEGATRON_GDN_AUTOTUNE=0 the default is listed twice: Triton prunes
     only lists of several configs, and the pruning (e.g. by_parallelism's shared-memory fit)
     must still see the launch; it returns one config there, so nothing is timed. A kernel
-    pinned by MEGATRON_GDN_PIN gets its pin alone (twice where it prunes)."""
+    pinned by MEGATRON_GDN_PIN gets its pin alone (twice where it prunes). Timings go to
+    Triton's disk cache unless MEGATRON_GDN_AUTOTUNE_CACHE=0 (module docstring)."""
     kept = select_configs(configs, interpret_config, default_index)
 
     def decorate(fn):
@@ -120,7 +140,8 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
         if (pin is not None or not AUTOTUNE) and not INTERPRET \
                 and "prune_configs_by" in autotune_kwargs:
             configs_here = configs_here * 2
-        return triton.autotune(configs=configs_here, key=key, **autotune_kwargs)(fn)
+        return triton.autotune(configs=configs_here, key=key, cache_results=AUTOTUNE_CACHE,
+                               **autotune_kwargs)(fn)
 
     return decorate
 

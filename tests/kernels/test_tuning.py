@@ -28,7 +28,8 @@ kernels = dict(toy=toy, **{name: getattr(mod, name) for mod, names in (
     (chunk_bwd, ("_bwd_prep_kernel", "_bwd_dh_kernel",
                  "_bwd_grad_vq_kernel", "_bwd_grad_k_kernel"))) for name in names})
 print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
-                             configs=[str(c) for c in k.configs], fn=k.fn.__name__)
+                             configs=[str(c) for c in k.configs], fn=k.fn.__name__,
+                             cache=k.cache_results)
                   for name, k in kernels.items()}))
 """
 
@@ -36,14 +37,18 @@ print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
 SINGLE_CONFIG = {"_prepare_kernel", "_bwd_prep_kernel"}
 
 
-def _kernels(tmp_path, interpret="0", autotune=None):
-    """{kernel name: {autotuner, configs, fn}} as imported with these variables."""
+def _kernels(tmp_path, interpret="0", autotune=None, cache=None):
+    """{kernel name: {autotuner, configs, fn, cache}} as imported with these variables."""
     script = tmp_path / "list_kernels.py"
     script.write_text(_SCRIPT)
     env = dict(os.environ, TRITON_INTERPRET=interpret)
     env.pop("MEGATRON_GDN_AUTOTUNE", None)
     if autotune is not None:
         env["MEGATRON_GDN_AUTOTUNE"] = autotune
+    env.pop("MEGATRON_GDN_AUTOTUNE_CACHE", None)
+    env.pop("TRITON_CACHE_AUTOTUNING", None)
+    if cache is not None:
+        env["MEGATRON_GDN_AUTOTUNE_CACHE"] = cache
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -69,6 +74,20 @@ def test_autotune_by_default_one_config_when_off(tmp_path):
 
 def test_autotune_explicit_on_matches_default(tmp_path):
     assert _kernels(tmp_path, autotune="1") == _kernels(tmp_path)
+
+
+def test_autotune_timings_cached_on_disk_unless_off(tmp_path):
+    """Compiled, every autotuned kernel keeps its timings in Triton's disk cache by default;
+    MEGATRON_GDN_AUTOTUNE_CACHE=0 turns that off; under the interpreter nothing is timed."""
+    assert all(k["cache"] for k in _kernels(tmp_path).values())
+    assert not any(k["cache"] for k in _kernels(tmp_path, cache="0").values())
+    assert not any(k["cache"] for k in _kernels(tmp_path, interpret="1").values())
+    env = dict(os.environ, TRITON_INTERPRET="0", MEGATRON_GDN_AUTOTUNE_CACHE="yes")
+    result = subprocess.run([sys.executable, "-c", "import megatron_gdn.kernels.utils.tuning"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "ValueError: MEGATRON_GDN_AUTOTUNE_CACHE must be '1'" in result.stderr, \
+        result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("value", ["false", "", "2"])
