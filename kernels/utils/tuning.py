@@ -37,24 +37,15 @@ import os
 import triton
 
 AUTOTUNE_ENV = "MEGATRON_GDN_AUTOTUNE"
-
-
-def _autotune_enabled() -> bool:
-    value = os.environ.get(AUTOTUNE_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_ENV} must be '0' (one fixed config per kernel) or '1' "
-                         f"(autotune, the default), got {value!r}")
-    return value == "1"
-
-
 AUTOTUNE_CACHE_ENV = "MEGATRON_GDN_AUTOTUNE_CACHE"
 
 
-def _autotune_cache_enabled() -> bool:
-    value = os.environ.get(AUTOTUNE_CACHE_ENV, "1")
+def _switch(env: str, on: str, off: str) -> bool:
+    """An on/off environment variable, '1' (the default) or '0'; ValueError for anything else,
+    saying what each value does."""
+    value = os.environ.get(env, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{AUTOTUNE_CACHE_ENV} must be '1' (keep autotune timings on disk, the "
-                         f"default) or '0' (time the configs in every process), got {value!r}")
+        raise ValueError(f"{env} must be '1' ({on}, the default) or '0' ({off}), got {value!r}")
     return value == "1"
 
 
@@ -92,8 +83,9 @@ def parse_pins(text: str) -> dict:
 
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-AUTOTUNE = _autotune_enabled()
-AUTOTUNE_CACHE = _autotune_cache_enabled()
+AUTOTUNE = _switch(AUTOTUNE_ENV, "autotune", "one fixed config per kernel")
+AUTOTUNE_CACHE = _switch(AUTOTUNE_CACHE_ENV, "keep autotune timings on disk",
+                         "time the configs in every process")
 PINS = parse_pins(os.environ.get(PIN_ENV, ""))
 
 

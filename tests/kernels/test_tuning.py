@@ -96,7 +96,7 @@ def test_autotune_bad_value_raises(value):
     result = subprocess.run([sys.executable, "-c", "import megatron_gdn.kernels.utils.tuning"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "ValueError: MEGATRON_GDN_AUTOTUNE must be '0'" in result.stderr, result.stderr[-2000:]
+    assert "ValueError: MEGATRON_GDN_AUTOTUNE must be '1' (autotune, the default) or '0'" in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("autotune", [None, "0"])
