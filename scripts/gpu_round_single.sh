@@ -138,7 +138,8 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 [ "${SKIP_S2S1:-0}" = 1 ] || timed kernels-s2s1 420 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" \
   --shapes S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
-# checked in bf16 at S3 and S2 first, and ours again with the latest backward change off
+# checked at S3 and S2 first (KALL_CHECK; in KALL_DTYPES, bf16 by default: "bf16,fp32" adds
+# fp32), and ours again with the latest backward change off
 # (KALL_AB, "none" for no such rows: the dh pass's hand prefetch). A warm machine that ran it
 # once ran it again in 55 s (2026-12-07: Triton's on-disk cache kept the compiled kernels, and
 # fla's autotuning no longer took ~2 minutes a shape).
@@ -147,6 +148,6 @@ KALL_AB="${KALL_AB:---ab-dh-prefetch}"
 # shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
   --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages $KALL_AB --check \
-  --check-shapes "${KALL_CHECK:-S3,S2}" --check-dtypes bf16 --budget-s "$(( $(left) - 25 ))"
+  --check-shapes "${KALL_CHECK:-S3,S2}" --check-dtypes "${KALL_DTYPES:-bf16}" --budget-s "$(( $(left) - 25 ))"
 pack
 cat "$OUTDIR/summary.txt"
