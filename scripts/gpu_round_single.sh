@@ -139,12 +139,11 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
   --shapes S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
 # checked at S3 and S2 first (KALL_CHECK; in KALL_DTYPES, bf16 by default: "bf16,fp32" adds
-# fp32), and ours again with the latest backward change off
-# (KALL_AB, "none" for no such rows: the dh pass's hand prefetch). A warm machine that ran it
-# once ran it again in 55 s (2026-12-07: Triton's on-disk cache kept the compiled kernels, and
-# fla's autotuning no longer took ~2 minutes a shape).
-KALL_AB="${KALL_AB:---ab-dh-prefetch}"
-[ "$KALL_AB" = none ] && KALL_AB=""
+# fp32), and ours again with the latest backward change off (KALL_AB, set empty for no such
+# rows: the dh pass's hand prefetch). A warm machine that ran it once ran it again in 55 s
+# (2026-12-07: Triton's on-disk cache kept the compiled kernels, and fla's autotuning no longer
+# took ~2 minutes a shape).
+KALL_AB="${KALL_AB---ab-dh-prefetch}"
 # shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
   --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages $KALL_AB --check \
