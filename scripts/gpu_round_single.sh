@@ -31,6 +31,7 @@
 #                  heads per program (SKIP_SSD=1; mamba_ssm autotunes for ~2 minutes)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
+#                  (the layer job's limit LAYER_S, default 240)
 #   layer-ours     ours alone, as it is (only with ONLY)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
 #   kernels-all    S3, S2 and S1 next to fla in one run (issue 2's figure; only with ONLY),
@@ -127,7 +128,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 \
   --budget-s "$(( $(left) - 25 ))"
 # issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
-[ "${SKIP_LAYER:-0}" = 1 ] || timed layer 240 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
+[ "${SKIP_LAYER:-0}" = 1 ] || timed layer "${LAYER_S:-240}" python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
   --shapes qwen3next --iters 10 --warmup 3
 # ours alone (its first call and timing, no Megatron: that one autotunes fla for ~2.5 minutes)
 [ -z "${ONLY:-}" ] || timed layer-ours 120 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_ours" \
