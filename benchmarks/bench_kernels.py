@@ -173,6 +173,45 @@ def time_impl(fn, shape, dtype=torch.bfloat16):
     return res
 
 
+def kernel_trace(fn, shape, iters=5, dtype=torch.bfloat16):
+    """fwd+bwd under torch.profiler, per kernel: GPU microseconds per call (summed over its
+    launches in one fwd+bwd) and launches per call, largest first; with the sum of the kernels'
+    time against the wall time per call (the gap is the GPU idle between launches)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    B, T, H, HV, K, V = shape
+    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=7)
+    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
+    do = torch.randn(B, T, HV, V, device="cuda", dtype=dtype)
+
+    def fwd_bwd():
+        fn(*leaves)[0].backward(do)
+        for x in leaves:
+            x.grad = None
+
+    for _ in range(3):
+        fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fwd_bwd()
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6 / iters
+    rows = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        r = rows.setdefault(e.name, [0.0, 0])
+        r[0] += e.time_range.elapsed_us() / iters
+        r[1] += 1
+    kernels = sorted(([n, round(us, 1), c / iters] for n, (us, c) in rows.items()),
+                     key=lambda x: -x[1])
+    return {"wall_us": round(wall_us, 1), "kernels_us": round(sum(x[1] for x in kernels), 1),
+            "kernels": kernels}
+
+
 def stage_times(shape, dtype=torch.bfloat16):
     """Our forward launch by launch (where the time goes), with the autotuner's picks."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
@@ -291,6 +330,12 @@ def main():
     p.add_argument("--ab-dh-prefetch", action="store_true",
                    help="also time ours with the reverse state pass's hand prefetch off "
                         "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
+    p.add_argument("--ab-split-group", action="store_true",
+                   help="also time ours with the gradient stage looping over a key head's G value "
+                        "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): "
+                        "rows ours[_keep]_one_group_program")
+    p.add_argument("--trace", default="",
+                   help="shapes whose fwd+bwd (ours, ours_keep, fla) to profile kernel by kernel")
     p.add_argument("--keep-states", action="store_true",
                    help="ours keeps its per-chunk states for the backward (MEGATRON_GDN_KEEP_STATES=1)")
     args = p.parse_args()
@@ -400,6 +445,28 @@ def main():
                     timed("ours_keep_no_dh_prefetch", ours_keep)
             finally:
                 chunk_bwd.DH_PREFETCH_MAX_K = saved
+        if args.ab_split_group and shape[3] > shape[2]:
+            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+            saved, chunk_bwd.SPLIT_GROUP = chunk_bwd.SPLIT_GROUP, False
+            try:
+                timed("ours_one_group_program", ours)
+                if not args.keep_states:
+                    timed("ours_keep_one_group_program", ours_keep)
+            finally:
+                chunk_bwd.SPLIT_GROUP = saved
+        if sid in args.trace.split(","):
+            impls = [("ours", ours)] + ([] if args.keep_states else [("ours_keep", ours_keep)])
+            for name, fn in impls + ([("fla", fla)] if fla is not None else []):
+                if over_budget():
+                    break
+                try:
+                    row.setdefault("trace", {})[name] = kernel_trace(fn, shape)
+                except Exception as e:
+                    row.setdefault("trace", {})[name] = {"error": repr(e)}
+                    traceback.print_exc()
+                log(sid, "trace", name, json.dumps(row["trace"][name]))
+                save()
         if not over_budget():
             try:
                 row["ours_stages"] = stage_times(shape)
@@ -442,7 +509,7 @@ def main():
 
     for sid, row in results["timings"].items():
         for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "fla", "sdpa"):
+                     "ours_one_group_program", "ours_keep_one_group_program", "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue
@@ -475,6 +542,14 @@ def main():
                   "|---|" + "---|" * len(names)]
         for sid, st in stages.items():
             lines.append(f"| {sid} | " + " | ".join(fmt(st.get(n + "_ms")) for n in names) + " |")
+    for sid, row in results["timings"].items():
+        # --trace: fwd+bwd kernel by kernel (GPU us per call, launches per call)
+        for name, tr in row.get("trace", {}).items():
+            if "kernels" not in tr:
+                continue
+            lines += ["", f"{sid} {name}: kernels {tr['kernels_us']:.0f} us of {tr['wall_us']:.0f} "
+                      "us wall per fwd+bwd", "", "| kernel | us | launches |", "|---|---|---|"]
+            lines += [f"| {n[:90]} | {us:.1f} | {c:g} |" for n, us, c in tr["kernels"]]
     text = "\n".join(lines)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

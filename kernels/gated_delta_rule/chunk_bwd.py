@@ -730,6 +730,11 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+# the gradient stage per value head (True) or per key head over its G value heads (False); a
+# module switch for benchmarks/bench_kernels.py --ab-split-group
+SPLIT_GROUP = True
+
+
 def qdo_config(K: int) -> triton.Config:
     """The one launch config of _bwd_qdo_kernel (not autotuned): a [BK, BV] fp32 tile (BV 16
     under the interpreter, so that the tests cross V blocks)."""
@@ -849,7 +854,7 @@ def chunk_gated_delta_rule_bwd(
     q_rstd: Optional[torch.Tensor] = None,
     k_rstd: Optional[torch.Tensor] = None,
     g: Optional[torch.Tensor] = None,
-    split_group: bool = True,
+    split_group: Optional[bool] = None,
     tm: Optional[torch.Tensor] = None,
     states=None,
 ):
@@ -868,7 +873,7 @@ def chunk_gated_delta_rule_bwd(
         None without initial_state).
     split_group: with G = HV // H > 1, run the gradient kernel per value head and sum dq / dk
         over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype) instead of
-        looping over the group inside one program per key head.
+        looping over the group inside one program per key head. None: SPLIT_GROUP.
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
@@ -927,6 +932,8 @@ def chunk_gated_delta_rule_bwd(
 
     # 4. gradients
     G = HV // H
+    if split_group is None:
+        split_group = SPLIT_GROUP
     loop_g = G if G == 1 or not split_group else 1
     dq, dk, dv, dg, dbeta = launch_grads(
         q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
