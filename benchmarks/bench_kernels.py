@@ -455,18 +455,6 @@ def main():
                     timed("ours_keep_one_group_program", ours_keep)
             finally:
                 chunk_bwd.SPLIT_GROUP = saved
-        if sid in args.trace.split(","):
-            impls = [("ours", ours)] + ([] if args.keep_states else [("ours_keep", ours_keep)])
-            for name, fn in impls + ([("fla", fla)] if fla is not None else []):
-                if over_budget():
-                    break
-                try:
-                    row.setdefault("trace", {})[name] = kernel_trace(fn, shape)
-                except Exception as e:
-                    row.setdefault("trace", {})[name] = {"error": repr(e)}
-                    traceback.print_exc()
-                log(sid, "trace", name, json.dumps(row["trace"][name]))
-                save()
         if not over_budget():
             try:
                 row["ours_stages"] = stage_times(shape)
@@ -483,6 +471,18 @@ def main():
             log(sid, "ours_bwd_stages", row["ours_bwd_stages"])
         if fla is not None:
             timed("fla", fla)
+        if sid in args.trace.split(","):
+            impls = [("ours", ours)] + ([] if args.keep_states else [("ours_keep", ours_keep)])
+            for name, fn in impls + ([("fla", fla)] if fla is not None else []):
+                if over_budget():
+                    break
+                try:
+                    row.setdefault("trace", {})[name] = kernel_trace(fn, shape)
+                except Exception as e:
+                    row.setdefault("trace", {})[name] = {"error": repr(e)}
+                    traceback.print_exc()
+                log(sid, "trace", name, json.dumps(row["trace"][name]))
+                save()
         if not over_budget():
             try:
                 row["sdpa"] = time_sdpa(shape)
