@@ -34,6 +34,8 @@
 #                  (the layer job's limit LAYER_S, default 240)
 #   layer-ours     ours alone, as it is (only with ONLY)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
+#   kernel-suite   the whole GPU test suite of the kernels, the single-GPU layer and the
+#                  attention cores (pytest-xdist; only with ONLY)
 #   kernels-all    S3, S2 and S1 next to fla in one run (issue 2's figure; only with ONLY),
 #                  ours also with KALL_AB's backward change off
 # Every kernel benchmark times ours twice: as it is and with the states kept (`ours_keep`).
@@ -138,6 +140,9 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # issue 2 asks S1, S2 and S3 in one run next to fla (fla autotunes each shape for ~2 minutes)
 [ "${SKIP_S2S1:-0}" = 1 ] || timed kernels-s2s1 420 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s2s1" \
   --shapes S2,S1 --bwd-stages --budget-s "$(( $(left) - 25 ))"
+# the GPU test suite (issue 2: the kernel tests in bf16 and fp32 on the GPU; ~180 s on an H200)
+# shellcheck disable=SC2086
+[ -z "${ONLY:-}" ] || timed kernel-suite 300 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
 # checked at S3 and S2 first (KALL_CHECK; in KALL_DTYPES, bf16 by default: "bf16,fp32" adds
 # fp32), and ours again with the latest backward change off (KALL_AB, set empty for no such
