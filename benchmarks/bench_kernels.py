@@ -332,8 +332,9 @@ def main():
                         "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
-                        "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): "
-                        "rows ours[_keep]_one_group_program")
+                        "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
+                        "ours[_keep]_one_group_program; only the dk launch so (SPLIT_GROUP = 'vq'): "
+                        "ours[_keep]_group_program_dk")
     p.add_argument("--trace", default="",
                    help="shapes whose fwd+bwd (ours, ours_keep, fla) to profile kernel by kernel")
     p.add_argument("--keep-states", action="store_true",
@@ -448,11 +449,13 @@ def main():
         if args.ab_split_group and shape[3] > shape[2]:
             from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
-            saved, chunk_bwd.SPLIT_GROUP = chunk_bwd.SPLIT_GROUP, False
+            saved = chunk_bwd.SPLIT_GROUP
             try:
-                timed("ours_one_group_program", ours)
-                if not args.keep_states:
-                    timed("ours_keep_one_group_program", ours_keep)
+                for mode, suffix in ((False, "one_group_program"), ("vq", "group_program_dk")):
+                    chunk_bwd.SPLIT_GROUP = mode
+                    timed(f"ours_{suffix}", ours)
+                    if not args.keep_states:
+                        timed(f"ours_keep_{suffix}", ours_keep)
             finally:
                 chunk_bwd.SPLIT_GROUP = saved
         if not over_budget():
@@ -509,7 +512,8 @@ def main():
 
     for sid, row in results["timings"].items():
         for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "ours_one_group_program", "ours_keep_one_group_program", "fla", "sdpa"):
+                     "ours_one_group_program", "ours_keep_one_group_program",
+                     "ours_group_program_dk", "ours_keep_group_program_dk", "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue

@@ -40,7 +40,8 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   decay on the diagonal (e^0) and of the last row (sfx = 0) carry no g at all.
   The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk of the G value heads of a key
   head are computed per value head into [B, T, HV, K] buffers and summed afterwards (default),
-  or summed inside one program per key head (split_group=False); no repeated q / k either way.
+  or summed inside one program per key head (split_group=False; "vq": only in the dk launch);
+  no repeated q / k either way.
 
 Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
@@ -730,8 +731,9 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-# the gradient stage per value head (True) or per key head over its G value heads (False); a
-# module switch for benchmarks/bench_kernels.py --ab-split-group
+# the gradient stage per value head (True), per key head over its G value heads (False), or the
+# first launch per value head and the dk launch per key head ("vq"); a module switch for
+# benchmarks/bench_kernels.py --ab-split-group
 SPLIT_GROUP = True
 
 
@@ -763,14 +765,15 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
 
 
 def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
-                 scale, layout: ChunkLayout, loop_g: int):
-    """The gradient stage: dq, dk ([B, T, HV // loop_g, K], q's dtype; per value head when
-    loop_g < G, for the caller to sum over the group), dv, dg, dbeta: _bwd_grad_vq_kernel then
-    _bwd_grad_k_kernel, with two [B, T, HV, 64] scratch matrices in q's dtype between them."""
+                 scale, layout: ChunkLayout, loop_g: int, loop_g_k: Optional[int] = None):
+    """The gradient stage: dq ([B, T, HV // loop_g, K]), dk ([B, T, HV // loop_g_k, K]; both in
+    q's dtype, per value head where the loop is shorter than G, for the caller to sum over the
+    group), dv, dg, dbeta: _bwd_grad_vq_kernel then _bwd_grad_k_kernel, with two
+    [B, T, HV, 64] scratch matrices in q's dtype between them. loop_g_k None: loop_g."""
     dq, dv, dg, dbeta, pm, m2 = launch_grad_vq(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new,
                                                 dv2, do, scale, layout, loop_g)
     dk = launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2, dg, dbeta,
-                       layout, loop_g)
+                       layout, loop_g if loop_g_k is None else loop_g_k)
     return dq, dk, dv, dg, dbeta
 
 
@@ -871,9 +874,11 @@ def chunk_gated_delta_rule_bwd(
     Returns:
         dq, dk (q's dtype), dv (v's dtype), dg, dbeta ([B, T, HV] float32), dh0 (float32 or
         None without initial_state).
-    split_group: with G = HV // H > 1, run the gradient kernel per value head and sum dq / dk
-        over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype) instead of
-        looping over the group inside one program per key head. None: SPLIT_GROUP.
+    split_group: with G = HV // H > 1, True runs the two gradient launches per value head and
+        sums dq / dk over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype);
+        False loops over the group inside one program per key head in both; "vq" runs the first
+        launch per value head (dq summed afterwards) and the dk launch per key head. None:
+        SPLIT_GROUP.
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
@@ -934,15 +939,19 @@ def chunk_gated_delta_rule_bwd(
     G = HV // H
     if split_group is None:
         split_group = SPLIT_GROUP
-    loop_g = G if G == 1 or not split_group else 1
+    if split_group not in (True, False, "vq"):
+        raise ValueError(f"split_group must be True, False or 'vq', got {split_group!r}")
+    loop_g = 1 if split_group in (True, "vq") else G
+    loop_g_k = 1 if split_group is True else G
     dq, dk, dv, dg, dbeta = launch_grads(
         q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
-        do, scale, layout, loop_g)
+        do, scale, layout, loop_g, loop_g_k)
+    # per value head -> per key head (value head i reads key head i // G). In the inputs'
+    # dtype: torch's reductions of bf16 / fp16 accumulate in fp32 and round once, as
+    # sum(dtype=float32).to(dtype) did, but in one pass instead of three (no fp32 result
+    # written and read back: at S3 ~0.94 -> ~0.40 GB of traffic for dq and dk)
     if loop_g != G:
-        # per value head -> per key head (value head i reads key head i // G). In the inputs'
-        # dtype: torch's reductions of bf16 / fp16 accumulate in fp32 and round once, as
-        # sum(dtype=float32).to(dtype) did, but in one pass instead of three (no fp32 result
-        # written and read back: at S3 ~0.94 -> ~0.40 GB of traffic for dq and dk)
         dq = dq.view(B, T, H, G, K).sum(3)
+    if loop_g_k != G:
         dk = dk.view(B, T, H, G, K).sum(3)
     return dq, dk, dv, dg, dbeta, dh0

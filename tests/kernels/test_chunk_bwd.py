@@ -126,7 +126,7 @@ def chunk_cumsum(g: torch.Tensor, layout) -> torch.Tensor:
 
 
 def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
-                 scale: Optional[float] = None, split_group: bool = True):
+                 scale: Optional[float] = None, split_group=True):
     B, T = case.B, case.T
     cu = torch.tensor(case.cu, dtype=torch.int32, device=DEVICE) if case.cu else None
     layout = chunk_fwd.make_chunk_layout(cu, B, T)
@@ -165,12 +165,14 @@ def test_chunk_bwd_vs_recurrence(case):
 # variants of the backward against the same reference:
 # - pass_g=False: without the exact g the kernels recover it from differences of gc (same
 #   results up to the rounding of gc, which these moderate gates keep small);
-# - split_group=False: the gradient kernel loops over the GVA group inside one program per key
-#   head (the default runs one program per value head and sums dq / dk afterwards)
+# - split_group=False: the gradient kernels loop over the GVA group inside one program per key
+#   head (the default runs one program per value head and sums dq / dk afterwards); "vq": only
+#   the dk launch does
 @pytest.mark.parametrize("case, variant", [
     (CASES[1], dict(pass_g=False)), (CASES[3], dict(pass_g=False)),
     (CASES[2], dict(split_group=False)), (CASES[3], dict(split_group=False)),
-], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x))
+    (CASES[2], dict(split_group="vq")), (CASES[3], dict(split_group="vq")),
+], ids=lambda x: x.id if isinstance(x, Case) else "-".join(f"{k}={v}" for k, v in x.items()))
 def test_chunk_bwd_variants(case, variant):
     x = make_inputs(case)
     expected = reference_grads(x, case)
@@ -180,10 +182,17 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+def test_chunk_bwd_rejects_unknown_split_group():
+    case = CASES[2]
+    with pytest.raises(ValueError, match="split_group"):
+        run_backward(make_inputs(case), case, torch.float32, split_group="k")
+
+
 @pytest.mark.parametrize("block", [16, 64, 128])
 @pytest.mark.parametrize("case, variant", [
     (CASES[1], {}), (CASES[6], {}), (CASES[6], dict(split_group=False)),
-], ids=lambda x: x.id if isinstance(x, Case) else "-".join(x) or "default")
+    (CASES[6], dict(split_group="vq")),
+], ids=lambda x: x.id if isinstance(x, Case) else "-".join(f"{k}={v}" for k, v in x.items()) or "default")
 def test_chunk_bwd_key_column_blocks(case, variant, block, monkeypatch):
     """The dk launch with its key columns in blocks of 16 / 64 / 128 (its config's BK): dg,
     dbeta parts per block added up, and with several blocks the l2-norm's backward applied to
