@@ -182,6 +182,30 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G, K, with_y", [(2, 16, True), (3, 48, True), (4, 32, False)])
+def test_group_sum(G, K, with_y, dtype):
+    """The GVA group sum of dq / dk against torch's sum over the group (fp32 accumulation, one
+    rounding), rows not a multiple of the program's block, K not a power of two. bf16 within
+    one unit in the last place: the interpreter's float32 -> bf16 cast need not round to
+    nearest even as the GPU's does."""
+    from megatron_gdn.kernels.gated_delta_rule.chunk_bwd import group_sum
+
+    gen = torch.Generator().manual_seed(G * K)
+    B, T, H = 2, 37, 3
+    x = torch.randn(B, T, H * G, K, generator=gen).to(DEVICE, dtype)
+    y = torch.randn(B, T, H * G, K, generator=gen).to(DEVICE, dtype) if with_y else None
+    sx, sy = group_sum(x, y, G)
+    expected = x.view(B, T, H, G, K).float().sum(3).to(dtype)
+    assert sx.shape == (B, T, H, K) and sx.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(sx, expected, **tol)
+    if with_y:
+        torch.testing.assert_close(sy, y.view(B, T, H, G, K).float().sum(3).to(dtype), **tol)
+    else:
+        assert sy is None
+
+
 def test_chunk_bwd_rejects_unknown_split_group():
     case = CASES[2]
     with pytest.raises(ValueError, match="split_group"):
