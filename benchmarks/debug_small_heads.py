@@ -51,17 +51,15 @@ def one(case_index: int, dtype_name: str, mode: str):
             q_rstd = torch.rsqrt(x["q"].pow(2).sum(-1) + 1e-6).float().cuda()
             k_rstd = torch.rsqrt(x["k"].pow(2).sum(-1) + 1e-6).float().cuda()
         H, HV, K, V = case.H, case.HV, case.K, case.V
-        cu_, ci, co, T_arg, nts, varlen = layout.kernel_args()
-        NT, BK = layout.num_chunks, cb._pow2(K)
+        cu_, _, co, T_arg, nts, varlen = layout.kernel_args()
+        BK = cb._pow2(K)
         scale = K ** -0.5
         tm = torch.full((B, T, HV, 64), float("nan"), dtype=v.dtype, device="cuda")
         w = torch.full((B, T, HV, K), float("nan"), dtype=k.dtype, device="cuda")
         u = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
         dv_buf = torch.full((B, T, HV, V), float("nan"), dtype=v.dtype, device="cuda")
-        cb._bwd_prep_kernel[(NT, H)](
-            q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale, cu_, ci, T_arg, nts,
-            H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(cb._pow2(V), 64), L2=case.l2,
-            HAS_G=True, IS_VARLEN=varlen, HAS_TM=False, STORE_U=True)
+        cb.launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale, layout,
+                       False)
         finite("prep", tm, w, u, dv_buf)
         h, v_new, _ = cf.chunk_state_fwd(k, w, u, gc, layout, h0, False, k_rstd=k_rstd)
         finite("state", h, v_new)

@@ -78,8 +78,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
     do = torch.randn_like(v)
     g_act = g.float().contiguous()  # the workload's g is the per-token log decay itself
     scale = K ** -0.5
-    cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
-    NT = layout.num_chunks
+    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
     BK = cb._pow2(K)
     tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device="cuda")
     dv_buf = torch.empty_like(v)
@@ -90,10 +89,8 @@ def backward_stages(shape, dtype=torch.bfloat16):
 
     def prep(has_tm=False):
         # has_tm: Tm saved by the forward (read back from tm, which the run without fills)
-        return lambda: cb._bwd_prep_kernel[(NT, H)](
-            q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
-            cu, ci, T_arg, nts, H=H, HV=HV, K=K, V=V, BK=min(BK, 64),
-            BV=min(cb._pow2(V), 64), L2=True, HAS_G=True, IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=True)
+        return lambda: cb.launch_prep(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, do, tm, w, u,
+                                      dv_buf, scale, layout, has_tm)
 
     def state():
         cf.chunk_state_fwd(k, w, u, gc, layout, k_rstd=k_rstd)

@@ -44,7 +44,8 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   or summed inside one program per key head (split_group=False; "vq": only in the dk launch);
   no repeated q / k either way.
 
-Launches: (1) prep, per (chunk, key head): Tm (stored in v's dtype), w, u, dv_local = s P^T do;
+Launches: (1) prep, per (chunk, key head) or (chunk, value head) (autotuned): Tm (stored in
+v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
 (1), when the forward kept them: `states`); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
@@ -104,16 +105,35 @@ def _suffix(b_g):
 # 1. prep: Tm, w, u and the chunk-local dv = s P^T do
 # ---------------------------------------------------------------------------------------------
 
-# 4 warps at one stage, alone: it won at every shape S1-S5 on H200 against 8 warps uncapped
+# 4 warps at one stage: it won at every shape S1-S5 on H200 against 8 warps uncapped
 # (160-170 registers: one program per SM), on H100 against 8 warps capped at 128 registers, and
 # (H100, 2026-12-07, benchmarks/logs/2026-12-07-h100-s13) at S1-S3 against 4 and 8 warps at
 # two stages (which prefetch its K and V loops' loads without spills, offline). Offline
-# (sm_90a, bf16) 4 warps take 255 registers (two programs, 8 warps per SM). One config: no
-# candidate timed on a new shape's first call.
+# (sm_90a, bf16) 4 warps take 255 registers (two programs, 8 warps per SM).
+# PER_HV: with GVA (G = HV // H > 1), one program per (chunk, key head) looping over its G value
+# heads (0, the launch measured to date) or one per (chunk, value head) forming the chunk's
+# q k^T (and k k^T) again (1). In run 11 (H100, S3) the gradient launches ran 0.3 ms faster one
+# program per value head than per key head; the prep (496 us at S3 against fla's 338 for the
+# same w, u and dv_local) is timed both ways by the autotuner. At G = 1 the two are the same
+# launch: pruned to the first.
+_BWD_PREP_CONFIGS = [triton.Config({"PER_HV": 0}, num_warps=4, num_stages=1),
+                     triton.Config({"PER_HV": 1}, num_warps=4, num_stages=1)]
+
+
+def _prune_bwd_prep(configs, named_args, **kwargs):
+    """One program per value head only where there are several value heads per key head."""
+    H = named_args.get("H", kwargs.get("H"))
+    HV = named_args.get("HV", kwargs.get("HV"))
+    kept = configs if HV > H else [c for c in configs if c.kwargs["PER_HV"] == 0] or configs[:1]
+    kept = list({id(c): c for c in kept}.values())
+    return kept if AUTOTUNE else kept[:1]
+
+
 @autotune_or_fixed(
-    configs=[triton.Config({}, num_warps=4, num_stages=1)],
-    interpret_config=triton.Config({}, num_warps=4, num_stages=1),
+    configs=_BWD_PREP_CONFIGS,
+    interpret_config=triton.Config({"PER_HV": 0}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "HAS_TM", "STORE_U"],
+    prune_configs_by={"early_config_prune": _prune_bwd_prep},
 )
 @triton.jit
 def _bwd_prep_kernel(
@@ -122,12 +142,16 @@ def _bwd_prep_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_TM: tl.constexpr, STORE_U: tl.constexpr,
+    PER_HV: tl.constexpr,
 ):
     # HAS_TM: tm already holds the forward's Tm (v's dtype): read it, no k k^T and no inverse;
     # else Tm is formed here and stored into tm for the gradient kernels. STORE_U: u = Tm vb
-    # for the state pass (not when the forward kept its states)
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    # for the state pass (not when the forward kept its states). Program id 1: the key head
+    # (PER_HV = 0: its NG = G value heads in turn) or the value head (PER_HV = 1: NG = 1)
+    i_c, i_p = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HV // H
+    NG: tl.constexpr = G if PER_HV == 0 else 1
+    i_h = (i_p * NG) // G
     _, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, 64, IS_VARLEN)
     r = tl.arange(0, 64)
     t_r = t0 + r
@@ -154,8 +178,8 @@ def _bwd_prep_kernel(
     lower = (r[:, None] > r[None, :]) & m_t[:, None]
     upper = (r[:, None] <= r[None, :]) & m_t[None, :]
 
-    for i_g in range(0, G):
-        i_hv = i_h * G + i_g
+    for i_g in range(0, NG):
+        i_hv = i_p * NG + i_g
         b_gc = tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)
         b_beta = tl.load(beta + t_r * HV + i_hv, mask=m_t, other=0.0)
         # masked rows hold g = 0, so seg <= 0 wherever it is used: no overflow
@@ -786,6 +810,27 @@ def qdo_config(K: int) -> triton.Config:
             else triton.Config({"BV": 32}, num_warps=8))
 
 
+def launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
+                layout: ChunkLayout, has_tm: bool):
+    """_bwd_prep_kernel: w, u (u None: not stored), dv_local into dv, and Tm into tm unless
+    has_tm (then read from it); one program per chunk and key or value head (its config's
+    PER_HV)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
+    BK = _pow2(K)
+
+    def grid(meta):
+        return (layout.num_chunks, HV if meta["PER_HV"] else H)
+
+    _bwd_prep_kernel[grid](
+        q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
+        cu, ci, T_arg, nts,
+        H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=q_rstd is not None,
+        HAS_G=g is not None, IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=u is not None,
+    )
+
+
 def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None):
     """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]), the reverse pass's
     input (q_rstd, k_rstd not None: the l2-norm option is on), and return the pass's key decay
@@ -943,12 +988,8 @@ def chunk_gated_delta_rule_bwd(
     store_u = states is None
     u = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev) if store_u else None
     dv_buf = torch.empty(B, T, HV, V, dtype=v.dtype, device=dev)
-    _bwd_prep_kernel[(NT, H)](
-        q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale,
-        cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=min(BK, 64), BV=min(_pow2(V), 64), L2=l2, HAS_G=has_g,
-        IS_VARLEN=varlen, HAS_TM=has_tm, STORE_U=store_u,
-    )
+    launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv_buf, scale, layout,
+                has_tm)
 
     # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
     if states is None:

@@ -182,6 +182,53 @@ def test_chunk_bwd_variants(case, variant):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6]], ids=lambda c: c.id)
+def test_chunk_bwd_prep_per_value_head(case, monkeypatch):
+    """The prep launch one program per (chunk, value head) (PER_HV = 1, an autotune candidate
+    with GVA) against the reference, and its Tm, w, u, dv_local equal to the per-key-head
+    launch's, with Tm formed and with it read back."""
+    import triton
+
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    x = make_inputs(case)
+    per_key = run_backward(x, case, torch.float32)
+
+    def use(per_hv):
+        monkeypatch.setattr(cb._bwd_prep_kernel, "configs",
+                            [triton.Config({"PER_HV": per_hv}, num_warps=4, num_stages=1)])
+        monkeypatch.setattr(cb._bwd_prep_kernel, "cache", {})
+
+    use(1)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32)
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+        torch.testing.assert_close(actual[name], per_key[name], rtol=1e-5, atol=1e-6)
+
+    # the launch alone, both ways: Tm formed (HAS_TM False), then read back (True)
+    B, T, H, HV, K, V = case.B, case.T, case.H, case.HV, case.K, case.V
+    cu = torch.tensor(case.cu, dtype=torch.int32, device=DEVICE) if case.cu else None
+    layout = chunk_fwd.make_chunk_layout(cu, B, T)
+    f32 = lambda t: t.to(device=DEVICE, dtype=torch.float32).contiguous()  # noqa: E731
+    q, k, v, do, g = f32(x["q"]), f32(x["k"]), f32(x["v"]), f32(x["do"]), f32(x["g"])
+    gc = chunk_cumsum(x["g"], layout).to(DEVICE)
+    beta = f32(x["beta"])
+    outs = {}
+    for per_hv in (0, 1):
+        use(per_hv)
+        tm = torch.full((B, T, HV, 64), float("nan"), device=DEVICE)
+        bufs = [torch.full((B, T, HV, n), float("nan"), device=DEVICE) for n in (K, V, V)]
+        cb.launch_prep(q, k, v, g, gc, beta, None, None, do, tm, *bufs, K ** -0.5, layout, False)
+        bufs2 = [torch.full_like(b, float("nan")) for b in bufs]
+        cb.launch_prep(q, k, v, g, gc, beta, None, None, do, tm, *bufs2, K ** -0.5, layout, True)
+        outs[per_hv] = [tm] + bufs + bufs2
+    for a, b in zip(outs[0], outs[1]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("G, K, with_y", [(2, 16, True), (3, 48, True), (4, 32, False)])
 def test_group_sum(G, K, with_y, dtype):

@@ -68,7 +68,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     build(cf._state_kernel, dict(base, BK=K, USE_H0=True, STORE_FINAL=True, HAS_U=True,
                                  SAVE_STATES=True), dtype)
     build(cf._output_kernel, dict(base, BK=K), dtype)
-    build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True), dtype)
+    for per_hv in (0, 1):  # one program per key head (its value heads in turn) / value head
+        build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True,
+                                        PER_HV=per_hv), dtype)
     build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
           warps=cb.qdo_config(K).num_warps)
     build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,

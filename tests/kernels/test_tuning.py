@@ -34,7 +34,7 @@ print(json.dumps({name: dict(autotuner=isinstance(k, triton.runtime.Autotuner),
 """
 
 
-SINGLE_CONFIG = {"_prepare_kernel", "_bwd_prep_kernel"}
+SINGLE_CONFIG = {"_prepare_kernel"}
 
 
 def _kernels(tmp_path, interpret="0", autotune=None, cache=None):
