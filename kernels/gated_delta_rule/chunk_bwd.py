@@ -58,7 +58,7 @@ back first), dv_new in place of dv_local, dh0;
   live through its V loop (one launch for all of it kept five and spilled on sm_90; on H200
   the two took the same time as that one at S1 / S2 and 5% less at S3, so it was removed).
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
@@ -942,7 +942,7 @@ def chunk_gated_delta_rule_bwd(
     q_rstd: Optional[torch.Tensor] = None,
     k_rstd: Optional[torch.Tensor] = None,
     g: Optional[torch.Tensor] = None,
-    split_group: Optional[bool] = None,
+    split_group: Optional[Union[bool, str]] = None,
     tm: Optional[torch.Tensor] = None,
     states=None,
 ):
@@ -974,10 +974,7 @@ def chunk_gated_delta_rule_bwd(
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
-    l2 = q_rstd is not None
-    has_g = g is not None
-    cu, ci, co, T_arg, nts, varlen = layout.kernel_args()
-    NT = layout.num_chunks
+    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
     BK = _pow2(K)
 
     # 1. Tm (unless the forward saved it), w, u, dv_local
