@@ -333,8 +333,7 @@ def main():
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
                         "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
-                        "ours[_keep]_one_group_program; only the dk launch so (SPLIT_GROUP = 'vq'): "
-                        "ours[_keep]_group_program_dk")
+                        "ours[_keep]_one_group_program")
     p.add_argument("--trace", default="",
                    help="shapes whose fwd+bwd (ours, ours_keep, fla) to profile kernel by kernel")
     p.add_argument("--keep-states", action="store_true",
@@ -449,13 +448,11 @@ def main():
         if args.ab_split_group and shape[3] > shape[2]:
             from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
-            saved = chunk_bwd.SPLIT_GROUP
+            saved, chunk_bwd.SPLIT_GROUP = chunk_bwd.SPLIT_GROUP, False
             try:
-                for mode, suffix in ((False, "one_group_program"), ("vq", "group_program_dk")):
-                    chunk_bwd.SPLIT_GROUP = mode
-                    timed(f"ours_{suffix}", ours)
-                    if not args.keep_states:
-                        timed(f"ours_keep_{suffix}", ours_keep)
+                timed("ours_one_group_program", ours)
+                if not args.keep_states:
+                    timed("ours_keep_one_group_program", ours_keep)
             finally:
                 chunk_bwd.SPLIT_GROUP = saved
         if not over_budget():
@@ -512,8 +509,7 @@ def main():
 
     for sid, row in results["timings"].items():
         for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "ours_one_group_program", "ours_keep_one_group_program",
-                     "ours_group_program_dk", "ours_keep_group_program_dk", "fla", "sdpa"):
+                     "ours_one_group_program", "ours_keep_one_group_program", "fla", "sdpa"):
             r = row.get(name)
             if r is None:
                 continue

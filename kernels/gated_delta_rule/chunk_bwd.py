@@ -40,9 +40,8 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
   decay on the diagonal (e^0) and of the last row (sfx = 0) carry no g at all.
   The fused l2-norm: dx = rstd (dxn - xn (xn . dxn)). GVA: dq, dk of the G value heads of a key
   head are computed per value head into [B, T, HV, K] buffers and summed afterwards (default;
-  group_sum, one launch for both),
-  or summed inside one program per key head (split_group=False; "vq": only in the dk launch);
-  no repeated q / k either way.
+  group_sum, one launch for both), or summed inside one program per key head
+  (split_group=False); no repeated q / k either way.
 
 Launches: (1) prep, per (chunk, key head) or (chunk, value head) (autotuned): Tm (stored in
 v's dtype), w, u, dv_local = s P^T do;
@@ -58,7 +57,7 @@ back first), dv_new in place of dv_local, dh0;
   live through its V loop (one launch for all of it kept five and spilled on sm_90; on H200
   the two took the same time as that one at S1 / S2 and 5% less at S3, so it was removed).
 """
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import triton
@@ -754,9 +753,9 @@ def _l2norm_bwd_rows_kernel(dkn, k, k_rstd, dk, H: tl.constexpr, OH: tl.constexp
 
 @triton.jit
 def _group_sum_kernel(x, y, out_x, out_y, R, G: tl.constexpr, K: tl.constexpr, BR: tl.constexpr,
-                      BK: tl.constexpr, HAS_Y: tl.constexpr):
-    """out_x[r] = sum_g x[r, g] over rows r of x [R, G, K] (and y -> out_y in the same launch),
-    summed in float32 and rounded once to the output's dtype, as torch's sum of half tensors
+                      BK: tl.constexpr):
+    """out_x[r] = sum_g x[r, g] and out_y[r] = sum_g y[r, g] over rows r of x, y [R, G, K],
+    summed in float32 and rounded once to the outputs' dtype, as torch's sum of half tensors
     does; BR rows per program."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     o_k = tl.arange(0, BK)
@@ -767,27 +766,24 @@ def _group_sum_kernel(x, y, out_x, out_y, R, G: tl.constexpr, K: tl.constexpr, B
     acc_y = tl.zeros([BR, BK], dtype=tl.float32)
     for i_g in tl.static_range(G):
         acc_x += tl.load(x + p_in + i_g * K, mask=m, other=0.0).to(tl.float32)
-        if HAS_Y:
-            acc_y += tl.load(y + p_in + i_g * K, mask=m, other=0.0).to(tl.float32)
+        acc_y += tl.load(y + p_in + i_g * K, mask=m, other=0.0).to(tl.float32)
     tl.store(out_x + p_out, acc_x.to(out_x.dtype.element_ty), mask=m)
-    if HAS_Y:
-        tl.store(out_y + p_out, acc_y.to(out_y.dtype.element_ty), mask=m)
+    tl.store(out_y + p_out, acc_y.to(out_y.dtype.element_ty), mask=m)
 
 
-def group_sum(x: torch.Tensor, y: Optional[torch.Tensor], G: int):
-    """The GVA group sum of the per-value-head gradients: x [B, T, H * G, K] -> [B, T, H, K]
-    (value head i belongs to key head i // G), and y likewise when given, in one launch that
-    reads each once and writes the sums (torch's .sum over the group axis ran at ~1.4 TB/s on
-    an H100, ~0.29 ms for dq and dk at S3)."""
+def group_sum(x: torch.Tensor, y: torch.Tensor, G: int):
+    """The GVA group sum of the per-value-head gradients dq, dk: x, y [B, T, H * G, K] ->
+    [B, T, H, K] each (value head i belongs to key head i // G), in one launch that reads each
+    once and writes the sums (torch's .sum over the group axis ran at ~1.4 TB/s on an H100,
+    0.29 ms for dq and dk at S3)."""
     B, T, HV, K = x.shape
     R = B * T * (HV // G)
     BK = _pow2(K)
     BR = max(1, 4096 // BK)
     out_x = x.new_empty(B, T, HV // G, K)
-    out_y = None if y is None else y.new_empty(B, T, HV // G, K)
-    _group_sum_kernel[(triton.cdiv(R, BR),)](
-        x, x if y is None else y, out_x, out_x if y is None else out_y, R,
-        G=G, K=K, BR=BR, BK=BK, HAS_Y=y is not None, num_warps=4)
+    out_y = y.new_empty(B, T, HV // G, K)
+    _group_sum_kernel[(triton.cdiv(R, BR),)](x, y, out_x, out_y, R, G=G, K=K, BR=BR, BK=BK,
+                                             num_warps=4)
     return out_x, out_y
 
 
@@ -795,9 +791,10 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-# the gradient stage per value head (True), per key head over its G value heads (False), or the
-# first launch per value head and the dk launch per key head ("vq"); a module switch for
-# benchmarks/bench_kernels.py --ab-split-group
+# the gradient stage per value head (True) or per key head over its G value heads (False): a
+# module switch for benchmarks/bench_kernels.py --ab-split-group. Per key head was 0.30 ms
+# slower at S3 on an H100 (run 11), and per key head in the dk launch alone 0.32 ms (that
+# variant was removed after the run)
 SPLIT_GROUP = True
 
 
@@ -850,15 +847,14 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
 
 
 def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
-                 scale, layout: ChunkLayout, loop_g: int, loop_g_k: Optional[int] = None):
-    """The gradient stage: dq ([B, T, HV // loop_g, K]), dk ([B, T, HV // loop_g_k, K]; both in
-    q's dtype, per value head where the loop is shorter than G, for the caller to sum over the
-    group), dv, dg, dbeta: _bwd_grad_vq_kernel then _bwd_grad_k_kernel, with two
-    [B, T, HV, 64] scratch matrices in q's dtype between them. loop_g_k None: loop_g."""
+                 scale, layout: ChunkLayout, loop_g: int):
+    """The gradient stage: dq, dk ([B, T, HV // loop_g, K], q's dtype; per value head when
+    loop_g < G, for the caller to sum over the group), dv, dg, dbeta: _bwd_grad_vq_kernel then
+    _bwd_grad_k_kernel, with two [B, T, HV, 64] scratch matrices in q's dtype between them."""
     dq, dv, dg, dbeta, pm, m2 = launch_grad_vq(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, v_new,
                                                 dv2, do, scale, layout, loop_g)
     dk = launch_grad_k(q, k, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, pm, m2, dg, dbeta,
-                       layout, loop_g if loop_g_k is None else loop_g_k)
+                       layout, loop_g)
     return dq, dk, dv, dg, dbeta
 
 
@@ -942,7 +938,7 @@ def chunk_gated_delta_rule_bwd(
     q_rstd: Optional[torch.Tensor] = None,
     k_rstd: Optional[torch.Tensor] = None,
     g: Optional[torch.Tensor] = None,
-    split_group: Optional[Union[bool, str]] = None,
+    split_group: Optional[bool] = None,
     tm: Optional[torch.Tensor] = None,
     states=None,
 ):
@@ -959,11 +955,9 @@ def chunk_gated_delta_rule_bwd(
     Returns:
         dq, dk (q's dtype), dv (v's dtype), dg, dbeta ([B, T, HV] float32), dh0 (float32 or
         None without initial_state).
-    split_group: with G = HV // H > 1, True runs the two gradient launches per value head and
-        sums dq / dk over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype);
-        False loops over the group inside one program per key head in both; "vq" runs the first
-        launch per value head (dq summed afterwards) and the dk launch per key head. None:
-        SPLIT_GROUP.
+    split_group: with G = HV // H > 1, run the gradient launches per value head and sum dq / dk
+        over the group afterwards (two transient [B, T, HV, K] buffers in q's dtype) instead of
+        looping over the group inside one program per key head. None: SPLIT_GROUP.
     tm: the forward's Tm = (I + A)^-1 per chunk ([B, T, HV, 64] in v's dtype, row t holding
         its chunk's row), saved by the forward: the prep launch then reads it instead of
         forming k k^T and inverting again. None: formed here.
@@ -1015,21 +1009,13 @@ def chunk_gated_delta_rule_bwd(
 
     # 4. gradients
     G = HV // H
-    if split_group is None:
-        split_group = SPLIT_GROUP
-    if split_group not in (True, False, "vq"):
-        raise ValueError(f"split_group must be True, False or 'vq', got {split_group!r}")
-    loop_g = 1 if split_group in (True, "vq") else G
-    loop_g_k = 1 if split_group is True else G
+    split = SPLIT_GROUP if split_group is None else split_group
+    loop_g = 1 if split else G
     dq, dk, dv, dg, dbeta = launch_grads(
         q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
-        do, scale, layout, loop_g, loop_g_k)
-    # per value head -> per key head (value head i reads key head i // G), both in one launch
-    # (group_sum: fp32 sums rounded once to the inputs' dtype)
-    if loop_g != G and loop_g_k != G:
+        do, scale, layout, loop_g)
+    if loop_g != G:
+        # per value head -> per key head (value head i reads key head i // G), both in one
+        # launch (group_sum: fp32 sums rounded once to the inputs' dtype)
         dq, dk = group_sum(dq, dk, G)
-    elif loop_g != G:
-        dq, _ = group_sum(dq, None, G)
-    elif loop_g_k != G:
-        dk, _ = group_sum(dk, None, G)
     return dq, dk, dv, dg, dbeta, dh0
