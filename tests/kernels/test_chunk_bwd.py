@@ -126,7 +126,7 @@ def chunk_cumsum(g: torch.Tensor, layout) -> torch.Tensor:
 
 
 def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
-                 scale: Optional[float] = None, split_group=True):
+                 scale: Optional[float] = None, split_group: bool = True):
     B, T = case.B, case.T
     cu = torch.tensor(case.cu, dtype=torch.int32, device=DEVICE) if case.cu else None
     layout = chunk_fwd.make_chunk_layout(cu, B, T)
