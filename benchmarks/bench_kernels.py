@@ -434,27 +434,24 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
+        def timed_with(switch, value, suffix):
+            """ours (and ours_keep) again with chunk_bwd's module switch set to value."""
+            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+            saved = getattr(chunk_bwd, switch)
+            setattr(chunk_bwd, switch, value)
+            try:
+                timed(f"ours_{suffix}", ours)
+                if not args.keep_states:
+                    timed(f"ours_keep_{suffix}", ours_keep)
+            finally:
+                setattr(chunk_bwd, switch, saved)
+
         if args.ab_dh_prefetch:
             # the same two with the reverse state pass's loads left to Triton (no PREFETCH)
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
-            saved, chunk_bwd.DH_PREFETCH_MAX_K = chunk_bwd.DH_PREFETCH_MAX_K, 0
-            try:
-                timed("ours_no_dh_prefetch", ours)
-                if not args.keep_states:
-                    timed("ours_keep_no_dh_prefetch", ours_keep)
-            finally:
-                chunk_bwd.DH_PREFETCH_MAX_K = saved
+            timed_with("DH_PREFETCH_MAX_K", 0, "no_dh_prefetch")
         if args.ab_split_group and shape[3] > shape[2]:
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
-            saved, chunk_bwd.SPLIT_GROUP = chunk_bwd.SPLIT_GROUP, False
-            try:
-                timed("ours_one_group_program", ours)
-                if not args.keep_states:
-                    timed("ours_keep_one_group_program", ours_keep)
-            finally:
-                chunk_bwd.SPLIT_GROUP = saved
+            timed_with("SPLIT_GROUP", False, "one_group_program")
         if not over_budget():
             try:
                 row["ours_stages"] = stage_times(shape)
