@@ -145,11 +145,17 @@ def peak_gib(fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def time_impl(fn, shape, dtype=torch.bfloat16):
+def timing_inputs(shape, dtype):
+    """The timed workload: the five inputs as leaves that take gradients, and the output's
+    gradient."""
     B, T, H, HV, K, V = shape
     q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=7)
     leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
-    do = torch.randn(B, T, HV, V, device="cuda", dtype=dtype)
+    return leaves, torch.randn(B, T, HV, V, device="cuda", dtype=dtype)
+
+
+def time_impl(fn, shape, dtype=torch.bfloat16):
+    leaves, do = timing_inputs(shape, dtype)
 
     def fwd():
         return fn(*leaves)[0]
@@ -180,10 +186,7 @@ def kernel_trace(fn, shape, iters=5, dtype=torch.bfloat16):
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    B, T, H, HV, K, V = shape
-    q, k, v, g, beta, _ = make_inputs(B, T, H, HV, K, V, dtype, seed=7)
-    leaves = [x.requires_grad_(True) for x in (q, k, v, g, beta)]
-    do = torch.randn(B, T, HV, V, device="cuda", dtype=dtype)
+    leaves, do = timing_inputs(shape, dtype)
 
     def fwd_bwd():
         fn(*leaves)[0].backward(do)

@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
-from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism
+from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
 from .chunk_fwd import ChunkLayout, _parallelism_class, _unit_lower_inverse, chunk_state_fwd
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
@@ -124,7 +124,7 @@ def _prune_bwd_prep(configs, named_args, **kwargs):
     H = named_args.get("H", kwargs.get("H"))
     HV = named_args.get("HV", kwargs.get("HV"))
     kept = configs if HV > H else [c for c in configs if c.kwargs["PER_HV"] == 0] or configs[:1]
-    kept = list({id(c): c for c in kept}.values())
+    kept = distinct(kept)  # a pin comes listed twice
     return kept if AUTOTUNE else kept[:1]
 
 
@@ -812,7 +812,7 @@ def launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
     """_bwd_prep_kernel: w, u (u None: not stored), dv_local into dv, and Tm into tm unless
     has_tm (then read from it); one program per chunk and key or value head (its config's
     PER_HV)."""
-    B, T, H, K = q.shape
+    _, _, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     BK = _pow2(K)

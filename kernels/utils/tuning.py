@@ -142,7 +142,7 @@ def autotune_or_fixed(configs, key, interpret_config=None, default_index=0, **au
 MAX_SHARED_BYTES = 227 * 1024
 
 
-def _distinct(configs):
+def distinct(configs):
     """The configs, each object once (a pin listed twice is one), in order."""
     return list({id(c): c for c in configs}.values())
 
@@ -165,7 +165,7 @@ def by_parallelism(narrow, wide, shared_bytes=None):
 
     def prune(configs, named_args, **kwargs):
         if not any(id(c) in narrow_ids or id(c) in wide_ids for c in configs):
-            pinned = _distinct(configs)
+            pinned = distinct(configs)
             return pinned if AUTOTUNE else pinned[:1]
         keep = narrow_ids if named_args["PAR_CLASS"] == 0 else wide_ids
         kept = [c for c in configs if id(c) in keep] or list(configs)
@@ -175,7 +175,7 @@ def by_parallelism(narrow, wide, shared_bytes=None):
             c = kept[0]
             kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
         # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed
-        kept = _distinct(kept)
+        kept = distinct(kept)
         return kept if AUTOTUNE else kept[:1]
 
     return {"early_config_prune": prune}
