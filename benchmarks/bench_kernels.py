@@ -333,6 +333,10 @@ def main():
     p.add_argument("--ab-dh-prefetch", action="store_true",
                    help="also time ours with the reverse state pass's hand prefetch off "
                         "(chunk_bwd.DH_PREFETCH_MAX_K = 0): rows ours[_keep]_no_dh_prefetch")
+    p.add_argument("--ab-qdo-inline", action="store_true",
+                   help="also time ours with the reverse state pass's source of (scale q e^gc)^T do "
+                        "switched (chunk_bwd.QDO_INLINE): rows ours[_keep]_qdo_launch (the "
+                        "parallel launch storing it) or ours[_keep]_qdo_inline")
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
                         "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
@@ -453,6 +457,11 @@ def main():
         if args.ab_dh_prefetch:
             # the same two with the reverse state pass's loads left to Triton (no PREFETCH)
             timed_with("DH_PREFETCH_MAX_K", 0, "no_dh_prefetch")
+        if args.ab_qdo_inline:
+            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+            on = chunk_bwd.QDO_INLINE
+            timed_with("QDO_INLINE", not on, "qdo_launch" if on else "qdo_inline")
         if args.ab_split_group and shape[3] > shape[2]:
             timed_with("SPLIT_GROUP", False, "one_group_program")
         if not over_budget():
@@ -508,10 +517,12 @@ def main():
         return f"{x:.3f}" if isinstance(x, float) else "-"
 
     for sid, row in results["timings"].items():
-        for name in ("ours", "ours_keep", "ours_no_dh_prefetch", "ours_keep_no_dh_prefetch",
-                     "ours_one_group_program", "ours_keep_one_group_program", "fla", "sdpa"):
+        # ours as it is, kept states, the A/B rows (ours_*), then the others
+        ab = [n for n in row if n.startswith("ours_") and not n.endswith("_stages")
+              and n != "ours_keep"]
+        for name in ["ours", "ours_keep"] + ab + ["fla", "sdpa"]:
             r = row.get(name)
-            if r is None:
+            if not isinstance(r, dict):
                 continue
             if "error" in r:
                 lines.append(f"| {sid} | {name} | error: {r['error'][:80]} | | | |")
@@ -536,8 +547,8 @@ def main():
               if "grads_ms" in row.get("ours_bwd_stages", {})}
     if stages:
         # --bwd-stages: the backward launch by launch (profile_chunk_bwd.backward_stages)
-        names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "dh_no_prefetch", "grads",
-                 "bwd_total")
+        names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "dh_no_prefetch", "dh_qdo_inline",
+                 "grads", "bwd_total")
         lines += ["", "| shape | " + " | ".join(f"{n} ms" for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for sid, st in stages.items():

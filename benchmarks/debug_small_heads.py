@@ -23,7 +23,6 @@ def one(case_index: int, dtype_name: str, mode: str):
     from megatron_gdn.kernels.gated_delta_rule import chunk as ch
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
     from megatron_gdn.kernels.gated_delta_rule import chunk_fwd as cf
-    import triton
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     case = (t.CASES + EXTRA)[case_index]
@@ -51,8 +50,6 @@ def one(case_index: int, dtype_name: str, mode: str):
             q_rstd = torch.rsqrt(x["q"].pow(2).sum(-1) + 1e-6).float().cuda()
             k_rstd = torch.rsqrt(x["k"].pow(2).sum(-1) + 1e-6).float().cuda()
         H, HV, K, V = case.H, case.HV, case.K, case.V
-        cu_, _, co, T_arg, nts, varlen = layout.kernel_args()
-        BK = cb._pow2(K)
         scale = K ** -0.5
         tm = torch.full((B, T, HV, 64), float("nan"), dtype=v.dtype, device="cuda")
         w = torch.full((B, T, HV, K), float("nan"), dtype=k.dtype, device="cuda")
@@ -65,13 +62,11 @@ def one(case_index: int, dtype_name: str, mode: str):
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
-        kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
-        finite("qdo", dh, kscale)
-        cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            k, w, gc, kscale, dv_buf, dht, dh, dh0, cu_, co, T_arg, nts,
-            cf._parallelism_class(layout.num_seqs * HV),
-            H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=dht is not None,
-            USE_H0=h0 is not None, IS_VARLEN=varlen, PREFETCH=cb.dh_prefetch(BK))
+        kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd,
+                               store_qdo=not cb.qdo_inline(cb._pow2(K)))
+        finite("qdo" if not cb.qdo_inline(cb._pow2(K)) else "key decay", kscale,
+               *(() if cb.qdo_inline(cb._pow2(K)) else (dh,)))
+        cb.launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv_buf, dht, dh, dh0, scale, layout)
         finite("dh", dh, dv_buf, dh0)
         # the gradient stage as the backward runs it, one program per key head (dq / dk summed
         # over the group inside)

@@ -50,10 +50,12 @@ def kernels(H, HV, K, V):
     """(name, kernel, constexprs, configs) as the launchers run them."""
     BK = cb._pow2(K)
     base = dict(H=H, HV=HV, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=False)
-    dh = dict(base, BK=BK, USE_DHT=False, USE_H0=False, PREFETCH=cb.dh_prefetch(BK))
+    dh = dict(base, BK=BK, USE_DHT=False, USE_H0=False, PREFETCH=cb.dh_prefetch(BK),
+              QDO_INLINE=False)
     yield "bwd_prep", cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True,
                                                  STORE_U=False), cb._bwd_prep_kernel.configs
     yield "bwd_dh", cb._bwd_dh_kernel, dh, cb._DH_NARROW
+    yield "bwd_dh_qdo_inline", cb._bwd_dh_kernel, dict(dh, QDO_INLINE=True), cb._DH_NARROW
     yield "bwd_grad_vq", cb._bwd_grad_vq_kernel, dict(base, BK=BK, BKC=min(BK, 64), LOOP_G=1), \
         cb._bwd_grad_vq_kernel.configs
     yield "bwd_grad_k", cb._bwd_grad_k_kernel, dict(base, LOOP_G=1), \

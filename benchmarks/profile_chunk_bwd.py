@@ -78,8 +78,6 @@ def backward_stages(shape, dtype=torch.bfloat16):
     do = torch.randn_like(v)
     g_act = g.float().contiguous()  # the workload's g is the per-token log decay itself
     scale = K ** -0.5
-    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
-    BK = cb._pow2(K)
     tm = torch.empty(B, T, HV, 64, dtype=v.dtype, device="cuda")
     dv_buf = torch.empty_like(v)
     dh = torch.empty_like(h)
@@ -101,11 +99,14 @@ def backward_stages(shape, dtype=torch.bfloat16):
         cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g_act, k_rstd)
 
     def dh_pass(prefetch=None):
-        cb._bwd_dh_kernel[lambda m: (triton.cdiv(V, m["BV"]), layout.num_seqs, HV)](
-            k, w, gc, kscale, dv_buf, None, dh, None,
-            cu, co, T_arg, nts, cf._parallelism_class(layout.num_seqs * HV),
-            H=H, HV=HV, K=K, V=V, BK=BK, USE_DHT=False, USE_H0=False, IS_VARLEN=varlen,
-            PREFETCH=cb.dh_prefetch(BK) if prefetch is None else prefetch)
+        # the pass alone, reading the qdo launch's tiles back
+        cb.launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv_buf, None, dh, None, scale, layout,
+                          prefetch, inline=False)
+
+    def dh_qdo_inline():
+        # the key decay alone, then the pass forming (scale q e^gc)^T do itself: against qdo + dh
+        cb.launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale, layout,
+                     g_act, inline=True)
 
     def grads():
         cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
@@ -134,6 +135,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
                      ("qdo", qdo), ("dh", dh_pass),
                      # the pass as before its hand prefetch (same autotuned config)
                      ("dh_no_prefetch", lambda: dh_pass(False)),
+                     ("dh_qdo_inline", dh_qdo_inline),
                      ("grads", grads), ("grads_vq", grads_vq), ("grads_k", grads_k),
                      ("bwd_total", whole)):
         fn()

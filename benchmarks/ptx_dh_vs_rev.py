@@ -21,12 +21,13 @@ import re, sys
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests")
 from hopper_compile import compile_for_hopper
 from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
-ptr = {n: "*bf16" for n in ("k", "w", "dv", "dh")}
-ptr.update({n: "*fp32" for n in ("g", "gc", "k_rstd", "kscale", "dht", "dh0")},
+ptr = {n: "*bf16" for n in ("k", "w", "dv", "dh", "q", "do")}
+ptr.update({n: "*fp32" for n in ("g", "gc", "k_rstd", "q_rstd", "kscale", "dht", "dh0")},
            cu_seqlens="*i32", chunk_offsets="*i32")
 # constants a version does not take are dropped (KSCALE: the stored key decay, REV's default)
 consts = dict(H=16, HV=16, K=128, V=128, BK=128, BV=16, USE_DHT=True, USE_H0=True,
-              IS_VARLEN=False, ROW_SCALE=False, PREFETCH=False, L2=True, HAS_G=True, KSCALE=True)
+              IS_VARLEN=False, ROW_SCALE=False, PREFETCH=False, L2=True, HAS_G=True, KSCALE=True,
+              QDO_INLINE=False)
 for stages in (2, 1):
     ptx = compile_for_hopper(cb._bwd_dh_kernel, ptr, consts, 4, stages).asm["ptx"]
     print("=== stages", stages)

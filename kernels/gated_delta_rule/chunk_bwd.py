@@ -47,9 +47,11 @@ Launches: (1) prep, per (chunk, key head) or (chunk, value head) (autotuned): Tm
 v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
 (1), when the forward kept them: `states`); (3) qdo, per (chunk, value
-head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token;
+head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token
+(the key decay alone, per (chunk, value head), under QDO_INLINE);
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
-back first), dv_new in place of dv_local, dh0;
+back first, or forming s (q e^gc)^T do itself under QDO_INLINE), dv_new in place of dv_local,
+dh0;
 (5) grads, per (chunk, value head) or (chunk, key head), two launches: (5a) vq: dvb =
   Tm^T dv_new, dv, Ds_raw, dA and dq, storing Ds and bE + bE^T ([B, T, HV, 64] each, q's
   dtype) and writing dg, dbeta of those terms; (5b) k: dk, with dkb = -Tm^T (dv_new h^T) (dvb
@@ -228,7 +230,7 @@ def _bwd_qdo_kernel(
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr, HAS_G: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, STORE_QDO: tl.constexpr,
 ):
     """The part of each chunk's state-gradient update that does not depend on the state
     gradient, (scale q e^gc)^T do ([K, V] per chunk and value head), written into the dh
@@ -241,7 +243,10 @@ def _bwd_qdo_kernel(
     Program id 0 runs over (chunk, V block) with the V blocks of a chunk adjacent: they read
     the same [64, K] q tile, which then comes from L2 rather than DRAM (with the chunks
     outermost instead, at S4 every q tile was read from memory once per V block: 16 x 50 MB
-    per call, for 0.4 MB of dh written per chunk and head)."""
+    per call, for 0.4 MB of dh written per chunk and head).
+
+    STORE_QDO False (the reverse pass forms (scale q e^gc)^T do itself, QDO_INLINE): only the
+    key decay, one program per chunk and value head (BV = V)."""
     NV: tl.constexpr = (V + BV - 1) // BV
     i_cv, i_hv = tl.program_id(0), tl.program_id(1)
     i_c, i_v = i_cv // NV, i_cv % NV
@@ -254,17 +259,18 @@ def _bwd_qdo_kernel(
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.0)
-    q_scale = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)) * scale
-    if L2:
-        q_scale = q_scale * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
-    b_qd = (b_q * q_scale[:, None]).to(b_q.dtype)
-    b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
-                   mask=m_t[:, None] & m_v[None, :], other=0.0)
-    b_x = tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
-    tl.store(dh + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
-             b_x.to(dh.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
+    if STORE_QDO:
+        b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.0)
+        q_scale = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)) * scale
+        if L2:
+            q_scale = q_scale * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        b_qd = (b_q * q_scale[:, None]).to(b_q.dtype)
+        b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_x = tl.dot(tl.trans(b_qd), b_do.to(b_q.dtype))
+        tl.store(dh + (i_c.to(tl.int64) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :],
+                 b_x.to(dh.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
         k_scale = tl.where(m_t, tl.exp(_suffix(_chunk_g(g, gc, t_r * HV + i_hv, m_t, HV, HAS_G))),
                            0.0)
@@ -273,13 +279,35 @@ def _bwd_qdo_kernel(
         tl.store(kscale + t_r * HV + i_hv, k_scale, mask=m_t)
 
 
+@triton.jit
+def _qdo_operands(q, q_rstd, do, gc, t_r, m_t, i_h, i_hv, o_k, m_k, o_v, m_v, scale,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  L2: tl.constexpr):
+    """The operands of one chunk's (scale q e^gc)^T do for the reverse pass: q's [64, BK] rows
+    as stored, and do's [64, BV] rows times scale e^gc (q's rstd with L2) in q's dtype (the row
+    scale on do: the narrower tile where V blocks are narrower than K)."""
+    b_q = tl.load(q + (t_r[:, None] * H + i_h) * K + o_k[None, :],
+                  mask=m_t[:, None] & m_k[None, :], other=0.0)
+    s = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)) * scale
+    if L2:
+        s = s * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+    b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                   mask=m_t[:, None] & m_v[None, :], other=0.0)
+    return b_q, (b_do * s[:, None]).to(b_q.dtype)
+
+
 def _dh_shared_bytes(config, args) -> int:
     """Shared memory of one _bwd_dh_kernel launch, estimated as for the forward state pass:
     num_stages copies of the k and w tiles ([64, BK]), the dv tile ([64, BV]) and the qdo tile
-    ([BK, BV] in dh's dtype), plus 10%."""
+    ([BK, BV] in dh's dtype; with QDO_INLINE its operands, q [64, BK] and do [64, BV] in q's
+    dtype), plus 10%."""
     bk, bv = args["BK"], config.kwargs["BV"]
+    if args.get("QDO_INLINE"):
+        qdo = 64 * (bk + bv) * args["k"].element_size()
+    else:
+        qdo = bk * bv * args["dh"].element_size()
     tiles = (64 * bk * (args["k"].element_size() + args["w"].element_size())
-             + 64 * bv * args["dv"].element_size() + bk * bv * args["dh"].element_size())
+             + 64 * bv * args["dv"].element_size() + qdo)
     return int(1.1 * config.num_stages * tiles)
 
 
@@ -310,10 +338,27 @@ _DH_NARROW = [triton.Config({"BV": 16, "ROW_SCALE": False}, num_warps=4, num_sta
 DH_PREFETCH_MAX_K = 128
 
 
+# the reverse pass forms each chunk's (scale q e^gc)^T do itself (True) or reads it from the
+# parallel _bwd_qdo_kernel launch through the dh buffer (False): a module switch for
+# benchmarks/bench_kernels.py --ab-qdo-inline. Only where the pass prefetches (K <= 128): at
+# K = 256 the q tile would take another [64, 256] in registers or shared memory beside 255
+# registers (fp32, one stage: 272 KB of shared memory by ptxas, over sm_90's 227 KB). Offline
+# (sm_90a, bf16, K = V = 128, benchmarks/loop_loads.py S3): BV 64 / 8 warps / two stages 227 ->
+# 236 registers, BV 16 / 4 warps 168 -> 220, no spills; the q, do tiles and their row scale
+# loaded a step ahead. On by default from its prediction (S3 qdo + dh 0.63 -> ~0.45 ms);
+# not yet timed on a GPU
+QDO_INLINE = True
+
+
 def dh_prefetch(BK: int) -> bool:
     """_bwd_dh_kernel's PREFETCH at key block BK (read at each launch: tests and benchmarks
     switch it by setting DH_PREFETCH_MAX_K)."""
     return BK <= DH_PREFETCH_MAX_K
+
+
+def qdo_inline(BK: int) -> bool:
+    """_bwd_dh_kernel's QDO_INLINE at key block BK: QDO_INLINE where K <= 128."""
+    return QDO_INLINE and BK <= 128
 
 
 @autotune_or_fixed(
@@ -327,14 +372,18 @@ def dh_prefetch(BK: int) -> bool:
 )
 @triton.jit
 def _bwd_dh_kernel(
-    k, w, gc, kscale, dv, dht, dh, dh0,
+    k, w, gc, kscale, dv, dht, dh, dh0, q, q_rstd, do, scale,
     cu_seqlens, chunk_offsets, T, NT_SEQ, PAR_CLASS,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     USE_DHT: tl.constexpr, USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREFETCH: tl.constexpr, ROW_SCALE: tl.constexpr,
+    PREFETCH: tl.constexpr, ROW_SCALE: tl.constexpr, QDO_INLINE: tl.constexpr,
+    L2: tl.constexpr,
 ):
-    # kscale: the key decay e^(gl - gc) (k's rstd included) that _bwd_qdo_kernel stored
+    # kscale: the key decay e^(gl - gc) (k's rstd included) that _bwd_qdo_kernel stored.
+    # QDO_INLINE: each step forms its chunk's (scale q e^gc)^T do from q and do (q_rstd with
+    # L2), instead of reading what _bwd_qdo_kernel stored in the dh buffer: the dot does not
+    # depend on the carried dh, and the [K, V] tile per chunk is neither written nor read back
     i_v, i_n, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HV // H
     i_h = i_hv // G
@@ -357,11 +406,16 @@ def _bwd_dh_kernel(
     # (converted) only in the next step, so the wait overlaps a step's work (the launcher's
     # choice, dh_prefetch).
     if PREFETCH:
-        # (scale q e^gc)^T do, dv_local and gl of the sequence's last chunk
+        # (scale q e^gc)^T do (or its operands), dv_local and gl of the sequence's last chunk
         t_l = bos + (nt - 1) * 64 + r
-        m_l = ((t_l < eos) & (nt > 0))[:, None] & m_v[None, :]
-        n_qdo = tl.load(dh + ((c_off + nt - 1) * HV + i_hv) * K * V + o_k[:, None] * V
-                        + o_v[None, :], mask=m_kv & (nt > 0), other=0.0)
+        m_lr = (t_l < eos) & (nt > 0)
+        m_l = m_lr[:, None] & m_v[None, :]
+        if QDO_INLINE:
+            n_q, n_dos = _qdo_operands(q, q_rstd, do, gc, t_l, m_lr, i_h, i_hv, o_k, m_k, o_v,
+                                       m_v, scale, H, HV, K, V, L2)
+        else:
+            n_qdo = tl.load(dh + ((c_off + nt - 1) * HV + i_hv) * K * V + o_k[:, None] * V
+                            + o_v[None, :], mask=m_kv & (nt > 0), other=0.0)
         n_dv = tl.load(dv + (t_l[:, None] * HV + i_hv) * V + o_v[None, :], mask=m_l, other=0.0)
         n_gl = tl.load(gc + (tl.minimum(bos + nt * 64, eos) - 1) * HV + i_hv, mask=nt > 0,
                        other=0.0)
@@ -374,16 +428,30 @@ def _bwd_dh_kernel(
         p_dh = dh + ((c_off + i_t) * HV + i_hv) * K * V + o_k[:, None] * V + o_v[None, :]
         p_dv = dv + (t_r[:, None] * HV + i_hv) * V + o_v[None, :]
         if PREFETCH:
-            b_qdo, b_dvl, g_last = n_qdo, n_dv, n_gl
+            b_dvl, g_last = n_dv, n_gl
+            if QDO_INLINE:
+                b_qdo = tl.dot(tl.trans(n_q), n_dos)
+            else:
+                b_qdo = n_qdo
             # the next step's: chunk i_t - 1 (whole: only a sequence's last chunk is partial;
             # none after the first chunk), other slots than the two this step stores to
             has_prev = i_t > 0
-            n_qdo = tl.load(p_dh - HV * K * V, mask=m_kv & has_prev, other=0.0)
+            if QDO_INLINE:
+                n_q, n_dos = _qdo_operands(q, q_rstd, do, gc, t_r - 64, (r < 64) & has_prev, i_h,
+                                           i_hv, o_k, m_k, o_v, m_v, scale, H, HV, K, V, L2)
+            else:
+                n_qdo = tl.load(p_dh - HV * K * V, mask=m_kv & has_prev, other=0.0)
             n_dv = tl.load(p_dv - 64 * HV * V, mask=m_v[None, :] & has_prev, other=0.0)
             n_gl = tl.load(gc + (bos + i_t * 64 - 1) * HV + i_hv, mask=has_prev, other=0.0)
         else:
-            # (scale q e^gc)^T do of this chunk (_bwd_qdo_kernel), read before dh takes its slot
-            b_qdo = tl.load(p_dh, mask=m_kv, other=0.0)
+            if QDO_INLINE:
+                b_q, b_dos = _qdo_operands(q, q_rstd, do, gc, t_r, m_t, i_h, i_hv, o_k, m_k, o_v,
+                                           m_v, scale, H, HV, K, V, L2)
+                b_qdo = tl.dot(tl.trans(b_q), b_dos)
+            else:
+                # (scale q e^gc)^T do of this chunk (_bwd_qdo_kernel), read before dh takes
+                # its slot
+                b_qdo = tl.load(p_dh, mask=m_kv, other=0.0)
             b_dvl = tl.load(p_dv, mask=m_tv, other=0.0)
             g_last = tl.load(gc + (tl.minimum(bos + i_t * 64 + 64, eos) - 1) * HV + i_hv)
         tl.store(p_dh, b_dh.to(dh.dtype.element_ty), mask=m_kv)
@@ -828,22 +896,61 @@ def launch_prep(q, k, v, g, gc, beta, q_rstd, k_rstd, do, tm, w, u, dv, scale,
     )
 
 
-def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None):
+def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd=None,
+               store_qdo: bool = True):
     """Write (scale q e^gc)^T do of every chunk into dh ([NT, HV, K, V]), the reverse pass's
     input (q_rstd, k_rstd not None: the l2-norm option is on), and return the pass's key decay
     kscale = e^(gl - gc) (times k's rstd), [B, T, HV] float32 (g: as in
-    chunk_gated_delta_rule_bwd)."""
+    chunk_gated_delta_rule_bwd). store_qdo False: the key decay only (dh untouched)."""
     _, _, H, K = q.shape
     HV, V = do.shape[2], do.shape[3]
     cu, ci, _, T_arg, nts, varlen = layout.kernel_args()
     cfg = qdo_config(K)
+    bv = cfg.kwargs["BV"] if store_qdo else _pow2(V)
     kscale = torch.empty_like(gc)
-    _bwd_qdo_kernel[(layout.num_chunks * triton.cdiv(V, cfg.kwargs["BV"]), HV)](
+    _bwd_qdo_kernel[(layout.num_chunks * triton.cdiv(V, bv), HV)](
         q, gc, q_rstd, do, dh, scale, g, k_rstd, kscale, cu, ci, T_arg, nts,
-        H=H, HV=HV, K=K, V=V, BK=_pow2(K), L2=q_rstd is not None, HAS_G=g is not None,
-        IS_VARLEN=varlen, num_warps=cfg.num_warps, **cfg.kwargs,
+        H=H, HV=HV, K=K, V=V, BK=_pow2(K), BV=bv, L2=q_rstd is not None, HAS_G=g is not None,
+        IS_VARLEN=varlen, STORE_QDO=store_qdo, num_warps=cfg.num_warps,
     )
     return kscale
+
+
+def launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout: ChunkLayout,
+              g=None, prefetch: Optional[bool] = None, inline: Optional[bool] = None):
+    """The reverse state pass: dh' of every chunk into dh ([NT, HV, K, V]), dv_local ->
+    dv_new in place in dv, dh0 (None: no initial state), from dht (None: no final-state
+    gradient). _bwd_qdo_kernel first stores the key decay and, unless the pass forms it
+    itself (inline; None: qdo_inline), every chunk's (scale q e^gc)^T do into dh. prefetch:
+    the pass's hand prefetch (None: dh_prefetch)."""
+    inline = qdo_inline(_pow2(q.shape[3])) if inline is None else inline
+    kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd, store_qdo=not inline)
+    launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout, prefetch,
+                   inline)
+
+
+def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
+                   layout: ChunkLayout, prefetch: Optional[bool] = None,
+                   inline: Optional[bool] = None):
+    """_bwd_dh_kernel alone, after launch_qdo (kscale: its key decay; with inline False, dh
+    holding its (scale q e^gc)^T do tiles), as launch_dh runs it."""
+    _, _, H, K = q.shape
+    HV, V = do.shape[2], do.shape[3]
+    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
+    BK = _pow2(K)
+    inline = qdo_inline(BK) if inline is None else inline
+
+    def grid(meta):
+        return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
+
+    _bwd_dh_kernel[grid](
+        k, w, gc, kscale, dv, dht, dh, dh0, q, q_rstd, do, scale,
+        cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
+        H=H, HV=HV, K=K, V=V, BK=BK,
+        USE_DHT=dht is not None, USE_H0=dh0 is not None, IS_VARLEN=varlen,
+        PREFETCH=dh_prefetch(BK) if prefetch is None else prefetch, QDO_INLINE=inline,
+        L2=q_rstd is not None,
+    )
 
 
 def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
@@ -968,8 +1075,6 @@ def chunk_gated_delta_rule_bwd(
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
-    cu, _, co, T_arg, nts, varlen = layout.kernel_args()
-    BK = _pow2(K)
 
     # 1. Tm (unless the forward saved it), w, u, dv_local
     has_tm = tm is not None
@@ -989,22 +1094,10 @@ def chunk_gated_delta_rule_bwd(
     else:
         h, v_new = states
 
-    # 3. reverse state pass; dh first holds each chunk's (scale q e^gc)^T do
+    # 3. reverse state pass (dv_local -> dv_new in dv_buf)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-    kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd)
-
-    def grid_dh(meta):
-        return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
-
-    _bwd_dh_kernel[grid_dh](
-        k, w, gc, kscale, dv_buf, dht, dh, dh0,
-        cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
-        H=H, HV=HV, K=K, V=V, BK=BK,
-        USE_DHT=dht is not None, USE_H0=initial_state is not None, IS_VARLEN=varlen,
-        PREFETCH=dh_prefetch(BK),
-    )
-    del kscale
+    launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale, layout, g)
     del w
 
     # 4. gradients

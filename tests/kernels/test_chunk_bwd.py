@@ -314,6 +314,35 @@ def test_dh_pass_key_decay_either_side(case, row_scale, prefetch, monkeypatch):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+@pytest.mark.parametrize("inline", [False, True])
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("case", CASES[1:4], ids=lambda c: c.id)
+def test_dh_pass_qdo_either_source(case, prefetch, inline, monkeypatch):
+    """The reverse pass forming each chunk's (scale q e^gc)^T do from q and do itself, the qdo
+    launch storing only the key decay (QDO_INLINE), or reading it from the qdo launch through
+    the dh buffer; with its per-step loads issued a step ahead or not; packed sequences, GVA,
+    the l2-norm, with and without the final-state gradient."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    monkeypatch.setattr(cb, "QDO_INLINE", inline)
+    monkeypatch.setattr(cb, "DH_PREFETCH_MAX_K", 1 << 20 if prefetch else 0)
+    stored = []
+    launch_qdo = cb.launch_qdo
+
+    def spy(*args, **kwargs):
+        stored.append(kwargs["store_qdo"])
+        return launch_qdo(*args, **kwargs)
+
+    monkeypatch.setattr(cb, "launch_qdo", spy)
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32)
+    assert stored == [not inline]
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
 def test_chunk_bwd_catches_a_wrong_gradient():
     """The comparison above must be able to fail: a 0.1% change of do moves every gradient."""
     case = CASES[0]
@@ -422,9 +451,12 @@ common = dict(H=1, HV=1, K=K, V=V, L2=True, HAS_G=True, IS_VARLEN=True)
 kernels = [
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=False, STORE_U=True)),
     (cb._bwd_prep_kernel, dict(BK=64, BV=64, HAS_TM=True, STORE_U=False)),
-    (cb._bwd_qdo_kernel, dict(BK=256)),
+    (cb._bwd_qdo_kernel, dict(BK=256, STORE_QDO=True)),
     (cb._bwd_dh_kernel, dict(BK=256, USE_DHT=True, USE_H0=True,
-                              PREFETCH=cb.dh_prefetch(256))),
+                              PREFETCH=cb.dh_prefetch(256), QDO_INLINE=False)),
+    # forming qdo itself only at K <= 128 (qdo_inline)
+    (cb._bwd_dh_kernel, dict(K=128, V=128, BK=128, USE_DHT=True, USE_H0=True,
+                              PREFETCH=cb.dh_prefetch(128), QDO_INLINE=True)),
     (cb._bwd_grad_vq_kernel, dict(BK=256, BKC=64, LOOP_G=1)),
     (cb._bwd_grad_k_kernel, dict(LOOP_G=1)),  # BK from each config
 ]

@@ -71,10 +71,14 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     for per_hv in (0, 1):  # one program per key head (its value heads in turn) / value head
         build(cb._bwd_prep_kernel, dict(base, BK=64, BV=64, HAS_TM=True, STORE_U=True,
                                         PER_HV=per_hv), dtype)
-    build(cb._bwd_qdo_kernel, dict(base, BK=K, **cb.qdo_config(K).kwargs), dtype,
-          warps=cb.qdo_config(K).num_warps)
-    build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
-                                 PREFETCH=cb.dh_prefetch(K)), dtype)
+    for store_qdo in (True, False):  # qdo and the key decay / the key decay alone
+        build(cb._bwd_qdo_kernel, dict(base, BK=K, STORE_QDO=store_qdo,
+                                       **cb.qdo_config(K).kwargs), dtype,
+              warps=cb.qdo_config(K).num_warps)
+    for inline in (False, True):  # reading qdo back / forming it in the pass
+        for prefetch in (False, True):
+            build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
+                                         PREFETCH=prefetch, QDO_INLINE=inline), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
     for bk in (K, K // 2):  # one block; key-column blocks
         build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
