@@ -62,11 +62,13 @@ def one(case_index: int, dtype_name: str, mode: str):
         finite("state", h, v_new)
         dh = torch.full_like(h, float("nan"))
         dh0 = torch.full_like(h0, float("nan")) if h0 is not None else None
+        # as launch_dh runs them, apart so that each launch's output is checked
+        inline = cb.qdo_inline(cb._pow2(K), cf._parallelism_class(layout.num_seqs * HV))
         kscale = cb.launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd,
-                               store_qdo=not cb.qdo_inline(cb._pow2(K)))
-        finite("qdo" if not cb.qdo_inline(cb._pow2(K)) else "key decay", kscale,
-               *(() if cb.qdo_inline(cb._pow2(K)) else (dh,)))
-        cb.launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv_buf, dht, dh, dh0, scale, layout)
+                               store_qdo=not inline)
+        finite("key decay" if inline else "qdo", kscale, *(() if inline else (dh,)))
+        cb.launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv_buf, dht, dh, dh0, scale, layout,
+                          inline=inline)
         finite("dh", dh, dv_buf, dh0)
         # the gradient stage as the backward runs it, one program per key head (dq / dk summed
         # over the group inside)

@@ -116,16 +116,23 @@ def _suffix(b_g):
 # q k^T (and k k^T) again (1). In run 11 (H100, S3) the gradient launches ran 0.3 ms faster one
 # program per value head than per key head; the prep (496 us at S3 against fla's 338 for the
 # same w, u and dv_local) is timed both ways by the autotuner. At G = 1 the two are the same
-# launch: pruned to the first.
+# launch: pruned to the first. H100 (2026-12-07, fifteenth session): per value head won at S3
+# where the prep forms Tm itself (0.78 -> 0.69 ms; no saved Tm: context parallelism, direct
+# calls), and lost where it reads the forward's Tm (the default backward: per key head picked
+# in the layer, the saved-Tm prep 0.50 ms either way): there it is pruned, a second's less
+# autotuning in a new shape's first call.
 _BWD_PREP_CONFIGS = [triton.Config({"PER_HV": 0}, num_warps=4, num_stages=1),
                      triton.Config({"PER_HV": 1}, num_warps=4, num_stages=1)]
 
 
 def _prune_bwd_prep(configs, named_args, **kwargs):
-    """One program per value head only where there are several value heads per key head."""
+    """One program per value head only where there are several value heads per key head and
+    the prep forms Tm itself (not HAS_TM)."""
     H = named_args.get("H", kwargs.get("H"))
     HV = named_args.get("HV", kwargs.get("HV"))
-    kept = configs if HV > H else [c for c in configs if c.kwargs["PER_HV"] == 0] or configs[:1]
+    has_tm = named_args.get("HAS_TM", kwargs.get("HAS_TM"))
+    per_hv = HV > H and not has_tm
+    kept = configs if per_hv else [c for c in configs if c.kwargs["PER_HV"] == 0] or configs[:1]
     kept = distinct(kept)  # a pin comes listed twice
     return kept if AUTOTUNE else kept[:1]
 
@@ -345,8 +352,11 @@ DH_PREFETCH_MAX_K = 128
 # registers (fp32, one stage: 272 KB of shared memory by ptxas, over sm_90's 227 KB). Offline
 # (sm_90a, bf16, K = V = 128, benchmarks/loop_loads.py S3): BV 64 / 8 warps / two stages 227 ->
 # 236 registers, BV 16 / 4 warps 168 -> 220, no spills; the q, do tiles and their row scale
-# loaded a step ahead. On by default from its prediction (S3 qdo + dh 0.63 -> ~0.45 ms);
-# not yet timed on a GPU
+# loaded a step ahead. H100 (2026-12-07, run 13): qdo + dh at S3 0.63 -> 0.51 ms, fwd+bwd 4.69
+# -> 4.58, S1 2.36 -> 2.32, with the wide launch (BV 64 / 8 warps); at S2 the narrow launch
+# (BV 16 / 4 warps, 16 value heads of one sequence) got slower, 1.18 -> 1.32 ms (fwd+bwd 5.57
+# -> 5.72). So only where the pass's parallelism class offers the wide configs alone (64 or
+# more (sequence, value head) pairs: S1, S3; qdo_inline)
 QDO_INLINE = True
 
 
@@ -356,9 +366,11 @@ def dh_prefetch(BK: int) -> bool:
     return BK <= DH_PREFETCH_MAX_K
 
 
-def qdo_inline(BK: int) -> bool:
-    """_bwd_dh_kernel's QDO_INLINE at key block BK: QDO_INLINE where K <= 128."""
-    return QDO_INLINE and BK <= 128
+def qdo_inline(BK: int, par_class: int) -> bool:
+    """_bwd_dh_kernel's QDO_INLINE at key block BK and parallelism class par_class
+    (_parallelism_class of the pass's (sequence, value head) pairs): QDO_INLINE where
+    K <= 128 and the class is past the narrow one."""
+    return QDO_INLINE and BK <= 128 and par_class > 0
 
 
 @autotune_or_fixed(
@@ -562,6 +574,18 @@ def _exclusive_cumsum(x):
 _GRAD_VQ_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1),
                     triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
 
+
+def _prune_grad_vq(configs, named_args, **kwargs):
+    """At K <= 128 the 4-warp configs alone (4 warps at two stages was the pick at S1-S3 and
+    at the layer's Qwen3-Next shape in every GPU log since run 8; timing the other took ~2.5 s
+    of the layer's first call, H100, fifteenth session); every config at K > 128; the first
+    only when not autotuning (the fixed config, as before)."""
+    K = named_args.get("K", kwargs.get("K"))
+    kept = distinct(configs)  # a pin or the fixed config comes listed twice
+    if AUTOTUNE and _pow2(K) <= 128:
+        kept = [c for c in kept if c.num_warps == 4] or kept
+    return kept if AUTOTUNE else kept[:1]
+
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
 # in blocks, one program each; clamped to the next power of two of K by the pruning).
 # Offline (sm_90a, Triton 3.6's ptxas, bf16, 8 warps): whole K = 256 spills 1.4 KB per thread,
@@ -575,7 +599,9 @@ _GRAD_VQ_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1),
 # MEGATRON_GDN_AUTOTUNE=0) is the launch of run 8 at K <= 128.
 # Picks in the GPU logs to 2026-12-07: blocks of 128 at two stages at S1-S3 on the H100
 # (2026-12-07-h100-s13), of 128 at one stage before that config existed, of 64 capped at 128
-# registers at S4; blocks of 64 uncapped at one stage never: dropped.
+# registers at S4; blocks of 64 uncapped at one stage never: dropped. Blocks of 64 were never
+# picked where K <= 128 (S1-S3 on H100 and H200): there they are pruned, ~2.5 s less autotuning
+# in a new shape's first call (the layer's, H100, fifteenth session: 5.6 s for the four).
 _GRAD_K_CONFIGS = [
     triton.Config({"BV": 64, "BK": 128}, num_warps=8, num_stages=1),
     triton.Config({"BV": 64, "BK": 64}, num_warps=8, num_stages=1, maxnreg=128),
@@ -591,10 +617,14 @@ def _grad_k_block(config, K: int) -> int:
 
 def _prune_grad_k(configs, named_args, **kwargs):
     """Each config's BK clamped to the next power of two of K (16 at least), duplicates
-    dropped; the first only when not autotuning."""
+    dropped; at K <= 128 only the configs of the widest block (whole K in one program); the
+    first only when not autotuning."""
     K = named_args.get("K", kwargs.get("K"))
+    widest = max(c.kwargs.get("BK", 128) for c in configs)
     seen, kept = set(), []
     for c in configs:
+        if _pow2(K) <= 128 and c.kwargs.get("BK", 128) < widest:
+            continue
         bk = _grad_k_block(c, K)
         key = (bk, c.kwargs["BV"], c.num_warps, c.num_stages, c.maxnreg)
         if key not in seen:
@@ -608,6 +638,7 @@ def _prune_grad_k(configs, named_args, **kwargs):
     configs=_GRAD_VQ_CONFIGS,
     interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
+    prune_configs_by={"early_config_prune": _prune_grad_vq},
 )
 @triton.jit
 def _bwd_grad_vq_kernel(
@@ -923,7 +954,8 @@ def launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout: 
     gradient). _bwd_qdo_kernel first stores the key decay and, unless the pass forms it
     itself (inline; None: qdo_inline), every chunk's (scale q e^gc)^T do into dh. prefetch:
     the pass's hand prefetch (None: dh_prefetch)."""
-    inline = qdo_inline(_pow2(q.shape[3])) if inline is None else inline
+    if inline is None:
+        inline = qdo_inline(_pow2(q.shape[3]), _parallelism_class(layout.num_seqs * do.shape[2]))
     kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd, store_qdo=not inline)
     launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout, prefetch,
                    inline)
@@ -938,14 +970,15 @@ def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
     HV, V = do.shape[2], do.shape[3]
     cu, _, co, T_arg, nts, varlen = layout.kernel_args()
     BK = _pow2(K)
-    inline = qdo_inline(BK) if inline is None else inline
+    par = _parallelism_class(layout.num_seqs * HV)
+    inline = qdo_inline(BK, par) if inline is None else inline
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
     _bwd_dh_kernel[grid](
         k, w, gc, kscale, dv, dht, dh, dh0, q, q_rstd, do, scale,
-        cu, co, T_arg, nts, _parallelism_class(layout.num_seqs * HV),
+        cu, co, T_arg, nts, par,
         H=H, HV=HV, K=K, V=V, BK=BK,
         USE_DHT=dht is not None, USE_H0=dh0 is not None, IS_VARLEN=varlen,
         PREFETCH=dh_prefetch(BK) if prefetch is None else prefetch, QDO_INLINE=inline,

@@ -271,9 +271,38 @@ def test_chunk_bwd_key_column_blocks(case, variant, block, monkeypatch):
         assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
+def test_prep_per_value_head_pruned(monkeypatch):
+    """The per-value-head prep is a candidate only with GVA and where the prep forms Tm (no
+    saved Tm); one config (the first) without autotuning."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    per_hv = lambda kept: [c.kwargs["PER_HV"] for c in kept]  # noqa: E731
+    configs = cb._BWD_PREP_CONFIGS
+    monkeypatch.setattr(cb, "AUTOTUNE", True)
+    assert per_hv(cb._prune_bwd_prep(configs, {}, H=2, HV=4, HAS_TM=False)) == [0, 1]
+    assert per_hv(cb._prune_bwd_prep(configs, {}, H=2, HV=4, HAS_TM=True)) == [0]
+    assert per_hv(cb._prune_bwd_prep(configs, {}, H=4, HV=4, HAS_TM=False)) == [0]
+    monkeypatch.setattr(cb, "AUTOTUNE", False)
+    assert per_hv(cb._prune_bwd_prep(configs, {}, H=2, HV=4, HAS_TM=False)) == [0]
+
+
+def test_grad_vq_configs_pruned_to_k(monkeypatch):
+    """The vq launch's 4-warp configs alone at K <= 128, every config above; the first alone
+    without autotuning."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    configs = cb._GRAD_VQ_CONFIGS
+    shape = lambda kept: [(c.num_warps, c.num_stages) for c in kept]  # noqa: E731
+    monkeypatch.setattr(cb, "AUTOTUNE", True)
+    assert shape(cb._prune_grad_vq(configs, {}, K=128)) == [(4, 2)]
+    assert shape(cb._prune_grad_vq(configs, {}, K=256)) == [(8, 1), (4, 2)]
+    monkeypatch.setattr(cb, "AUTOTUNE", False)
+    assert shape(cb._prune_grad_vq(configs * 2, {}, K=128)) == [(8, 1)]
+
+
 def test_grad_k_configs_pruned_to_k():
     """Each dk config's column block clamped to the next power of two of K, duplicates
-    dropped; one config (the first) without autotuning."""
+    dropped, the narrower blocks only at K > 128; one config (the first) without autotuning."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     configs = cb._GRAD_K_CONFIGS
@@ -282,9 +311,8 @@ def test_grad_k_configs_pruned_to_k():
         assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [
             (128, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
         assert blocks(cb._prune_grad_k(configs, {}, K=100)) == [
-            (128, 8, 1, None), (64, 8, 1, 128), (128, 8, 2, None), (64, 8, 2, None)]
-        assert blocks(cb._prune_grad_k(configs, {}, K=32)) == [
-            (32, 8, 1, None), (32, 8, 1, 128), (32, 8, 2, None)]
+            (128, 8, 1, None), (128, 8, 2, None)]
+        assert blocks(cb._prune_grad_k(configs, {}, K=32)) == [(32, 8, 1, None), (32, 8, 2, None)]
     else:
         assert blocks(cb._prune_grad_k(configs, {}, K=256)) == [(128, 8, 1, None)]
 
@@ -321,10 +349,11 @@ def test_dh_pass_qdo_either_source(case, prefetch, inline, monkeypatch):
     """The reverse pass forming each chunk's (scale q e^gc)^T do from q and do itself, the qdo
     launch storing only the key decay (QDO_INLINE), or reading it from the qdo launch through
     the dh buffer; with its per-step loads issued a step ahead or not; packed sequences, GVA,
-    the l2-norm, with and without the final-state gradient."""
+    the l2-norm, with and without the final-state gradient. (The launcher's choice, which
+    these few heads would not make, is forced.)"""
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
-    monkeypatch.setattr(cb, "QDO_INLINE", inline)
+    monkeypatch.setattr(cb, "qdo_inline", lambda BK, par_class: inline)
     monkeypatch.setattr(cb, "DH_PREFETCH_MAX_K", 1 << 20 if prefetch else 0)
     stored = []
     launch_qdo = cb.launch_qdo
@@ -341,6 +370,22 @@ def test_dh_pass_qdo_either_source(case, prefetch, inline, monkeypatch):
     rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
+def test_qdo_inline_where_the_wide_pass_runs(monkeypatch):
+    """The pass forms qdo itself at K <= 128 outside the narrow parallelism class (where the
+    4-warp, 16-column launch got slower with it), and nowhere with QDO_INLINE off."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+    from megatron_gdn.kernels.gated_delta_rule.chunk_fwd import _parallelism_class
+
+    monkeypatch.setattr(cb, "QDO_INLINE", True)
+    # S2 (one sequence, 16 value heads), S3 (2 x 32), S1 (4 x 16), K = 256
+    assert not cb.qdo_inline(128, _parallelism_class(1 * 16))
+    assert cb.qdo_inline(128, _parallelism_class(2 * 32))
+    assert cb.qdo_inline(128, _parallelism_class(4 * 16))
+    assert not cb.qdo_inline(256, 2)
+    monkeypatch.setattr(cb, "QDO_INLINE", False)
+    assert not cb.qdo_inline(128, 2)
 
 
 def test_chunk_bwd_catches_a_wrong_gradient():
