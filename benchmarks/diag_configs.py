@@ -61,7 +61,9 @@ def one(case_name, dh, state, grad_pin="auto"):
         # BV:warps:stages for both gradient launches, [:BK[:maxnreg]] for the dk launch's
         # key-column block (and a register cap; without BK the pruning gives 128); two copies:
         # the dk launch prunes
-        chunk_bwd._bwd_grad_vq_kernel.configs = [_config(grad_pin, extra=())]
+        vq = _config(grad_pin, extra=())
+        vq.kwargs["SPLIT_DQ"] = 0  # dq's product in the first V loop, as the fixed config
+        chunk_bwd._bwd_grad_vq_kernel.configs = [vq]
         chunk_bwd._bwd_grad_k_kernel.configs = [_config(grad_pin, extra=("BK", "maxnreg"))] * 2
     cases = {c.id: c for c in t.GPU_CASES + t.CASES + t.REAL_CASES}
     if case_name in ("S2", "S3", "S4"):

@@ -501,6 +501,17 @@ def _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, p_r, m_t, L2: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(x, x_rstd, p_x, m_tk, p_r, m_t, L2: tl.constexpr):
+    """q or k rows of a chunk as a dot operand, in their dtype (l2-normalised if L2, rounded
+    once as _load_qk does)."""
+    b_x = tl.load(x + p_x, mask=m_tk, other=0.0)
+    if L2:
+        rstd = tl.load(x_rstd + p_r, mask=m_t, other=0.0)
+        b_x = (b_x.to(tl.float32) * rstd[:, None]).to(b_x.dtype)
+    return b_x
+
+
+@triton.jit
 def _gram_qk(q, k, q_rstd, k_rstd, p_r, m_t, K: tl.constexpr, BKC: tl.constexpr,
              L2: tl.constexpr):
     """k k^T and q k^T of a chunk ([64, 64] float32, l2-normalised if L2), accumulated over
@@ -571,19 +582,29 @@ def _exclusive_cumsum(x):
 # S4 on the H100 (benchmarks/logs/2026-12-07-h100-s10/kernels-s4.log), 4 warps at two stages
 # everywhere else. (BV 128 at 8 warps, one step over V = 128 with 255 registers and no spills
 # offline, was tried in the thirteenth session and not picked at S1-S3 on the H100.)
-_GRAD_VQ_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1),
-                    triton.Config({"BV": 64}, num_warps=4, num_stages=2)]
+# SPLIT_DQ (fifteenth session, not yet timed on a GPU): dq's do h^T in a second V loop. Offline
+# (sm_90a, bf16, K = V = 128, 4 warps / two stages) 24 B of spills per thread instead of 296
+# (636 before the post-loop reordering of the same session), 64 KB of shared memory instead
+# of 96; at K = 256 / V = 512 the 4-warp launch spills 1.4-2 KB either way and 8 warps none.
+_GRAD_VQ_CONFIGS = [triton.Config({"BV": 64, "SPLIT_DQ": 0}, num_warps=8, num_stages=1),
+                    triton.Config({"BV": 64, "SPLIT_DQ": 0}, num_warps=4, num_stages=2),
+                    triton.Config({"BV": 64, "SPLIT_DQ": 1}, num_warps=4, num_stages=2)]
 
 
 def _prune_grad_vq(configs, named_args, **kwargs):
     """At K <= 128 the 4-warp configs alone (4 warps at two stages was the pick at S1-S3 and
-    at the layer's Qwen3-Next shape in every GPU log since run 8; timing the other took ~2.5 s
-    of the layer's first call, H100, fifteenth session); every config at K > 128; the first
-    only when not autotuning (the fixed config, as before)."""
+    at the layer's Qwen3-Next shape in every GPU log since run 8; timing the 8-warp one took
+    ~2.5 s of the layer's first call, H100, fifteenth session), with dq's product in the first
+    V loop or a second (SPLIT_DQ); above, the configs without SPLIT_DQ (which does not take
+    the 4-warp launch's spills away there); the first only when not autotuning (the fixed
+    config, as before)."""
     K = named_args.get("K", kwargs.get("K"))
     kept = distinct(configs)  # a pin or the fixed config comes listed twice
-    if AUTOTUNE and _pow2(K) <= 128:
-        kept = [c for c in kept if c.num_warps == 4] or kept
+    if AUTOTUNE:
+        if _pow2(K) <= 128:
+            kept = [c for c in kept if c.num_warps == 4] or kept
+        else:
+            kept = [c for c in kept if not c.kwargs.get("SPLIT_DQ")] or kept
     return kept if AUTOTUNE else kept[:1]
 
 # _bwd_grad_k_kernel also takes its key-column block BK from the config (K wider than BK runs
@@ -636,7 +657,9 @@ def _prune_grad_k(configs, named_args, **kwargs):
 
 @autotune_or_fixed(
     configs=_GRAD_VQ_CONFIGS,
-    interpret_config=triton.Config({"BV": 32}, num_warps=4, num_stages=1),
+    # 32 columns: the tests cross V blocks; dq's product in its own loop (both ways pinned:
+    # tests/kernels/test_chunk_bwd.py::test_grad_vq_dq_loop)
+    interpret_config=triton.Config({"BV": 32, "SPLIT_DQ": 1}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "L2", "IS_VARLEN", "LOOP_G"],
     prune_configs_by={"early_config_prune": _prune_grad_vq},
 )
@@ -647,7 +670,7 @@ def _bwd_grad_vq_kernel(
     cu_seqlens, chunk_indices, T, NT_SEQ,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BKC: tl.constexpr, BV: tl.constexpr, L2: tl.constexpr,
-    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr,
+    HAS_G: tl.constexpr, IS_VARLEN: tl.constexpr, LOOP_G: tl.constexpr, SPLIT_DQ: tl.constexpr,
 ):
     """The first half of the gradients, per (chunk, value head) (LOOP_G = 1) or (chunk, key
     head) (LOOP_G = G), everything that reduces over V through do, v_new and dvb:
@@ -655,7 +678,11 @@ def _bwd_grad_vq_kernel(
     (s e^gc do h^T + Ds k). Stores for _bwd_grad_k_kernel the two C x C matrices dk needs,
     pm = Ds (into `pm`) and bE + bE^T (into `m2`), both [B, T, HV, 64] in q's dtype, and writes
     the parts of dg and dbeta that are known here (pairs X of Ds and E; a = q . dq_inter;
-    rowsum(v dvb) + rowsum(E k k^T)); the second launch adds its own."""
+    rowsum(v dvb) + rowsum(E k k^T)); the second launch adds its own.
+
+    SPLIT_DQ (the config's): do h^T, dq's [64, BK] accumulator, in a second V loop after the C x C
+    matrices are stored (do read twice, from L2 the second time), instead of beside Ds and dA
+    in the first: at 4 warps the one loop's three accumulators spill (sm_90a)."""
     i_c, i_p = tl.program_id(0), tl.program_id(1)
     OH: tl.constexpr = HV // LOOP_G
     i_h, eos, t0, r, t_r, m_t, o_k, m_k, m_tk, p_qk, causal = _grad_rows(
@@ -680,10 +707,11 @@ def _bwd_grad_vq_kernel(
             b_do = tl.load(do + p_tv, mask=m_tv, other=0.0)
             b_vn = tl.load(v_new + p_tv, mask=m_tv, other=0.0)
             b_dv2 = tl.load(dv2 + p_tv, mask=m_tv, other=0.0)
-            b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
-                          mask=m_k[:, None] & m_v[None, :], other=0.0)
             b_ds += tl.dot(b_do, tl.trans(b_vn))
-            b_dqi += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+            if not SPLIT_DQ:
+                b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
+                              mask=m_k[:, None] & m_v[None, :], other=0.0)
+                b_dqi += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
             b_dvb = tl.dot(b_tmt, b_dv2)
             b_da += tl.dot(b_dvb.to(b_vn.dtype), tl.trans(b_vn))
             tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
@@ -703,24 +731,41 @@ def _bwd_grad_vq_kernel(
         b_kk, b_qk = _gram_qk(q, k, q_rstd, k_rstd, t_r * H + i_h, m_t, K, BKC, L2)
         b_x = tl.where(lower, b_pm * b_qk + b_be * b_kk, 0.0)
         b_db += tl.sum(b_e * b_kk, 1)
-        b_q, b_k, b_qn, b_kn = _load_qk(q, k, q_rstd, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
-        e_gc = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0))
-        dq_hv = b_dqi * (e_gc * scale)[:, None]
-        b_a = tl.sum(b_qn * dq_hv, 1)
-        dq_hv += tl.dot(b_pm.to(b_k.dtype), b_k)
-        # dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j] over this launch's terms
+        # dg_r = sum_{i >= r} a_i + sum_{i >= r, j < r} X[i, j] over this launch's terms: X's
+        # part first (X dead before dq's accumulator is needed)
         b_y = tl.cumsum(b_x, 0, reverse=True)
-        b_dg = (tl.sum(tl.where(r[None, :] < r[:, None], b_y, 0.0), 1)
-                + tl.cumsum(b_a, 0, reverse=True))
+        b_dg = tl.sum(tl.where(r[None, :] < r[:, None], b_y, 0.0), 1)
+        if SPLIT_DQ:
+            for i_v in range(0, tl.cdiv(V, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < V
+                b_do = tl.load(do + (t_r[:, None] * HV + i_hv) * V + o_v[None, :],
+                               mask=m_t[:, None] & m_v[None, :], other=0.0)
+                b_h = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
+                              mask=m_k[:, None] & m_v[None, :], other=0.0)
+                b_dqi += tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
+        # a_i = q_i . (s e^gc_i do_i h^T) with the normalised q, from the raw rows and a row
+        # scale
+        e_gcs = tl.exp(tl.load(gc + t_r * HV + i_hv, mask=m_t, other=0.0)) * scale
+        a_scale = e_gcs
+        if L2:
+            a_scale = a_scale * tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        b_a = tl.sum(tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32) * b_dqi, 1) * a_scale
+        b_dg += tl.cumsum(b_a, 0, reverse=True)
         tl.store(dg + t_r * HV + i_hv, b_dg, mask=m_t)
         tl.store(dbeta + t_r * HV + i_hv, b_db, mask=m_t)
+        b_k = _load_rows(k, k_rstd, p_qk, m_tk, t_r * H + i_h, m_t, L2)
+        dq_hv = b_dqi * e_gcs[:, None] + tl.dot(b_pm.to(b_k.dtype), b_k)
         if i_g == 0:
             acc_dq = dq_hv
         else:
             acc_dq += dq_hv
 
     if L2:
-        acc_dq = _l2norm_bwd(acc_dq, b_qn, tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0))
+        # the normalised q rows again (from L2), rather than kept live through the group loop
+        rq = tl.load(q_rstd + t_r * H + i_h, mask=m_t, other=0.0)
+        b_qn = tl.load(q + p_qk, mask=m_tk, other=0.0).to(tl.float32) * rq[:, None]
+        acc_dq = _l2norm_bwd(acc_dq, b_qn, rq)
     tl.store(dq + (t_r[:, None] * OH + i_p) * K + o_k[None, :], acc_dq.to(dq.dtype.element_ty),
              mask=m_tk)
 

@@ -286,18 +286,44 @@ def test_prep_per_value_head_pruned(monkeypatch):
     assert per_hv(cb._prune_bwd_prep(configs, {}, H=2, HV=4, HAS_TM=False)) == [0]
 
 
+@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=lambda c: c.id)
+def test_grad_vq_dq_loop(case, split, monkeypatch):
+    """The vq launch with dq's do h^T accumulated in its first V loop beside Ds and dA
+    (SPLIT_DQ = 0, the fixed config's way) or in a second loop (1, the interpreter's config),
+    each pinned as the launch's only config (on the GPU too, where the suite runs the fixed
+    config otherwise)."""
+    import triton
+
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    config = triton.Config({"BV": 32, "SPLIT_DQ": split}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(cb._bwd_grad_vq_kernel, "configs", [config])
+    monkeypatch.setattr(cb._bwd_grad_vq_kernel, "cache", {})
+    x = make_inputs(case)
+    expected = reference_grads(x, case)
+    actual = run_backward(x, case, torch.float32)
+    assert cb._bwd_grad_vq_kernel.best_config is config
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    for name in expected:
+        assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
 def test_grad_vq_configs_pruned_to_k(monkeypatch):
     """The vq launch's 4-warp configs alone at K <= 128, every config above; the first alone
     without autotuning."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     configs = cb._GRAD_VQ_CONFIGS
-    shape = lambda kept: [(c.num_warps, c.num_stages) for c in kept]  # noqa: E731
+
+    def shape(kept):
+        return [(c.num_warps, c.num_stages, c.kwargs["SPLIT_DQ"]) for c in kept]
+
     monkeypatch.setattr(cb, "AUTOTUNE", True)
-    assert shape(cb._prune_grad_vq(configs, {}, K=128)) == [(4, 2)]
-    assert shape(cb._prune_grad_vq(configs, {}, K=256)) == [(8, 1), (4, 2)]
+    assert shape(cb._prune_grad_vq(configs, {}, K=128)) == [(4, 2, 0), (4, 2, 1)]
+    assert shape(cb._prune_grad_vq(configs, {}, K=256)) == [(8, 1, 0), (4, 2, 0)]
     monkeypatch.setattr(cb, "AUTOTUNE", False)
-    assert shape(cb._prune_grad_vq(configs * 2, {}, K=128)) == [(8, 1)]
+    assert shape(cb._prune_grad_vq(configs * 2, {}, K=128)) == [(8, 1, 0)]
 
 
 def test_grad_k_configs_pruned_to_k():

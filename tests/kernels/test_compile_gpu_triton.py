@@ -80,6 +80,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
             build(cb._bwd_dh_kernel, dict(base, BK=K, USE_DHT=True, USE_H0=True,
                                          PREFETCH=prefetch, QDO_INLINE=inline), dtype)
     build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1), dtype)
+    # dq's product in a second V loop (the configs above take it in the first)
+    build(cb._bwd_grad_vq_kernel, dict(base, BK=K, BKC=64, LOOP_G=1, BV=64, SPLIT_DQ=1), dtype,
+          warps=4)
     for bk in (K, K // 2):  # one block; key-column blocks
         build(cb._bwd_grad_k_kernel, dict(base, BK=bk, BV=64, LOOP_G=2 if bk == K else 1), dtype,
               warps=8)
