@@ -337,6 +337,10 @@ def main():
                    help="also time ours with the reverse state pass's source of (scale q e^gc)^T do "
                         "switched (chunk_bwd.QDO_INLINE): rows ours[_keep]_qdo_launch (the "
                         "parallel launch storing it) or ours[_keep]_qdo_inline")
+    p.add_argument("--ab-overlap", action="store_true",
+                   help="also time ours with the backward's recomputing state pass on the "
+                        "caller's stream before the reverse pass instead of beside it "
+                        "(chunk_bwd.OVERLAP_STREAMS switched): row ours_in_line (or ours_overlap)")
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
                         "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
@@ -441,15 +445,16 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
-        def timed_with(switch, value, suffix):
-            """ours (and ours_keep) again with chunk_bwd's module switch set to value."""
+        def timed_with(switch, value, suffix, keep=True):
+            """ours (and ours_keep, unless not keep) again with chunk_bwd's module switch set
+            to value."""
             from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
             saved = getattr(chunk_bwd, switch)
             setattr(chunk_bwd, switch, value)
             try:
                 timed(f"ours_{suffix}", ours)
-                if not args.keep_states:
+                if keep and not args.keep_states:
                     timed(f"ours_keep_{suffix}", ours_keep)
             finally:
                 setattr(chunk_bwd, switch, saved)
@@ -462,6 +467,12 @@ def main():
 
             on = chunk_bwd.QDO_INLINE
             timed_with("QDO_INLINE", not on, "qdo_launch" if on else "qdo_inline")
+        if args.ab_overlap:
+            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
+            on = chunk_bwd.OVERLAP_STREAMS
+            # the states kept: no state pass in the backward, nothing to overlap
+            timed_with("OVERLAP_STREAMS", not on, "in_line" if on else "overlap", keep=False)
         if args.ab_split_group and shape[3] > shape[2]:
             timed_with("SPLIT_GROUP", False, "one_group_program")
         if not over_budget():
@@ -548,7 +559,7 @@ def main():
     if stages:
         # --bwd-stages: the backward launch by launch (profile_chunk_bwd.backward_stages)
         names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "dh_no_prefetch", "dh_qdo_inline",
-                 "grads", "bwd_total")
+                 "state_dh", "state_dh_overlap", "grads", "bwd_total")
         lines += ["", "| shape | " + " | ".join(f"{n} ms" for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for sid, st in stages.items():

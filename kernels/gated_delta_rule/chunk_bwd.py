@@ -46,7 +46,8 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
 Launches: (1) prep, per (chunk, key head) or (chunk, value head) (autotuned): Tm (stored in
 v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
-(1), when the forward kept them: `states`); (3) qdo, per (chunk, value
+(1), when the forward kept them: `states`; on a GPU on a side stream beside (3) and (4), which
+do not read its outputs: OVERLAP_STREAMS); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token
 (the key decay alone, per (chunk, value head), under QDO_INLINE);
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
@@ -67,7 +68,8 @@ import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
-from .chunk_fwd import ChunkLayout, _parallelism_class, _unit_lower_inverse, chunk_state_fwd
+from .chunk_fwd import (ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse,
+                        chunk_state_fwd)
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
 
@@ -935,6 +937,27 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+# the backward's recomputing state pass on a side stream beside the reverse state pass (True),
+# or after it on the caller's stream (False; always so on CPU tensors, with the states kept, and
+# under CUDA graph capture): a module switch for benchmarks/bench_kernels.py --ab-overlap. Both
+# passes are sequential over chunks with few programs (S2: 128 each, four warps), each leaving
+# most of an SM idle; they read the prep's outputs and nothing of each other's. On by default
+# from its prediction, not yet timed on a GPU (benchmarks/RESULTS.md, "Changes after run 13")
+OVERLAP_STREAMS = True
+_SIDE_STREAMS = {}
+
+
+def _side_stream(x: torch.Tensor, force: bool = False):
+    """The side stream of x's device for the recomputing state pass, or None where it runs in
+    line (OVERLAP_STREAMS off unless force, CPU tensors, a CUDA graph being captured)."""
+    if not ((OVERLAP_STREAMS or force) and x.is_cuda) or torch.cuda.is_current_stream_capturing():
+        return None
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
 # the gradient stage per value head (True) or per key head over its G value heads (False): a
 # module switch for benchmarks/bench_kernels.py --ab-split-group. Per key head was 0.30 ms
 # slower at S3 on an H100 (run 11), and per key head in the dk launch alone 0.32 ms (that
@@ -1029,6 +1052,39 @@ def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
         PREFETCH=dh_prefetch(BK) if prefetch is None else prefetch, QDO_INLINE=inline,
         L2=q_rstd is not None,
     )
+
+
+def launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, initial_state,
+                        scale, layout: ChunkLayout, g=None, overlap: Optional[bool] = None):
+    """The backward's forward state pass again (h per chunk and v_new, returned) and the
+    reverse one (launch_dh: dh, dv_local -> dv_new in dv, dh0), from the prep's w, u and
+    dv_local. overlap (None: _side_stream decides): the forward pass on a side stream beside
+    the reverse one, joined before returning; else one after the other."""
+    side = None if overlap is False else _side_stream(q, force=bool(overlap))
+    if side is None:
+        h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
+        launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g)
+        return h, v_new
+    main = torch.cuda.current_stream(q.device)
+    # h and v_new allocated here, on the caller's stream: its memory pool, not the side
+    # stream's (whose cached blocks the caller's allocations could not reuse)
+    h = torch.empty(layout.num_chunks, w.shape[2], k.shape[3], u.shape[3], dtype=k.dtype,
+                    device=k.device)
+    v_new = torch.empty_like(u)
+    prepared = torch.cuda.Event()
+    prepared.record(main)
+    # the reverse pass first: a first call's autotuning of it then times it alone
+    launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g)
+    with torch.cuda.stream(side):
+        side.wait_event(prepared)
+        _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None, u.shape[3],
+                      True)
+    # what the side stream reads or writes may be freed on the caller's stream before the side
+    # stream is done with it (w, u: right after the return)
+    for t in (w, u, h, v_new):
+        t.record_stream(side)
+    main.wait_stream(side)
+    return h, v_new
 
 
 def launch_grads(q, k, v, g, gc, beta, q_rstd, k_rstd, tm, h, dh, v_new, dv2, do,
@@ -1166,16 +1222,18 @@ def chunk_gated_delta_rule_bwd(
                 has_tm)
 
     # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
+    # and 3. the reverse state pass (dv_local -> dv_new in dv_buf): independent of each other
+    # (the reverse pass reads w, dv_local, k, q, do, never h or v_new), so on a GPU the forward
+    # pass runs on a side stream beside the reverse one (overlap_streams)
+    dh = torch.empty(layout.num_chunks, HV, K, V, dtype=k.dtype, device=dev)
+    dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     if states is None:
-        h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
+        h, v_new = launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0,
+                                       initial_state, scale, layout, g)
         del u
     else:
         h, v_new = states
-
-    # 3. reverse state pass (dv_local -> dv_new in dv_buf)
-    dh = torch.empty_like(h)
-    dh0 = torch.empty_like(initial_state) if initial_state is not None else None
-    launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale, layout, g)
+        launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv_buf, dht, dh, dh0, scale, layout, g)
     del w
 
     # 4. gradients

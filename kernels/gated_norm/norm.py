@@ -7,6 +7,8 @@ the output written in place.
 
     y = x * rsqrt(mean(x^2) + eps) * weight * silu(z)
 """
+import os
+import time
 from typing import Callable, Optional
 
 import torch
@@ -232,9 +234,15 @@ def _backward_config(key, launch, time_ms=None):
         return BWD_CONFIGS[0] if key[1] == 1 else BWD_CONFIGS[-1]
     if key not in _BWD_TUNED:
         time_ms = time_ms or _cuda_ms
+        start = time.perf_counter()
         # with the sum of the dw partials: one row per block is 25-100 MB at GDN 1.3B
         times = [time_ms(lambda c=config: launch(c).sum(0)) for config in BWD_CONFIGS]
         _BWD_TUNED[key] = BWD_CONFIGS[times.index(min(times))]
+        if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+            # beside Triton's own autotuning reports (a new shape's first-call breakdown)
+            print(f"gated norm backward tuned for {key[:-1]} in {time.perf_counter() - start:.2f}s: "
+                  f"{_BWD_TUNED[key]} of {len(BWD_CONFIGS)} (ms: "
+                  f"{', '.join(f'{t:.3f}' for t in times)})", flush=True)
     return _BWD_TUNED[key]
 
 

@@ -151,15 +151,26 @@ def run_backward(x, case: Case, dtype: torch.dtype, pass_g: bool = True,
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_chunk_bwd_vs_recurrence(case):
+def check_backward(case: Case, **variant):
+    """run_backward in fp32 on fresh inputs against the fp64 recurrence: every gradient."""
     x = make_inputs(case)
     expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32)
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
+    actual = run_backward(x, case, torch.float32, **variant)
     assert set(actual) == set(expected)
+    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
     for name in expected:
         assert_close(actual[name], expected[name], rel, f"d{name}")
+
+
+def pin(monkeypatch, kernel, config):
+    """config as kernel's only one (no pick cached from earlier tests) for the test."""
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunk_bwd_vs_recurrence(case):
+    check_backward(case)
 
 
 # variants of the backward against the same reference:
@@ -172,12 +183,7 @@ def test_chunk_bwd_vs_recurrence(case):
     (CASES[2], dict(split_group=False)), (CASES[3], dict(split_group=False)),
 ], ids=lambda x: x.id if isinstance(x, Case) else "-".join(f"{k}={v}" for k, v in x.items()))
 def test_chunk_bwd_variants(case, variant):
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, **variant)
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
+    check_backward(case, **variant)
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6]], ids=lambda c: c.id)
@@ -193,9 +199,8 @@ def test_chunk_bwd_prep_per_value_head(case, monkeypatch):
     per_key = run_backward(x, case, torch.float32)
 
     def use(per_hv):
-        monkeypatch.setattr(cb._bwd_prep_kernel, "configs",
-                            [triton.Config({"PER_HV": per_hv}, num_warps=4, num_stages=1)])
-        monkeypatch.setattr(cb._bwd_prep_kernel, "cache", {})
+        pin(monkeypatch, cb._bwd_prep_kernel,
+            triton.Config({"PER_HV": per_hv}, num_warps=4, num_stages=1))
 
     use(1)
     expected = reference_grads(x, case)
@@ -260,15 +265,9 @@ def test_chunk_bwd_key_column_blocks(case, variant, block, monkeypatch):
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     config = triton.Config({"BV": 32, "BK": block}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(cb._bwd_grad_k_kernel, "configs", [config])
-    monkeypatch.setattr(cb._bwd_grad_k_kernel, "cache", {})
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32, **variant)
+    pin(monkeypatch, cb._bwd_grad_k_kernel, config)
+    check_backward(case, **variant)
     assert cb._bwd_grad_k_kernel.best_config is config
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
 def test_prep_per_value_head_pruned(monkeypatch):
@@ -298,15 +297,9 @@ def test_grad_vq_dq_loop(case, split, monkeypatch):
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     config = triton.Config({"BV": 32, "SPLIT_DQ": split}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(cb._bwd_grad_vq_kernel, "configs", [config])
-    monkeypatch.setattr(cb._bwd_grad_vq_kernel, "cache", {})
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32)
+    pin(monkeypatch, cb._bwd_grad_vq_kernel, config)
+    check_backward(case)
     assert cb._bwd_grad_vq_kernel.best_config is config
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
 def test_grad_vq_configs_pruned_to_k(monkeypatch):
@@ -356,16 +349,10 @@ def test_dh_pass_key_decay_either_side(case, row_scale, prefetch, monkeypatch):
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
 
     config = triton.Config({"BV": 32, "ROW_SCALE": row_scale}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(cb._bwd_dh_kernel, "configs", [config])
-    monkeypatch.setattr(cb._bwd_dh_kernel, "cache", {})
+    pin(monkeypatch, cb._bwd_dh_kernel, config)
     monkeypatch.setattr(cb, "DH_PREFETCH_MAX_K", 1 << 20 if prefetch else 0)
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32)
+    check_backward(case)
     assert cb._bwd_dh_kernel.best_config is config
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
 @pytest.mark.parametrize("inline", [False, True])
@@ -389,13 +376,8 @@ def test_dh_pass_qdo_either_source(case, prefetch, inline, monkeypatch):
         return launch_qdo(*args, **kwargs)
 
     monkeypatch.setattr(cb, "launch_qdo", spy)
-    x = make_inputs(case)
-    expected = reference_grads(x, case)
-    actual = run_backward(x, case, torch.float32)
+    check_backward(case)
     assert stored == [not inline]
-    rel = INTERP_FP32_REL if DEVICE == "cpu" else TF32_REL
-    for name in expected:
-        assert_close(actual[name], expected[name], rel, f"d{name}")
 
 
 def test_qdo_inline_where_the_wide_pass_runs(monkeypatch):
@@ -412,6 +394,33 @@ def test_qdo_inline_where_the_wide_pass_runs(monkeypatch):
     assert not cb.qdo_inline(256, 2)
     monkeypatch.setattr(cb, "QDO_INLINE", False)
     assert not cb.qdo_inline(128, 2)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="streams: CUDA only")
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=lambda c: c.id)
+def test_state_pass_on_a_side_stream_changes_nothing(case, monkeypatch):
+    """The recomputing state pass on a side stream beside the reverse pass (OVERLAP_STREAMS)
+    gives the same gradients, bit for bit, as the two passes one after the other."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    x = make_inputs(case)
+    results = {}
+    for overlap in (False, True):
+        monkeypatch.setattr(cb, "OVERLAP_STREAMS", overlap)
+        assert (cb._side_stream(x["q"].to(DEVICE)) is not None) == overlap
+        results[overlap] = run_backward(x, case, torch.bfloat16)
+    for name, value in results[False].items():
+        assert torch.equal(results[True][name], value), name
+
+
+def test_side_stream_only_for_cuda_tensors(monkeypatch):
+    """No side stream for CPU tensors or with OVERLAP_STREAMS off: the passes run in line."""
+    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
+
+    monkeypatch.setattr(cb, "OVERLAP_STREAMS", True)
+    assert cb._side_stream(torch.zeros(1)) is None
+    monkeypatch.setattr(cb, "OVERLAP_STREAMS", False)
+    assert cb._side_stream(torch.zeros(1), force=True) is None
 
 
 def test_chunk_bwd_catches_a_wrong_gradient():

@@ -251,10 +251,11 @@ def test_every_backward_config(config, monkeypatch):
                          norm=gate_then_rmsnorm, oracle=naive_gate_then_rmsnorm, groups=8)
 
 
-def test_backward_tuner_picks_the_fastest_once(monkeypatch):
+def test_backward_tuner_picks_the_fastest_once(monkeypatch, capsys):
     """The GPU backward's choice among BWD_CONFIGS, with a stand-in clock: each candidate timed
-    with the sum of the dw partials it returns, the fastest kept per key and not timed again;
-    the fixed choice without autotuning (the persistent launch for grouped norms)."""
+    with the sum of the dw partials it returns, the fastest kept per key and not timed again
+    (reported, as Triton reports its autotuning, under TRITON_PRINT_AUTOTUNING=1); the fixed
+    choice without autotuning (the persistent launch for grouped norms)."""
     monkeypatch.setattr(norm_module, "INTERPRET", False)
     monkeypatch.setattr(norm_module, "AUTOTUNE", True)
     monkeypatch.setattr(norm_module, "_BWD_TUNED", {})
@@ -273,8 +274,11 @@ def test_backward_tuner_picks_the_fastest_once(monkeypatch):
         return cost[launched[-1]]
 
     key = (64, 1, 100, False, torch.float32, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_PRINT_AUTOTUNING", "1")
     assert norm_module._backward_config(key, launch, time_ms) == configs[2]
     assert timed == list(configs)
+    report = capsys.readouterr().out
+    assert f"gated norm backward tuned for {key[:-1]}" in report and str(configs[2]) in report
     assert norm_module._backward_config(key, launch, time_ms) == configs[2] and len(timed) == len(configs)
     monkeypatch.setattr(norm_module, "AUTOTUNE", False)
     assert norm_module._backward_config((64, 1) + key[2:], launch) == configs[0]
