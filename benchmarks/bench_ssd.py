@@ -63,15 +63,17 @@ def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
     return x, dt, A, Bm, Cm
 
 
-def ours(x, dt, A, Bm, Cm, heads=None):
+def ours(x, dt, A, Bm, Cm, heads=None, overlap=True):
     """chunk_scalar_decay on the mixer's v = x dt, g = dt A. heads: up to this many value heads
     per program of the chunk backward (kernels/ssd/chunk.py MAX_HEADS_PER_PROGRAM; None: the
-    default). It is set before the forward and left so: the backward reads it, and every
-    timed or checked call is a forward then its backward."""
+    default); overlap: the backward's state pass again on a side stream (OVERLAP_STREAMS).
+    Both are set before the forward and left so: the backward reads them, and every timed or
+    checked call is a forward then its backward."""
     from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
     ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
+    ssd_chunk.OVERLAP_STREAMS = overlap
     v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
     g = dt * A
     return chunk_scalar_decay(Cm, Bm, v, g, 1.0)[0]
@@ -79,6 +81,10 @@ def ours(x, dt, A, Bm, Cm, heads=None):
 
 def ours_heads(n):
     return lambda *args: ours(*args, heads=n)
+
+
+def ours_in_line(*args):
+    return ours(*args, overlap=False)
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -150,6 +156,9 @@ def main():
     ap.add_argument("--heads-per-program", default="",
                     help="also time ours with up to these many value heads per program of the "
                          "chunk backward, e.g. 8 (comma-separated)")
+    ap.add_argument("--ab-overlap", action="store_true",
+                    help="also time ours with the backward's two state passes one after the other "
+                         "(row ours_in_line; ours runs them on two streams)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
     ap.add_argument("--stages", action="store_true",
@@ -162,6 +171,8 @@ def main():
     impls = {"ours": ours}
     for n in (int(c) for c in args.heads_per_program.split(",") if c):
         impls[f"ours_heads{n}"] = ours_heads(n)
+    if args.ab_overlap:
+        impls["ours_in_line"] = ours_in_line
     if scan is not None:
         for chunk in (int(c) for c in args.mamba_chunks.split(",")):
             impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)
@@ -210,12 +221,15 @@ def main():
         st = row.get("ours_stages")
         if st:
             lines += ["", f"## Ours launch by launch at {shape} (ms, median)", "",
-                      "| cumsum | state | output | fwd total | state again | dh | chunk bwd | group sums | fwd+bwd total |",
-                      "|---|---|---|---|---|---|---|---|---|",
+                      "| cumsum | state | output | fwd total | state again | dh | state again + dh "
+                      "on two streams / in line | chunk bwd | group sums | fwd+bwd total |",
+                      "|---|---|---|---|---|---|---|---|---|---|",
                       "| " + " | ".join(f"{st[k]:.3f}" for k in (
                           "fwd_cumsum_ms", "fwd_state_ms", "fwd_output_ms", "fwd_total_ms",
-                          "bwd_state_again_ms", "bwd_dh_ms", "bwd_chunk_ms", "bwd_group_sums_ms",
-                          "fwd_bwd_total_ms")) + " |"]
+                          "bwd_state_again_ms", "bwd_dh_ms")) + " | "
+                      + f"{st['bwd_state_dh_overlap_ms']:.3f} / {st['bwd_state_dh_in_line_ms']:.3f} | "
+                      + " | ".join(f"{st[k]:.3f}" for k in (
+                          "bwd_chunk_ms", "bwd_group_sums_ms", "fwd_bwd_total_ms")) + " |"]
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,7 +29,8 @@ cat "$OUTDIR/setup.log"
 # the GPU test suite (run as one pytest-xdist job below)
 TESTS_A="tests/kernels/test_gated_delta_rule.py"
 TESTS_B="tests/kernels/test_chunk_bwd.py tests/kernels/test_chunk_internals.py
-  tests/kernels/test_chunk_entry.py tests/kernels/test_errors.py tests/kernels/test_tuning.py"
+  tests/kernels/test_chunk_entry.py tests/kernels/test_errors.py tests/kernels/test_tuning.py
+  tests/kernels/test_streams.py"
 TESTS_C="tests/kernels/test_recurrent.py tests/kernels/test_conv1d.py tests/kernels/test_gated_norm.py
   tests/kernels/test_naive.py"
 TESTS_D="tests/kernels/test_ssd.py tests/layer/test_layer_single.py tests/hybrid/test_attention.py"

@@ -67,9 +67,9 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
+from ..utils.streams import beside
 from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
-from .chunk_fwd import (ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse,
-                        chunk_state_fwd)
+from .chunk_fwd import ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse
 
 __all__ = ["chunk_gated_delta_rule_bwd"]
 
@@ -944,18 +944,6 @@ def _pow2(n: int, lo: int = 16) -> int:
 # most of an SM idle; they read the prep's outputs and nothing of each other's. On by default
 # from its prediction, not yet timed on a GPU (benchmarks/RESULTS.md, "Changes after run 13")
 OVERLAP_STREAMS = True
-_SIDE_STREAMS = {}
-
-
-def _side_stream(x: torch.Tensor, force: bool = False):
-    """The side stream of x's device for the recomputing state pass, or None where it runs in
-    line (OVERLAP_STREAMS off unless force, CPU tensors, a CUDA graph being captured)."""
-    if not ((OVERLAP_STREAMS or force) and x.is_cuda) or torch.cuda.is_current_stream_capturing():
-        return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return _SIDE_STREAMS[index]
 
 
 # the gradient stage per value head (True) or per key head over its G value heads (False): a
@@ -1058,32 +1046,16 @@ def launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, in
                         scale, layout: ChunkLayout, g=None, overlap: Optional[bool] = None):
     """The backward's forward state pass again (h per chunk and v_new, returned) and the
     reverse one (launch_dh: dh, dv_local -> dv_new in dv, dh0), from the prep's w, u and
-    dv_local. overlap (None: _side_stream decides): the forward pass on a side stream beside
-    the reverse one, joined before returning; else one after the other."""
-    side = None if overlap is False else _side_stream(q, force=bool(overlap))
-    if side is None:
-        h, v_new, _ = chunk_state_fwd(k, w, u, gc, layout, initial_state, False, k_rstd=k_rstd)
-        launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g)
-        return h, v_new
-    main = torch.cuda.current_stream(q.device)
-    # h and v_new allocated here, on the caller's stream: its memory pool, not the side
-    # stream's (whose cached blocks the caller's allocations could not reuse)
+    dv_local: on a GPU the forward pass on a side stream beside the reverse one (overlap;
+    None: OVERLAP_STREAMS), else one after the other."""
     h = torch.empty(layout.num_chunks, w.shape[2], k.shape[3], u.shape[3], dtype=k.dtype,
                     device=k.device)
     v_new = torch.empty_like(u)
-    prepared = torch.cuda.Event()
-    prepared.record(main)
-    # the reverse pass first: a first call's autotuning of it then times it alone
-    launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g)
-    with torch.cuda.stream(side):
-        side.wait_event(prepared)
-        _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None, u.shape[3],
-                      True)
-    # what the side stream reads or writes may be freed on the caller's stream before the side
-    # stream is done with it (w, u: right after the return)
-    for t in (w, u, h, v_new):
-        t.record_stream(side)
-    main.wait_stream(side)
+    beside(q.device, OVERLAP_STREAMS if overlap is None else overlap,
+           lambda: launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g),
+           lambda: _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None,
+                                 u.shape[3], True),
+           (w, u, h, v_new))
     return h, v_new
 
 

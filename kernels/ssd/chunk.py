@@ -14,7 +14,8 @@ Forward, three launches:
      store h_c (state entering chunk c), h <- exp(gc_last) h + (k exp(gc_last - gc))^T v.
   3. `_output_fwd_kernel`, per (P block, value head, chunk):
      o = scale ((q exp(gc)) h_c + (exp(gc_i - gc_j) [j <= i] * q k^T) v).
-Backward, two launches (h is recomputed by 2.):
+Backward, two launches (h is recomputed by 2., on a GPU on a side stream beside 4., which does
+not read it: OVERLAP_STREAMS):
   4. `_state_bwd_kernel`, per (N x P block, value head, sequence), reverse over chunks:
      store dh_c (gradient of the state LEAVING chunk c),
      dh <- exp(gc_last) dh + scale (q exp(gc))^T do; what is left at the start is dh0.
@@ -35,12 +36,18 @@ import triton
 import triton.language as tl
 
 from ..gated_delta_rule.chunk_fwd import make_chunk_layout
+from ..utils.streams import beside
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import INTERPRET
 
 __all__ = ["chunk_scalar_decay_triton"]
 
 BT = 64
+# the backward's recomputing state pass on a side stream beside the reverse pass (True) or
+# before it on the caller's stream (False; always so off the GPU and under CUDA graph capture):
+# a module switch for benchmarks/bench_ssd.py --ab-overlap. On from its prediction, not yet
+# timed on a GPU
+OVERLAP_STREAMS = True
 
 
 @triton.jit
@@ -324,13 +331,20 @@ def ssd_cumsum(g, layout):
     return gc
 
 
-def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state):
-    """Returns h [NTC, HV, N, P] (state entering every chunk; `_state_dtype`) and the final
-    state (fp32) or None."""
+def ssd_state_buffer(k, v, layout):
+    """An empty h [NTC, HV, N, P] for ssd_state_fwd (dtype `_state_dtype`)."""
+    N, HV, P = k.shape[3], v.shape[2], v.shape[3]
+    return torch.empty(layout.num_chunks, HV, N, P, dtype=_state_dtype(N, P, k.dtype),
+                       device=k.device)
+
+
+def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, h=None):
+    """Returns h [NTC, HV, N, P] (state entering every chunk; `_state_dtype`; written into h
+    where given, from ssd_state_buffer) and the final state (fp32) or None."""
     B, T, G, N = k.shape
     HV, P = v.shape[2], v.shape[3]
     NS = layout.num_seqs
-    h = torch.empty(layout.num_chunks, HV, N, P, dtype=_state_dtype(N, P, k.dtype), device=k.device)
+    h = ssd_state_buffer(k, v, layout) if h is None else h
     ht = torch.empty(NS, HV, N, P, dtype=torch.float32, device=k.device) if output_final_state else None
     BN, BP = _state_blocks(N, P, HV, NS)
     cu, _, offs, T_, nts, varlen = layout.kernel_args()
@@ -400,8 +414,16 @@ def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: i
 
 
 def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    h, _ = ssd_state_fwd(k, v, gc, layout, initial_state, False)
-    dh, dh0 = ssd_state_bwd(q, do, gc, h, dht, initial_state is not None, scale, layout)
+    # the states again and the reverse pass read nothing of each other's: on a GPU the first
+    # on a side stream beside the second (OVERLAP_STREAMS)
+    h = ssd_state_buffer(k, v, layout)
+    grads = []
+    beside(q.device, OVERLAP_STREAMS,
+           lambda: grads.extend(ssd_state_bwd(q, do, gc, h, dht, initial_state is not None,
+                                              scale, layout)),
+           lambda: ssd_state_fwd(k, v, gc, layout, initial_state, False, h=h),
+           (h,))
+    dh, dh0 = grads
     dq_h, dk_h, dv, dg = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout)
     dq, dk = ssd_group_sums(dq_h, dk_h, q.shape[2], q.dtype, k.dtype)
     return dq, dk, dv, dg, dh0

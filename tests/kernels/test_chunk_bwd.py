@@ -407,20 +407,9 @@ def test_state_pass_on_a_side_stream_changes_nothing(case, monkeypatch):
     results = {}
     for overlap in (False, True):
         monkeypatch.setattr(cb, "OVERLAP_STREAMS", overlap)
-        assert (cb._side_stream(x["q"].to(DEVICE)) is not None) == overlap
         results[overlap] = run_backward(x, case, torch.bfloat16)
     for name, value in results[False].items():
         assert torch.equal(results[True][name], value), name
-
-
-def test_side_stream_only_for_cuda_tensors(monkeypatch):
-    """No side stream for CPU tensors or with OVERLAP_STREAMS off: the passes run in line."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
-
-    monkeypatch.setattr(cb, "OVERLAP_STREAMS", True)
-    assert cb._side_stream(torch.zeros(1)) is None
-    monkeypatch.setattr(cb, "OVERLAP_STREAMS", False)
-    assert cb._side_stream(torch.zeros(1), force=True) is None
 
 
 def test_chunk_bwd_catches_a_wrong_gradient():

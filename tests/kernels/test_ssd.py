@@ -255,14 +255,17 @@ def test_profile_stages_runs_every_launch():
     row = profile_ssd.ssd_stages(1, 70, heads=4, headdim=16, state=16, dtype=torch.float32,
                                  iters=1, warmup=0, device=DEVICE.type)
     for key in ("fwd_cumsum_ms", "fwd_state_ms", "fwd_output_ms", "bwd_dh_ms", "bwd_chunk_ms",
-                "bwd_group_sums_ms", "fwd_total_ms", "fwd_bwd_total_ms"):
+                "bwd_group_sums_ms", "fwd_total_ms", "fwd_bwd_total_ms",
+                "bwd_state_dh_overlap_ms", "bwd_state_dh_in_line_ms"):
         assert row[key] > 0, key
     assert row["group_partials_mb"] == 2 * 70 * 4 // row["heads_per_program"] * 16 * 4 / 1e6
 
 
-def test_backward_pieces_are_the_backward():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_backward_pieces_are_the_backward(overlap, monkeypatch):
     """ssd_bwd is its pieces run in turn (what profile_ssd.py times one by one): the same
-    gradients from the pieces called directly."""
+    gradients, bit for bit, from the pieces called directly; with the states recomputed on a
+    side stream beside the reverse pass (OVERLAP_STREAMS, on a GPU) or in line."""
     from megatron_gdn.kernels.ssd import chunk as sc
 
     if not (CUDA or sc.INTERPRET):
@@ -274,6 +277,7 @@ def test_backward_pieces_are_the_backward():
     g = -torch.rand(B, T, HV, generator=gen).to(DEVICE)
     layout = sc.make_chunk_layout(None, B, T)
     gc = sc.ssd_cumsum(g, layout)
+    monkeypatch.setattr(sc, "OVERLAP_STREAMS", overlap)
     whole = sc.ssd_bwd(q, k, v, gc, 0.5, None, do, None, layout)
     h, _ = sc.ssd_state_fwd(k, v, gc, layout, None, False)
     dh, dh0 = sc.ssd_state_bwd(q, do, gc, h, None, False, 0.5, layout)
