@@ -1,7 +1,8 @@
 """Registers, stack and spills of the backward's gradient kernels on sm_90a, offline (no GPU):
 each kernel compiled for Hopper as tests/hopper_compile.py does, its PTX run through Triton's
 bundled `ptxas -v`. The two launches of the gradient stage (the one-launch kernel they replaced
-took 255 registers and spilled 724 B per thread at K = V = 128), bf16, l2-norm and exact g on, at K = V = 128 and K = 256 / V = 512, BV 64 at 4 and 8 warps.
+took 255 registers and spilled 724 B per thread at K = V = 128), bf16, l2-norm and exact g on, at K = V = 128 and K = 256 / V = 512, BV 64 at 4 and 8 warps, one stage (the vq
+launch with SPLIT_DQ 0 and 1, the dk launch at each key-column block).
 
     env -u TRITON_INTERPRET PYTHONPATH=. python benchmarks/regs_chunk_bwd.py
 
@@ -32,7 +33,8 @@ def main():
         BK = cb._pow2(K)
         constexprs = dict(H=1, HV=2, K=K, V=V, BK=BK, BKC=min(BK, 64), BV=64, L2=True,
                           HAS_G=True, IS_VARLEN=False, LOOP_G=1)
-        variants = [("", constexprs)]
+        # the vq launch: dq's product in the first V loop or a second (its configs' SPLIT_DQ)
+        variants = [(f" (SPLIT_DQ {s})", dict(constexprs, SPLIT_DQ=s)) for s in (0, 1)]
         if name == "_bwd_grad_k_kernel":
             # its key-column blocks (the config's BK, clamped to K); maxnreg is not applied here
             variants = [(f" (BK {bk})", dict(constexprs, BK=bk)) for bk in sorted(
