@@ -340,7 +340,9 @@ def main():
     p.add_argument("--ab-overlap", action="store_true",
                    help="also time ours with the backward's recomputing state pass on the "
                         "caller's stream before the reverse pass instead of beside it "
-                        "(chunk_bwd.OVERLAP_STREAMS switched): row ours_in_line (or ours_overlap)")
+                        "(chunk_bwd.OVERLAP_STREAMS switched): row ours_in_line (or ours_overlap); "
+                        "and overlapped without the reverse pass's register cap "
+                        "(OVERLAP_DH_MAXNREG = 0): row ours_overlap_uncapped")
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
                         "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
@@ -473,6 +475,9 @@ def main():
             on = chunk_bwd.OVERLAP_STREAMS
             # the states kept: no state pass in the backward, nothing to overlap
             timed_with("OVERLAP_STREAMS", not on, "in_line" if on else "overlap", keep=False)
+            if on and chunk_bwd.OVERLAP_DH_MAXNREG:
+                # beside the state pass without the reverse pass's register cap
+                timed_with("OVERLAP_DH_MAXNREG", 0, "overlap_uncapped", keep=False)
         if args.ab_split_group and shape[3] > shape[2]:
             timed_with("SPLIT_GROUP", False, "one_group_program")
         if not over_budget():

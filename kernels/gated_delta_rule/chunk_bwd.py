@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
-from ..utils.streams import beside
+from ..utils.streams import beside, side_stream
 from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
 from .chunk_fwd import ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse
 
@@ -485,6 +485,38 @@ def _bwd_dh_kernel(
                 - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype)))
     if USE_H0:
         tl.store(dh0 + state_off + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
+
+
+# The wide reverse pass (BV 64, 8 warps) takes 236 registers a thread at K = V = 128 (offline,
+# sm_90a, with the qdo product formed in the loop): 60K of an SM's 64K, so the recomputing
+# state pass launched beside it on the side stream (OVERLAP_STREAMS; 112 registers at 4 warps,
+# BV 32, 14K) finds no SM with room until the reverse pass's programs end, and the two run one
+# after the other. Capped at OVERLAP_DH_MAXNREG (192: 8 B of spills a thread offline; 200
+# none, but 8 x 200 + 4 x 112 warps' registers fill the file exactly) one program of each fits
+# an SM (49K + 14K registers, 123 + 82 KB of shared memory). Used only where the two overlap,
+# the wide configs run (parallelism class > 0) and K <= 128; 0 turns it off. Not yet timed on
+# a GPU.
+OVERLAP_DH_MAXNREG = 192
+_DH_CAPPED = {}
+
+
+def _dh_kernel(maxnreg: int):
+    """_bwd_dh_kernel, or its twin whose wide configs are capped at maxnreg registers (built
+    once per cap; the same pruning, key and pin)."""
+    if not maxnreg:
+        return _bwd_dh_kernel
+    if maxnreg not in _DH_CAPPED:
+        wide = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                              maxnreg=maxnreg) for c in _DH_WIDE]
+        _DH_CAPPED[maxnreg] = autotune_or_fixed(
+            configs=wide,
+            interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4,
+                                           num_stages=1),
+            key=["H", "HV", "K", "V", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
+            prune_configs_by=by_parallelism(wide, wide, _dh_shared_bytes),
+            restore_value=["dv", "dh"],
+        )(_bwd_dh_kernel.fn)
+    return _DH_CAPPED[maxnreg]
 
 
 @triton.jit
@@ -1004,22 +1036,24 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
 
 
 def launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout: ChunkLayout,
-              g=None, prefetch: Optional[bool] = None, inline: Optional[bool] = None):
+              g=None, prefetch: Optional[bool] = None, inline: Optional[bool] = None,
+              maxnreg: int = 0):
     """The reverse state pass: dh' of every chunk into dh ([NT, HV, K, V]), dv_local ->
     dv_new in place in dv, dh0 (None: no initial state), from dht (None: no final-state
     gradient). _bwd_qdo_kernel first stores the key decay and, unless the pass forms it
     itself (inline; None: qdo_inline), every chunk's (scale q e^gc)^T do into dh. prefetch:
-    the pass's hand prefetch (None: dh_prefetch)."""
+    the pass's hand prefetch (None: dh_prefetch). maxnreg: the pass's register cap where it
+    runs its wide configs (_dh_kernel; 0: none)."""
     if inline is None:
         inline = qdo_inline(_pow2(q.shape[3]), _parallelism_class(layout.num_seqs * do.shape[2]))
     kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd, store_qdo=not inline)
     launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout, prefetch,
-                   inline)
+                   inline, maxnreg)
 
 
 def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
                    layout: ChunkLayout, prefetch: Optional[bool] = None,
-                   inline: Optional[bool] = None):
+                   inline: Optional[bool] = None, maxnreg: int = 0):
     """_bwd_dh_kernel alone, after launch_qdo (kscale: its key decay; with inline False, dh
     holding its (scale q e^gc)^T do tiles), as launch_dh runs it."""
     _, _, H, K = q.shape
@@ -1032,7 +1066,9 @@ def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
-    _bwd_dh_kernel[grid](
+    # the cap only where the wide configs alone run (the narrow class keeps its own list) and
+    # at K <= 128 (at K = 256 the pass takes 255 registers: a cap would spill a quarter)
+    _dh_kernel(maxnreg if par > 0 and BK <= 128 else 0)[grid](
         k, w, gc, kscale, dv, dht, dh, dh0, q, q_rstd, do, scale,
         cu, co, T_arg, nts, par,
         H=H, HV=HV, K=K, V=V, BK=BK,
@@ -1051,8 +1087,13 @@ def launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, in
     h = torch.empty(layout.num_chunks, w.shape[2], k.shape[3], u.shape[3], dtype=k.dtype,
                     device=k.device)
     v_new = torch.empty_like(u)
-    beside(q.device, OVERLAP_STREAMS if overlap is None else overlap,
-           lambda: launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g),
+    overlap = OVERLAP_STREAMS if overlap is None else overlap
+    # the reverse pass's registers capped where it runs beside the state pass, so that the
+    # two share SMs (OVERLAP_DH_MAXNREG)
+    cap = OVERLAP_DH_MAXNREG if overlap and side_stream(q.device) is not None else 0
+    beside(q.device, overlap,
+           lambda: launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g,
+                             maxnreg=cap),
            lambda: _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None,
                                  u.shape[3], True),
            (w, u, h, v_new))

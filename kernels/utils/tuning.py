@@ -173,7 +173,8 @@ def by_parallelism(narrow, wide, shared_bytes=None):
             args = {**named_args, **kwargs}
             fits = [c for c in kept if shared_bytes(c, args) <= MAX_SHARED_BYTES]
             c = kept[0]
-            kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)]
+            kept = fits or [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1,
+                                          maxnreg=c.maxnreg)]
         # one fixed config (MEGATRON_GDN_AUTOTUNE=0): the first left, nothing timed
         kept = distinct(kept)
         return kept if AUTOTUNE else kept[:1]
