@@ -66,8 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.streams import beside, side_stream
+from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
 from .chunk_fwd import ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse
 
@@ -375,14 +375,20 @@ def qdo_inline(BK: int, par_class: int) -> bool:
     return QDO_INLINE and BK <= 128 and par_class > 0
 
 
-@autotune_or_fixed(
-    configs=_DH_NARROW,
+# the reverse pass's autotuning, also its register-capped twin's (_dh_kernel): the interpreter's
+# config, the key; dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until
+# the pass overwrites it, so autotuning reruns must start from both
+_DH_TUNING = dict(
     interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4, num_stages=1),
     key=["H", "HV", "K", "V", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
-    prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE, _dh_shared_bytes),
-    # dv is updated in place (dv_local -> dv_new) and dh holds (q e^gc)^T do until the pass
-    # overwrites it: autotuning reruns must start from both
     restore_value=["dv", "dh"],
+)
+
+
+@autotune_or_fixed(
+    configs=_DH_NARROW,
+    prune_configs_by=by_parallelism(_DH_NARROW, _DH_WIDE, _dh_shared_bytes),
+    **_DH_TUNING,
 )
 @triton.jit
 def _bwd_dh_kernel(
@@ -509,13 +515,8 @@ def _dh_kernel(maxnreg: int):
         wide = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
                               maxnreg=maxnreg) for c in _DH_WIDE]
         _DH_CAPPED[maxnreg] = autotune_or_fixed(
-            configs=wide,
-            interpret_config=triton.Config({"BV": 32, "ROW_SCALE": True}, num_warps=4,
-                                           num_stages=1),
-            key=["H", "HV", "K", "V", "IS_VARLEN", "USE_DHT", "USE_H0", "PAR_CLASS"],
-            prune_configs_by=by_parallelism(wide, wide, _dh_shared_bytes),
-            restore_value=["dv", "dh"],
-        )(_bwd_dh_kernel.fn)
+            configs=wide, prune_configs_by=by_parallelism(wide, wide, _dh_shared_bytes),
+            **_DH_TUNING)(_bwd_dh_kernel.fn)
     return _DH_CAPPED[maxnreg]
 
 
