@@ -85,17 +85,18 @@ def test_expanded_output_gradients():
 
 
 def _count_state_passes(monkeypatch):
-    """Counts the backward's calls of the forward state pass."""
+    """Counts the backward's launches of the forward state pass (chunk_fwd's launcher as
+    chunk_bwd calls it, beside the reverse pass or in line)."""
     from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
 
     calls = []
-    real = chunk_bwd.chunk_state_fwd
+    real = chunk_bwd._launch_state
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chunk_bwd, "chunk_state_fwd", counting)
+    monkeypatch.setattr(chunk_bwd, "_launch_state", counting)
     return calls
 
 
