@@ -32,7 +32,8 @@
 #                  mamba_ssm autotunes for ~2 minutes)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
-#                  (the layer job's limit LAYER_S, default 240)
+#                  (the layer job's limit LAYER_S, default 330: on a fresh machine Megatron's
+#                  first call alone took 183 s, 2026-12-07)
 #   layer-ours     ours alone, as it is (only with ONLY)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
 #   kernel-suite   the whole GPU test suite of the kernels, the single-GPU layer and the
@@ -131,7 +132,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 \
   --budget-s "$(( $(left) - 25 ))"
 # issue 3: the layer next to Megatron's GDN (fla's kernels inside, autotuned on its first call)
-[ "${SKIP_LAYER:-0}" = 1 ] || timed layer "${LAYER_S:-240}" python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
+[ "${SKIP_LAYER:-0}" = 1 ] || timed layer "${LAYER_S:-330}" python3 benchmarks/bench_layer.py --out "$OUTDIR/layer" \
   --shapes qwen3next --iters 10 --warmup 3
 # ours alone (its first call and timing, no Megatron: that one autotunes fla for ~2.5 minutes)
 [ -z "${ONLY:-}" ] || timed layer-ours 120 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_ours" \
@@ -147,10 +148,11 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
 # checked at S3 and S2 first (KALL_CHECK; in KALL_DTYPES, bf16 by default: "bf16,fp32" adds
 # fp32), and ours again with the latest backward change off (KALL_AB, set empty for no such
-# rows: the dh pass's hand prefetch). A warm machine that ran it once ran it again in 55 s
+# rows: the state pass beside the reverse pass, --ab-overlap). A warm machine that ran it once
+# ran it again in 55 s
 # (2026-12-07: Triton's on-disk cache kept the compiled kernels, and fla's autotuning no longer
 # took ~2 minutes a shape).
-KALL_AB="${KALL_AB---ab-dh-prefetch}"
+KALL_AB="${KALL_AB---ab-overlap}"
 # shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
   --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages $KALL_AB --check \
