@@ -447,11 +447,11 @@ def main():
         if not args.keep_states:
             # the states kept (more memory, no state pass in the backward), beside the default
             timed("ours_keep", ours_keep)
+        from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
+
         def timed_with(switch, value, suffix, keep=True):
             """ours (and ours_keep, unless not keep) again with chunk_bwd's module switch set
             to value."""
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
             saved = getattr(chunk_bwd, switch)
             setattr(chunk_bwd, switch, value)
             try:
@@ -465,13 +465,9 @@ def main():
             # the same two with the reverse state pass's loads left to Triton (no PREFETCH)
             timed_with("DH_PREFETCH_MAX_K", 0, "no_dh_prefetch")
         if args.ab_qdo_inline:
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
             on = chunk_bwd.QDO_INLINE
             timed_with("QDO_INLINE", not on, "qdo_launch" if on else "qdo_inline")
         if args.ab_overlap:
-            from megatron_gdn.kernels.gated_delta_rule import chunk_bwd
-
             on = chunk_bwd.OVERLAP_STREAMS
             # the states kept: no state pass in the backward, nothing to overlap
             timed_with("OVERLAP_STREAMS", not on, "in_line" if on else "overlap", keep=False)

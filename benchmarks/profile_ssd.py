@@ -58,9 +58,8 @@ def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 
     out["bwd_dh_ms"] = t(lambda: sc.ssd_state_bwd(q, do, gc, h, None, False, scale, layout))
     # the two passes as the backward runs them: on two streams (and one after the other)
     for name, overlap in (("bwd_state_dh_overlap_ms", True), ("bwd_state_dh_in_line_ms", False)):
-        out[name] = t(lambda o=overlap: sc.beside(
-            q.device, o, lambda: sc.ssd_state_bwd(q, do, gc, h, None, False, scale, layout),
-            lambda: sc.ssd_state_fwd(k, v, gc, layout, None, False, h=h), (h,)))
+        out[name] = t(lambda o=overlap: sc.ssd_state_and_dh(q, k, v, gc, scale, None, do, None,
+                                                            layout, overlap=o))
     out["bwd_chunk_ms"] = t(lambda: sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout))
     out["bwd_group_sums_ms"] = t(lambda: sc.ssd_group_sums(dq_h, dk_h, groups, q.dtype, k.dtype))
     out["fwd_parts_ms"] = out["fwd_cumsum_ms"] + out["fwd_state_ms"] + out["fwd_output_ms"]

@@ -971,8 +971,8 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 # the backward's recomputing state pass on a side stream beside the reverse state pass (True),
-# or after it on the caller's stream (False; always so on CPU tensors, with the states kept, and
-# under CUDA graph capture): a module switch for benchmarks/bench_kernels.py --ab-overlap. Both
+# or before it on the caller's stream (False; so always on CPU tensors and under CUDA graph
+# capture; with the states kept there is no state pass): a module switch for benchmarks/bench_kernels.py --ab-overlap. Both
 # passes are sequential over chunks with few programs (S2: 128 each, four warps), each leaving
 # most of an SM idle; they read the prep's outputs and nothing of each other's. On by default
 # from its prediction, not yet timed on a GPU (benchmarks/RESULTS.md, "Changes after run 13")
@@ -1238,7 +1238,7 @@ def chunk_gated_delta_rule_bwd(
     # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
     # and 3. the reverse state pass (dv_local -> dv_new in dv_buf): independent of each other
     # (the reverse pass reads w, dv_local, k, q, do, never h or v_new), so on a GPU the forward
-    # pass runs on a side stream beside the reverse one (overlap_streams)
+    # pass runs on a side stream beside the reverse one (OVERLAP_STREAMS)
     dh = torch.empty(layout.num_chunks, HV, K, V, dtype=k.dtype, device=dev)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     if states is None:

@@ -414,16 +414,7 @@ def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: i
 
 
 def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    # the states again and the reverse pass read nothing of each other's: on a GPU the first
-    # on a side stream beside the second (OVERLAP_STREAMS)
-    h = ssd_state_buffer(k, v, layout)
-    grads = []
-    beside(q.device, OVERLAP_STREAMS,
-           lambda: grads.extend(ssd_state_bwd(q, do, gc, h, dht, initial_state is not None,
-                                              scale, layout)),
-           lambda: ssd_state_fwd(k, v, gc, layout, initial_state, False, h=h),
-           (h,))
-    dh, dh0 = grads
+    h, dh, dh0 = ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout)
     dq_h, dk_h, dv, dg = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout)
     dq, dk = ssd_group_sums(dq_h, dk_h, q.shape[2], q.dtype, k.dtype)
     return dq, dk, dv, dg, dh0
@@ -447,6 +438,22 @@ def ssd_state_bwd(q, do, gc, h, dht, want_dh0: bool, scale, layout):
         G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP,
         USE_DHT=dht is not None, STORE_DH0=want_dh0, IS_VARLEN=varlen, num_warps=4)
     return dh, dh0
+
+
+def ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout,
+                     overlap: Optional[bool] = None):
+    """The backward's states again (ssd_state_fwd) and its reverse pass (ssd_state_bwd): h, dh,
+    dh0. They read nothing of each other's: on a GPU the first runs on a side stream beside
+    the second (overlap; None: OVERLAP_STREAMS), else one after the other."""
+    h = ssd_state_buffer(k, v, layout)
+    grads = []
+    beside(q.device, OVERLAP_STREAMS if overlap is None else overlap,
+           lambda: grads.extend(ssd_state_bwd(q, do, gc, h, dht, initial_state is not None,
+                                              scale, layout)),
+           lambda: ssd_state_fwd(k, v, gc, layout, initial_state, False, h=h),
+           (h,))
+    dh, dh0 = grads
+    return h, dh, dh0
 
 
 def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout):
