@@ -65,10 +65,10 @@ def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
 
 def ours(x, dt, A, Bm, Cm, heads=None, overlap=True):
     """chunk_scalar_decay on the mixer's v = x dt, g = dt A. heads: up to this many value heads
-    per program of the chunk backward (kernels/ssd/chunk.py MAX_HEADS_PER_PROGRAM; None: the
-    default); overlap: the backward's state pass again on a side stream (OVERLAP_STREAMS).
-    Both are set before the forward and left so: the backward reads them, and every timed or
-    checked call is a forward then its backward."""
+    per program of the output launch and the chunk backward (kernels/ssd/chunk.py
+    MAX_HEADS_PER_PROGRAM; None: the default); overlap: the backward's state pass again on a
+    side stream (OVERLAP_STREAMS). Both are set before the forward and left so: the backward
+    reads them, and every timed or checked call is a forward then its backward."""
     from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
@@ -155,7 +155,7 @@ def main():
     ap.add_argument("--shapes", default="4x4096,1x16384", help="comma-separated BxT")
     ap.add_argument("--heads-per-program", default="",
                     help="also time ours with up to these many value heads per program of the "
-                         "chunk backward, e.g. 8 (comma-separated)")
+                         "output and chunk-backward launches, e.g. 1 (comma-separated)")
     ap.add_argument("--ab-overlap", action="store_true",
                     help="also time ours with the backward's two state passes one after the other "
                          "(row ours_in_line; ours runs them on two streams)")

@@ -27,8 +27,9 @@ def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 
                groups: int = 1, dtype=torch.bfloat16, iters: int = 20, warmup: int = 3,
                device: str = "cuda", heads_per_program=None) -> dict:
     """ms per launch of our SSD forward and backward, and the totals, at [B, T] tokens.
-    heads_per_program: the chunk backward's cap on value heads per program (None: the
-    default, MEGATRON_GDN_SSD_HEADS_PER_PROGRAM); set here, as bench_ssd.py leaves it set."""
+    heads_per_program: the cap on value heads per program of the output launch and the chunk
+    backward (None: the default, MEGATRON_GDN_SSD_HEADS_PER_PROGRAM); set here, as bench_ssd.py
+    leaves it set."""
     from megatron_gdn.kernels.ssd import chunk as sc
 
     sc.MAX_HEADS_PER_PROGRAM = (sc.DEFAULT_HEADS_PER_PROGRAM if heads_per_program is None

@@ -12,14 +12,15 @@ Forward, three launches:
   2. `_state_fwd_kernel`, per (N x P block, value head, sequence), the state in fp32 registers
      (blocks as small as 32 x 32 when there are few heads and sequences, `_state_blocks`):
      store h_c (state entering chunk c), h <- exp(gc_last) h + (k exp(gc_last - gc))^T v.
-  3. `_output_fwd_kernel`, per (P block, value head, chunk):
+  3. `_output_fwd_kernel`, per (P block, block of value heads of a group, chunk; q k^T once
+     for the block's heads, MAX_HEADS_PER_PROGRAM):
      o = scale ((q exp(gc)) h_c + (exp(gc_i - gc_j) [j <= i] * q k^T) v).
 Backward, two launches (h is recomputed by 2., on a GPU on a side stream beside 4., which does
 not read it: OVERLAP_STREAMS):
   4. `_state_bwd_kernel`, per (N x P block, value head, sequence), reverse over chunks:
      store dh_c (gradient of the state LEAVING chunk c),
      dh <- exp(gc_last) dh + scale (q exp(gc))^T do; what is left at the start is dh0.
-  5. `_chunk_bwd_kernel`, per (block of value heads of a group, chunk; one head by default, see
+  5. `_chunk_bwd_kernel`, per (block of value heads of a group, chunk; up to eight heads by default,
      MAX_HEADS_PER_PROGRAM), whole N and P:
      dq, dk (summed over the block's heads in registers, over the blocks afterwards), dv and
      dg, with
@@ -101,15 +102,20 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
 @triton.jit
 def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
                        G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, IS_VARLEN: tl.constexpr):
-    # one grid axis, in the order (chunk, value head, P block) with the P blocks innermost:
-    # the chunks are not an axis of their own, whose limit of 65535 would cap a call at 4M tokens
+                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    # one program per (P block, block of RB value heads of one group, chunk): q, k and q k^T
+    # are the group's, loaded and multiplied once for the RB heads (at the Mamba2 1.3B shape
+    # all 64 heads share one group). One grid axis, in the order (chunk, head block, P block)
+    # with the P blocks innermost: the chunks are not an axis of their own, whose limit of
+    # 65535 would cap a call at 4M tokens
     NP: tl.constexpr = (P + BP - 1) // BP
+    NRB: tl.constexpr = HV // G // RB
     pid = tl.program_id(0)
     i_p = pid % NP
-    i_hv = (pid // NP) % HV
-    i_c = pid // (NP * HV)
-    i_g = i_hv // (HV // G)
+    i_blk = (pid // NP) % (G * NRB)
+    i_c = pid // (NP * G * NRB)
+    i_g = i_blk // NRB
     i_n, bos, eos, t0 = chunk_bounds(i_c, cu_seqlens, chunk_indices, T, NT_SEQ, BT, IS_VARLEN)
     o_i = tl.arange(0, BT)
     o_t = (t0 + o_i).to(tl.int64)
@@ -120,18 +126,20 @@ def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, N
     m_tp = m_t[:, None] & (o_p < P)[None, :]
     b_q = tl.load(q + (o_t * G + i_g)[:, None] * N + o_n[None, :], mask=m_tn, other=0.)
     b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :], mask=m_tn, other=0.)
-    b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
-    b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
-    b_h = tl.load(h + (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :],
-                  mask=(o_n < N)[:, None] & (o_p < P)[None, :], other=0.)
-    b_qd = (b_q.to(tl.float32) * tl.exp(b_gc)[:, None]).to(b_q.dtype)
-    b_o = tl.dot(b_qd, b_h.to(b_q.dtype))
-    b_s = tl.dot(b_q, tl.trans(b_k))
+    b_qk = tl.dot(b_q, tl.trans(b_k))
     m_s = o_i[:, None] >= o_i[None, :]
-    b_s = b_s * tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf")))
-    b_o += tl.dot(b_s.to(b_v.dtype), b_v)
-    tl.store(o + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], (b_o * scale).to(o.dtype.element_ty),
-             mask=m_tp)
+    for i_r in range(0, RB):
+        i_hv = i_blk * RB + i_r
+        b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
+        b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
+        b_h = tl.load(h + (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :],
+                      mask=(o_n < N)[:, None] & (o_p < P)[None, :], other=0.)
+        # (q e^gc) h = e^gc (q h): the row scale after the dot, in fp32
+        b_o = tl.exp(b_gc)[:, None] * tl.dot(b_q, b_h.to(b_q.dtype))
+        b_s = b_qk * tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf")))
+        b_o += tl.dot(b_s.to(b_v.dtype), b_v)
+        tl.store(o + (o_t * HV + i_hv)[:, None] * P + o_p[None, :],
+                 (b_o * scale).to(o.dtype.element_ty), mask=m_tp)
 
 
 @triton.jit
@@ -177,10 +185,17 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
                       IS_VARLEN: tl.constexpr):
     # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
-    # group's, loaded and multiplied once; dq, dk accumulate over the RB heads in registers and
-    # are stored once per block ([.., G * R / RB, N] fp32), so the per-head partial sums that
-    # the launcher adds up shrink RB-fold (at the Mamba2 1.3B shape, 64 heads of one group: a
-    # [T, 64, 128] fp32 pair of 0.5 GB each at 16K tokens before)
+    # group's, loaded and multiplied once. dq and dk are sums over the heads, and in each
+    # head's part only the decayed pair weights dP differ (k and q are the group's):
+    #     dq = (sum_h dP_h) k + sum_h (scale e^gc_h do_h) h_h^T
+    #     dk = (sum_h dP_h)^T q + sum_h (e^(gc_last - gc_h) v_h) dh_h^T
+    # so the head loop adds dP_h into one [64, 64] fp32 tile and the state parts into the dq /
+    # dk accumulators of its dots; the two pair products with k and q run once per program,
+    # after the loop. The dg terms that read a head's own dq / dk (q . dq^S, k . dk^S) come
+    # from the [64, P] products q h and k dh instead. dq, dk are stored once per block
+    # ([.., G * R / RB, N] fp32), so the partial sums the launcher adds up shrink RB-fold (at
+    # the Mamba2 1.3B shape, 64 heads of one group: a [T, 64, 128] fp32 pair of 0.5 GB each at
+    # 16K tokens with one head per program)
     # one grid axis, (chunk, head block) with the head blocks innermost (no chunk axis of its
     # own: see _output_fwd_kernel)
     NRB: tl.constexpr = HV // G // RB
@@ -199,13 +214,12 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
     p_qk = (o_t * G + i_g)[:, None] * N + o_n[None, :]
     b_q = tl.load(q + p_qk, mask=m_tn, other=0.)
     b_k = tl.load(k + p_qk, mask=m_tn, other=0.)
-    b_qf = b_q.to(tl.float32)
-    b_kf = b_k.to(tl.float32)
     b_qk = tl.dot(b_q, tl.trans(b_k))
     i_last = tl.minimum(t0 + BT, eos) - 1 - t0
     m_s = o_i[:, None] >= o_i[None, :]
     # the diagonal i = j is left out of dg explicitly (below)
     m_strict = o_i[:, None] > o_i[None, :]
+    b_m = tl.zeros([BT, BT], dtype=tl.float32)
     b_dq = tl.zeros([BT, BN], dtype=tl.float32)
     b_dk = tl.zeros([BT, BN], dtype=tl.float32)
     for i_r in range(0, RB):
@@ -218,8 +232,20 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
         b_h = tl.load(h + p_np, mask=m_np, other=0.)
         b_dh = tl.load(dh + p_np, mask=m_np, other=0.)
+        # the parts through the states first, while h and dh are fresh:
+        # dk += (e^(gc_last - gc) v) dh^T; k dh once for dv's state part and
+        # k_j . dk^S_j = sum_p v_jp (e^(gc_last - gc_j) k dh)_jp
+        b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
+        b_dk = tl.dot((b_v.to(tl.float32) * b_e_last[:, None]).to(b_v.dtype),
+                      tl.trans(b_dh.to(b_v.dtype)), b_dk)
+        b_kdh = b_e_last[:, None] * tl.dot(b_k, b_dh.to(b_k.dtype))
+        b_ks = tl.where(m_t, tl.sum(b_v.to(tl.float32) * b_kdh, axis=1), 0.)
         # h, dh are stored in the inputs' dtype (the dots' operand type); <h, dh> in fp32
         b_hdh = tl.sum(tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1), axis=0)
+        # dq += (scale e^gc do) h^T; q_i . dq^S_i = sum_p (scale e^gc_i do_i)_p (q h)_ip
+        b_dos = b_do.to(tl.float32) * (scale * tl.exp(b_gc))[:, None]
+        b_dgc = tl.sum(b_dos * tl.dot(b_q, b_h.to(b_q.dtype)), axis=1)
+        b_dq = tl.dot(b_dos.to(b_do.dtype), tl.trans(b_h.to(b_do.dtype)), b_dq)
 
         b_dec = tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf"))) * scale
         # S_ij = scale e^(gc_i - gc_j) q_i.k_j, dP_ij = scale e^(gc_i - gc_j) do_i.v_j  (j <= i)
@@ -231,24 +257,19 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         # decay (where it dominates) their fp32 difference would swamp the true gradient.
         # Each term is reduced as soon as its tile exists (fewer tiles live at once).
         b_a = tl.where(m_strict, b_qk * b_dov * b_dec, 0.)
-        b_dgc = tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
+        b_dgc += tl.sum(b_a, axis=1) - tl.sum(b_a, axis=0)
+        b_m += b_dov * b_dec
         b_s = (b_qk * b_dec).to(b_do.dtype)
-        b_dp = (b_dov * b_dec).to(b_q.dtype)
-        b_e_last = tl.where(m_t, tl.exp(b_glast - b_gc), 0.)
-        b_kd = (b_kf * b_e_last[:, None]).to(b_do.dtype)
-        b_dv = tl.dot(tl.trans(b_s), b_do) + tl.dot(b_kd, b_dh.to(b_do.dtype))
+        b_dv = tl.dot(tl.trans(b_s), b_do) + b_kdh
         tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
-        b_dq_state = (scale * tl.exp(b_gc))[:, None] * tl.dot(b_do, tl.trans(b_h.to(b_do.dtype)))
-        b_dgc += tl.sum(b_qf * b_dq_state, axis=1)
-        b_dq += tl.dot(b_dp, b_k) + b_dq_state
-        b_dk_state = b_e_last[:, None] * tl.dot(b_v, tl.trans(b_dh.to(b_v.dtype)))
-        b_ks = tl.where(m_t, tl.sum(b_kf * b_dk_state, axis=1), 0.)
-        b_dk += tl.dot(tl.trans(b_dp), b_q) + b_dk_state
         b_dgc = tl.where(m_t, b_dgc, 0.)
         b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
             + tl.exp(b_glast) * b_hdh
         tl.store(dg + o_t * HV + i_hv, b_dg, mask=m_t)
 
+    b_mq = b_m.to(b_q.dtype)
+    b_dq = tl.dot(b_mq, b_k, b_dq)
+    b_dk = tl.dot(tl.trans(b_mq), b_q, b_dk)
     p_hk = (o_t * (HV // RB) + i_blk)[:, None] * N + o_n[None, :]
     tl.store(dq + p_hk, b_dq, mask=m_tn)
     tl.store(dk + p_hk, b_dk, mask=m_tn)
@@ -281,13 +302,20 @@ def _state_blocks(N: int, P: int, HV: int, NS: int) -> Tuple[int, int]:
     return BN, BP
 
 
-# Value heads per program of the chunk backward (at most). More than one shrinks the fp32
-# dq / dk partial sums written per chunk, but carries two [64, N] fp32 accumulators through the
-# head loop: offline (benchmarks/regs_ssd.py, sm_90a, Triton 3.6, 8 warps) N = 128 / P = 64
-# spills 88 B per thread at one head and ~1 KB at 2-8 heads (the kernel before the head loop:
-# 1.0 KB, its q k^T and do v^T products computed twice, the dg terms reduced last). One head
-# until a GPU run times both (benchmarks/bench_ssd.py --heads-per-program 2,8).
-DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGRAM", "1"))
+# Value heads per program of the output launch and of the chunk backward (at most). In the
+# output launch the block's heads share one q k^T (a [64, N] x [N, 64] product per head and
+# chunk before; offline 156 -> 192 registers at 4 warps, no spills). In the chunk backward,
+# with one head per program every head writes its own fp32 dq / dk partials: at the Mamba2
+# 1.3B shape (64 heads of one group, N = 128) 2 x 0.5 GB per 16K tokens, written, then read
+# back by the group sum, ~2.1 GB of the backward's traffic (~0.7 ms on an H100) against
+# ~1.9 GB for everything else the chunk backward reads and writes.
+# Eight cut the partials to an eighth; the head loop carries the summed pair weights and the
+# dq / dk accumulators of its dots, and the pair products with k and q run once per program.
+# Offline (sm_90a, Triton 3.6, 8 warps, the 1.3B shape; benchmarks/regs_ssd.py): spills 432 B
+# per thread at eight heads (the loop before this form: 952 B), 208 B at one (72 B). Eight by
+# default from that arithmetic, not yet timed on a GPU; `bench_ssd.py --heads-per-program 1`
+# times one head per program beside it.
+DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGRAM", "8"))
 MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
 
 
@@ -314,7 +342,7 @@ def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
     return [
         ("_state_fwd_kernel", dict(state, USE_H0=False, STORE_FINAL=False), 4),
         ("_output_fwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_block_p(P),
-                                    IS_VARLEN=False), 4),
+                                    RB=_heads_per_program(HV // G), IS_VARLEN=False), 4),
         ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
         ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
                                    RB=_heads_per_program(HV // G), IS_VARLEN=False), 8),
@@ -364,9 +392,10 @@ def ssd_output_fwd(q, k, v, gc, h, scale, layout):
     # the tests cross them
     BP = min(16, _block_p(P)) if INTERPRET else _block_p(P)
     cu, idx, _, T_, nts, varlen = layout.kernel_args()
-    _output_fwd_kernel[(triton.cdiv(P, BP) * HV * layout.num_chunks,)](
+    RB = _heads_per_program(HV // G)
+    _output_fwd_kernel[(triton.cdiv(P, BP) * (HV // RB) * layout.num_chunks,)](
         q, k, v, gc, h, o, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, IS_VARLEN=varlen, num_warps=4)
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, RB=RB, IS_VARLEN=varlen, num_warps=4)
     return o
 
 

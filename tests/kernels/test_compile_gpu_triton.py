@@ -100,8 +100,8 @@ for dtype, half in (("bf16", True), ("fp32", False)):
     for BN, BP in ((128, 64), (32, 32)):  # whole tiles, and the split of few heads / sequences
         build(ssd._state_fwd_kernel, dict(s, BN=BN, BP=BP, USE_H0=True, STORE_FINAL=True), dtype, warps=4)
         build(ssd._state_bwd_kernel, dict(s, BN=BN, BP=BP, USE_DHT=True, STORE_DH0=True), dtype, warps=4)
-    build(ssd._output_fwd_kernel, s, dtype, warps=4)
-    for RB in (1, 2):  # value heads per program of the chunk backward
+    for RB in (1, 2):  # value heads per program of the output and chunk backward launches
+        build(ssd._output_fwd_kernel, dict(s, RB=RB), dtype, warps=4)
         build(ssd._chunk_bwd_kernel, dict(s, RB=RB), dtype, warps=8)
     flags = dict(HAS_BIAS=True, SILU=True, HAS_H0=True, IS_VARLEN=True)
     BT, BD, warps = conv.FWD_CONFIG

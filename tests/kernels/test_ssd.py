@@ -143,14 +143,16 @@ def test_chunk_vs_naive(case, dtype, backend):
         assert_close(a, b, rel, name)
 
 
+@pytest.mark.parametrize("heads", [1, 8])
 @pytest.mark.parametrize("case", HEAD_BLOCK_CASES, ids=lambda c: c.id)
-def test_chunk_backward_head_blocks(case, monkeypatch):
-    """The chunk backward with several value heads per program (dq, dk summed over the block
-    in registers) against the float64 recurrence, Triton only (fp32; bf16 too with CUDA)."""
+def test_chunk_backward_head_blocks(case, heads, monkeypatch):
+    """The chunk backward with one and with several value heads per program (dq, dk summed
+    over the block in registers) against the float64 recurrence, Triton only (fp32; bf16 too
+    with CUDA)."""
     from megatron_gdn.kernels.ssd import chunk as ssd_chunk
 
-    monkeypatch.setattr(ssd_chunk, "MAX_HEADS_PER_PROGRAM", 8)
-    assert ssd_chunk._heads_per_program(case.HV // case.G) > 1
+    monkeypatch.setattr(ssd_chunk, "MAX_HEADS_PER_PROGRAM", heads)
+    assert (ssd_chunk._heads_per_program(case.HV // case.G) > 1) == (heads > 1)
     test_chunk_vs_naive(case, torch.float32, "triton")
 
 
