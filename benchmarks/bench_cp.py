@@ -4,16 +4,20 @@ and bytes sent per layer, for the CP size of the launch, at several sequence len
     torchrun --nproc_per_node 4 benchmarks/bench_cp.py --out benchmarks/logs/cp4
     torchrun --nproc_per_node 1 benchmarks/bench_cp.py --out benchmarks/logs/cp1
     torchrun --nproc_per_node 2 benchmarks/bench_cp.py --out DIR --smoke     # CPU, tiny
+    torchrun --nproc_per_node 8 benchmarks/bench_cp.py --out DIR --tp 2      # TP=2 x CP=4
 
-The world is one context-parallel group (TP = 1). Every rank holds its zigzag share of ONE
-sequence of T tokens (Megatron's layout), hidden [T / CP, 1, h] in bf16, through `--layers`
-GDN mixers (residual stack) built from megatron_gdn.specs; default dims are the 1.3B model
+The world is `--tp` tensor-parallel ranks (heads split, no sequence parallelism) times
+CP = world / tp context-parallel ranks (TP = 1 by default: the world is one CP group). Every
+rank holds its CP rank's zigzag share of ONE sequence of T tokens (Megatron's layout), hidden
+[T / CP, 1, h] in bf16, through `--layers` GDN mixers (residual stack) built from
+megatron_gdn.specs; default dims are the 1.3B model
 (hidden 2048, 6 heads of K = 256, V = 512, conv 4). Timing: CUDA events around forward +
 backward, median of `--iters` after `--warmup`; peak = max allocated during those steps.
 
-Bytes per layer: what one rank puts on the wire per direction, from the layout (see
-`bytes_per_layer`): (CP-1) x [summaries 2 * HV * K * (K + V) * 4 each way, plus the conv halo 2 * (Kw - 1) *
-conv channels * 2 (bf16)]; none of it depends on T.
+Bytes per layer: what one rank puts on the wire per direction over its CP group, from the
+layout (see `bytes_per_layer`): (CP-1) x [summaries 2 * HV * K * (K + V) * 4 each way, plus the
+conv halo 2 * (Kw - 1) * conv channels * 2 (bf16)], of its HV / TP heads and their channels;
+none of it depends on T.
 Megatron's all-to-all CP moves (CP-1)/CP of its local activations instead (grows with T).
 
 `--impl megatron` times megatron-core 0.19.2's own GatedDeltaNet (all-to-all CP to head
@@ -25,8 +29,8 @@ Lengths run in the order given; the first that runs out of memory ends the sweep
 implementation (ranks are symmetric, so they fail together; give the longest lengths last).
 
 `--parity-tokens N` (default 8192) first checks, at N tokens, the CP stack against the same
-weights on one rank without CP (full sequence, bf16): outputs and every gradient, relative
-error <= 1e-2 (tests/tolerance.py's BF16_REL).
+weights without CP (full sequence on every rank, the same TP split, bf16): outputs and every
+gradient, relative error <= 1e-2 (tests/tolerance.py's BF16_REL).
 
 Correctness guarded by tests/distributed/test_context_parallel.py (the CP core vs one
 process, fp32, CPU) and tests/distributed/test_context_parallel_model.py (GPTModel, CP=2,
@@ -59,6 +63,8 @@ def parse_args():
     p.add_argument("--key-dim", type=int, default=256)
     p.add_argument("--value-dim", type=int, default=512)
     p.add_argument("--conv", type=int, default=4)
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size; CP = world size / tp (heads must divide by tp)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--impl", nargs="+", default=["ours", "megatron"], choices=["ours", "megatron"])
@@ -86,7 +92,7 @@ class Log:
             self.fh.flush()
 
 
-def build_config(args, cp_size, device):
+def build_config(args, cp_size, device, tp_size=1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -95,7 +101,8 @@ def build_config(args, cp_size, device):
         linear_num_key_heads=args.heads, linear_num_value_heads=args.value_heads,
         linear_key_head_dim=args.key_dim, linear_value_head_dim=args.value_dim,
         linear_conv_kernel_dim=args.conv, normalization="RMSNorm",
-        context_parallel_size=cp_size, use_cpu_initialization=device.type == "cpu",
+        tensor_model_parallel_size=tp_size, context_parallel_size=cp_size,
+        use_cpu_initialization=device.type == "cpu",
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         # the GDN conv's activation; Megatron's GatedDeltaNet asserts silu/swish (the default
         # gelu failed its CP=4 run with a bare assert)
@@ -159,8 +166,9 @@ def build_megatron(config, pgc, device, seed, log):
     return Stack(mixers).to(device)
 
 
-def bytes_per_layer(args, cp_size, impl, tokens):
-    """Bytes one rank puts on the wire per layer (forward, backward), one sequence.
+def bytes_per_layer(args, cp_size, impl, tokens, tp_size=1):
+    """Bytes one rank puts on the wire per layer (forward, backward) over its CP group, one
+    sequence; with TP the rank's share of the heads (HV / TP, and their conv channels).
 
     ours: the all-gather of the local buffer (ring: (CP-1) x the buffer leaves each rank):
     [H | M] summaries of 2 segments forward, [D | M] backward, both fp32, plus the conv halo tails
@@ -169,16 +177,17 @@ def bytes_per_layer(args, cp_size, impl, tokens):
     """
     if cp_size == 1:
         return 0, 0
-    HV, K, V = args.value_heads, args.key_dim, args.value_dim
+    HV, K, V = args.value_heads // tp_size, args.key_dim, args.value_dim
+    H = args.heads // tp_size
     elem = 4 if args.smoke else 2
     if impl == "ours":
-        conv_ch = 2 * args.heads * K + HV * V
+        conv_ch = 2 * H * K + HV * V
         halo = 2 * (args.conv - 1) * conv_ch * elem
         fwd = 2 * HV * K * (K + V) * 4 + halo
         bwd = 2 * HV * K * (K + V) * 4 + halo
         return (cp_size - 1) * fwd, (cp_size - 1) * bwd
     local = tokens // cp_size
-    qkvzba = 2 * args.heads * K + 2 * HV * V + 2 * HV
+    qkvzba = 2 * H * K + 2 * HV * V + 2 * HV
     sent = (qkvzba + HV * V) * local * elem * (cp_size - 1) // cp_size
     return sent, sent
 
@@ -239,10 +248,11 @@ def profile_step(model, x, dy, device, path, header, rank):
 
 
 def parity(args, config, cp_pgc, single_pgc, device, log):
-    """The CP stack vs the same weights without CP on the full sequence (each rank)."""
+    """The CP stack vs the same weights without CP on the full sequence (each rank; the same
+    TP split in both)."""
     from megatron_gdn.parallel import zigzag_shard
 
-    cp_size, rank = dist.get_world_size(), dist.get_rank()
+    cp_size, rank = cp_pgc.cp.size(), cp_pgc.cp.rank()
     T = args.parity_tokens
     ref = build_ours(config, single_pgc, device, seed=1)
     cp = build_ours(config, cp_pgc, device, seed=1)
@@ -261,11 +271,12 @@ def parity(args, config, cp_pgc, single_pgc, device, log):
     for (name, p_ref), (_, p_cp) in zip(ref.named_parameters(), cp.named_parameters()):
         grad = p_cp.grad.float().clone()
         # parameters are replicated over CP: Megatron sums their gradients over DP x CP
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=cp_pgc.cp)
         errors[f"d {name}"] = rel_error(grad, p_ref.grad)
     worst = max(errors.values())
     for name, err in errors.items():
-        log(f"  parity CP={cp_size} vs CP=1 at {T} tokens: {name}: rel {err:.2e}")
+        log(f"  parity CP={cp_size} vs CP=1 (TP={cp_pgc.tp.size()} in both) at {T} tokens: {name}: "
+            f"rel {err:.2e}")
     log(f"  parity worst {worst:.2e} (limit {BF16_REL:.0e}): {'OK' if worst <= BF16_REL else 'FAILED'}")
     del ref, cp
     return errors
@@ -292,20 +303,27 @@ def main():
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    cp_size, rank = dist.get_world_size(), dist.get_rank()
-    parallel_state.initialize_model_parallel(context_parallel_size=cp_size)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    tp_size = args.tp
+    if tp_size < 1 or world % tp_size:
+        sys.exit(f"bench_cp.py: --tp {tp_size} does not divide the world size {world}")
+    cp_size = world // tp_size
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp_size,
+                                             context_parallel_size=cp_size)
     model_parallel_cuda_manual_seed(1234)
     log = Log(args.out, rank)
     cp_pgc = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-    singles = [dist.new_group([r]) for r in range(cp_size)]
+    singles = [dist.new_group([r]) for r in range(world)]
     single_pgc = ProcessGroupCollection(tp=cp_pgc.tp, cp=singles[rank])
-    config = build_config(args, cp_size, device)
+    config = build_config(args, cp_size, device, tp_size)
+    tag = f"TP={tp_size} x CP={cp_size}" if tp_size > 1 else f"CP={cp_size}"
+    ftag = f"tp{tp_size}_cp{cp_size}" if tp_size > 1 else f"cp{cp_size}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    log(f"# bench_cp {datetime.datetime.now().isoformat(timespec='seconds')} CP={cp_size} on {name}, "
+    log(f"# bench_cp {datetime.datetime.now().isoformat(timespec='seconds')} {tag} on {name}, "
         f"torch {torch.__version__}, layers {args.layers}, hidden {args.hidden}, heads {args.heads}/"
         f"{args.value_heads} x K {args.key_dim} V {args.value_dim}, conv {args.conv}, {config.params_dtype}")
 
-    record = {"cp": cp_size, "device": name, "args": vars(args), "parity": None, "runs": []}
+    record = {"cp": cp_size, "tp": tp_size, "device": name, "args": vars(args), "parity": None, "runs": []}
     if args.parity_tokens and cp_size > 1:
         record["parity"] = parity(args, config, cp_pgc, single_pgc, device, log)
 
@@ -321,7 +339,7 @@ def main():
             continue
         for T in args.seq:
             entry = {"impl": impl, "tokens": T}
-            fwd_b, bwd_b = bytes_per_layer(args, cp_size, impl, T)
+            fwd_b, bwd_b = bytes_per_layer(args, cp_size, impl, T, tp_size)
             entry.update(bytes_fwd_per_layer=fwd_b, bytes_bwd_per_layer=bwd_b)
             try:
                 if T % (2 * cp_size):
@@ -332,19 +350,19 @@ def main():
                 x.requires_grad_(True)
                 ms, peak = time_step(model, x, dy, device, args.warmup, args.iters)
                 entry.update(ms=ms, peak_gib=peak, tokens_per_s=T / ms * 1e3)
-                log(f"{impl} CP={cp_size} T={T}: fwd+bwd {ms:.2f} ms, peak {peak:.2f} GiB, "
+                log(f"{impl} {tag} T={T}: fwd+bwd {ms:.2f} ms, peak {peak:.2f} GiB, "
                     f"{T / ms * 1e3 / 1e6:.3f} M tok/s, sent/layer fwd {fwd_b / 2**20:.2f} MiB bwd "
                     f"{bwd_b / 2**20:.2f} MiB")
                 if T in args.profile_seq:
-                    path = os.path.join(args.out, f"profile_{impl}_cp{cp_size}_T{T}.txt")
+                    path = os.path.join(args.out, f"profile_{impl}_{ftag}_T{T}.txt")
                     profile_step(model, x, dy, device, path,
-                                 f"# {impl} CP={cp_size} T={T} ({T // cp_size} tokens per rank), one "
+                                 f"# {impl} {tag} T={T} ({T // cp_size} tokens per rank), one "
                                  f"forward+backward of {args.layers} layers, rank 0, {name}", rank)
-                    log(f"{impl} CP={cp_size} T={T}: profile in {os.path.basename(path)}")
+                    log(f"{impl} {tag} T={T}: profile in {os.path.basename(path)}")
                 del x, dy
             except torch.OutOfMemoryError:
                 entry["error"] = "OOM"
-                log(f"{impl} CP={cp_size} T={T}: out of memory (longer lengths skipped)")
+                log(f"{impl} {tag} T={T}: out of memory (longer lengths skipped)")
                 record["runs"].append(entry)
                 break
             except Exception as exc:  # noqa: BLE001 - keep measuring the other lengths
@@ -353,13 +371,13 @@ def main():
                 where = traceback.extract_tb(exc.__traceback__)[-1]
                 entry["error"] = (f"{type(exc).__name__}: {exc} (at {os.path.basename(where.filename)}"
                                   f":{where.lineno}: {where.line})")
-                log(f"{impl} CP={cp_size} T={T}: {entry['error']}")
+                log(f"{impl} {tag} T={T}: {entry['error']}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             record["runs"].append(entry)
         del model
     if rank == 0:
-        with open(os.path.join(args.out, f"bench_cp_cp{cp_size}.json"), "w") as fh:
+        with open(os.path.join(args.out, f"bench_cp_{ftag}.json"), "w") as fh:
             json.dump(record, fh, indent=1)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
