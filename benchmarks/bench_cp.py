@@ -192,12 +192,6 @@ def bytes_per_layer(args, cp_size, impl, tokens, tp_size=1):
     return sent, sent
 
 
-def zigzag_local(x_full, cp_size, rank):
-    from megatron_gdn.parallel import zigzag_shard
-
-    return zigzag_shard(x_full, 0, cp_size, rank)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -104,7 +104,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
     def dh_pass(prefetch=None):
         # the pass alone, reading the qdo launch's tiles back
         cb.launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv_buf, None, dh, None, scale, layout,
-                          prefetch, inline=False)
+                          inline=False, prefetch=prefetch)
 
     def dh_qdo_inline():
         # the key decay alone, then the pass forming (scale q e^gc)^T do itself: against qdo + dh

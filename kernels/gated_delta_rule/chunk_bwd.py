@@ -972,10 +972,11 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 # the backward's recomputing state pass on a side stream beside the reverse state pass (True),
 # or before it on the caller's stream (False; so always on CPU tensors and under CUDA graph
-# capture; with the states kept there is no state pass): a module switch for benchmarks/bench_kernels.py --ab-overlap. Both
-# passes are sequential over chunks with few programs (S2: 128 each, four warps), each leaving
-# most of an SM idle; they read the prep's outputs and nothing of each other's. On by default
-# from its prediction, not yet timed on a GPU (benchmarks/RESULTS.md, "Changes after run 13")
+# capture; with the states kept there is no state pass): a module switch for
+# benchmarks/bench_kernels.py --ab-overlap. Both passes are sequential over chunks with few
+# programs (S2: 128 each, four warps), each leaving most of an SM idle; they read the prep's
+# outputs and nothing of each other's. On by default from its prediction, not yet timed on a
+# GPU (benchmarks/RESULTS.md, "Changes after run 13")
 OVERLAP_STREAMS = True
 
 
@@ -1048,21 +1049,20 @@ def launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout: 
     if inline is None:
         inline = qdo_inline(_pow2(q.shape[3]), _parallelism_class(layout.num_seqs * do.shape[2]))
     kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd, store_qdo=not inline)
-    launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout, prefetch,
-                   inline, maxnreg)
+    launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout,
+                   inline=inline, prefetch=prefetch, maxnreg=maxnreg)
 
 
 def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
-                   layout: ChunkLayout, prefetch: Optional[bool] = None,
-                   inline: Optional[bool] = None, maxnreg: int = 0):
-    """_bwd_dh_kernel alone, after launch_qdo (kscale: its key decay; with inline False, dh
-    holding its (scale q e^gc)^T do tiles), as launch_dh runs it."""
+                   layout: ChunkLayout, *, inline: bool, prefetch: Optional[bool] = None,
+                   maxnreg: int = 0):
+    """_bwd_dh_kernel alone, after launch_qdo (kscale: its key decay; inline: the pass forms
+    (scale q e^gc)^T do itself, else dh holds launch_qdo's tiles), as launch_dh runs it."""
     _, _, H, K = q.shape
     HV, V = do.shape[2], do.shape[3]
     cu, _, co, T_arg, nts, varlen = layout.kernel_args()
     BK = _pow2(K)
     par = _parallelism_class(layout.num_seqs * HV)
-    inline = qdo_inline(BK, par) if inline is None else inline
 
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
