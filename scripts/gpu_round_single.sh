@@ -35,6 +35,7 @@
 #                  (the layer job's limit LAYER_S, default 330: on a fresh machine Megatron's
 #                  first call alone took 183 s, 2026-12-07)
 #   layer-ours     ours alone, as it is (only with ONLY)
+#   layer-profile  ours kernel by kernel at 1 x 16384 and 4 x 4096 (profile_layer.py; only with ONLY)
 #   kernels-s2s1   S2 and S1 next to fla, for issue 2's three shapes (with kernels-s3; SKIP_S2S1=1)
 #   kernel-suite   the whole GPU test suite of the kernels, the single-GPU layer and the
 #                  attention cores (pytest-xdist; only with ONLY)
@@ -137,6 +138,9 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # ours alone (its first call and timing, no Megatron: that one autotunes fla for ~2.5 minutes)
 [ -z "${ONLY:-}" ] || timed layer-ours 120 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_ours" \
   --shapes qwen3next --impls ours --no-check --iters 10 --warmup 3
+# the layer kernel by kernel at both lengths (torch profiler; only with ONLY)
+[ -z "${ONLY:-}" ] || timed layer-profile 120 bash -c "python3 benchmarks/profile_layer.py --out '$OUTDIR/layer_profile' \
+  --seq 1x16384 && python3 benchmarks/profile_layer.py --out '$OUTDIR/layer_profile' --seq 4x4096"
 [ "${SKIP_LAYER:-0}" = 1 ] || timed layer-keep 60 python3 benchmarks/bench_layer.py --out "$OUTDIR/layer_keep" \
   --shapes qwen3next --impls ours --no-check --iters 10 --warmup 3 --keep-states
 # issue 2 asks S1, S2 and S3 in one run next to fla (fla autotunes each shape for ~2 minutes)
