@@ -149,6 +149,27 @@ def bench(fn, inputs, backward):
     return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
 
 
+def trace(fn, inputs, path, title, steps=5):
+    """Kernel by kernel CUDA time of `steps` forward+backward calls (torch profiler, after a
+    warm-up call), written to path and returned as text."""
+    leaves = _leaves(inputs)
+    dy = torch.randn_like(fn(*leaves))
+
+    def step():
+        fn(*leaves).backward(dy)
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    text = (f"{title}: {steps} forward+backward calls, {torch.cuda.get_device_name()}\n"
+            + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for results.json / results.md")
@@ -161,6 +182,9 @@ def main():
                          "(row ours_in_line; ours runs them on two streams)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
+    ap.add_argument("--trace", action="store_true",
+                    help="also profile one forward+backward of ours and of the fastest mamba chunk size "
+                         "kernel by kernel (torch profiler; trace_<shape>_<impl>.txt)")
     ap.add_argument("--stages", action="store_true",
                     help="also time our kernel launch by launch (benchmarks/profile_ssd.py)")
     args = ap.parse_args()
@@ -192,6 +216,11 @@ def main():
                 best = min(mambas, key=lambda k: row[k][mode])
                 row[f"ratio_{mode}"] = {"vs": best, "ours_over_mamba": row["ours"][mode] / row[best][mode]}
         res["timings_ms"][shape] = row
+        if args.trace:
+            names = ["ours"] + ([min(mambas, key=lambda k: row[k]["fwd_bwd"])] if mambas else [])
+            for name in names:
+                print(trace(impls[name], inputs, os.path.join(args.out, f"trace_{shape}_{name}.txt"),
+                            f"{name} {shape}"), flush=True)
         if args.stages:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import profile_ssd
