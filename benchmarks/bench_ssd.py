@@ -6,8 +6,9 @@
 Shape: the Mamba2 1.3B layer, 64 heads of 64, state 128, 1 group; B x T = 4 x 4096 and
 1 x 16384 (--shapes to change). What is timed, both sides from the same inputs
 x [B, T, 64, 64], dt [B, T, 64] (> 0), A [64] (< 0), B, C [B, T, 1, 128]:
-  ours:  v = x * dt, g = dt * A (the mixer's two elementwise ops), then
-         chunk_scalar_decay(C, B, v, g) (megatron_gdn.kernels.ssd, chunk 64);
+  ours:  g = dt * A (the mixer's elementwise op), then chunk_scalar_decay(C, B, x, g,
+         v_scale=dt) (megatron_gdn.kernels.ssd, chunk 64: v = x * dt formed inside the kernels,
+         as the mixer calls it; --ab-fused-dt adds a row with the product formed in torch);
   mamba: mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size) for chunk sizes 64, 128, 256
          (Mamba2 models use 256, Megatron's MambaMixer 128); the fastest is the reference.
 fwd+bwd: the forward then backward of sum(y * dy), gradients for x, dt, A, B, C.
@@ -63,19 +64,22 @@ def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
     return x, dt, A, Bm, Cm
 
 
-def ours(x, dt, A, Bm, Cm, heads=None, overlap=True):
+def ours(x, dt, A, Bm, Cm, heads=None, overlap=True, fused_dt=True):
     """chunk_scalar_decay on the mixer's v = x dt, g = dt A. heads: up to this many value heads
     per program of the output launch and the chunk backward (kernels/ssd/chunk.py
     MAX_HEADS_PER_PROGRAM; None: the default); overlap: the backward's state pass again on a
     side stream (OVERLAP_STREAMS). Both are set before the forward and left so: the backward
-    reads them, and every timed or checked call is a forward then its backward."""
+    reads them, and every timed or checked call is a forward then its backward. fused_dt:
+    x * dt inside the kernels (v_scale, as the mixer calls it), else formed in torch first."""
     from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
     ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
     ssd_chunk.OVERLAP_STREAMS = overlap
-    v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
     g = dt * A
+    if fused_dt:
+        return chunk_scalar_decay(Cm, Bm, x, g, 1.0, v_scale=dt)[0]
+    v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
     return chunk_scalar_decay(Cm, Bm, v, g, 1.0)[0]
 
 
@@ -85,6 +89,10 @@ def ours_heads(n):
 
 def ours_in_line(*args):
     return ours(*args, overlap=False)
+
+
+def ours_unfused_dt(*args):
+    return ours(*args, fused_dt=False)
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -180,6 +188,8 @@ def main():
     ap.add_argument("--ab-overlap", action="store_true",
                     help="also time ours with the backward's two state passes one after the other "
                          "(row ours_in_line; ours runs them on two streams)")
+    ap.add_argument("--ab-fused-dt", action="store_true",
+                    help="also time ours with v = x * dt formed in torch before the kernel (ours_unfused_dt)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
     ap.add_argument("--trace", action="store_true",
@@ -197,6 +207,8 @@ def main():
         impls[f"ours_heads{n}"] = ours_heads(n)
     if args.ab_overlap:
         impls["ours_in_line"] = ours_in_line
+    if args.ab_fused_dt:
+        impls["ours_unfused_dt"] = ours_unfused_dt
     if scan is not None:
         for chunk in (int(c) for c in args.mamba_chunks.split(",")):
             impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)

@@ -28,6 +28,9 @@ not read it: OVERLAP_STREAMS):
      (dq^S / dk^S the parts through the states) and dg = the in-chunk reverse cumsum of dgc,
      evaluated with the diagonal pair terms cancelled analytically (see the kernel).
 Exponents exp(gc_i - gc_j) only for j <= i (and gc_last - gc_j), so never above 1.
+With a per-token value scale vs [B, T, HV] (Mamba2's dt: v = x dt), launches 2, 3 and 5 read v
+as v * vs (`_load_v`) and 5 returns x's gradient vs dv and dvs = sum_p x dv: the product is
+never stored, nor its gradient.
 """
 import os
 from typing import Optional, Tuple
@@ -65,10 +68,22 @@ def _cumsum_kernel(g, gc, cu_seqlens, chunk_indices, T, NT_SEQ, HV: tl.constexpr
 
 
 @triton.jit
-def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
+def _load_v(v, vs, o_t, i_hv, o_p, m_tp, m_t, HV: tl.constexpr, P: tl.constexpr, HAS_VS: tl.constexpr):
+    """v's [BT, BP] tile of value head i_hv; with HAS_VS read as v * vs (vs [B, T, HV] fp32, a
+    per-token scale: Mamba2's x * dt), rounded to v's dtype as the product would be stored."""
+    b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
+    if HAS_VS:
+        b_vs = tl.load(vs + o_t * HV + i_hv, mask=m_t, other=0.)
+        b_v = (b_v.to(tl.float32) * b_vs[:, None]).to(v.dtype.element_ty)
+    return b_v
+
+
+@triton.jit
+def _state_fwd_kernel(k, v, vs, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
-                      USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+                      USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, HAS_VS: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
     i_np, i_hv, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_p, i_nb = i_np % tl.cdiv(P, BP), i_np // tl.cdiv(P, BP)
     i_g = i_hv // (HV // G)
@@ -89,8 +104,7 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
         m_t = o_t < eos
         b_k = tl.load(k + (o_t * G + i_g)[:, None] * N + o_n[None, :],
                       mask=m_t[:, None] & (o_n < N)[None, :], other=0.)
-        b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :],
-                      mask=m_t[:, None] & (o_p < P)[None, :], other=0.)
+        b_v = _load_v(v, vs, o_t, i_hv, o_p, m_t[:, None] & (o_p < P)[None, :], m_t, HV, P, HAS_VS)
         b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
         b_glast = tl.load(gc + (tl.minimum(t0 + BT, eos) - 1) * HV + i_hv)
         b_kd = (b_k.to(tl.float32) * tl.exp(b_glast - b_gc)[:, None]).to(b_v.dtype)
@@ -100,10 +114,10 @@ def _state_fwd_kernel(k, v, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_SEQ,
 
 
 @triton.jit
-def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
+def _output_fwd_kernel(q, k, v, vs, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
                        G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                        BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                       IS_VARLEN: tl.constexpr):
+                       HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program per (P block, block of RB value heads of one group, chunk): q, k and q k^T
     # are the group's, loaded and multiplied once for the RB heads (at the Mamba2 1.3B shape
     # all 64 heads share one group). One grid axis, in the order (chunk, head block, P block)
@@ -130,7 +144,7 @@ def _output_fwd_kernel(q, k, v, gc, h, o, scale, cu_seqlens, chunk_indices, T, N
     m_s = o_i[:, None] >= o_i[None, :]
     for i_r in range(0, RB):
         i_hv = i_blk * RB + i_r
-        b_v = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
+        b_v = _load_v(v, vs, o_t, i_hv, o_p, m_tp, m_t, HV, P, HAS_VS)
         b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
         b_h = tl.load(h + (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :],
                       mask=(o_n < N)[:, None] & (o_p < P)[None, :], other=0.)
@@ -179,11 +193,11 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
 
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
+def _chunk_bwd_kernel(q, k, v, vs, gc, h, dh, do, dq, dk, dv, dg, dvs, scale,
                       cu_seqlens, chunk_indices, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                      IS_VARLEN: tl.constexpr):
+                      HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
     # group's, loaded and multiplied once. dq and dk are sums over the heads, and in each
     # head's part only the decayed pair weights dP differ (k and q are the group's):
@@ -226,7 +240,7 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         i_hv = i_blk * RB + i_r
         p_vo = (o_t * HV + i_hv)[:, None] * P + o_p[None, :]
         p_np = (i_c * HV + i_hv).to(tl.int64) * N * P + o_n[:, None] * P + o_p[None, :]
-        b_v = tl.load(v + p_vo, mask=m_tp, other=0.)
+        b_v = _load_v(v, vs, o_t, i_hv, o_p, m_tp, m_t, HV, P, HAS_VS)
         b_do = tl.load(do + p_vo, mask=m_tp, other=0.)
         b_gc = tl.load(gc + o_t * HV + i_hv, mask=m_t, other=0.)
         b_glast = tl.load(gc + (t0 + i_last) * HV + i_hv)
@@ -261,6 +275,11 @@ def _chunk_bwd_kernel(q, k, v, gc, h, dh, do, dq, dk, dv, dg, scale,
         b_m += b_dov * b_dec
         b_s = (b_qk * b_dec).to(b_do.dtype)
         b_dv = tl.dot(tl.trans(b_s), b_do) + b_kdh
+        if HAS_VS:
+            # v read as v * vs: dvs = sum_p v dv_eff (v again from L2, not kept live), dv = vs dv_eff
+            b_vraw = tl.load(v + p_vo, mask=m_tp, other=0.).to(tl.float32)
+            tl.store(dvs + o_t * HV + i_hv, tl.sum(b_vraw * b_dv, axis=1), mask=m_t)
+            b_dv = b_dv * tl.load(vs + o_t * HV + i_hv, mask=m_t, other=0.)[:, None]
         tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
         b_dgc = tl.where(m_t, b_dgc, 0.)
         b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
@@ -339,13 +358,14 @@ def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
     tokens), as the launchers below configure them: for benchmarks/regs_ssd.py."""
     BN, BP = _state_blocks(N, P, HV, B)
     state = dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP, IS_VARLEN=False)
+    # HAS_VS: v read as x * dt, as the Mamba2 mixer calls the kernel
     return [
-        ("_state_fwd_kernel", dict(state, USE_H0=False, STORE_FINAL=False), 4),
+        ("_state_fwd_kernel", dict(state, USE_H0=False, STORE_FINAL=False, HAS_VS=True), 4),
         ("_output_fwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_block_p(P),
-                                    RB=_heads_per_program(HV // G), IS_VARLEN=False), 4),
+                                    RB=_heads_per_program(HV // G), HAS_VS=True, IS_VARLEN=False), 4),
         ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
         ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
-                                   RB=_heads_per_program(HV // G), IS_VARLEN=False), 8),
+                                   RB=_heads_per_program(HV // G), HAS_VS=True, IS_VARLEN=False), 8),
     ]
 
 
@@ -366,9 +386,10 @@ def ssd_state_buffer(k, v, layout):
                        device=k.device)
 
 
-def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, h=None):
+def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, h=None, vs=None):
     """Returns h [NTC, HV, N, P] (state entering every chunk; `_state_dtype`; written into h
-    where given, from ssd_state_buffer) and the final state (fp32) or None."""
+    where given, from ssd_state_buffer) and the final state (fp32) or None. vs: None or
+    [B, T, HV] fp32, v read as v * vs (every launch below takes it so)."""
     B, T, G, N = k.shape
     HV, P = v.shape[2], v.shape[3]
     NS = layout.num_seqs
@@ -377,14 +398,14 @@ def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, h=None):
     BN, BP = _state_blocks(N, P, HV, NS)
     cu, _, offs, T_, nts, varlen = layout.kernel_args()
     _state_fwd_kernel[(triton.cdiv(N, BN) * triton.cdiv(P, BP), HV, NS)](
-        k, v, gc, h, initial_state, ht, cu, offs, T_, nts,
+        k, v, vs, gc, h, initial_state, ht, cu, offs, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP,
-        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, IS_VARLEN=varlen,
-        num_warps=4)
+        USE_H0=initial_state is not None, STORE_FINAL=output_final_state, HAS_VS=vs is not None,
+        IS_VARLEN=varlen, num_warps=4)
     return h, ht
 
 
-def ssd_output_fwd(q, k, v, gc, h, scale, layout):
+def ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=None):
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     o = torch.empty_like(v)
@@ -394,13 +415,16 @@ def ssd_output_fwd(q, k, v, gc, h, scale, layout):
     cu, idx, _, T_, nts, varlen = layout.kernel_args()
     RB = _heads_per_program(HV // G)
     _output_fwd_kernel[(triton.cdiv(P, BP) * (HV // RB) * layout.num_chunks,)](
-        q, k, v, gc, h, o, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, RB=RB, IS_VARLEN=varlen, num_warps=4)
+        q, k, v, vs, gc, h, o, scale, cu, idx, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, RB=RB, HAS_VS=vs is not None,
+        IS_VARLEN=varlen, num_warps=4)
     return o
 
 
-def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None.
+def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None):
+    """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None,
+    and with vs (v read as v * vs) dvs [B, T, HV] fp32 (else None); dv is then v's gradient
+    (vs times that of the product).
 
     Where the chunk backward's tiles do not fit the GPU's shared memory (fp32 inputs from
     N x P = 128 x 64 on: 256 KB of dot operands on Hopper's 227 KB), the value columns are
@@ -410,22 +434,22 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
     key = (q.shape[-1], v.shape[-1], q.dtype, q.device)
     if key not in _TOO_WIDE:
         try:
-            return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout)
+            return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs)
         except triton.runtime.errors.OutOfResources:
             if v.shape[-1] <= 16:
                 raise
             _TOO_WIDE.add(key)
-    return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2)
+    return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2, vs=vs)
 
 
 _TOO_WIDE: set = set()
 
 
-def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int):
+def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int, vs=None):
     """ssd_bwd over `parts` blocks of the P value columns, one after another. The scalar-decay
     recurrence is separable over the state's columns (column p of S, o and h reads only
-    column p of v): dv and dh0 are the blocks' side by side, and dq, dk, dg the sums of the
-    blocks' (each is a sum over the columns)."""
+    column p of v): dv and dh0 are the blocks' side by side, and dq, dk, dg, dvs the sums of
+    the blocks' (each is a sum over the columns)."""
     P = v.shape[-1]
     if P % parts or (P // parts) % 8:
         raise ValueError(f"cannot split P={P} value columns into {parts} blocks of a multiple of 8")
@@ -433,20 +457,21 @@ def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: i
     outs = []
     for p0 in range(0, P, width):
         part = lambda x: None if x is None else x[..., p0:p0 + width].contiguous()  # noqa: E731
-        outs.append(ssd_bwd(q, k, part(v), gc, scale, part(initial_state), part(do), part(dht), layout))
+        outs.append(ssd_bwd(q, k, part(v), gc, scale, part(initial_state), part(do), part(dht), layout, vs))
     dq = sum(o[0].float() for o in outs).to(q.dtype)
     dk = sum(o[1].float() for o in outs).to(k.dtype)
     dv = torch.cat([o[2] for o in outs], dim=-1)
     dg = sum(o[3] for o in outs)
     dh0 = None if initial_state is None else torch.cat([o[4] for o in outs], dim=-1)
-    return dq, dk, dv, dg, dh0
+    dvs = None if vs is None else sum(o[5] for o in outs)
+    return dq, dk, dv, dg, dh0, dvs
 
 
-def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout):
-    h, dh, dh0 = ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout)
-    dq_h, dk_h, dv, dg = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout)
+def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None):
+    h, dh, dh0 = ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout, vs=vs)
+    dq_h, dk_h, dv, dg, dvs = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs)
     dq, dk = ssd_group_sums(dq_h, dk_h, q.shape[2], q.dtype, k.dtype)
-    return dq, dk, dv, dg, dh0
+    return dq, dk, dv, dg, dh0, dvs
 
 
 # the backward's launches one by one (benchmarks/profile_ssd.py times each): the states again
@@ -470,7 +495,7 @@ def ssd_state_bwd(q, do, gc, h, dht, want_dh0: bool, scale, layout):
 
 
 def ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout,
-                     overlap: Optional[bool] = None):
+                     overlap: Optional[bool] = None, vs=None):
     """The backward's states again (ssd_state_fwd) and its reverse pass (ssd_state_bwd): h, dh,
     dh0. They read nothing of each other's: on a GPU the first runs on a side stream beside
     the second (overlap; None: OVERLAP_STREAMS), else one after the other."""
@@ -479,15 +504,16 @@ def ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout,
     beside(q.device, OVERLAP_STREAMS if overlap is None else overlap,
            lambda: grads.extend(ssd_state_bwd(q, do, gc, h, dht, initial_state is not None,
                                               scale, layout)),
-           lambda: ssd_state_fwd(k, v, gc, layout, initial_state, False, h=h),
+           lambda: ssd_state_fwd(k, v, gc, layout, initial_state, False, h=h, vs=vs),
            (h,))
     dh, dh0 = grads
     return h, dh, dh0
 
 
-def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout):
+def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs=None):
     """The chunk-local gradients: dq, dk per block of RB value heads ([B, T, HV // RB, N]
-    fp32, for ssd_group_sums), dv (v's dtype), dg [B, T, HV] fp32."""
+    fp32, for ssd_group_sums), dv (v's dtype), dg [B, T, HV] fp32, and dvs [B, T, HV] fp32
+    with vs (else None)."""
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     cu, idx, _, T_, nts, varlen = layout.kernel_args()
@@ -496,11 +522,12 @@ def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout):
     dk_h = torch.empty_like(dq_h)
     dv = torch.empty_like(v)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
+    dvs = None if vs is None else torch.empty_like(dg)
     _chunk_bwd_kernel[(HV // RB * layout.num_chunks,)](
-        q, k, v, gc, h, dh, do, dq_h, dk_h, dv, dg, scale, cu, idx, T_, nts,
-        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, IS_VARLEN=varlen,
-        num_warps=8)
-    return dq_h, dk_h, dv, dg
+        q, k, v, vs, gc, h, dh, do, dq_h, dk_h, dv, dg, dvs, scale, cu, idx, T_, nts,
+        G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, HAS_VS=vs is not None,
+        IS_VARLEN=varlen, num_warps=8)
+    return dq_h, dk_h, dv, dg, dvs
 
 
 def ssd_group_sums(dq_h, dk_h, G: int, q_dtype, k_dtype):
@@ -514,13 +541,13 @@ def ssd_group_sums(dq_h, dk_h, G: int, q_dtype, k_dtype):
 
 class ChunkScalarDecayFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, cu_seqlens, v_scale):
         B, T = q.shape[:2]
         layout = make_chunk_layout(cu_seqlens, B, T)
         gc = ssd_cumsum(g, layout)
-        h, final_state = ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state)
-        o = ssd_output_fwd(q, k, v, gc, h, scale, layout)
-        ctx.save_for_backward(q, k, v, gc, initial_state)
+        h, final_state = ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, vs=v_scale)
+        o = ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=v_scale)
+        ctx.save_for_backward(q, k, v, gc, initial_state, v_scale)
         ctx.layout = layout
         ctx.scale = scale
         ctx.g_dtype = g.dtype
@@ -528,15 +555,17 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, gc, initial_state = ctx.saved_tensors
+        q, k, v, gc, initial_state, v_scale = ctx.saved_tensors
         if dht is not None:
             dht = dht.float().contiguous()
-        dq, dk, dv, dg, dh0 = ssd_bwd(q, k, v, gc, ctx.scale, initial_state, do.contiguous(), dht, ctx.layout)
+        dq, dk, dv, dg, dh0, dvs = ssd_bwd(q, k, v, gc, ctx.scale, initial_state, do.contiguous(), dht,
+                                           ctx.layout, v_scale)
         return (
             dq, dk, dv, dg.to(ctx.g_dtype), dh0,
             None,  # scale
             None,  # output_final_state
             None,  # cu_seqlens
+            dvs,  # v_scale (fp32 here: the entry point casts it)
         )
 
 
@@ -549,12 +578,14 @@ def chunk_scalar_decay_triton(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Triton chunked scalar-decay linear attention (arguments already validated by api.py).
 
     Args:
         q, k: [B, T, G, N]; v: [B, T, HV, P]; g: [B, T, HV]; initial_state: [NS, HV, N, P]
-        float32 or None; cu_seqlens: [NS + 1] with B == 1.
+        float32 or None; cu_seqlens: [NS + 1] with B == 1; v_scale: [B, T, HV] or None (v
+        read as v * v_scale in fp32, rounded to v's dtype).
     Returns:
         o: [B, T, HV, P] in v's dtype; final_state: [NS, HV, N, P] float32 or None.
     """
@@ -563,5 +594,7 @@ def chunk_scalar_decay_triton(
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
+    if v_scale is not None:
+        v_scale = v_scale.float().contiguous()
     return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, float(scale), output_final_state,
-                                          cu_seqlens)
+                                          cu_seqlens, v_scale)

@@ -53,12 +53,14 @@ def chunk_scalar_decay_torch(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunked scalar-decay linear attention (pure torch, autograd); arguments already validated.
 
     Args:
         q, k: [B, T, G, N]; v: [B, T, HV, P]; g: [B, T, HV]; initial_state: [NS, HV, N, P];
-        cu_seqlens: [NS + 1] with B == 1, or None.
+        cu_seqlens: [NS + 1] with B == 1, or None; v_scale: [B, T, HV] or None (v read as
+        v * v_scale, the product in fp32 (fp64 for float64 inputs) rounded to v's dtype).
     Returns:
         o: [B, T, HV, P] in v's dtype; final_state: [NS, HV, N, P] float32 (float64 for
         float64 inputs) if output_final_state else None.
@@ -66,6 +68,9 @@ def chunk_scalar_decay_torch(
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     R = HV // G
+    if v_scale is not None:
+        wide = torch.promote_types(v.dtype, torch.float32)
+        v = (v.to(wide) * v_scale.to(wide).unsqueeze(-1)).to(v.dtype)
     if scale is None:
         scale = 1.0
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
