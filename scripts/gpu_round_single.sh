@@ -27,7 +27,7 @@
 #                  autotuned kernels (the capped prep / output candidates among them) checked in bf16
 #   grads-s3, grads-s4   the gradient stage's two launches pinned to each of GRAD_PINS
 #                  (scripts/gpu_grads_sweep.sh; SKIP_GRADS=1)
-#   ssd            the SSD kernel next to mamba_ssm at 4 x 4096, launch by launch, with one
+#   ssd            the SSD kernel next to mamba_ssm at 4 x 4096 and 1 x 16384, launch by launch, with one
 #                  value head per program of its backward (the default: eight) and with the
 #                  backward's state passes in line, with x * dt formed in torch (not in the
 #                  kernels), both kernels profiled kernel by kernel (SKIP_SSD=1; mamba_ssm
@@ -129,7 +129,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
   "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
 [ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s4 150 bash scripts/gpu_grads_sweep.sh S4 \
   "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
-[ "${SKIP_SSD:-0}" = 1 ] || timed ssd 170 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096 --mamba-chunks 128 \
+[ "${SKIP_SSD:-0}" = 1 ] || timed ssd 220 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096,1x16384 --mamba-chunks 128 \
   --heads-per-program 1 --ab-overlap --ab-fused-dt --stages --trace
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 \
