@@ -42,37 +42,38 @@ def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 
     v = rand(B, T, heads, headdim).to(dtype)                   # x (read as x dt: vs)
     vs = torch.nn.functional.softplus(rand(B, T, heads) - 3.0)  # dt
     g = -vs * torch.exp(rand(heads) - 1.0)                     # dt A
+    dsk = rand(heads, 1).expand(heads, headdim).contiguous()   # D (skip), per head
     do = rand(B, T, heads, headdim).to(dtype)
     scale = 1.0
     layout = sc.make_chunk_layout(None, B, T)
     gc = sc.ssd_cumsum(g, layout)
     h, _ = sc.ssd_state_fwd(k, v, gc, layout, None, False, vs=vs)
     dh, _ = sc.ssd_state_bwd(q, do, gc, h, None, False, scale, layout)
-    dq_h, dk_h, _, _, _ = sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs)
+    dq_h, dk_h, _, _, _, _ = sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs, dsk)
 
     out = {"shape": [B, T, groups, heads, state, headdim], "dtype": str(dtype),
            "heads_per_program": sc._heads_per_program(heads // groups)}
     t = lambda fn: timed(fn, torch.device(device), iters, warmup)  # noqa: E731
     out["fwd_cumsum_ms"] = t(lambda: sc.ssd_cumsum(g, layout))
     out["fwd_state_ms"] = t(lambda: sc.ssd_state_fwd(k, v, gc, layout, None, False, vs=vs))
-    out["fwd_output_ms"] = t(lambda: sc.ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=vs))
+    out["fwd_output_ms"] = t(lambda: sc.ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=vs, dsk=dsk))
     out["bwd_state_again_ms"] = out["fwd_state_ms"]
     out["bwd_dh_ms"] = t(lambda: sc.ssd_state_bwd(q, do, gc, h, None, False, scale, layout))
     # the two passes as the backward runs them: on two streams (and one after the other)
     for name, overlap in (("bwd_state_dh_overlap_ms", True), ("bwd_state_dh_in_line_ms", False)):
         out[name] = t(lambda o=overlap: sc.ssd_state_and_dh(q, k, v, gc, scale, None, do, None,
                                                             layout, overlap=o, vs=vs))
-    out["bwd_chunk_ms"] = t(lambda: sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs))
+    out["bwd_chunk_ms"] = t(lambda: sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs, dsk))
     out["bwd_group_sums_ms"] = t(lambda: sc.ssd_group_sums(dq_h, dk_h, groups, q.dtype, k.dtype))
     out["fwd_parts_ms"] = out["fwd_cumsum_ms"] + out["fwd_state_ms"] + out["fwd_output_ms"]
     out["bwd_parts_ms"] = (out["bwd_state_again_ms"] + out["bwd_dh_ms"] + out["bwd_chunk_ms"]
                            + out["bwd_group_sums_ms"])
     # the whole calls (the kernel's own autograd Function, no mixer ops around it)
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, vs)]
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, vs, dsk[:, 0])]
 
     def forward():
-        q_, k_, v_, g_, vs_ = leaves
-        return sc.chunk_scalar_decay_triton(q_, k_, v_, g_, scale, v_scale=vs_)[0]
+        q_, k_, v_, g_, vs_, d_ = leaves
+        return sc.chunk_scalar_decay_triton(q_, k_, v_, g_, scale, v_scale=vs_, d_skip=d_)[0]
 
     def forward_backward():
         forward().backward(do)

@@ -12,7 +12,7 @@ from hopper_compile import compile_for_hopper, pointer_types, ptxas_usage  # noq
 
 from megatron_gdn.kernels.ssd import chunk as ssd  # noqa: E402
 
-F32 = ("gc", "g", "h0", "ht", "dht", "dh0", "dq", "dk", "dg", "vs", "dvs")  # h, dh: the inputs' dtype
+F32 = ("gc", "g", "h0", "ht", "dht", "dh0", "dq", "dk", "dg", "vs", "dvs", "dsk", "ddsk")  # h, dh: the inputs' dtype
 SCALARS = {"T", "NT_SEQ"}
 
 

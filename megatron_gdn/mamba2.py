@@ -6,7 +6,7 @@
     x, B, C --short causal conv + SiLU-->                    (per-channel taps, sharded with heads)
     dt = softplus(dt + dt_bias),  g = dt * -exp(A_log)       (per head, fp32)
     y  = chunk_scalar_decay(C, B, x * dt, g) + D * x         (SSD: S_t = e^g_t S + B_t (x dt)_t^T;
-                                                              x * dt formed inside the kernels)
+                                                              x * dt and D x inside the kernels)
     y  = RMSNorm_per_group(y * SiLU(z)) * norm.weight        (Mamba2's gated norm, gate first)
     out = out_proj(y)                                        (row-parallel)
 
@@ -337,10 +337,10 @@ class Mamba2Mixer(MegatronModule):
             def conv(x, weight, bias, dx_into=None):
                 return causal_conv1d(x, weight, bias, activation="silu", cu_seqlens=cu, dx_into=dx_into)[0]
 
-            def ssd(q, k, x, dt, g):
-                # v = x dt inside the kernels (v_scale): neither the product nor its
-                # gradient is written
-                return chunk_scalar_decay(q, k, x, g, 1.0, cu_seqlens=cu, v_scale=dt)[0]
+            def ssd(q, k, x, dt, g, D):
+                # v = x dt and the skip D x inside the kernels (v_scale, d_skip): no product
+                # or gradient of either is written
+                return chunk_scalar_decay(q, k, x, g, 1.0, cu_seqlens=cu, v_scale=dt, d_skip=D)[0]
 
             return conv, ssd
         layout = layout_for_layer(packed_seq_params, b, s, cp)
@@ -349,9 +349,10 @@ class Mamba2Mixer(MegatronModule):
             # no gradient hint under CP: split_sections' backward copies this section
             return conv_with_cp_halo(x, weight, bias, "silu", layout, cp)
 
-        def ssd_cp(q, k, x, dt, g):
+        def ssd_cp(q, k, x, dt, g, D):
             v = (x.float() * dt.unsqueeze(-1)).to(x.dtype)
-            return chunk_scalar_decay_cp(q, k, v, g, layout, cp, 1.0)
+            y = chunk_scalar_decay_cp(q, k, v, g, layout, cp, 1.0)
+            return (y.float() + D.view(D.shape[0], -1) * x.float()).to(x.dtype)
 
         return conv_cp, ssd_cp
 
@@ -381,9 +382,8 @@ class Mamba2Mixer(MegatronModule):
         # dt, A and the decay in fp32 (MambaMixer keeps A_log fp32; dt_bias may be bf16)
         dt_bth = F.softplus(dt_bth.float() + self.dt_bias.float())
         g_bth = dt_bth * -torch.exp(self.A_log.float())
-        y_bthp = ssd(C_btd.reshape(b, s, ng, N), B_btd.reshape(b, s, ng, N), x_bthp, dt_bth, g_bth)
-        D = self.D.float().view(nh, P) if self.D_has_hdim else self.D.float().view(nh, 1)
-        y_bthp = (y_bthp.float() + D * x_bthp.float()).to(x_bthp.dtype)
+        D = self.D.view(nh, P) if self.D_has_hdim else self.D
+        y_bthp = ssd(C_btd.reshape(b, s, ng, N), B_btd.reshape(b, s, ng, N), x_bthp, dt_bth, g_bth, D)
 
         y_btd = self.norm(y_bthp.reshape(b, s, self.d_inner_local_tp), z_btd,
                           dz_into=section_grads.into(0, lambda t: t.transpose(0, 1)))

@@ -30,7 +30,8 @@ not read it: OVERLAP_STREAMS):
 Exponents exp(gc_i - gc_j) only for j <= i (and gc_last - gc_j), so never above 1.
 With a per-token value scale vs [B, T, HV] (Mamba2's dt: v = x dt), launches 2, 3 and 5 read v
 as v * vs (`_load_v`) and 5 returns x's gradient vs dv and dvs = sum_p x dv: the product is
-never stored, nor its gradient.
+never stored, nor its gradient. With a skip weight dsk [HV, P] (Mamba2's D), launch 3 adds
+dsk * v (the unscaled v) to o and 5 adds dsk do to v's gradient and writes dsk's per chunk.
 """
 import os
 from typing import Optional, Tuple
@@ -114,10 +115,10 @@ def _state_fwd_kernel(k, v, vs, gc, h, h0, ht, cu_seqlens, chunk_offsets, T, NT_
 
 
 @triton.jit
-def _output_fwd_kernel(q, k, v, vs, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
+def _output_fwd_kernel(q, k, v, vs, dsk, gc, h, o, scale, cu_seqlens, chunk_indices, T, NT_SEQ,
                        G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                        BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                       HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr):
+                       HAS_VS: tl.constexpr, HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program per (P block, block of RB value heads of one group, chunk): q, k and q k^T
     # are the group's, loaded and multiplied once for the RB heads (at the Mamba2 1.3B shape
     # all 64 heads share one group). One grid axis, in the order (chunk, head block, P block)
@@ -152,8 +153,14 @@ def _output_fwd_kernel(q, k, v, vs, gc, h, o, scale, cu_seqlens, chunk_indices, 
         b_o = tl.exp(b_gc)[:, None] * tl.dot(b_q, b_h.to(b_q.dtype))
         b_s = b_qk * tl.exp(tl.where(m_s, b_gc[:, None] - b_gc[None, :], float("-inf")))
         b_o += tl.dot(b_s.to(b_v.dtype), b_v)
+        b_o = b_o * scale
+        if HAS_D:
+            # the skip term D * v of the unscaled v (Mamba2's D x), v again from L1 / L2
+            b_x = tl.load(v + (o_t * HV + i_hv)[:, None] * P + o_p[None, :], mask=m_tp, other=0.)
+            b_d = tl.load(dsk + i_hv * P + o_p, mask=o_p < P, other=0.)
+            b_o += b_x.to(tl.float32) * b_d[None, :]
         tl.store(o + (o_t * HV + i_hv)[:, None] * P + o_p[None, :],
-                 (b_o * scale).to(o.dtype.element_ty), mask=m_tp)
+                 b_o.to(o.dtype.element_ty), mask=m_tp)
 
 
 @triton.jit
@@ -193,11 +200,11 @@ def _state_bwd_kernel(q, do, gc, dh, dht, dh0, scale, cu_seqlens, chunk_offsets,
 
 
 @triton.jit
-def _chunk_bwd_kernel(q, k, v, vs, gc, h, dh, do, dq, dk, dv, dg, dvs, scale,
+def _chunk_bwd_kernel(q, k, v, vs, dsk, gc, h, dh, do, dq, dk, dv, dg, dvs, ddsk, scale,
                       cu_seqlens, chunk_indices, T, NT_SEQ,
                       G: tl.constexpr, HV: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
                       BT: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, RB: tl.constexpr,
-                      HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr):
+                      HAS_VS: tl.constexpr, HAS_D: tl.constexpr, IS_VARLEN: tl.constexpr):
     # one program per (block of RB value heads of one group, chunk): q, k and q k^T are the
     # group's, loaded and multiplied once. dq and dk are sums over the heads, and in each
     # head's part only the decayed pair weights dP differ (k and q are the group's):
@@ -275,11 +282,19 @@ def _chunk_bwd_kernel(q, k, v, vs, gc, h, dh, do, dq, dk, dv, dg, dvs, scale,
         b_m += b_dov * b_dec
         b_s = (b_qk * b_dec).to(b_do.dtype)
         b_dv = tl.dot(tl.trans(b_s), b_do) + b_kdh
-        if HAS_VS:
-            # v read as v * vs: dvs = sum_p v dv_eff (v again from L2, not kept live), dv = vs dv_eff
+        if HAS_VS or HAS_D:
+            # the unscaled v again (from L1 / L2, not kept live)
             b_vraw = tl.load(v + p_vo, mask=m_tp, other=0.).to(tl.float32)
+        if HAS_VS:
+            # v read as v * vs: dvs = sum_p v dv_eff, dv = vs dv_eff
             tl.store(dvs + o_t * HV + i_hv, tl.sum(b_vraw * b_dv, axis=1), mask=m_t)
             b_dv = b_dv * tl.load(vs + o_t * HV + i_hv, mask=m_t, other=0.)[:, None]
+        if HAS_D:
+            # o += D * v: dv += D do; this chunk's part of dD = sum_t do v (summed by the launcher)
+            b_dof = b_do.to(tl.float32)
+            b_dv += b_dof * tl.load(dsk + i_hv * P + o_p, mask=o_p < P, other=0.)[None, :]
+            tl.store(ddsk + (i_c * HV + i_hv).to(tl.int64) * P + o_p, tl.sum(b_dof * b_vraw, axis=0),
+                     mask=o_p < P)
         tl.store(dv + p_vo, b_dv.to(dv.dtype.element_ty), mask=m_tp)
         b_dgc = tl.where(m_t, b_dgc, 0.)
         b_dg = tl.cumsum(b_dgc, axis=0, reverse=True) + (tl.cumsum(b_ks, axis=0) - b_ks) \
@@ -358,14 +373,16 @@ def launch_configs(G: int, HV: int, N: int, P: int, B: int, T: int):
     tokens), as the launchers below configure them: for benchmarks/regs_ssd.py."""
     BN, BP = _state_blocks(N, P, HV, B)
     state = dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=BN, BP=BP, IS_VARLEN=False)
-    # HAS_VS: v read as x * dt, as the Mamba2 mixer calls the kernel
+    # HAS_VS, HAS_D: v read as x * dt and the skip D x added, as the Mamba2 mixer calls the kernel
     return [
         ("_state_fwd_kernel", dict(state, USE_H0=False, STORE_FINAL=False, HAS_VS=True), 4),
         ("_output_fwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_block_p(P),
-                                    RB=_heads_per_program(HV // G), HAS_VS=True, IS_VARLEN=False), 4),
+                                    RB=_heads_per_program(HV // G), HAS_VS=True, HAS_D=True,
+                                    IS_VARLEN=False), 4),
         ("_state_bwd_kernel", dict(state, USE_DHT=False, STORE_DH0=False), 4),
         ("_chunk_bwd_kernel", dict(G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P),
-                                   RB=_heads_per_program(HV // G), HAS_VS=True, IS_VARLEN=False), 8),
+                                   RB=_heads_per_program(HV // G), HAS_VS=True, HAS_D=True,
+                                   IS_VARLEN=False), 8),
     ]
 
 
@@ -405,7 +422,8 @@ def ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, h=None, v
     return h, ht
 
 
-def ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=None):
+def ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=None, dsk=None):
+    """o [B, T, HV, P] (v's dtype); with dsk ([HV, P] fp32) plus dsk * v (the unscaled v)."""
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     o = torch.empty_like(v)
@@ -415,16 +433,16 @@ def ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=None):
     cu, idx, _, T_, nts, varlen = layout.kernel_args()
     RB = _heads_per_program(HV // G)
     _output_fwd_kernel[(triton.cdiv(P, BP) * (HV // RB) * layout.num_chunks,)](
-        q, k, v, vs, gc, h, o, scale, cu, idx, T_, nts,
+        q, k, v, vs, dsk, gc, h, o, scale, cu, idx, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=BP, RB=RB, HAS_VS=vs is not None,
-        IS_VARLEN=varlen, num_warps=4)
+        HAS_D=dsk is not None, IS_VARLEN=varlen, num_warps=4)
     return o
 
 
-def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None):
+def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None, dsk=None):
     """Returns dq, dk [B, T, G, N] (q's dtype), dv (v's dtype), dg [B, T, HV] fp32, dh0 or None,
-    and with vs (v read as v * vs) dvs [B, T, HV] fp32 (else None); dv is then v's gradient
-    (vs times that of the product).
+    with vs (v read as v * vs) dvs [B, T, HV] fp32 (else None), and with dsk (o += dsk * v,
+    [HV, P] fp32) its gradient [HV, P] fp32 (else None); dv is v's whole gradient.
 
     Where the chunk backward's tiles do not fit the GPU's shared memory (fp32 inputs from
     N x P = 128 x 64 on: 256 KB of dot operands on Hopper's 227 KB), the value columns are
@@ -434,22 +452,23 @@ def ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None):
     key = (q.shape[-1], v.shape[-1], q.dtype, q.device)
     if key not in _TOO_WIDE:
         try:
-            return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs)
+            return _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs, dsk)
         except triton.runtime.errors.OutOfResources:
             if v.shape[-1] <= 16:
                 raise
             _TOO_WIDE.add(key)
-    return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2, vs=vs)
+    return ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts=2, vs=vs, dsk=dsk)
 
 
 _TOO_WIDE: set = set()
 
 
-def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int, vs=None):
+def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: int, vs=None,
+                    dsk=None):
     """ssd_bwd over `parts` blocks of the P value columns, one after another. The scalar-decay
     recurrence is separable over the state's columns (column p of S, o and h reads only
-    column p of v): dv and dh0 are the blocks' side by side, and dq, dk, dg, dvs the sums of
-    the blocks' (each is a sum over the columns)."""
+    column p of v): dv, dh0 and dsk's gradient are the blocks' side by side, and dq, dk, dg,
+    dvs the sums of the blocks' (each is a sum over the columns)."""
     P = v.shape[-1]
     if P % parts or (P // parts) % 8:
         raise ValueError(f"cannot split P={P} value columns into {parts} blocks of a multiple of 8")
@@ -457,21 +476,23 @@ def ssd_bwd_columns(q, k, v, gc, scale, initial_state, do, dht, layout, parts: i
     outs = []
     for p0 in range(0, P, width):
         part = lambda x: None if x is None else x[..., p0:p0 + width].contiguous()  # noqa: E731
-        outs.append(ssd_bwd(q, k, part(v), gc, scale, part(initial_state), part(do), part(dht), layout, vs))
+        outs.append(ssd_bwd(q, k, part(v), gc, scale, part(initial_state), part(do), part(dht), layout, vs,
+                            part(dsk)))
     dq = sum(o[0].float() for o in outs).to(q.dtype)
     dk = sum(o[1].float() for o in outs).to(k.dtype)
     dv = torch.cat([o[2] for o in outs], dim=-1)
     dg = sum(o[3] for o in outs)
     dh0 = None if initial_state is None else torch.cat([o[4] for o in outs], dim=-1)
     dvs = None if vs is None else sum(o[5] for o in outs)
-    return dq, dk, dv, dg, dh0, dvs
+    ddsk = None if dsk is None else torch.cat([o[6] for o in outs], dim=-1)
+    return dq, dk, dv, dg, dh0, dvs, ddsk
 
 
-def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None):
+def _ssd_bwd(q, k, v, gc, scale, initial_state, do, dht, layout, vs=None, dsk=None):
     h, dh, dh0 = ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout, vs=vs)
-    dq_h, dk_h, dv, dg, dvs = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs)
+    dq_h, dk_h, dv, dg, dvs, ddsk = ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs, dsk)
     dq, dk = ssd_group_sums(dq_h, dk_h, q.shape[2], q.dtype, k.dtype)
-    return dq, dk, dv, dg, dh0, dvs
+    return dq, dk, dv, dg, dh0, dvs, None if ddsk is None else ddsk.sum(0)
 
 
 # the backward's launches one by one (benchmarks/profile_ssd.py times each): the states again
@@ -510,10 +531,10 @@ def ssd_state_and_dh(q, k, v, gc, scale, initial_state, do, dht, layout,
     return h, dh, dh0
 
 
-def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs=None):
+def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs=None, dsk=None):
     """The chunk-local gradients: dq, dk per block of RB value heads ([B, T, HV // RB, N]
-    fp32, for ssd_group_sums), dv (v's dtype), dg [B, T, HV] fp32, and dvs [B, T, HV] fp32
-    with vs (else None)."""
+    fp32, for ssd_group_sums), dv (v's dtype), dg [B, T, HV] fp32, dvs [B, T, HV] fp32 with
+    vs (else None) and dsk's gradient per chunk [NTC, HV, P] fp32 with dsk (else None)."""
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     cu, idx, _, T_, nts, varlen = layout.kernel_args()
@@ -523,11 +544,12 @@ def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs=None):
     dv = torch.empty_like(v)
     dg = torch.empty(B, T, HV, dtype=torch.float32, device=q.device)
     dvs = None if vs is None else torch.empty_like(dg)
+    ddsk = None if dsk is None else torch.empty(layout.num_chunks, HV, P, dtype=torch.float32, device=q.device)
     _chunk_bwd_kernel[(HV // RB * layout.num_chunks,)](
-        q, k, v, vs, gc, h, dh, do, dq_h, dk_h, dv, dg, dvs, scale, cu, idx, T_, nts,
+        q, k, v, vs, dsk, gc, h, dh, do, dq_h, dk_h, dv, dg, dvs, ddsk, scale, cu, idx, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, HAS_VS=vs is not None,
-        IS_VARLEN=varlen, num_warps=8)
-    return dq_h, dk_h, dv, dg, dvs
+        HAS_D=dsk is not None, IS_VARLEN=varlen, num_warps=8)
+    return dq_h, dk_h, dv, dg, dvs, ddsk
 
 
 def ssd_group_sums(dq_h, dk_h, G: int, q_dtype, k_dtype):
@@ -541,13 +563,13 @@ def ssd_group_sums(dq_h, dk_h, G: int, q_dtype, k_dtype):
 
 class ChunkScalarDecayFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, cu_seqlens, v_scale):
+    def forward(ctx, q, k, v, g, initial_state, scale, output_final_state, cu_seqlens, v_scale, d_skip):
         B, T = q.shape[:2]
         layout = make_chunk_layout(cu_seqlens, B, T)
         gc = ssd_cumsum(g, layout)
         h, final_state = ssd_state_fwd(k, v, gc, layout, initial_state, output_final_state, vs=v_scale)
-        o = ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=v_scale)
-        ctx.save_for_backward(q, k, v, gc, initial_state, v_scale)
+        o = ssd_output_fwd(q, k, v, gc, h, scale, layout, vs=v_scale, dsk=d_skip)
+        ctx.save_for_backward(q, k, v, gc, initial_state, v_scale, d_skip)
         ctx.layout = layout
         ctx.scale = scale
         ctx.g_dtype = g.dtype
@@ -555,17 +577,18 @@ class ChunkScalarDecayFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, gc, initial_state, v_scale = ctx.saved_tensors
+        q, k, v, gc, initial_state, v_scale, d_skip = ctx.saved_tensors
         if dht is not None:
             dht = dht.float().contiguous()
-        dq, dk, dv, dg, dh0, dvs = ssd_bwd(q, k, v, gc, ctx.scale, initial_state, do.contiguous(), dht,
-                                           ctx.layout, v_scale)
+        dq, dk, dv, dg, dh0, dvs, dd = ssd_bwd(q, k, v, gc, ctx.scale, initial_state, do.contiguous(), dht,
+                                               ctx.layout, v_scale, d_skip)
         return (
             dq, dk, dv, dg.to(ctx.g_dtype), dh0,
             None,  # scale
             None,  # output_final_state
             None,  # cu_seqlens
             dvs,  # v_scale (fp32 here: the entry point casts it)
+            dd,  # d_skip ([HV, P] fp32 here: the entry point expands it)
         )
 
 
@@ -579,13 +602,15 @@ def chunk_scalar_decay_triton(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    d_skip: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Triton chunked scalar-decay linear attention (arguments already validated by api.py).
 
     Args:
         q, k: [B, T, G, N]; v: [B, T, HV, P]; g: [B, T, HV]; initial_state: [NS, HV, N, P]
         float32 or None; cu_seqlens: [NS + 1] with B == 1; v_scale: [B, T, HV] or None (v
-        read as v * v_scale in fp32, rounded to v's dtype).
+        read as v * v_scale in fp32, rounded to v's dtype); d_skip: [HV] or [HV, P] or None
+        (o += d_skip * v, the unscaled v, before o is rounded).
     Returns:
         o: [B, T, HV, P] in v's dtype; final_state: [NS, HV, N, P] float32 or None.
     """
@@ -596,5 +621,8 @@ def chunk_scalar_decay_triton(
         initial_state = initial_state.float().contiguous()
     if v_scale is not None:
         v_scale = v_scale.float().contiguous()
+    if d_skip is not None:
+        HV, P = v.shape[2], v.shape[3]
+        d_skip = d_skip.float().reshape(HV, -1).expand(HV, P).contiguous()
     return ChunkScalarDecayFunction.apply(q, k, v, g, initial_state, float(scale), output_final_state,
-                                          cu_seqlens, v_scale)
+                                          cu_seqlens, v_scale, d_skip)

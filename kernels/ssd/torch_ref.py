@@ -54,13 +54,15 @@ def chunk_scalar_decay_torch(
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
     v_scale: Optional[torch.Tensor] = None,
+    d_skip: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Chunked scalar-decay linear attention (pure torch, autograd); arguments already validated.
 
     Args:
         q, k: [B, T, G, N]; v: [B, T, HV, P]; g: [B, T, HV]; initial_state: [NS, HV, N, P];
         cu_seqlens: [NS + 1] with B == 1, or None; v_scale: [B, T, HV] or None (v read as
-        v * v_scale, the product in fp32 (fp64 for float64 inputs) rounded to v's dtype).
+        v * v_scale, the product in fp32 (fp64 for float64 inputs) rounded to v's dtype);
+        d_skip: [HV] or [HV, P] or None (o += d_skip * v, the v given).
     Returns:
         o: [B, T, HV, P] in v's dtype; final_state: [NS, HV, N, P] float32 (float64 for
         float64 inputs) if output_final_state else None.
@@ -68,6 +70,7 @@ def chunk_scalar_decay_torch(
     B, T, G, N = q.shape
     HV, P = v.shape[2], v.shape[3]
     R = HV // G
+    v_given = v
     if v_scale is not None:
         wide = torch.promote_types(v.dtype, torch.float32)
         v = (v.to(wide) * v_scale.to(wide).unsqueeze(-1)).to(v.dtype)
@@ -134,4 +137,6 @@ def chunk_scalar_decay_torch(
     else:
         o = o[:, :T]
     final_state = h.reshape(rows, HV, N, P) if output_final_state else None
+    if d_skip is not None:
+        o = o + d_skip.to(acc).reshape(HV, -1) * v_given.to(acc)
     return o.to(v.dtype), final_state

@@ -32,7 +32,8 @@ from megatron_gdn.kernels.ssd import chunk as ssd
 print("triton", triton.__version__)
 F32 = ("g", "beta", "a_log", "A_log", "dt_bias", "gc", "beta_out", "k_rstd", "q_rstd", "dg",
        "dbeta", "kscale", "h0", "ht", "dht", "dh0", "weight", "bias", "dw_part", "db_part", "rstd",
-       "dkn", "dk_raw", "dg_part", "dbeta_part", "dA_part", "ddt_part", "vs", "dvs")
+       "dkn", "dk_raw", "dg_part", "dbeta_part", "dA_part", "ddt_part", "vs", "dvs", "dsk",
+       "ddsk")
 # integer scalars (T, strides, row counts) compile as i32, floats as fp32: the rest are pointers
 SCALARS = {"D", "NT", "NT_SEQ", "PAR_CLASS", "R", "R1", "R2", "T", "part_stride"}
 
@@ -103,8 +104,9 @@ for dtype, half in (("bf16", True), ("fp32", False)):
               dtype, warps=4)
         build(ssd._state_bwd_kernel, dict(s, BN=BN, BP=BP, USE_DHT=True, STORE_DH0=True), dtype, warps=4)
     for RB in (1, 2):  # value heads per program of the output and chunk backward launches
-        build(ssd._output_fwd_kernel, dict(s, RB=RB, HAS_VS=RB == 2), dtype, warps=4)
-        build(ssd._chunk_bwd_kernel, dict(s, RB=RB, HAS_VS=RB == 2), dtype, warps=8)
+        # v read as x * dt and the skip D x, as the Mamba2 mixer calls them, in one of the two
+        build(ssd._output_fwd_kernel, dict(s, RB=RB, HAS_VS=RB == 2, HAS_D=RB == 2), dtype, warps=4)
+        build(ssd._chunk_bwd_kernel, dict(s, RB=RB, HAS_VS=RB == 2, HAS_D=RB == 2), dtype, warps=8)
     flags = dict(HAS_BIAS=True, SILU=True, HAS_H0=True, IS_VARLEN=True)
     BT, BD, warps = conv.FWD_CONFIG
     build(conv._conv_fwd_kernel, dict(W=4, BT=BT, BD=BD, **flags), dtype, warps=warps)

@@ -156,17 +156,20 @@ def test_chunk_backward_head_blocks(case, heads, monkeypatch):
     test_chunk_vs_naive(case, torch.float32, "triton")
 
 
-# v read as v * v_scale inside the kernels (the Mamba2 mixer's x * dt): one case each of the
-# plain, partial chunk with states, groups, strong decay, packed, several heads per program
+# v read as v * v_scale inside the kernels (the Mamba2 mixer's x * dt), and the skip
+# o += d_skip * v (its D x): one case each of the plain, partial chunk with states, groups,
+# strong decay, packed, several heads per program; d_skip none, per head, per head and column
 VALUE_SCALE_CASES = [CASES[1], CASES[2], CASES[4], CASES[6], HEAD_BLOCK_CASES[0]]
 
 
+@pytest.mark.parametrize("skip", [None, "head", "head_col"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", VALUE_SCALE_CASES, ids=lambda c: c.id)
-def test_value_scale(case, dtype, backend):
-    """chunk_scalar_decay(..., v_scale=s) against the float64 recurrence on v * s: outputs,
-    final state and every gradient, v_scale's among them (s > 0 as Mamba2's dt, some zero)."""
+def test_value_scale(case, dtype, backend, skip):
+    """chunk_scalar_decay(..., v_scale=s, d_skip=D) against the float64 recurrence on v * s
+    plus D v: outputs, final state and every gradient, v_scale's and D's among them (s > 0 as
+    Mamba2's dt, some zero)."""
     if backend == "torch" and dtype != torch.float32:
         pytest.skip("the torch path computes in fp32 whatever the input dtype: fp32 covers it")
     q, k, v, g, h0, cu = _inputs(case, dtype, DEVICE)
@@ -175,35 +178,43 @@ def test_value_scale(case, dtype, backend):
     vs = torch.nn.functional.softplus(torch.randn(case.B, case.T, case.HV, generator=gen) - 1.0)
     vs[:, ::7] = 0.0
     vs = vs.to(DEVICE)
+    dsk = {None: None, "head": torch.randn(case.HV, generator=gen),
+           "head_col": torch.randn(case.HV, case.P, generator=gen)}[skip]
+    dsk = dsk.to(DEVICE) if dsk is not None else None
     do = torch.randn(case.B, case.T, case.HV, case.P, generator=gen).to(DEVICE)
     dht = torch.randn(rows, case.HV, case.N, case.P, generator=gen).to(DEVICE)
 
-    def kernel(q_, k_, v_, g_, vs_, *rest):
+    def kernel(q_, k_, v_, g_, vs_, *rest, dsk_=None):
         with force_backend(backend):
-            return chunk_scalar_decay(q_, k_, v_, g_, *rest, v_scale=vs_)
+            return chunk_scalar_decay(q_, k_, v_, g_, *rest, v_scale=vs_, d_skip=dsk_)
 
-    def reference(q_, k_, v_, g_, vs_, *rest):
-        return naive_recurrent_scalar_decay(q_, k_, v_ * vs_.unsqueeze(-1), g_, *rest)
+    def reference(q_, k_, v_, g_, vs_, *rest, dsk_=None):
+        o, ht = naive_recurrent_scalar_decay(q_, k_, v_ * vs_.unsqueeze(-1), g_, *rest)
+        if dsk_ is not None:
+            o = o + dsk_.reshape(case.HV, -1) * v_
+        return o, ht
 
-    def run(fn, q_, k_, v_, g_, vs_, h0_, do_, dht_):
+    def run(fn, q_, k_, v_, g_, vs_, dsk_, h0_, do_, dht_):
         leaves = [x.detach().clone().requires_grad_() for x in (q_, k_, v_, g_, vs_)]
+        dsk_leaf = dsk_.detach().clone().requires_grad_() if dsk_ is not None else None
         h0_leaf = h0_.detach().clone().requires_grad_() if h0_ is not None else None
         want_final = case.state in ("out", "inout")
-        o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu)
+        o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu, dsk_=dsk_leaf)
         loss = (o.float() * do_).sum() + ((ht.float() * dht_).sum() if want_final else 0)
-        inputs = leaves + ([h0_leaf] if h0_leaf is not None else [])
+        inputs = leaves + [x for x in (h0_leaf, dsk_leaf) if x is not None]
         return o, ht, torch.autograd.grad(loss, inputs)
 
-    o, ht, grads = run(kernel, q, k, v, g, vs, h0, do, dht)
+    o, ht, grads = run(kernel, q, k, v, g, vs, dsk, h0, do, dht)
     to64 = lambda x: x.double() if x is not None else None  # noqa: E731
-    # the reference reads the same v * vs the kernels form (rounded to the inputs' dtype)
-    o_ref, ht_ref, grads_ref = run(reference, *(to64(x) for x in (q, k, v, g, vs, h0, do, dht)))
+    o_ref, ht_ref, grads_ref = run(reference, *(to64(x) for x in (q, k, v, g, vs, dsk, h0, do, dht)))
     rel = BF16_REL if dtype == torch.bfloat16 else (TF32_REL if backend == "triton" and CUDA else FP32_REL)
     assert o.dtype == dtype
     assert_close(o, o_ref, rel, "o")
     if case.state in ("out", "inout"):
         assert_close(ht, ht_ref, rel, "final_state")
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dv_scale", "dh0"), grads, grads_ref):
+    names = ["dq", "dk", "dv", "dg", "dv_scale"] + ["dh0"] * (h0 is not None) + ["dd_skip"] * (dsk is not None)
+    assert len(grads) == len(names)
+    for name, a, b in zip(names, grads, grads_ref):
         assert_close(a, b, rel, name)
 
 
@@ -213,6 +224,12 @@ def test_value_scale_is_checked():
         chunk_scalar_decay(q, k, v, g, v_scale=torch.ones(1, 64, 3))
     with pytest.raises(TypeError, match="v_scale"):
         chunk_scalar_decay(q, k, v, g, v_scale=torch.ones(1, 64, 2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="d_skip"):
+        chunk_scalar_decay(q, k, v, g, d_skip=torch.ones(3))
+    with pytest.raises(ValueError, match="d_skip"):
+        chunk_scalar_decay(q, k, v, g, d_skip=torch.ones(2, 8))
+    with pytest.raises(TypeError, match="d_skip"):
+        chunk_scalar_decay(q, k, v, g, d_skip=torch.ones(2, dtype=torch.int64))
 
 
 # P = 32 and 64 value columns: split once, and twice (64 -> 32 -> 16), packed with states
@@ -322,7 +339,7 @@ def test_profile_stages_runs_every_launch():
     assert row["group_partials_mb"] == 2 * 70 * 4 // row["heads_per_program"] * 16 * 4 / 1e6
 
 
-@pytest.mark.parametrize("with_vs", [False, True], ids=["v", "v_scale"])
+@pytest.mark.parametrize("with_vs", [False, True], ids=["v", "v_scale_d_skip"])
 @pytest.mark.parametrize("overlap", [True, False])
 def test_backward_pieces_are_the_backward(overlap, with_vs, monkeypatch):
     """ssd_bwd is its pieces run in turn (what profile_ssd.py times one by one): the same
@@ -338,15 +355,17 @@ def test_backward_pieces_are_the_backward(overlap, with_vs, monkeypatch):
     q, k, v, do = rnd(B, T, G, N), rnd(B, T, G, N), rnd(B, T, HV, P), rnd(B, T, HV, P)
     g = -torch.rand(B, T, HV, generator=gen).to(DEVICE)
     vs = torch.rand(B, T, HV, generator=gen).to(DEVICE) if with_vs else None
+    dsk = torch.randn(HV, P, generator=gen).to(DEVICE) if with_vs else None
     layout = sc.make_chunk_layout(None, B, T)
     gc = sc.ssd_cumsum(g, layout)
     monkeypatch.setattr(sc, "OVERLAP_STREAMS", overlap)
-    whole = sc.ssd_bwd(q, k, v, gc, 0.5, None, do, None, layout, vs)
+    whole = sc.ssd_bwd(q, k, v, gc, 0.5, None, do, None, layout, vs, dsk)
     h, _ = sc.ssd_state_fwd(k, v, gc, layout, None, False, vs=vs)
     dh, dh0 = sc.ssd_state_bwd(q, do, gc, h, None, False, 0.5, layout)
-    dq_h, dk_h, dv, dg, dvs = sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, 0.5, layout, vs)
+    dq_h, dk_h, dv, dg, dvs, ddsk = sc.ssd_chunk_bwd(q, k, v, gc, h, dh, do, 0.5, layout, vs, dsk)
     dq, dk = sc.ssd_group_sums(dq_h, dk_h, G, q.dtype, k.dtype)
     assert dh0 is None and whole[4] is None
     assert (dvs is None) == (whole[5] is None) == (not with_vs)
-    for a, b in zip((dq, dk, dv, dg, dvs), whole[:4] + whole[5:]):
+    dd = None if ddsk is None else ddsk.sum(0)
+    for a, b in zip((dq, dk, dv, dg, dvs, dd), whole[:4] + whole[5:]):
         assert (a is None and b is None) or torch.equal(a, b)
