@@ -64,18 +64,22 @@ def make_inputs(B, T, dtype=torch.bfloat16, device="cuda", seed=0):
     return x, dt, A, Bm, Cm
 
 
-def ours(x, dt, A, Bm, Cm, heads=None, overlap=True, fused_dt=True):
+def ours(x, dt, A, Bm, Cm, heads=None, overlap=True, fused_dt=True, bwd_stages=None):
     """chunk_scalar_decay on the mixer's v = x dt, g = dt A. heads: up to this many value heads
     per program of the output launch and the chunk backward (kernels/ssd/chunk.py
     MAX_HEADS_PER_PROGRAM; None: the default); overlap: the backward's state pass again on a
     side stream (OVERLAP_STREAMS). Both are set before the forward and left so: the backward
     reads them, and every timed or checked call is a forward then its backward. fused_dt:
-    x * dt inside the kernels (v_scale, as the mixer calls it), else formed in torch first."""
+    x * dt inside the kernels (v_scale, as the mixer calls it), else formed in torch first.
+    bwd_stages: the chunk backward's pipelining stages (CHUNK_BWD_STAGES; None: the default)."""
     from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
     ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
     ssd_chunk.OVERLAP_STREAMS = overlap
+    if not _DEFAULT_BWD_STAGES:  # the module's value, before any row changed it
+        _DEFAULT_BWD_STAGES.append(ssd_chunk.CHUNK_BWD_STAGES)
+    ssd_chunk.CHUNK_BWD_STAGES = _DEFAULT_BWD_STAGES[0] if bwd_stages is None else bwd_stages
     g = dt * A
     if fused_dt:
         return chunk_scalar_decay(Cm, Bm, x, g, 1.0, v_scale=dt)[0]
@@ -93,6 +97,13 @@ def ours_in_line(*args):
 
 def ours_unfused_dt(*args):
     return ours(*args, fused_dt=False)
+
+
+def ours_bwd_stages1(*args):
+    return ours(*args, bwd_stages=1)
+
+
+_DEFAULT_BWD_STAGES: list = []
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -190,6 +201,8 @@ def main():
                          "(row ours_in_line; ours runs them on two streams)")
     ap.add_argument("--ab-fused-dt", action="store_true",
                     help="also time ours with v = x * dt formed in torch before the kernel (ours_unfused_dt)")
+    ap.add_argument("--ab-bwd-stages", action="store_true",
+                    help="also time ours with the chunk backward at one pipelining stage (ours_bwd_stages1)")
     ap.add_argument("--mamba-chunks", default="64,128,256",
                     help="chunk sizes of mamba_chunk_scan_combined to time; the fastest is the reference")
     ap.add_argument("--trace", action="store_true",
@@ -209,6 +222,8 @@ def main():
         impls["ours_in_line"] = ours_in_line
     if args.ab_fused_dt:
         impls["ours_unfused_dt"] = ours_unfused_dt
+    if args.ab_bwd_stages:
+        impls["ours_bwd_stages1"] = ours_bwd_stages1
     if scan is not None:
         for chunk in (int(c) for c in args.mamba_chunks.split(",")):
             impls[f"mamba_chunk{chunk}"] = mamba_fn(chunk)
@@ -237,6 +252,8 @@ def main():
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
             import profile_ssd
 
+            # the launches at the defaults (the rows above leave the last variant's switches)
+            ours(*make_inputs(1, 64))
             row["ours_stages"] = profile_ssd.ssd_stages(B, T, HEADS, HEADDIM, STATE, GROUPS)
             print(shape, "ours_stages", json.dumps(row["ours_stages"]), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -30,8 +30,8 @@
 #   ssd            the SSD kernel next to mamba_ssm at 4 x 4096 and 1 x 16384, launch by launch, with one
 #                  value head per program of its backward (the default: eight) and with the
 #                  backward's state passes in line, with x * dt formed in torch (not in the
-#                  kernels), both kernels profiled kernel by kernel (SKIP_SSD=1; mamba_ssm
-#                  autotunes ~2 minutes)
+#                  kernels), with the chunk backward at one pipelining stage, both kernels
+#                  profiled kernel by kernel (SKIP_SSD=1; mamba_ssm autotunes ~2 minutes)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 #                  (the layer job's limit LAYER_S, default 330: on a fresh machine Megatron's
@@ -130,7 +130,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 [ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s4 150 bash scripts/gpu_grads_sweep.sh S4 \
   "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 220 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096,1x16384 --mamba-chunks 128 \
-  --heads-per-program 1 --ab-overlap --ab-fused-dt --stages --trace
+  --heads-per-program 1 --ab-overlap --ab-fused-dt --ab-bwd-stages --stages --trace
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
   --bwd-stages --diag --output-pins "${OUTPUT_PINS:-64:4:2:192}" --check --check-dtypes bf16 \
   --budget-s "$(( $(left) - 25 ))"

@@ -353,6 +353,14 @@ DEFAULT_HEADS_PER_PROGRAM = int(os.environ.get("MEGATRON_GDN_SSD_HEADS_PER_PROGR
 MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
 
 
+# software-pipelining stages of the chunk backward's head loop (the next head's v, do, h, dh
+# loaded during this one's dots). Triton's default 3 (the launch until now); offline (sm_90a,
+# bf16, eight heads, x * dt in) spills 776 B per thread and 150 KB of shared memory at 3, 580 B
+# and 90 KB at 1 (one 8-warp program per SM either way: 255 registers). Which is faster is for
+# a GPU to say: `bench_ssd.py --ab-bwd-stages` times 1 beside it
+CHUNK_BWD_STAGES = 3
+
+
 def _heads_per_program(R: int) -> int:
     """Value heads per program of the chunk backward: the largest of 8, 4, 2, 1 that divides
     the R = HV // G heads of a group and is at most MAX_HEADS_PER_PROGRAM."""
@@ -548,7 +556,7 @@ def ssd_chunk_bwd(q, k, v, gc, h, dh, do, scale, layout, vs=None, dsk=None):
     _chunk_bwd_kernel[(HV // RB * layout.num_chunks,)](
         q, k, v, vs, dsk, gc, h, dh, do, dq_h, dk_h, dv, dg, dvs, ddsk, scale, cu, idx, T_, nts,
         G=G, HV=HV, N=N, P=P, BT=BT, BN=_pow2(N), BP=_pow2(P), RB=RB, HAS_VS=vs is not None,
-        HAS_D=dsk is not None, IS_VARLEN=varlen, num_warps=8)
+        HAS_D=dsk is not None, IS_VARLEN=varlen, num_warps=8, num_stages=CHUNK_BWD_STAGES)
     return dq_h, dk_h, dv, dg, dvs, ddsk
 
 
