@@ -32,6 +32,7 @@
 #                  backward's state passes in line, with x * dt formed in torch (not in the
 #                  kernels), with the chunk backward at one pipelining stage, both kernels
 #                  profiled kernel by kernel (SKIP_SSD=1; mamba_ssm autotunes ~2 minutes)
+#   ssd-tests      the SSD kernel's and the Mamba2 mixer's GPU tests (only with ONLY)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 #                  (the layer job's limit LAYER_S, default 330: on a fresh machine Megatron's
@@ -129,6 +130,9 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
   "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
 [ "${SKIP_GRADS:-0}" = 1 ] || timed grads-s4 150 bash scripts/gpu_grads_sweep.sh S4 \
   "${GRAD_PINS:-auto 64:16:1:64 64:16:1:128 64:16:2:64}"
+# the SSD kernel's and the Mamba2 mixer's GPU tests (bf16 and fp32; only with ONLY)
+# shellcheck disable=SC2086
+[ -z "${ONLY:-}" ] || timed ssd-tests 120 $TESTS_CMD tests/kernels/test_ssd.py tests/mamba2/test_mixer.py
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 220 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" --shapes 4x4096,1x16384 --mamba-chunks 128 \
   --heads-per-program 1 --ab-overlap --ab-fused-dt --ab-bwd-stages --stages --trace
 [ "${SKIP_S3:-0}" = 1 ] || timed kernels-s3 200 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_s3" --shapes S3 \
