@@ -93,15 +93,18 @@ def _inputs(case: Case, dtype, device):
     return q, k, v, g, h0, cu
 
 
-def _run(fn, q, k, v, g, h0, cu, case, do, dht):
+def _run(fn, q, k, v, g, h0, cu, case, do, dht, extra=None):
+    """o, final state and the gradients of q, k, v, g, h0 (if given) and then of the `extra`
+    keyword tensors (name -> tensor or None; the given ones are passed to fn as leaves)."""
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
     h0_leaf = h0.detach().clone().requires_grad_() if h0 is not None else None
+    kw = {n: x.detach().clone().requires_grad_() for n, x in (extra or {}).items() if x is not None}
     want_final = case.state in ("out", "inout")
-    o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu)
+    o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu, **kw)
     loss = (o.float() * do).sum()
     if want_final:
         loss = loss + (ht.float() * dht).sum()
-    inputs = leaves + ([h0_leaf] if h0_leaf is not None else [])
+    inputs = leaves + ([h0_leaf] if h0_leaf is not None else []) + list(kw.values())
     grads = torch.autograd.grad(loss, inputs)
     return o, ht, grads
 
@@ -184,35 +187,26 @@ def test_value_scale(case, dtype, backend, skip):
     do = torch.randn(case.B, case.T, case.HV, case.P, generator=gen).to(DEVICE)
     dht = torch.randn(rows, case.HV, case.N, case.P, generator=gen).to(DEVICE)
 
-    def kernel(q_, k_, v_, g_, vs_, *rest, dsk_=None):
+    def kernel(*args, **kw):
         with force_backend(backend):
-            return chunk_scalar_decay(q_, k_, v_, g_, *rest, v_scale=vs_, d_skip=dsk_)
+            return chunk_scalar_decay(*args, **kw)
 
-    def reference(q_, k_, v_, g_, vs_, *rest, dsk_=None):
-        o, ht = naive_recurrent_scalar_decay(q_, k_, v_ * vs_.unsqueeze(-1), g_, *rest)
-        if dsk_ is not None:
-            o = o + dsk_.reshape(case.HV, -1) * v_
+    def reference(q_, k_, v_, g_, *rest, v_scale, d_skip=None):
+        o, ht = naive_recurrent_scalar_decay(q_, k_, v_ * v_scale.unsqueeze(-1), g_, *rest)
+        if d_skip is not None:
+            o = o + d_skip.reshape(case.HV, -1) * v_
         return o, ht
 
-    def run(fn, q_, k_, v_, g_, vs_, dsk_, h0_, do_, dht_):
-        leaves = [x.detach().clone().requires_grad_() for x in (q_, k_, v_, g_, vs_)]
-        dsk_leaf = dsk_.detach().clone().requires_grad_() if dsk_ is not None else None
-        h0_leaf = h0_.detach().clone().requires_grad_() if h0_ is not None else None
-        want_final = case.state in ("out", "inout")
-        o, ht = fn(*leaves, case.scale, h0_leaf, want_final, cu, dsk_=dsk_leaf)
-        loss = (o.float() * do_).sum() + ((ht.float() * dht_).sum() if want_final else 0)
-        inputs = leaves + [x for x in (h0_leaf, dsk_leaf) if x is not None]
-        return o, ht, torch.autograd.grad(loss, inputs)
-
-    o, ht, grads = run(kernel, q, k, v, g, vs, dsk, h0, do, dht)
+    o, ht, grads = _run(kernel, q, k, v, g, h0, cu, case, do, dht, {"v_scale": vs, "d_skip": dsk})
     to64 = lambda x: x.double() if x is not None else None  # noqa: E731
-    o_ref, ht_ref, grads_ref = run(reference, *(to64(x) for x in (q, k, v, g, vs, dsk, h0, do, dht)))
+    o_ref, ht_ref, grads_ref = _run(reference, *(to64(x) for x in (q, k, v, g, h0)), cu, case, to64(do),
+                                    to64(dht), {"v_scale": to64(vs), "d_skip": to64(dsk)})
     rel = BF16_REL if dtype == torch.bfloat16 else (TF32_REL if backend == "triton" and CUDA else FP32_REL)
     assert o.dtype == dtype
     assert_close(o, o_ref, rel, "o")
     if case.state in ("out", "inout"):
         assert_close(ht, ht_ref, rel, "final_state")
-    names = ["dq", "dk", "dv", "dg", "dv_scale"] + ["dh0"] * (h0 is not None) + ["dd_skip"] * (dsk is not None)
+    names = ["dq", "dk", "dv", "dg"] + ["dh0"] * (h0 is not None) + ["dv_scale"] + ["dd_skip"] * (dsk is not None)
     assert len(grads) == len(names)
     for name, a, b in zip(names, grads, grads_ref):
         assert_close(a, b, rel, name)
