@@ -72,14 +72,9 @@ def ours(x, dt, A, Bm, Cm, heads=None, overlap=True, fused_dt=True, bwd_stages=N
     reads them, and every timed or checked call is a forward then its backward. fused_dt:
     x * dt inside the kernels (v_scale, as the mixer calls it), else formed in torch first.
     bwd_stages: the chunk backward's pipelining stages (CHUNK_BWD_STAGES; None: the default)."""
-    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
-    ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
-    ssd_chunk.OVERLAP_STREAMS = overlap
-    if not _DEFAULT_BWD_STAGES:  # the module's value, before any row changed it
-        _DEFAULT_BWD_STAGES.append(ssd_chunk.CHUNK_BWD_STAGES)
-    ssd_chunk.CHUNK_BWD_STAGES = _DEFAULT_BWD_STAGES[0] if bwd_stages is None else bwd_stages
+    set_switches(heads, overlap, bwd_stages)
     g = dt * A
     if fused_dt:
         return chunk_scalar_decay(Cm, Bm, x, g, 1.0, v_scale=dt)[0]
@@ -103,7 +98,13 @@ def ours_bwd_stages1(*args):
     return ours(*args, bwd_stages=1)
 
 
-_DEFAULT_BWD_STAGES: list = []
+def set_switches(heads=None, overlap=True, bwd_stages=None):
+    """kernels/ssd/chunk.py's module switches for the next calls (None: the module's default)."""
+    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
+
+    ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
+    ssd_chunk.OVERLAP_STREAMS = overlap
+    ssd_chunk.CHUNK_BWD_STAGES = ssd_chunk.DEFAULT_CHUNK_BWD_STAGES if bwd_stages is None else bwd_stages
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -253,7 +254,7 @@ def main():
             import profile_ssd
 
             # the launches at the defaults (the rows above leave the last variant's switches)
-            ours(*make_inputs(1, 64))
+            set_switches()
             row["ours_stages"] = profile_ssd.ssd_stages(B, T, HEADS, HEADDIM, STATE, GROUPS)
             print(shape, "ours_stages", json.dumps(row["ours_stages"]), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

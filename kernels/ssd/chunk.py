@@ -358,7 +358,8 @@ MAX_HEADS_PER_PROGRAM = DEFAULT_HEADS_PER_PROGRAM
 # bf16, eight heads, x * dt in) spills 776 B per thread and 150 KB of shared memory at 3, 580 B
 # and 90 KB at 1 (one 8-warp program per SM either way: 255 registers). Which is faster is for
 # a GPU to say: `bench_ssd.py --ab-bwd-stages` times 1 beside it
-CHUNK_BWD_STAGES = 3
+DEFAULT_CHUNK_BWD_STAGES = 3
+CHUNK_BWD_STAGES = DEFAULT_CHUNK_BWD_STAGES
 
 
 def _heads_per_program(R: int) -> int:
