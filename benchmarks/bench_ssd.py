@@ -29,6 +29,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import profile_ssd  # noqa: E402
+
 HEADS, HEADDIM, STATE, GROUPS = 64, 64, 128, 1
 BF16_REL = 1e-2
 
@@ -74,7 +77,7 @@ def ours(x, dt, A, Bm, Cm, heads=None, overlap=True, fused_dt=True, bwd_stages=N
     bwd_stages: the chunk backward's pipelining stages (CHUNK_BWD_STAGES; None: the default)."""
     from megatron_gdn.kernels.ssd import chunk_scalar_decay
 
-    set_switches(heads, overlap, bwd_stages)
+    profile_ssd.set_switches(heads, overlap, bwd_stages)
     g = dt * A
     if fused_dt:
         return chunk_scalar_decay(Cm, Bm, x, g, 1.0, v_scale=dt)[0]
@@ -96,15 +99,6 @@ def ours_unfused_dt(*args):
 
 def ours_bwd_stages1(*args):
     return ours(*args, bwd_stages=1)
-
-
-def set_switches(heads=None, overlap=True, bwd_stages=None):
-    """kernels/ssd/chunk.py's module switches for the next calls (None: the module's default)."""
-    from megatron_gdn.kernels.ssd import chunk as ssd_chunk
-
-    ssd_chunk.MAX_HEADS_PER_PROGRAM = ssd_chunk.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
-    ssd_chunk.OVERLAP_STREAMS = overlap
-    ssd_chunk.CHUNK_BWD_STAGES = ssd_chunk.DEFAULT_CHUNK_BWD_STAGES if bwd_stages is None else bwd_stages
 
 
 def ours_torch_fp32(x, dt, A, Bm, Cm):
@@ -250,11 +244,8 @@ def main():
                 print(trace(impls[name], inputs, os.path.join(args.out, f"trace_{shape}_{name}.txt"),
                             f"{name} {shape}"), flush=True)
         if args.stages:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import profile_ssd
-
-            # the launches at the defaults (the rows above leave the last variant's switches)
-            set_switches()
+            # the launches at the defaults (ssd_stages sets them; the rows above leave the last
+            # variant's switches)
             row["ours_stages"] = profile_ssd.ssd_stages(B, T, HEADS, HEADDIM, STATE, GROUPS)
             print(shape, "ours_stages", json.dumps(row["ours_stages"]), flush=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

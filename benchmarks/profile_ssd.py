@@ -23,17 +23,27 @@ sys.path.insert(0, HERE)
 from bench_generate import timed  # noqa: E402
 
 
+def set_switches(heads=None, overlap=True, bwd_stages=None):
+    """kernels/ssd/chunk.py's module switches for the next calls (None: the module's default):
+    value heads per program of the output launch and the chunk backward, the backward's state
+    passes on two streams, the chunk backward's pipelining stages."""
+    from megatron_gdn.kernels.ssd import chunk as sc
+
+    sc.MAX_HEADS_PER_PROGRAM = sc.DEFAULT_HEADS_PER_PROGRAM if heads is None else heads
+    sc.OVERLAP_STREAMS = overlap
+    sc.CHUNK_BWD_STAGES = sc.DEFAULT_CHUNK_BWD_STAGES if bwd_stages is None else bwd_stages
+
+
 def ssd_stages(B: int, T: int, heads: int = 64, headdim: int = 64, state: int = 128,
                groups: int = 1, dtype=torch.bfloat16, iters: int = 20, warmup: int = 3,
                device: str = "cuda", heads_per_program=None) -> dict:
     """ms per launch of our SSD forward and backward, and the totals, at [B, T] tokens.
     heads_per_program: the cap on value heads per program of the output launch and the chunk
-    backward (None: the default, MEGATRON_GDN_SSD_HEADS_PER_PROGRAM); set here, as bench_ssd.py
-    leaves it set."""
+    backward (None: the default, MEGATRON_GDN_SSD_HEADS_PER_PROGRAM). Every other switch is
+    set to its default here, whatever bench_ssd.py's rows left set."""
     from megatron_gdn.kernels.ssd import chunk as sc
 
-    sc.MAX_HEADS_PER_PROGRAM = (sc.DEFAULT_HEADS_PER_PROGRAM if heads_per_program is None
-                                else heads_per_program)
+    set_switches(heads_per_program)
 
     gen = torch.Generator(device=device).manual_seed(0)
     rand = lambda *s: torch.randn(*s, device=device, generator=gen)  # noqa: E731
