@@ -31,9 +31,9 @@
 #                  value head per program of its backward (the default: eight) and with the
 #                  backward's state passes in line, with x * dt formed in torch (not in the
 #                  kernels), with the chunk backward at one pipelining stage, both kernels
-#                  profiled kernel by kernel (SKIP_SSD=1; mamba_ssm autotunes ~2 minutes)
+#                  profiled kernel by kernel (SKIP_SSD=1; mamba_ssm autotunes ~2 minutes;
+#                  SSD_ARGS replaces those rows, SSD_SHAPES the shapes)
 #   ssd-tests      the SSD kernel's and the Mamba2 mixer's GPU tests (only with ONLY)
-#                  (the ssd job's rows: SSD_ARGS, its shapes: SSD_SHAPES)
 #   kernels-s3     S3, ours and fla's, stage by stage, checked in bf16 (SKIP_S3=1)
 #   layer, layer-keep   the GDN layer next to Megatron's own; ours with the states kept (SKIP_LAYER=1)
 #                  (the layer job's limit LAYER_S, default 330: on a fresh machine Megatron's
@@ -134,8 +134,7 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 # the SSD kernel's and the Mamba2 mixer's GPU tests (bf16 and fp32; only with ONLY)
 # shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed ssd-tests 120 $TESTS_CMD tests/kernels/test_ssd.py tests/mamba2/test_mixer.py
-# (SSD_ARGS replaces the comparison rows, SSD_SHAPES the shapes: a short call times ours and
-# mamba_ssm alone with SSD_ARGS=" ")
+# (a short call times ours and mamba_ssm alone with SSD_ARGS=" ")
 # shellcheck disable=SC2086
 [ "${SKIP_SSD:-0}" = 1 ] || timed ssd 220 python3 benchmarks/bench_ssd.py --out "$OUTDIR/ssd" \
   --shapes "${SSD_SHAPES:-4x4096,1x16384}" --mamba-chunks 128 \
