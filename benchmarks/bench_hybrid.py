@@ -13,9 +13,10 @@ tokens/s = b * s / time. Peak memory: max_memory_allocated over one step.
 Attention core (--attn): SDPACoreAttention (megatron_gdn.hybrid.attention) with window 2048 vs
 torch SDPA with is_causal (its default kernel) at 1 x 16384 tokens, 16 heads of 128, bf16,
 forward and forward+backward; the SWA output is checked against SDPA with the dense band mask
-(relative RMS error reported; bf16 tolerance 1e-2). Then each SWA backend alone (cuDNN's band
-kernels where nvidia-cudnn-frontend is installed, FlashAttention-2 varlen, key blocks, flex)
-and causal SDPA with each of its kernels forced.
+(relative RMS error reported; bf16 tolerance 1e-2). Then each SWA backend alone
+(FlashAttention-3 where a build is found, scripts/build_fa3.sh; cuDNN's band kernels where
+nvidia-cudnn-frontend is installed; FlashAttention-2 varlen; key blocks; flex), FA3's full
+causal kernel, and causal SDPA with each of its kernels forced.
 
 Acceptance (issue 5), evaluated and written to results.md: H1 tokens/s >= GDN 1.3B tokens/s at
 both sequence shapes; SWA core >= 4x faster than causal attention at window 2048 / 16K tokens.
@@ -268,7 +269,7 @@ def bench_attention(args):
     out["speedup_fwd_bwd"] = out["causal_sdpa_fwd_bwd_ms"] / out["swa_fwd_bwd_ms"]
     # each SWA backend on its own (the "swa" row above is what "auto" picks), with its error
     if gpu:
-        for backend in ("cudnn", "varlen", "blocks", "flex"):
+        for backend in ("fa3", "cudnn", "varlen", "blocks", "flex"):
             core.backend = backend
             key = f"swa_{backend}"
             try:
@@ -280,6 +281,20 @@ def bench_attention(args):
             except Exception as e:  # noqa: BLE001 (a backend the build lacks is a row, not a crash)
                 out[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         core.backend = "auto"
+        # FlashAttention-3's own full causal kernel (where a build is found): the band's ratio
+        # against the fastest causal kernel here, not only against SDPA's
+        from megatron_gdn.hybrid.swa_fa3 import fa3_status
+
+        out["fa3_status"] = fa3_status()
+        full = SDPACoreAttention(config, layer_number=1, pg_collection=pg, window=None)
+        full.backend = "fa3"
+        try:
+            with torch.no_grad():
+                out["causal_fa3_fwd_ms"] = time_ms(lambda: full(q, k, v, None), args.iters, args.warmup)
+            out["causal_fa3_fwd_bwd_ms"] = time_ms(fwd_bwd(lambda: full(q, k, v, None)), args.iters,
+                                                   args.warmup)
+        except Exception as e:  # noqa: BLE001 (no FA3 build here)
+            out["causal_fa3_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         # which kernel "causal SDPA" is: each backend forced (the auto choice is not reported
         # by torch); FlashAttention-2 causal is the same kernel family as the varlen window
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -345,7 +360,9 @@ def markdown(payload):
                   f"({attn['speedup_fwd_bwd']:.2f}x) -> >= 4x: {verdict}",
                   f"- SWA output vs dense band-mask SDPA: rel RMS {attn['swa_rel_err_vs_dense_mask']:.2e} "
                   f"(tol {BF16_REL:.0e})"]
-        for backend in ("cudnn", "varlen", "blocks", "flex"):
+        if "fa3_status" in attn:
+            lines.append(f"- {attn['fa3_status']}")
+        for backend in ("fa3", "cudnn", "varlen", "blocks", "flex"):
             key = f"swa_{backend}"
             if f"{key}_error" in attn:
                 lines.append(f"- backend {backend}: {attn[key + '_error']}")
@@ -353,7 +370,7 @@ def markdown(payload):
                 lines.append(f"- backend {backend}: fwd {attn[key + '_fwd_ms']:.2f} ms, fwd+bwd "
                              f"{attn[key + '_fwd_bwd_ms']:.2f} ms ({attn[key + '_speedup_fwd_bwd']:.2f}x), "
                              f"rel RMS {attn[key + '_rel_err_vs_dense_mask']:.2e}")
-        for key in ("causal_flash", "causal_cudnn", "causal_efficient"):
+        for key in ("causal_fa3", "causal_flash", "causal_cudnn", "causal_efficient"):
             if f"{key}_error" in attn:
                 lines.append(f"- {key} (forced): {attn[key + '_error']}")
             elif f"{key}_fwd_bwd_ms" in attn:
@@ -365,6 +382,9 @@ def markdown(payload):
         if "causal_cudnn_fwd_bwd_ms" in attn and "swa_cudnn_fwd_bwd_ms" in attn:
             lines.append(f"- cuDNN band vs cuDNN causal (same kernel family): "
                          f"{attn['causal_cudnn_fwd_bwd_ms'] / attn['swa_cudnn_fwd_bwd_ms']:.2f}x fwd+bwd")
+        if "causal_fa3_fwd_bwd_ms" in attn and "swa_fa3_fwd_bwd_ms" in attn:
+            lines.append(f"- FA3 window vs FA3 causal (same kernel family): "
+                         f"{attn['causal_fa3_fwd_bwd_ms'] / attn['swa_fa3_fwd_bwd_ms']:.2f}x fwd+bwd")
     return "\n".join(lines) + "\n"
 
 

@@ -7,8 +7,11 @@
 #   dh-s3          the same at S3, the wide launch's two-stage pins among them (SKIP_DH_S3=1)
 #   train-dh-pin   issue 6 at 256K tokens per step with dh-s4's winner pinned (none: skipped)
 #   fla-convert    a tiny fla GatedDeltaNet converted and generating (SKIP_FLA=1)
-#   attn-tests, attn-bench   cuDNN's band attention against the torch oracle; the SWA core at
-#                  window 2048 / 16K tokens against causal SDPA (SKIP_ATTN=1)
+#   fa3-ready      FlashAttention-3 from .fa3 (carried: scripts/build_fa3.sh with PACK_SRC=1),
+#                  built again here if it does not load, and its check (scripts/gpu_fa3_ready.sh)
+#   attn-tests, attn-bench   cuDNN's band attention and FA3 against the torch oracle; the SWA
+#                  core at window 2048 / 16K tokens against causal SDPA and FA3 causal
+#                  (these three: SKIP_ATTN=1)
 #   train          GDN 1.3B training throughput (examples/launch/gpu_throughput.sh: 26
 #                  iterations of 64K tokens with the optimizer, Megatron's mock data)
 #   train-best     the same with the chunk states kept and Megatron's fused cross entropy
@@ -89,8 +92,9 @@ echo "dh pin: ${DH_WIN:-none}" | tee -a "$OUTDIR/summary.txt"
   EXTRA="--gdn-keep-chunk-states --cross-entropy-loss-fusion" \
   bash examples/launch/gpu_throughput.sh "$OUTDIR/train_dh_pin" gdn_1.3b
 [ "${SKIP_FLA:-0}" = 1 ] || timed fla-convert 280 python3 scripts/check_fla_convert_gpu.py --out "$OUTDIR/fla_convert"
-[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 60 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa"
-[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 90 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
+[ "${SKIP_ATTN:-0}" = 1 ] || timed fa3-ready 300 bash scripts/gpu_fa3_ready.sh
+[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-tests 90 python3 -m pytest -q -p no:cacheprovider -rs tests/hybrid/test_attention.py -k "cudnn or swa or fa3"
+[ "${SKIP_ATTN:-0}" = 1 ] || timed attn-bench 150 python3 benchmarks/bench_hybrid.py --out "$OUTDIR/attention" --no-models
 # issue 6's figure: 20+ iterations after the 5 of warm-up, 64K tokens each (4 micro-batches:
 # the optimizer step's share as in a real run, not one step per 16K tokens)
 timed train 150 env ITERS=26 MBS=4 GBS=16 bash examples/launch/gpu_throughput.sh "$OUTDIR/train" gdn_1.3b

@@ -29,7 +29,9 @@ log-sum-exps (swa_blocks.py); everything else (CP) is flex attention with a bloc
 from the rule above (masked-out 128 x 128 blocks are skipped). On the CPU, SDPA with the dense
 boolean mask. Plain rows with a window go first to cuDNN's band kernels where the optional
 nvidia-cudnn-frontend package is installed and its check passes (swa_cudnn.py; the fastest of
-the four on an H100), then to the varlen kernels.
+the four on an H100), then to the varlen kernels. Where a FlashAttention-3 build is found and
+its check passes (swa_fa3.py; Hopper only), windows and packed documents without CP go to its
+kernels before all of these.
 
 Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
 W context-parallel size, N sequences, P piece length, w window.
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 
 from megatron_gdn.hybrid.swa_blocks import flash_swa_supported, swa_attention
 from megatron_gdn.hybrid.swa_cudnn import cudnn_causal_attention, cudnn_swa_supported
+from megatron_gdn.hybrid.swa_fa3 import fa3_attention, fa3_supported, fa3_varlen_attention
 from megatron_gdn.hybrid.swa_varlen import varlen_causal_attention, varlen_flash_supported
 from megatron_gdn.parallel.collectives import all_gather_start, reduce_scatter
 
@@ -138,11 +141,14 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     rows or packed documents, no CP); the last two run flash kernels where they take the
     inputs, else the same attention in torch. "cudnn": plain rows, causal or windowed, on
     cuDNN's band kernels (swa_cudnn.py; needs the optional nvidia-cudnn-frontend package and a
-    GPU, else a ValueError).
+    GPU, else a ValueError). "fa3": plain rows or packed documents, causal or windowed, on
+    FlashAttention-3's Hopper kernels (swa_fa3.py; needs an FA3 install or build and an H100 /
+    H200, else a ValueError); "auto" takes it first for windows and packed documents where its
+    check passes.
     """
-    if backend not in ("auto", "dense", "flex", "blocks", "varlen", "cudnn"):
+    if backend not in ("auto", "dense", "flex", "blocks", "varlen", "cudnn", "fa3"):
         raise ValueError(f"backend={backend!r}: expected 'auto', 'dense', 'flex', 'blocks', "
-                         "'varlen' or 'cudnn'")
+                         "'varlen', 'cudnn' or 'fa3'")
     T, B, H, D = q_tbhd.shape
     Tk, G = k_tbgd.shape[0], k_tbgd.shape[2]
     if H % G != 0:
@@ -158,7 +164,11 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
-        if (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
+        if (backend == "flex" and varlen_layout and dropout_p == 0.0 and fa3_supported(q)):
+            # FlashAttention-3's Hopper kernels, where a build of it is installed and passes its
+            # check (benchmarks/RESULTS.md has its timings against cuDNN's band)
+            backend = "fa3"
+        elif (backend == "flex" and mask.plain and mask.window is not None and dropout_p == 0.0
                 and T == Tk and cudnn_swa_supported(q)):
             # cuDNN's band kernel: 2.80 ms against varlen's 3.69 and flex's 3.57 at w = 2048,
             # 16K tokens, 16 x 128 on an H100 (benchmarks/RESULTS.md)
@@ -183,6 +193,23 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
             k, v = (x.repeat_interleave(H // G, dim=1) for x in (k, v))
         o = cudnn_causal_attention(q, k, v, mask.window, scale)
         return o.permute(2, 0, 1, 3)
+    if backend == "fa3":
+        if not varlen_layout:
+            raise ValueError("backend='fa3' is for plain sequences or packed documents given by "
+                             "MaskSpec.cu_seqlens (B = 1), without context parallelism")
+        if dropout_p > 0.0:
+            raise ValueError(f"attention_dropout={dropout_p}: backend='fa3' has no dropout")
+        if not fa3_supported(q):
+            raise ValueError("backend='fa3' needs an H100 / H200, bf16 / fp16, a head dim the "
+                             "FlashAttention-3 build has, and that build (swa_fa3.py says where "
+                             "it is looked for) passing its check on this machine")
+        # [B, H, T, D] views of [T, B, H, D] -> FA3's [B, T, H, D]: strides only, no copy
+        q3, k3, v3 = (x.transpose(1, 2) for x in (q, k, v))
+        if mask.plain:
+            o = fa3_attention(q3, k3, v3, mask.window, scale)
+            return o.permute(1, 0, 2, 3)
+        o = fa3_varlen_attention(q3[0], k3[0], v3[0], mask.cu_seqlens, mask.window, scale)
+        return o.unsqueeze(1)
     if backend == "varlen":
         if not varlen_layout:
             raise ValueError("backend='varlen' is for plain sequences or packed documents given "

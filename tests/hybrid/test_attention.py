@@ -445,3 +445,175 @@ def test_cudnn_band_on_gpu(window):
     for a, b in [(out, ref), *zip(grads, ref_grads)]:
         err = ((a.float() - b).norm() / b.norm()).item()
         assert err < 1e-2, err
+
+
+# --------------------------------------------------------- FlashAttention-3 (swa_fa3, optional)
+def _fake_fa3(calls):
+    """FA3's two entry points as its documentation states them, written in torch (the CPU has
+    no FA3): q [B, T, H, D] (or [N, H, D] with cu_seqlens), k / v with G | H heads; causal with
+    window_size (left, right) keeps key j for query t iff t - left <= j <= t + right, j <= t.
+    `calls` records what the wrapper passed, to check the window conversion and the layout."""
+    def attend(q, k, v, scale, left):
+        T, H = q.shape[-3], q.shape[-2]
+        k, v = (x.repeat_interleave(H // x.shape[-2], dim=-2) for x in (k, v))
+        s = torch.einsum("...thd,...shd->...hts", q, k) * scale
+        t = torch.arange(T)
+        allowed = t[None, :] <= t[:, None]
+        if left >= 0:
+            allowed &= t[None, :] >= t[:, None] - left
+        return torch.einsum("...hts,...shd->...thd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+    def dense(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        calls.append(dict(kind="dense", q=q, k=k, causal=causal, window_size=window_size))
+        assert causal and window_size[1] == 0
+        return attend(q, k, v, softmax_scale, window_size[0])
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False, window_size=(-1, -1)):
+        calls.append(dict(kind="varlen", q=q, cu=cu_q, max=max_q, causal=causal, window_size=window_size))
+        assert causal and window_size[1] == 0 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k)
+        cu = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(cu, cu[1:]))
+        return torch.cat([attend(q[a:b], k[a:b], v[a:b], softmax_scale, window_size[0])
+                          for a, b in zip(cu, cu[1:])])
+
+    return types.SimpleNamespace(why="", dense=dense, varlen=varlen)
+
+
+@pytest.mark.parametrize("window", [None, 1, 5, 23])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fa3_wiring_matches_the_loop(monkeypatch, window, packed):
+    """masked_attention(backend="fa3") -> swa_fa3 -> FA3's calls: window w becomes left = w - 1,
+    [T, B, H, D] goes in as strided views (no copy), GQA without repeated K/V, packed documents
+    as int32 cu_seqlens; outputs and gradients against the float64 loop."""
+    from megatron_gdn.hybrid import attention as attn_mod
+    from megatron_gdn.hybrid import swa_fa3
+
+    calls = []
+    monkeypatch.setattr(swa_fa3, "_interface", lambda: _fake_fa3(calls))
+    monkeypatch.setattr(attn_mod, "fa3_supported", lambda q: True)
+    cu = [0, 9, 10, 31] if packed else None
+    T, B, H, G, D = (31, 1, 4, 2, 8) if packed else (19, 2, 4, 2, 8)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(T, B, H, D, dtype=torch.float64, generator=gen).requires_grad_()
+    k, v = (torch.randn(T, B, G, D, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    if packed:
+        pos, doc = _tags(cu)
+        mask = MaskSpec(pos, doc, pos, doc, window, cu_seqlens=tuple(cu))
+    else:
+        pos = torch.arange(T)
+        doc = torch.zeros(T, dtype=torch.long)
+        mask = MaskSpec(pos, doc, pos, doc, window, plain=True)
+    out = masked_attention(q, k, v, mask, 0.4, backend="fa3")
+    assert len(calls) == 1
+    call = calls[0]
+    assert call["kind"] == ("varlen" if packed else "dense")
+    assert call["window_size"] == ((-1 if window is None else window - 1), 0)
+    assert call["q"].data_ptr() == q.data_ptr()  # a view of the caller's tensor
+    if not packed:
+        assert call["q"].shape == (B, T, H, D) and call["k"].shape == (B, T, G, D)
+    else:
+        assert call["q"].shape == (T, H, D) and call["cu"].tolist() == cu and call["max"] == 21
+    do = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ins = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref = _loop_reference(*ins, cu or [0, T], window, 0.4)
+    ref_grads = torch.autograd.grad(ref, ins, do)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def _hide_installed_fa3(monkeypatch):
+    """No FA3 importable except what the test puts in MGDN_FA3_DIR (a build found earlier in
+    this process, or installed, would otherwise answer first)."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if not (Path(p or ".") / "flash_attn_interface.py").exists()])
+    monkeypatch.delitem(sys.modules, "flash_attn_interface", raising=False)
+
+
+def test_fa3_refuses_clearly_where_it_cannot_run(monkeypatch, tmp_path):
+    from megatron_gdn.hybrid import swa_fa3
+
+    q = torch.randn(4, 1, 2, 8)
+    pos = torch.arange(4)
+    doc = torch.zeros(4, dtype=torch.long)
+    assert not swa_fa3.fa3_supported(q.permute(1, 2, 0, 3))  # the CPU
+    with pytest.raises(ValueError, match="FlashAttention-3 build"):
+        masked_attention(q, q, q, MaskSpec(pos, doc, pos, doc, 2, plain=True), 0.5, backend="fa3")
+    with pytest.raises(ValueError, match="packed documents"):
+        # CP-like keys: more keys than queries
+        masked_attention(q[:2], q, q, MaskSpec(pos[:2], doc[:2], pos, doc, 2), 0.5, backend="fa3")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        swa_fa3.fa3_attention(q, q, q, 0, 0.5)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        swa_fa3.fa3_attention(torch.randn(4, 1, 3, 8), q, q, 2, 0.5)
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
+        swa_fa3.fa3_varlen_attention(q[:, 0], q[:, 0], q[:, 0], [0, 3, 2, 4], 2, 0.5)
+    # no FA3 anywhere: the reason, not an ImportError
+    _hide_installed_fa3(monkeypatch)
+    monkeypatch.setenv("MGDN_FA3_DIR", str(tmp_path))
+    swa_fa3._interface.cache_clear()
+    try:
+        assert "not available" in swa_fa3.fa3_status() and str(tmp_path) in swa_fa3.fa3_status()
+        with pytest.raises(RuntimeError, match="not available"):
+            swa_fa3.fa3_attention(q, q, q, 2, 0.5)
+    finally:
+        swa_fa3._interface.cache_clear()
+
+
+def test_fa3_build_folder_is_found(monkeypatch, tmp_path):
+    """A build folder (what scripts/build_fa3.sh writes) named by MGDN_FA3_DIR is imported."""
+    import sys
+
+    from megatron_gdn.hybrid import swa_fa3
+
+    (tmp_path / "flash_attn_interface.py").write_text(
+        "def flash_attn_func(*a, **k):\n    return 'dense'\n"
+        "def flash_attn_varlen_func(*a, **k):\n    return 'varlen'\n")
+    _hide_installed_fa3(monkeypatch)
+    monkeypatch.setenv("MGDN_FA3_DIR", str(tmp_path))
+    swa_fa3._interface.cache_clear()
+    try:
+        q = torch.randn(1, 4, 2, 8)
+        assert swa_fa3.fa3_attention(q, q, q, 3, 0.5) == "dense"
+        assert swa_fa3.fa3_varlen_attention(q[0], q[0], q[0], [0, 4], None, 0.5) == "varlen"
+        assert str(tmp_path) in swa_fa3.fa3_status()
+    finally:
+        sys.modules.pop("flash_attn_interface", None)
+        swa_fa3._interface.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("window", [None, 128, 1000])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fa3_on_gpu(window, packed):
+    from megatron_gdn.hybrid.swa_fa3 import fa3_status, fa3_supported
+
+    T, B, H, G, D = (3000, 1, 8, 2, 128) if packed else (1500, 2, 8, 2, 128)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(T, B, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(T, B, G, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    if not fa3_supported(q.permute(1, 2, 0, 3)):
+        pytest.skip(f"FlashAttention-3 not usable here: {fa3_status()}")
+    if packed:
+        cu = [0, 700, 701, 2100, 3000]
+        pos, doc = _tags(cu)
+        pos, doc = pos.cuda(), doc.cuda()
+        mask = MaskSpec(pos, doc, pos, doc, window, cu_seqlens=tuple(cu))
+    else:
+        pos = torch.arange(T, device="cuda")
+        doc = torch.zeros(T, dtype=torch.long, device="cuda")
+        mask = MaskSpec(pos, doc, pos, doc, window, plain=True)
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = masked_attention(*ins, mask, D ** -0.5, backend="fa3")
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, do)
+    ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_ins, mask, D ** -0.5, backend="dense")
+    ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
+    for a, b in [(out, ref), *zip(grads, ref_grads)]:
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 1e-2, err
