@@ -31,7 +31,10 @@ boolean mask. Plain rows with a window go first to cuDNN's band kernels where th
 nvidia-cudnn-frontend package is installed and its check passes (swa_cudnn.py; the fastest of
 the four on an H100), then to the varlen kernels. Where a FlashAttention-3 build is found and
 its check passes (swa_fa3.py; Hopper only), windows and packed documents without CP go to its
-kernels before all of these.
+kernels before all of these, and under CP each local piece is one FA3 call instead of flex:
+its queries against its keys (full attention: its sequence's gathered tokens up to it,
+reordered by position; SWA: the valid part of its halo, then itself), FA3 aligning the causal
+mask to the last key (MaskSpec.segments, _segment_plan).
 
 Legend: T tokens (local), Tk keys, B batch rows, H query heads, G key/value heads, D head dim,
 W context-parallel size, N sequences, P piece length, w window.
@@ -64,7 +67,10 @@ class MaskSpec:
     document (the caller knows; it selects SDPA's is_causal fast path). `cache_key`: hashable
     description of the mask for the flex block-mask cache (None: do not cache). `cu_seqlens`:
     for packed documents without CP (queries = keys = the documents back to back, B = 1), their
-    boundaries as a tuple of ints; the varlen kernels need them."""
+    boundaries as a tuple of ints; the varlen kernels need them. `segments`: under CP, where
+    FA3 may run them (see _segment_plan), the queries cut into runs of consecutive positions,
+    each with the keys it reads: ((q0, q1, keys), ...), keys a (k0, k1) slice of the key axis or
+    a LongTensor of key rows in position order."""
 
     q_pos: torch.Tensor
     q_doc: torch.Tensor
@@ -74,6 +80,7 @@ class MaskSpec:
     plain: bool = False
     cache_key: Optional[tuple] = None
     cu_seqlens: Optional[tuple] = None
+    segments: Optional[tuple] = None
 
     def dense(self) -> torch.Tensor:
         """[T, Tk] boolean mask, True where attention is allowed."""
@@ -164,7 +171,8 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
-        if (backend == "flex" and varlen_layout and dropout_p == 0.0 and fa3_supported(q)):
+        if (backend == "flex" and (varlen_layout or mask.segments is not None) and dropout_p == 0.0
+                and fa3_supported(q)):
             # FlashAttention-3's Hopper kernels, where a build of it is installed and passes its
             # check (benchmarks/RESULTS.md has its timings against cuDNN's band)
             backend = "fa3"
@@ -194,9 +202,10 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
         o = cudnn_causal_attention(q, k, v, mask.window, scale)
         return o.permute(2, 0, 1, 3)
     if backend == "fa3":
-        if not varlen_layout:
-            raise ValueError("backend='fa3' is for plain sequences or packed documents given by "
-                             "MaskSpec.cu_seqlens (B = 1), without context parallelism")
+        if not varlen_layout and mask.segments is None:
+            raise ValueError("backend='fa3' is for plain sequences, packed documents given by "
+                             "MaskSpec.cu_seqlens (B = 1), or query runs given by "
+                             "MaskSpec.segments (context parallelism)")
         if dropout_p > 0.0:
             raise ValueError(f"attention_dropout={dropout_p}: backend='fa3' has no dropout")
         if not fa3_supported(q):
@@ -205,6 +214,17 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
                              "it is looked for) passing its check on this machine")
         # [B, H, T, D] views of [T, B, H, D] -> FA3's [B, T, H, D]: strides only, no copy
         q3, k3, v3 = (x.transpose(1, 2) for x in (q, k, v))
+        if not varlen_layout:
+            # one call per run of queries, its keys ending at its last query (FA3 aligns the
+            # causal mask to the bottom right when there are more keys than queries)
+            outs = []
+            for q0, q1, keys in mask.segments:
+                if isinstance(keys, tuple):
+                    kk, vv = k3[:, keys[0]:keys[1]], v3[:, keys[0]:keys[1]]
+                else:
+                    kk, vv = k3.index_select(1, keys), v3.index_select(1, keys)
+                outs.append(fa3_attention(q3[:, q0:q1], kk, vv, mask.window, scale))
+            return torch.cat(outs, dim=1).permute(1, 0, 2, 3)
         if mask.plain:
             o = fa3_attention(q3, k3, v3, mask.window, scale)
             return o.permute(1, 0, 2, 3)
@@ -443,6 +463,59 @@ def _cp_keys(k_tbgd, v_tbgd, layout: AttentionCPLayout, window: Optional[int], g
     return keys[:, :, :G], keys[:, :, G:], torch.cat(pos), torch.cat(doc), torch.cat(q_doc)
 
 
+def _segment_plan(q_pos, q_doc, k_pos, k_doc, window: Optional[int]):
+    """MaskSpec.segments from the (CPU) tags, or None where FA3's calls cannot express the mask.
+
+    The queries are cut into runs (same document, consecutive positions p0..p1). A run's keys
+    are those of its document at positions up to p1 (and, with a window, from p0 - window + 1):
+    they must be one run of consecutive positions ending at p1 and starting at or before p0
+    (each position once). Then FA3's causal mask with the keys aligned to the bottom right
+    (query p0 + i sees key index i + p0 - first key position, and back by the window) is this
+    module's rule. Under CP, full attention: a piece's keys are its sequence's first p1 + 1
+    tokens (gathered, reordered by position); SWA: the valid part of its halo, then itself.
+    """
+    T = q_pos.numel()
+    if T == 0:
+        return None
+    cut = ((q_doc[1:] != q_doc[:-1]) | (q_pos[1:] != q_pos[:-1] + 1)).nonzero().flatten() + 1
+    bounds = [0] + cut.tolist() + [T]
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        doc, p0, p1 = int(q_doc[a]), int(q_pos[a]), int(q_pos[b - 1])
+        sel = (k_doc == doc) & (k_pos <= p1)
+        if window is not None:
+            sel &= k_pos > p0 - window
+        rows = sel.nonzero().flatten()
+        if rows.numel() == 0:
+            return None
+        rows = rows[k_pos[rows].argsort(stable=True)]
+        kp = k_pos[rows]
+        if int(kp[-1]) != p1 or int(kp[0]) > p0 or not bool((kp[1:] == kp[:-1] + 1).all()):
+            return None
+        if bool((rows[1:] == rows[:-1] + 1).all()):
+            plan.append((a, b, (int(rows[0]), int(rows[-1]) + 1)))
+        else:
+            plan.append((a, b, rows))
+    return tuple(plan)
+
+
+_SEGMENT_PLANS: dict = {}
+
+
+def _cached_segment_plan(cache_key, device, q_pos, q_doc, k_pos, k_doc, window):
+    """_segment_plan per (mask, device), its key rows moved to the device once."""
+    key = (cache_key, str(device))
+    if key not in _SEGMENT_PLANS:
+        plan = _segment_plan(q_pos, q_doc, k_pos, k_doc, window)
+        if plan is not None:
+            plan = tuple((a, b, keys if isinstance(keys, tuple) else keys.to(device))
+                         for a, b, keys in plan)
+        if len(_SEGMENT_PLANS) >= _MAX_CACHED_MASKS:
+            _SEGMENT_PLANS.clear()
+        _SEGMENT_PLANS[key] = plan
+    return _SEGMENT_PLANS[key]
+
+
 # ------------------------------------------------------------------------ the Megatron module
 def _doc_tags(cu: list):
     lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
@@ -495,9 +568,10 @@ class SDPACoreAttention(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"window={self.window}, scale={self.softmax_scale:.4g}"
 
-    def _mask_and_keys(self, key, value, packed_seq_params, is_thd, batch, local_len, device):
+    def _mask_and_keys(self, key, value, packed_seq_params, is_thd, batch, local_len, device,
+                       want_segments=False):
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
-        cu_seqlens = None
+        cu_seqlens = segments = None
         if cp_size > 1:
             # the batch rows of dense input share one layout (the tokens axis is dim 0 here)
             cu = None
@@ -511,6 +585,9 @@ class SDPACoreAttention(torch.nn.Module):
                                                        self.cp_group)
             cache_key = ("cp", layout.seq_lens, cp_size, layout.cp_rank, self.window)
             plain = False
+            if want_segments:
+                segments = _cached_segment_plan(cache_key, device, q_pos, q_doc, k_pos, k_doc,
+                                                self.window)
         elif is_thd:
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
@@ -531,7 +608,8 @@ class SDPACoreAttention(torch.nn.Module):
             cache_key = ("dense", local_len, self.window)
             plain = True
         mask = MaskSpec(q_pos.to(device), q_doc.to(device), k_pos.to(device), k_doc.to(device),
-                        self.window, plain=plain, cache_key=cache_key, cu_seqlens=cu_seqlens)
+                        self.window, plain=plain, cache_key=cache_key, cu_seqlens=cu_seqlens,
+                        segments=segments)
         return key, value, mask
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
@@ -543,9 +621,12 @@ class SDPACoreAttention(torch.nn.Module):
             # [t, H, D] -> [t, 1, H, D]
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         T, B, H, D = query.shape
-        key, value, mask = self._mask_and_keys(key, value, packed_seq_params, is_thd, B, T,
-                                               query.device)
         dropout_p = self.dropout_p if self.training else 0.0
+        # FA3 takes CP's pieces one call each (a plan per layout, cached), where it runs here
+        want_segments = (self.backend in ("auto", "fa3") and dropout_p == 0.0
+                         and fa3_supported(query))
+        key, value, mask = self._mask_and_keys(key, value, packed_seq_params, is_thd, B, T,
+                                               query.device, want_segments)
         o_tbhd = masked_attention(query, key, value, mask, self.softmax_scale, dropout_p,
                                   backend=self.backend)
         if is_thd:

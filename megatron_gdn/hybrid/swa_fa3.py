@@ -13,8 +13,9 @@ FA3 takes [B, T, H, D] with any batch / token / head strides (the last dim conti
 grouped-query attention natively (H a multiple of G), so attention.py's [T, B, H, D] tensors go
 in as permuted views, without copies or repeated K/V.
 
-`fa3_attention(q, k, v, window, scale)`: q [B, T, H, D], k / v [B, T, G, D]; window None is
-full causal attention. `fa3_varlen_attention(q, k, v, cu_seqlens, window, scale)`: packed
+`fa3_attention(q, k, v, window, scale)`: q [B, T, H, D], k / v [B, Tk, G, D], Tk >= T: the
+queries are the last T of the Tk positions (FA3 aligns the causal mask to the bottom right);
+window None is full causal attention. `fa3_varlen_attention(q, k, v, cu_seqlens, window, scale)`: packed
 documents, q [N, H, D], k / v [N, G, D], boundaries cu_seqlens (ints). `fa3_supported(q)`:
 whether this machine runs them for these inputs: a CUDA Hopper device, bf16 / fp16, the module
 imports, and one small call, forward and backward, dense and packed, matches the same attention
@@ -79,9 +80,10 @@ def _check_window(window: Optional[int]) -> None:
 def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Optional[int],
                   scale: float) -> torch.Tensor:
     """See the module docstring; returns o [B, T, H, D] in q's dtype."""
-    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"expected q [B, T, H, D] and k, v [B, T, G, D], got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[1] < q.shape[1]
+            or k.shape[3] != q.shape[3]):
+        raise ValueError(f"expected q [B, T, H, D] and k, v [B, Tk >= T, G, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads "
                          f"({k.shape[2]})")
@@ -123,9 +125,10 @@ _CHECK_FAILURES: dict = {}  # (device, dtype, head dim) -> why the check failed,
 
 @functools.lru_cache(maxsize=None)
 def _fa3_works(device_index: int, dtype: torch.dtype, head_dim: int) -> bool:
-    """A windowed dense call with GQA and a packed call, forward and backward, against
-    the same attention in torch: the window convention, the dtype and the head dim of the
-    build, once per device, dtype and head dim."""
+    """A windowed dense call with GQA, a packed call, and a call with more keys than queries
+    (the last 56 queries against all keys, as under CP), forward and backward, against the
+    same attention in torch: the window convention, the bottom-right alignment, the dtype and
+    the head dim of the build, once per device, dtype and head dim."""
     try:
         dev = torch.device("cuda", device_index)
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -138,23 +141,29 @@ def _fa3_works(device_index: int, dtype: torch.dtype, head_dim: int) -> bool:
         cu = [0, 77, 200, 400]  # three documents over the B * T tokens, one crossing the rows
         errors = []
         with torch.enable_grad():  # the first use may come under no_grad
-            for packed in (False, True):
+            for case in ("dense", "packed", "tail"):
                 ins = [x.clone().requires_grad_() for x in (q, k, v)]
-                if packed:
+                d = do
+                if case == "packed":
                     flat = [x.reshape(B * T, x.shape[2], D) for x in ins]
                     out = fa3_varlen_attention(*flat, cu, w, 0.125).view(B, T, H, D)
+                elif case == "tail":
+                    out = fa3_attention(ins[0][:, -56:], ins[1], ins[2], w, 0.125)
+                    d = do[:, -56:]
                 else:
                     out = fa3_attention(*ins, w, 0.125)
-                grads = torch.autograd.grad(out, ins, do)
+                grads = torch.autograd.grad(out, ins, d)
                 ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
-                ref = _reference(*ref_ins, w, 0.125, cu if packed else None)
-                ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
+                ref = _reference(*ref_ins, w, 0.125, cu if case == "packed" else None)
+                if case == "tail":
+                    ref = ref[:, -56:]
+                ref_grads = torch.autograd.grad(ref, ref_ins, d.float())
                 errors += [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
         torch.cuda.synchronize(dev)
         if all(e < 2e-2 for e in errors):
             return True
         _CHECK_FAILURES[(device_index, dtype, head_dim)] = (
-            "relative errors (dense out, dq, dk, dv, packed out, dq, dk, dv) "
+            "relative errors (out, dq, dk, dv: dense, packed, more keys) "
             + ", ".join(f"{e:.1e}" for e in errors))
     except Exception as e:  # noqa: BLE001 (any failure: use another backend)
         _CHECK_FAILURES[(device_index, dtype, head_dim)] = f"{type(e).__name__}: {str(e)[:300]}"

@@ -235,12 +235,12 @@ def test_varlen_flash_bf16_matches_dense(B, G, cu, window):
     _check_bf16_against_dense(xs, mask, "varlen")
 
 
-def _core(window, cp_group=None, head_dim=8):
+def _core(window, cp_group=None, head_dim=8, backend="auto"):
     config = types.SimpleNamespace(kv_channels=head_dim, attention_dropout=0.0,
                                    apply_query_key_layer_scaling=False, softmax_type="vanilla")
     pg = types.SimpleNamespace(cp=cp_group)
     return SDPACoreAttention(config, layer_number=1, attn_mask_type=None, pg_collection=pg,
-                             window=window)
+                             window=window, backend=backend)
 
 
 def test_core_module_layouts():
@@ -307,7 +307,7 @@ def _run_core(core, q, k, v, dout, cu):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _cp_worker(cases):
+def _cp_worker(cases, backend="auto"):
     import torch.distributed as dist
 
     from megatron_gdn.parallel.zigzag import zigzag_shard
@@ -325,7 +325,7 @@ def _cp_worker(cases):
         dout = torch.randn(T, B, H * D, dtype=torch.float64)
         expected = _run_core(_core(window), q, k, v, dout, cu)
         local = [zigzag_shard(x, 0, W, rank, cu) for x in (q, k, v, dout)]
-        got = _run_core(_core(window, dist.group.WORLD), *local, cu)
+        got = _run_core(_core(window, dist.group.WORLD, backend=backend), *local, cu)
         results[name] = [(g, zigzag_shard(e, 0, W, rank, cu)) for g, e in zip(got, expected)]
     return results
 
@@ -343,6 +343,56 @@ def test_cp2_attention_cores():
 
 def test_cp4_attention_cores():
     _check(run_distributed(_cp_worker, world_size=4, args=(CP4_CASES,), enable_cpu=False), CP4_CASES)
+
+
+def _cp_worker_fa3(cases):
+    """_cp_worker with FA3's calls written in torch (_fake_fa3) and taken as supported: the CP
+    pieces go through MaskSpec.segments, one call per piece; returns the results and the calls."""
+    from megatron_gdn.hybrid import attention as attn_mod
+    from megatron_gdn.hybrid import swa_fa3
+
+    calls = []
+    fake = _fake_fa3(calls)
+    swa_fa3._interface = lambda: fake
+    attn_mod.fa3_supported = lambda q: True
+    results = _cp_worker(cases, backend="fa3")
+    return results, [(c["kind"], tuple(c["q"].shape), tuple(c["k"].shape) if "k" in c else None)
+                     for c in calls]
+
+
+@pytest.mark.parametrize("world,cases", [(2, CP_CASES), (4, CP4_CASES)])
+def test_cp_attention_cores_on_fa3_calls(world, cases):
+    """Under CP the cores give FA3 one call per local piece (its keys: the gathered prefix of
+    its sequence, or its valid halo and itself), equal to the one-process result."""
+    out = run_distributed(_cp_worker_fa3, world_size=world, args=(cases,), enable_cpu=False)
+    _check([r for r, _ in out], cases)
+    for rank, (_, calls) in enumerate(out):
+        cp_calls = [c for c in calls if c[0] == "dense" and c[2][1] > c[1][1]]
+        # every case has at least one piece whose keys reach before it (not rank 0's first piece)
+        assert len(cp_calls) >= len(cases), (rank, calls)
+
+
+def test_segment_plan_refuses_what_fa3_cannot_express():
+    from megatron_gdn.hybrid.attention import _segment_plan
+
+    pos = torch.arange(8)
+    doc = torch.zeros(8, dtype=torch.long)
+    # queries 4..7 with keys 0..7 in order: one slice, the keys reach back to 0
+    assert _segment_plan(pos[4:], doc[4:], pos, doc, None) == ((0, 4, (0, 8)),)
+    # keys out of order: the rows sorted by position
+    perm = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    (a, b, rows), = _segment_plan(pos[4:], doc[4:], pos[perm], doc, None)
+    assert (a, b) == (0, 4) and rows.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    # a key position missing (6): no plan
+    keep = torch.tensor([0, 1, 2, 3, 4, 5, 7])
+    assert _segment_plan(pos[4:], doc[4:], pos[keep], doc[keep], None) is None
+    # a key position twice: no plan
+    dup = torch.tensor([0, 1, 2, 3, 4, 5, 6, 6, 7])
+    assert _segment_plan(pos[4:], doc[4:], pos[dup], torch.zeros(9, dtype=torch.long), None) is None
+    # two query runs (a gap in positions) and a window: each run reads back window - 1
+    q_pos = torch.tensor([2, 3, 6, 7])
+    plan = _segment_plan(q_pos, torch.zeros(4, dtype=torch.long), pos, doc, 3)
+    assert plan == ((0, 2, (0, 4)), (2, 4, (4, 8)))
 
 
 def test_cp_check_can_fail():
@@ -450,17 +500,19 @@ def test_cudnn_band_on_gpu(window):
 # --------------------------------------------------------- FlashAttention-3 (swa_fa3, optional)
 def _fake_fa3(calls):
     """FA3's two entry points as its documentation states them, written in torch (the CPU has
-    no FA3): q [B, T, H, D] (or [N, H, D] with cu_seqlens), k / v with G | H heads; causal with
-    window_size (left, right) keeps key j for query t iff t - left <= j <= t + right, j <= t.
+    no FA3): q [B, T, H, D] (or [N, H, D] with cu_seqlens), k / v [B, Tk, G, D] with G | H
+    heads; causal, aligned to the bottom right (query t is key position t + Tk - T), with
+    window_size (left, 0) keeps key j for query t iff t' - left <= j <= t', t' = t + Tk - T.
     `calls` records what the wrapper passed, to check the window conversion and the layout."""
     def attend(q, k, v, scale, left):
-        T, H = q.shape[-3], q.shape[-2]
+        T, Tk, H = q.shape[-3], k.shape[-3], q.shape[-2]
         k, v = (x.repeat_interleave(H // x.shape[-2], dim=-2) for x in (k, v))
         s = torch.einsum("...thd,...shd->...hts", q, k) * scale
-        t = torch.arange(T)
-        allowed = t[None, :] <= t[:, None]
+        t = torch.arange(T)[:, None] + (Tk - T)  # bottom-right: the last query sees the last key
+        j = torch.arange(Tk)[None, :]
+        allowed = j <= t
         if left >= 0:
-            allowed &= t[None, :] >= t[:, None] - left
+            allowed &= j >= t - left
         return torch.einsum("...hts,...shd->...thd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v)
 
     def dense(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
