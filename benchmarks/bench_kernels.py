@@ -337,12 +337,6 @@ def main():
                    help="also time ours with the reverse state pass's source of (scale q e^gc)^T do "
                         "switched (chunk_bwd.QDO_INLINE): rows ours[_keep]_qdo_launch (the "
                         "parallel launch storing it) or ours[_keep]_qdo_inline")
-    p.add_argument("--ab-overlap", action="store_true",
-                   help="also time ours with the backward's recomputing state pass on the "
-                        "caller's stream before the reverse pass instead of beside it "
-                        "(chunk_bwd.OVERLAP_STREAMS switched): row ours_in_line (or ours_overlap); "
-                        "and overlapped without the reverse pass's register cap "
-                        "(OVERLAP_DH_MAXNREG = 0): row ours_overlap_uncapped")
     p.add_argument("--ab-split-group", action="store_true",
                    help="also time ours with the gradient stage looping over a key head's G value "
                         "heads in one program (chunk_bwd.SPLIT_GROUP = False; HV > H only): rows "
@@ -467,13 +461,6 @@ def main():
         if args.ab_qdo_inline:
             on = chunk_bwd.QDO_INLINE
             timed_with("QDO_INLINE", not on, "qdo_launch" if on else "qdo_inline")
-        if args.ab_overlap:
-            on = chunk_bwd.OVERLAP_STREAMS
-            # the states kept: no state pass in the backward, nothing to overlap
-            timed_with("OVERLAP_STREAMS", not on, "in_line" if on else "overlap", keep=False)
-            if on and chunk_bwd.OVERLAP_DH_MAXNREG:
-                # beside the state pass without the reverse pass's register cap
-                timed_with("OVERLAP_DH_MAXNREG", 0, "overlap_uncapped", keep=False)
         if args.ab_split_group and shape[3] > shape[2]:
             timed_with("SPLIT_GROUP", False, "one_group_program")
         if not over_budget():
@@ -560,7 +547,7 @@ def main():
     if stages:
         # --bwd-stages: the backward launch by launch (profile_chunk_bwd.backward_stages)
         names = ("prep", "prep_saved_tm", "state", "qdo", "dh", "dh_no_prefetch", "dh_qdo_inline",
-                 "state_dh", "state_dh_overlap", "grads", "bwd_total")
+                 "state_dh", "grads", "bwd_total")
         lines += ["", "| shape | " + " | ".join(f"{n} ms" for n in names) + " |",
                   "|---|" + "---|" * len(names)]
         for sid, st in stages.items():

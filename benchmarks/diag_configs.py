@@ -57,9 +57,6 @@ def one(case_name, dh, state, grad_pin="auto"):
             # the sequential passes prune: two copies, so that the pruning runs and keeps one
             for kernel in kernels:
                 kernel.configs = [_config(pick)] * copies
-    if dh != "auto":
-        # the pinned pass itself, not its register-capped twin beside the state pass
-        chunk_bwd.OVERLAP_DH_MAXNREG = 0
     if grad_pin != "auto":
         # BV:warps:stages for both gradient launches, [:BK[:maxnreg]] for the dk launch's
         # key-column block (and a register cap; without BK the pruning gives 128); two copies:

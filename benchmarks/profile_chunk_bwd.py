@@ -11,7 +11,7 @@ stages: prep forming Tm or reading the forward's (prep_ms, prep_saved_tm_ms), th
 recompute, qdo, dh (and dh_no_prefetch_ms: the pass with its per-step loads left to Triton's
 pipeliner, chunk_bwd.DH_PREFETCH_MAX_K; dh_qdo_inline_ms: the key decay launch and the pass
 forming qdo itself), the state recompute and the reverse pass together as the backward runs
-them (state_dh_ms one after the other, state_dh_overlap_ms on two streams), the gradient stage
+them (state_dh_ms), the gradient stage
 (grads_ms =
 its two launches, each also alone: grads_vq_ms, grads_k_ms) and the whole backward
 (bwd_total_ms, without a saved Tm).
@@ -111,11 +111,11 @@ def backward_stages(shape, dtype=torch.bfloat16):
         cb.launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, scale, layout,
                      g_act, inline=True)
 
-    def state_dh(overlap):
-        # the state pass again and the reverse pass as the backward runs them: on two streams
-        # or one after the other (the reverse pass forming qdo as launch_dh decides)
-        return lambda: cb.launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv_buf, None,
-                                              dh, None, None, scale, layout, g_act, overlap)
+    def state_dh():
+        # the state pass again and the reverse pass as the backward runs them (the reverse pass
+        # forming qdo as launch_dh decides)
+        cb.launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv_buf, None, dh, None, None,
+                               scale, layout, g_act)
 
     def grads():
         cb.launch_grads(q, k, v, g_act, gc, beta_act, q_rstd, k_rstd, tm, h, dh, v_new, dv_buf,
@@ -145,7 +145,7 @@ def backward_stages(shape, dtype=torch.bfloat16):
                      # the pass as before its hand prefetch (same autotuned config)
                      ("dh_no_prefetch", lambda: dh_pass(False)),
                      ("dh_qdo_inline", dh_qdo_inline),
-                     ("state_dh", state_dh(False)), ("state_dh_overlap", state_dh(True)),
+                     ("state_dh", state_dh),
                      ("grads", grads), ("grads_vq", grads_vq), ("grads_k", grads_k),
                      ("bwd_total", whole)):
         fn()

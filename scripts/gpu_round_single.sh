@@ -165,12 +165,12 @@ timed kernels-s4 110 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_
 [ -z "${ONLY:-}" ] || timed kernel-suite 300 $TESTS_CMD $TESTS_A $TESTS_B $TESTS_C $TESTS_D
 # issue 2's figure in one run: S3, S2 and S1, ours (as it is and with the states kept) next to fla,
 # checked at S3 and S2 first (KALL_CHECK; in KALL_DTYPES, bf16 by default: "bf16,fp32" adds
-# fp32), and ours again with the latest backward change off (KALL_AB, set empty for no such
-# rows: the state pass beside the reverse pass, --ab-overlap). A warm machine that ran it once
+# fp32), and ours again with a backward change switched (KALL_AB: bench_kernels.py's --ab-*
+# options; none by default). A warm machine that ran it once
 # ran it again in 55 s
 # (2026-12-07: Triton's on-disk cache kept the compiled kernels, and fla's autotuning no longer
 # took ~2 minutes a shape).
-KALL_AB="${KALL_AB---ab-overlap}"
+KALL_AB="${KALL_AB:-}"
 # shellcheck disable=SC2086
 [ -z "${ONLY:-}" ] || timed kernels-all 540 python3 benchmarks/bench_kernels.py --out "$OUTDIR/kernels_all" \
   --shapes "${KALL_SHAPES:-S3,S2,S1}" --bwd-stages $KALL_AB --check \

@@ -46,8 +46,7 @@ Gradients, with dh' the gradient arriving at h' (the final-state gradient for th
 Launches: (1) prep, per (chunk, key head) or (chunk, value head) (autotuned): Tm (stored in
 v's dtype), w, u, dv_local = s P^T do;
 (2) the forward state pass of chunk_fwd.py (h per chunk, v_new; skipped, and no u stored in
-(1), when the forward kept them: `states`; on a GPU on a side stream beside (3) and (4), which
-do not read its outputs: OVERLAP_STREAMS); (3) qdo, per (chunk, value
+(1), when the forward kept them: `states`); (3) qdo, per (chunk, value
 head, V block): s (q e^gc)^T do into the dh buffer and the key decay e^(gl - gc) of each token
 (the key decay alone, per (chunk, value head), under QDO_INLINE);
 (4) the reverse state pass, per (sequence, value head, V block): dh' per chunk (reading (3)
@@ -66,7 +65,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils.streams import beside, side_stream
 from ..utils.triton_helpers import chunk_bounds, sequence_bounds
 from ..utils.tuning import AUTOTUNE, INTERPRET, autotune_or_fixed, by_parallelism, distinct
 from .chunk_fwd import ChunkLayout, _launch_state, _parallelism_class, _unit_lower_inverse
@@ -491,33 +489,6 @@ def _bwd_dh_kernel(
                 - tl.dot(tl.trans(b_w), b_dv.to(b_w.dtype)))
     if USE_H0:
         tl.store(dh0 + state_off + o_k[:, None] * V + o_v[None, :], b_dh, mask=m_kv)
-
-
-# The wide reverse pass (BV 64, 8 warps) takes 236 registers a thread at K = V = 128 (offline,
-# sm_90a, with the qdo product formed in the loop): 60K of an SM's 64K, so the recomputing
-# state pass launched beside it on the side stream (OVERLAP_STREAMS; 112 registers at 4 warps,
-# BV 32, 14K) finds no SM with room until the reverse pass's programs end, and the two run one
-# after the other. Capped at OVERLAP_DH_MAXNREG (192: 8 B of spills a thread offline; 200
-# none, but 8 x 200 + 4 x 112 warps' registers fill the file exactly) one program of each fits
-# an SM (49K + 14K registers, 123 + 82 KB of shared memory). Used only where the two overlap,
-# the wide configs run (parallelism class > 0) and K <= 128; 0 turns it off. Not yet timed on
-# a GPU.
-OVERLAP_DH_MAXNREG = 192
-_DH_CAPPED = {}
-
-
-def _dh_kernel(maxnreg: int):
-    """_bwd_dh_kernel, or its twin whose wide configs are capped at maxnreg registers (built
-    once per cap; the same pruning, key and pin)."""
-    if not maxnreg:
-        return _bwd_dh_kernel
-    if maxnreg not in _DH_CAPPED:
-        wide = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
-                              maxnreg=maxnreg) for c in _DH_WIDE]
-        _DH_CAPPED[maxnreg] = autotune_or_fixed(
-            configs=wide, prune_configs_by=by_parallelism(wide, wide, _dh_shared_bytes),
-            **_DH_TUNING)(_bwd_dh_kernel.fn)
-    return _DH_CAPPED[maxnreg]
 
 
 @triton.jit
@@ -970,16 +941,6 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
-# the backward's recomputing state pass on a side stream beside the reverse state pass (True),
-# or before it on the caller's stream (False; so always on CPU tensors and under CUDA graph
-# capture; with the states kept there is no state pass): a module switch for
-# benchmarks/bench_kernels.py --ab-overlap. Both passes are sequential over chunks with few
-# programs (S2: 128 each, four warps), each leaving most of an SM idle; they read the prep's
-# outputs and nothing of each other's. On by default from its prediction, not yet timed on a
-# GPU (benchmarks/RESULTS.md, "Changes after run 13")
-OVERLAP_STREAMS = True
-
-
 # the gradient stage per value head (True) or per key head over its G value heads (False): a
 # module switch for benchmarks/bench_kernels.py --ab-split-group. Per key head was 0.30 ms
 # slower at S3 on an H100 (run 11), and per key head in the dk launch alone 0.32 ms (that
@@ -1038,24 +999,21 @@ def launch_qdo(q, gc, q_rstd, do, dh, scale, layout: ChunkLayout, g=None, k_rstd
 
 
 def launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout: ChunkLayout,
-              g=None, prefetch: Optional[bool] = None, inline: Optional[bool] = None,
-              maxnreg: int = 0):
+              g=None, prefetch: Optional[bool] = None, inline: Optional[bool] = None):
     """The reverse state pass: dh' of every chunk into dh ([NT, HV, K, V]), dv_local ->
     dv_new in place in dv, dh0 (None: no initial state), from dht (None: no final-state
     gradient). _bwd_qdo_kernel first stores the key decay and, unless the pass forms it
     itself (inline; None: qdo_inline), every chunk's (scale q e^gc)^T do into dh. prefetch:
-    the pass's hand prefetch (None: dh_prefetch). maxnreg: the pass's register cap where it
-    runs its wide configs (_dh_kernel; 0: none)."""
+    the pass's hand prefetch (None: dh_prefetch)."""
     if inline is None:
         inline = qdo_inline(_pow2(q.shape[3]), _parallelism_class(layout.num_seqs * do.shape[2]))
     kscale = launch_qdo(q, gc, q_rstd, do, dh, scale, layout, g, k_rstd, store_qdo=not inline)
     launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale, layout,
-                   inline=inline, prefetch=prefetch, maxnreg=maxnreg)
+                   inline=inline, prefetch=prefetch)
 
 
 def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
-                   layout: ChunkLayout, *, inline: bool, prefetch: Optional[bool] = None,
-                   maxnreg: int = 0):
+                   layout: ChunkLayout, *, inline: bool, prefetch: Optional[bool] = None):
     """_bwd_dh_kernel alone, after launch_qdo (kscale: its key decay; inline: the pass forms
     (scale q e^gc)^T do itself, else dh holds launch_qdo's tiles), as launch_dh runs it."""
     _, _, H, K = q.shape
@@ -1067,9 +1025,7 @@ def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
     def grid(meta):
         return (triton.cdiv(V, meta["BV"]), layout.num_seqs, HV)
 
-    # the cap only where the wide configs alone run (the narrow class keeps its own list) and
-    # at K <= 128 (at K = 256 the pass takes 255 registers: a cap would spill a quarter)
-    _dh_kernel(maxnreg if par > 0 and BK <= 128 else 0)[grid](
+    _bwd_dh_kernel[grid](
         k, w, gc, kscale, dv, dht, dh, dh0, q, q_rstd, do, scale,
         cu, co, T_arg, nts, par,
         H=H, HV=HV, K=K, V=V, BK=BK,
@@ -1080,24 +1036,16 @@ def launch_dh_pass(q, k, w, gc, q_rstd, kscale, do, dv, dht, dh, dh0, scale,
 
 
 def launch_state_and_dh(q, k, w, u, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, initial_state,
-                        scale, layout: ChunkLayout, g=None, overlap: Optional[bool] = None):
-    """The backward's forward state pass again (h per chunk and v_new, returned) and the
+                        scale, layout: ChunkLayout, g=None):
+    """The backward's forward state pass again (h per chunk and v_new, returned), then the
     reverse one (launch_dh: dh, dv_local -> dv_new in dv, dh0), from the prep's w, u and
-    dv_local: on a GPU the forward pass on a side stream beside the reverse one (overlap;
-    None: OVERLAP_STREAMS), else one after the other."""
+    dv_local. (Run on a side stream beside the reverse pass, the state pass gained nothing at
+    S1-S3 on an H100 and failed the GPU tests: benchmarks/RESULTS.md, 2026-12-08.)"""
     h = torch.empty(layout.num_chunks, w.shape[2], k.shape[3], u.shape[3], dtype=k.dtype,
                     device=k.device)
     v_new = torch.empty_like(u)
-    overlap = OVERLAP_STREAMS if overlap is None else overlap
-    # the reverse pass's registers capped where it runs beside the state pass, so that the
-    # two share SMs (OVERLAP_DH_MAXNREG)
-    cap = OVERLAP_DH_MAXNREG if overlap and side_stream(q.device) is not None else 0
-    beside(q.device, overlap,
-           lambda: launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g,
-                             maxnreg=cap),
-           lambda: _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None,
-                                 u.shape[3], True),
-           (w, u, h, v_new))
+    _launch_state(k, w, u, gc, layout, initial_state, k_rstd, h, v_new, None, u.shape[3], True)
+    launch_dh(q, k, w, gc, q_rstd, k_rstd, do, dv, dht, dh, dh0, scale, layout, g)
     return h, v_new
 
 
@@ -1236,9 +1184,7 @@ def chunk_gated_delta_rule_bwd(
                 has_tm)
 
     # 2. states entering each chunk and v_new (the forward's state pass, unless it kept them)
-    # and 3. the reverse state pass (dv_local -> dv_new in dv_buf): independent of each other
-    # (the reverse pass reads w, dv_local, k, q, do, never h or v_new), so on a GPU the forward
-    # pass runs on a side stream beside the reverse one (OVERLAP_STREAMS)
+    # and 3. the reverse state pass (dv_local -> dv_new in dv_buf)
     dh = torch.empty(layout.num_chunks, HV, K, V, dtype=k.dtype, device=dev)
     dh0 = torch.empty_like(initial_state) if initial_state is not None else None
     if states is None:

@@ -396,53 +396,6 @@ def test_qdo_inline_where_the_wide_pass_runs(monkeypatch):
     assert not cb.qdo_inline(128, 2)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="streams: CUDA only")
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=lambda c: c.id)
-def test_state_pass_on_a_side_stream_changes_nothing(case, monkeypatch):
-    """The recomputing state pass on a side stream beside the reverse pass (OVERLAP_STREAMS)
-    gives the same gradients, bit for bit, as the two passes one after the other."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
-
-    x = make_inputs(case)
-    results = {}
-    for overlap in (False, True):
-        monkeypatch.setattr(cb, "OVERLAP_STREAMS", overlap)
-        results[overlap] = run_backward(x, case, torch.bfloat16)
-    for name, value in results[False].items():
-        assert torch.equal(results[True][name], value), name
-
-
-def test_capped_reverse_pass_is_a_twin():
-    """The register-capped reverse pass (beside the state pass on a side stream) is the same
-    jitted kernel under another autotuner, built once per cap; no cap gives the kernel itself.
-    Off the GPU nothing runs on a side stream, so nothing launches it."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
-
-    assert cb._dh_kernel(0) is cb._bwd_dh_kernel
-    twin = cb._dh_kernel(192)
-    assert twin is cb._dh_kernel(192) and twin.fn is cb._bwd_dh_kernel.fn
-    if DEVICE != "cpu" and not cb.INTERPRET:
-        assert all(c.maxnreg == 192 for c in twin.configs)
-
-
-@pytest.mark.skipif(DEVICE == "cpu", reason="register caps: compiled kernels only")
-def test_capped_reverse_pass_changes_nothing(monkeypatch):
-    """The whole backward with its reverse pass capped at OVERLAP_DH_MAXNREG beside the state
-    pass gives the gradients of the uncapped, in-line backward bit for bit, at a shape whose
-    pass runs the wide configs (64 (sequence, value head) pairs, K = V = 64)."""
-    from megatron_gdn.kernels.gated_delta_rule import chunk_bwd as cb
-
-    case = Case(4, 150, 4, 16, 64, 64)
-    x = make_inputs(case)
-    monkeypatch.setattr(cb, "OVERLAP_STREAMS", False)
-    in_line = run_backward(x, case, torch.bfloat16)
-    monkeypatch.setattr(cb, "OVERLAP_STREAMS", True)
-    capped = run_backward(x, case, torch.bfloat16)
-    assert 192 in cb._DH_CAPPED and cb.OVERLAP_DH_MAXNREG == 192
-    for name, value in in_line.items():
-        assert torch.equal(capped[name], value), name
-
-
 def test_chunk_bwd_catches_a_wrong_gradient():
     """The comparison above must be able to fail: a 0.1% change of do moves every gradient."""
     case = CASES[0]
