@@ -3,7 +3,9 @@ mamba_ssm's kernels spelled out: conv1d over [x, B, C] + SiLU, softplus dt, toke
 selective scan with groups, D skip, RMSNorm over groups of y * SiLU(z)), for the tests.
 
 Inputs: hidden [s, b, h] and the GLOBAL (TP=1) parameters under MambaMixer's names;
-cu_seqlens (b == 1) resets the conv and the scan at every packed sequence start.
+cu_seqlens (b == 1) resets the conv and the scan at every packed sequence start. dt_bias and
+A_log may also be given per token ([s, b, nheads]): their gradients are then the per-token
+terms whose sums are the parameters' gradients (a test's measure of how much those sums cancel).
 """
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 def reference_mamba2_block(hidden, params, *, headdim, d_state, ngroups, eps=1e-5, cu_seqlens=None):
     p = {k: v.double() for k, v in params.items()}
     s, b, _ = hidden.shape
-    nheads = p["A_log"].shape[0]
+    nheads = p["A_log"].shape[-1]
     d_inner = nheads * headdim
     gs = ngroups * d_state
     zxbcdt = hidden.double() @ p["in_proj.weight"].t()                      # [s, b, ...]
@@ -26,14 +28,15 @@ def reference_mamba2_block(hidden, params, *, headdim, d_state, ngroups, eps=1e-
                         groups=seg.shape[1])
         xbc_c = F.silu(conv).permute(2, 0, 1)                               # [t, b, D]
         x, B, C = torch.split(xbc_c, [d_inner, gs, gs], dim=-1)
-        dt_s = F.softplus(dt[lo:hi] + p["dt_bias"])                         # [t, b, nh]
-        A = -torch.exp(p["A_log"])
+        dt_bias = p["dt_bias"][lo:hi] if p["dt_bias"].dim() == 3 else p["dt_bias"]
+        dt_s = F.softplus(dt[lo:hi] + dt_bias)                              # [t, b, nh]
+        A = -torch.exp(p["A_log"][lo:hi] if p["A_log"].dim() == 3 else p["A_log"].expand(hi - lo, b, nheads))
         state = torch.zeros(b, nheads, headdim, d_state, dtype=torch.float64)
         for t in range(hi - lo):
             xt = x[t].view(b, nheads, headdim)
             Bt = B[t].view(b, ngroups, d_state).repeat_interleave(nheads // ngroups, dim=1)
             Ct = C[t].view(b, ngroups, d_state).repeat_interleave(nheads // ngroups, dim=1)
-            dA = torch.exp(dt_s[t] * A)                                     # [b, nh]
+            dA = torch.exp(dt_s[t] * A[t])                                  # [b, nh]
             state = state * dA[..., None, None] + (dt_s[t][..., None] * xt)[..., None] * Bt[:, :, None, :]
             yt = (state * Ct[:, :, None, :]).sum(-1)                        # [b, nh, P]
             D = p["D"].view(nheads, -1)
