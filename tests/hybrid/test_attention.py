@@ -472,6 +472,21 @@ def test_cudnn_backend_refuses_clearly_where_it_cannot_run():
         cudnn_causal_attention(*(q.permute(1, 2, 0, 3),) * 3, 0, 0.5)
 
 
+def _check_against_dense_fp32(q, k, v, mask, scale, backend):
+    """masked_attention on `backend` (bf16 inputs) against the dense-mask reference in fp32:
+    the output and every gradient within 1e-2."""
+    ins = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = masked_attention(*ins, mask, scale, backend=backend)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, ins, do)
+    ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
+    ref = masked_attention(*ref_ins, mask, scale, backend="dense")
+    ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
+    for a, b in [(out, ref), *zip(grads, ref_grads)]:
+        err = ((a.float() - b).norm() / b.norm()).item()
+        assert err < 1e-2, (backend, err)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("window", [None, 128, 1000])
 def test_cudnn_band_on_gpu(window):
@@ -485,16 +500,7 @@ def test_cudnn_band_on_gpu(window):
     pos = torch.arange(T, device="cuda")
     doc = torch.zeros(T, dtype=torch.long, device="cuda")
     mask = MaskSpec(pos, doc, pos, doc, window, plain=True)
-    ins = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = masked_attention(*ins, mask, D ** -0.5, backend="cudnn")
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, ins, do)
-    ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
-    ref = masked_attention(*ref_ins, mask, D ** -0.5, backend="dense")
-    ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
-    for a, b in [(out, ref), *zip(grads, ref_grads)]:
-        err = ((a.float() - b).norm() / b.norm()).item()
-        assert err < 1e-2, err
+    _check_against_dense_fp32(q, k, v, mask, D ** -0.5, "cudnn")
 
 
 # --------------------------------------------------------- FlashAttention-3 (swa_fa3, optional)
@@ -659,13 +665,4 @@ def test_fa3_on_gpu(window, packed):
         pos = torch.arange(T, device="cuda")
         doc = torch.zeros(T, dtype=torch.long, device="cuda")
         mask = MaskSpec(pos, doc, pos, doc, window, plain=True)
-    ins = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = masked_attention(*ins, mask, D ** -0.5, backend="fa3")
-    do = torch.randn_like(out)
-    grads = torch.autograd.grad(out, ins, do)
-    ref_ins = [x.float().clone().requires_grad_() for x in (q, k, v)]
-    ref = masked_attention(*ref_ins, mask, D ** -0.5, backend="dense")
-    ref_grads = torch.autograd.grad(ref, ref_ins, do.float())
-    for a, b in [(out, ref), *zip(grads, ref_grads)]:
-        err = ((a.float() - b).norm() / b.norm()).item()
-        assert err < 1e-2, err
+    _check_against_dense_fp32(q, k, v, mask, D ** -0.5, "fa3")
