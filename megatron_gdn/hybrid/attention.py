@@ -168,13 +168,12 @@ def masked_attention(q_tbhd: torch.Tensor, k_tbgd: torch.Tensor, v_tbgd: torch.T
     varlen_layout = T == Tk and (mask.plain or (mask.cu_seqlens is not None and B == 1))
     if backend == "auto":
         backend = "dense" if q.device.type != "cuda" else "flex"
-        if (backend == "flex" and mask.plain and mask.window is None
-                and not (dropout_p == 0.0 and fa3_supported(q))):
+        fa3_ok = backend == "flex" and dropout_p == 0.0 and fa3_supported(q)
+        if backend == "flex" and mask.plain and mask.window is None and not fa3_ok:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                dropout_p=dropout_p, enable_gqa=G != H)
             return o.permute(2, 0, 1, 3)
-        if (backend == "flex" and (varlen_layout or mask.segments is not None) and dropout_p == 0.0
-                and fa3_supported(q)):
+        if fa3_ok and (varlen_layout or mask.segments is not None):
             # FlashAttention-3's Hopper kernels, where a build of it is installed and passes its
             # check: window 2048 / 16K 2.09 ms against cuDNN's band 2.83, causal 6.39 against
             # SDPA's 6.97 on an H100 (benchmarks/RESULTS.md)
@@ -625,8 +624,9 @@ class SDPACoreAttention(torch.nn.Module):
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         T, B, H, D = query.shape
         dropout_p = self.dropout_p if self.training else 0.0
-        # FA3 takes CP's pieces one call each (a plan per layout, cached), where it runs here
-        want_segments = (self.backend in ("auto", "fa3") and dropout_p == 0.0
+        # under CP, FA3 takes the pieces one call each (a plan per layout, cached), where it runs
+        want_segments = (self.cp_group is not None and self.cp_group.size() > 1
+                         and self.backend in ("auto", "fa3") and dropout_p == 0.0
                          and fa3_supported(query))
         key, value, mask = self._mask_and_keys(key, value, packed_seq_params, is_thd, B, T,
                                                query.device, want_segments)

@@ -34,6 +34,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_gdn.hybrid.swa_cudnn import _rel
+
 __all__ = ["fa3_attention", "fa3_varlen_attention", "fa3_supported", "fa3_status"]
 
 _DEFAULT_DIR = Path(__file__).resolve().parents[2] / ".fa3"
@@ -113,11 +115,6 @@ def fa3_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     longest = max(b - a for a, b in zip(cu, cu[1:]))
     return fn(q, k, v, cu_t, cu_t, longest, longest, softmax_scale=float(scale), causal=True,
               window_size=(_left(window), 0))
-
-
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 _CHECK_FAILURES: dict = {}  # (device, dtype, head dim) -> why the check failed, for fa3_status
